@@ -1,0 +1,97 @@
+"""Defaults shared by every run: the original's Conditional DETR R50 recipe.
+
+Variant configs import this module and override a handful of fields. Every field a run
+reads is declared here, so a typo on the command line (``--config.modle.x``) is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (Conditional DETR-R50, 50 epochs, COCO 2017)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  config.model = ml_collections.ConfigDict(dict(
+      backbone="resnet50",      # resnet18 | resnet34 | resnet50 | resnet101
+      dilation=False,           # DC5: dilation 2 and stride 1 in layer4
+      hidden_dim=256,
+      nheads=8,
+      enc_layers=6,
+      dec_layers=6,
+      dim_feedforward=2048,
+      dropout=0.1,
+      num_queries=300,
+      num_classes=91,           # max category id + 1 (COCO: 91)
+      aux_loss=True,
+      dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+      decoder="conditional",    # conditional | detr (baseline for the convergence study)
+  ))
+
+  # Initial weights: '' (ImageNet-free random init), the original's .pth, a torchvision
+  # ResNet .pth (backbone only), HF .safetensors/.bin, or an Orbax checkpoint directory.
+  config.init_from = ""
+  config.init = ml_collections.ConfigDict(dict(
+      skip_class_head=False,    # re-initialise the class head when num_classes differs
+  ))
+
+  config.matcher = ml_collections.ConfigDict(dict(
+      cost_class=2.0,
+      cost_bbox=5.0,
+      cost_giou=2.0,
+      solver="hungarian",       # hungarian (on device, optax) | scipy (host callback)
+  ))
+  config.loss = ml_collections.ConfigDict(dict(
+      ce_weight=2.0,
+      bbox_weight=5.0,
+      giou_weight=2.0,
+      focal_alpha=0.25,
+      focal_gamma=2.0,
+  ))
+
+  config.dataset = ml_collections.ConfigDict(dict(
+      source="coco",            # coco (json + image folder) | tfds | synthetic
+      root="",                  # COCO root: annotations/ and {train,val}2017/ (or images/...)
+      train_ann="",             # explicit json/image folder for custom datasets
+      train_images="",
+      val_ann="",
+      val_images="",
+      tfds_name="coco/2017",
+      tfds_data_dir="",
+      max_boxes=100,
+      strict=False,             # training: fail instead of skipping undecodable images
+      train_scales=list(range(480, 801, 32)),
+      train_max_size=1333,
+      crop_resize_scales=[400, 500, 600],
+      crop_min_size=384,
+      crop_max_size=600,
+      eval_size=800,
+      eval_max_size=1333,
+      size_divisibility=64,     # bucket sides are multiples of this
+      buckets=(),               # () = derived from max sizes; or ((h, w), ...)
+      shuffle_buffer=2048,
+      num_parallel_calls=-1,    # -1 = tf.data.AUTOTUNE
+      prefetch_batches=2,
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4,
+      backbone_lr_mult=0.1,     # backbone lr 1e-5
+      weight_decay=1e-4,
+      clip_grad_norm=0.1,
+      warmup_steps=0,
+      lr_drop_factor=0.1,
+  ))
+  config.num_epochs = 50
+  config.lr_drop_epoch = 40
+  config.total_steps = -1       # > 0 overrides num_epochs
+  config.per_device_batch_size = 2
+  config.eval_per_device_batch_size = 2
+  config.parallel = "jit"       # jit (Mesh + shardings) | pmap
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 2000
+  config.eval_every_steps = 0   # 0 = at the end of every epoch; < 0 = only at the end
+  config.keep_checkpoints = 3
+  config.skip_nonfinite = False
+  return config

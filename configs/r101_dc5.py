@@ -1,0 +1,16 @@
+"""Conditional DETR-DC5-R101, 50 epochs (the original's 45.0 AP on COCO val2017).
+
+Command: python train.py --config=configs/r101_dc5.py --workdir=DIR --config.dataset.root=/path/to/coco
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """DC5-R101: the defaults with another backbone/dilation."""
+  config = default.get_config()
+  config.model.backbone = "resnet101"
+  config.model.dilation = True
+  return config
