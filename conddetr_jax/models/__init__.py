@@ -1,0 +1,47 @@
+"""Flax modules of Conditional DETR, and the builder from a config."""
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from conddetr_jax.models.backbone import RESNET_SPECS, is_frozen_backbone_param
+from conddetr_jax.models.detector import ConditionalDETR
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DECODERS = ("conditional",)
+
+
+def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
+  """The detector described by ``config.model`` (see configs/default.py), with checked fields."""
+  m = config.model
+  if m.backbone not in RESNET_SPECS:
+    raise ValueError(f"config.model.backbone={m.backbone!r}: expected one of {sorted(RESNET_SPECS)}")
+  if m.dtype not in _DTYPES:
+    raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
+  if m.decoder not in _DECODERS:
+    raise ValueError(f"config.model.decoder={m.decoder!r}: expected one of {_DECODERS}")
+  if m.hidden_dim % m.nheads or m.hidden_dim % 2:
+    raise ValueError(f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}")
+  return ConditionalDETR(backbone=m.backbone, dilation=m.dilation, hidden_dim=m.hidden_dim, nheads=m.nheads,
+                         enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
+                         dropout=m.dropout, num_queries=m.num_queries, num_classes=m.num_classes,
+                         aux_loss=m.aux_loss, dtype=_DTYPES[m.dtype])
+
+
+def param_label(path: Sequence[str]) -> str:
+  """The optimiser group of a parameter: 'frozen' (stem, layer1), 'backbone', or 'transformer'.
+
+  ``path`` is the key path inside ``variables['params']``, e.g. ('backbone', 'layer2_0', 'conv1',
+  'kernel'). BatchNorm tensors are not parameters (they live in ``batch_stats``).
+  """
+  if path[0] != "backbone":
+    return "transformer"
+  return "frozen" if is_frozen_backbone_param(path[1:]) else "backbone"
+
+
+def param_labels(params: Any) -> Any:
+  """A pytree like ``params`` holding each leaf's ``param_label`` (for ``optax.multi_transform``)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_label([k.key for k in path]), params)

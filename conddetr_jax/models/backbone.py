@@ -1,0 +1,163 @@
+"""ResNet-18/34/50/101 in torchvision's layout with frozen BatchNorm, a frozen stem and layer1, and DC5.
+
+Parity facts (torchvision ResNet v1.5 as used by the original):
+- the stride of a bottleneck sits on its 3x3 conv; downsampling shortcuts are 1x1 convs + BN;
+- PyTorch pads symmetrically (7x7 stem: 3, 3x3: dilation, max-pool: 1), which Flax's "SAME"
+  does not do for strided convs, so padding is always explicit here;
+- FrozenBatchNorm2d computes ``x * (w * rsqrt(var + 1e-5)) + (b - mean * w * rsqrt(var + 1e-5))``;
+  its four tensors live in the ``batch_stats`` collection, so no optimiser ever sees them;
+- DC5 (``replace_stride_with_dilation=[False, False, True]``): layer4 keeps stride 1, its first
+  block uses dilation 1 and the following blocks dilation 2.
+The stem and layer1 are frozen with ``stop_gradient`` on layer1's output, so neither gradients
+nor backward compute are spent on them.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from conddetr_jax.models import initializers
+
+# name -> (block type, blocks per stage)
+RESNET_SPECS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)
+FROZEN_BN_EPS = 1e-5
+
+
+def num_channels(name: str) -> int:
+  """Channels of the last stage's feature map: 512 for ResNet-18/34, 2048 for ResNet-50/101."""
+  return 512 if RESNET_SPECS[name][0] == "basic" else 2048
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine parameters (torchvision's FrozenBatchNorm2d)."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> (B, H, W, C)."""
+    features = x.shape[-1]
+    stat = lambda name, init: self.variable("batch_stats", name, init, (features,), jnp.float32)
+    scale = stat("scale", jnp.ones).value
+    bias = stat("bias", jnp.zeros).value
+    mean = stat("mean", jnp.zeros).value
+    var = stat("var", jnp.ones).value
+    mul = scale * jax.lax.rsqrt(var + FROZEN_BN_EPS)
+    add = bias - mean * mul
+    return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None,
+          dtype: Any = jnp.float32) -> nn.Conv:
+  """A bias-free conv padded like PyTorch's Conv2d(padding=dilation*(kernel//2))."""
+  pad = dilation * (kernel // 2)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
+                 kernel_init=initializers.resnet_conv_kernel, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34)."""
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.width, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    return nn.relu(y + _shortcut(self, x))
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, dilated) -> 1x1 with 4x expansion (ResNet-50/101, v1.5)."""
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype)(y)
+    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    return nn.relu(y + _shortcut(self, x))
+
+
+def _shortcut(block: "BasicBlock | Bottleneck", x: jax.Array) -> jax.Array:
+  """Identity, or torchvision's ``downsample`` (1x1 strided conv + BN) when shapes change."""
+  if not block.downsample:
+    return x
+  y = _conv(block.width * block.expansion, 1, block.stride, name="downsample_conv", dtype=block.dtype)(x)
+  return FrozenBatchNorm(block.dtype, name="downsample_bn")(y)
+
+
+class ResNet(nn.Module):
+  """The ResNet body up to layer4, returning the stride-32 (DC5: stride-16) feature map.
+
+  Submodule names mirror torchvision's keys: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` with
+  ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``, ``downsample_bn``.
+  """
+  arch: str = "resnet50"
+  dilation: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images: (B, H, W, 3) normalised -> features (B, ceil(H/32), ceil(W/32), C) (DC5: /16)."""
+    if self.arch not in RESNET_SPECS:
+      raise ValueError(f"config.model.backbone={self.arch!r} is not one of {sorted(RESNET_SPECS)}")
+    kind, depths = RESNET_SPECS[self.arch]
+    if kind == "basic" and self.dilation:
+      raise ValueError(f"config.model.dilation=True (DC5) needs a bottleneck ResNet (50/101); "
+                       f"torchvision's BasicBlock of {self.arch} does not support dilation")
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+
+    x = images.astype(self.dtype)
+    x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    in_features = 64
+    dilation = 1
+    for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS, depths), start=1):
+      stride = 1 if stage == 1 else 2
+      previous_dilation = dilation
+      if stage == 4 and self.dilation:
+        dilation, stride = dilation * stride, 1
+      for i in range(depth):
+        first = i == 0
+        x = block_cls(width, stride=stride if first else 1,
+                      dilation=previous_dilation if first else dilation,
+                      downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
+                      dtype=self.dtype, name=f"layer{stage}_{i}")(x)
+        in_features = width * block_cls.expansion
+      if stage == 1:
+        # The original never trains the stem and layer1.
+        x = jax.lax.stop_gradient(x)
+    return x
+
+
+def is_frozen_backbone_param(path: Sequence[str]) -> bool:
+  """True for parameters of the stem (conv1) and layer1, which the original never trains.
+
+  ``path`` is a parameter's key path *inside* the backbone, e.g. ("layer1_0", "conv1", "kernel").
+  """
+  return path[0] == "conv1" or path[0].startswith("layer1_")

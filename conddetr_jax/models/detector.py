@@ -1,0 +1,87 @@
+"""ConditionalDETR: backbone -> 1x1 input projection -> transformer -> class and box heads."""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from conddetr_jax.models import initializers
+from conddetr_jax.models.backbone import ResNet
+from conddetr_jax.models.position import downsample_mask, sine_position_embedding
+from conddetr_jax.models.transformer import MLP, ConditionalDecoder, Encoder
+
+PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
+INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
+
+
+def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
+  """log(x / (1 - x)) with both terms clamped at eps, as the original."""
+  x = jnp.clip(x, 0.0, 1.0)
+  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
+
+
+class ConditionalDETR(nn.Module):
+  """Conditional DETR (Meng et al., ICCV 2021).
+
+  ``__call__(images, pad_mask, train)`` returns ``pred_logits`` (B, Q, C), ``pred_boxes``
+  (B, Q, 4) cxcywh in [0, 1] of the unpadded image, both float32, and with ``aux_loss`` the
+  list ``aux_outputs`` of the same for every decoder layer but the last. Intermediate tensors
+  used by parity tests are sown into the ``intermediates`` collection.
+  """
+  backbone: str = "resnet50"
+  dilation: bool = False
+  hidden_dim: int = 256
+  nheads: int = 8
+  enc_layers: int = 6
+  dec_layers: int = 6
+  dim_feedforward: int = 2048
+  dropout: float = 0.1
+  num_queries: int = 300
+  num_classes: int = 91
+  aux_loss: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
+    """images (B, H, W, 3) ImageNet-normalised; pad_mask (B, H, W) bool, True on padding."""
+    if images.ndim != 4 or images.shape[-1] != 3 or pad_mask.shape != images.shape[:3]:
+      raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
+    d = self.hidden_dim
+    features = ResNet(self.backbone, self.dilation, self.dtype, name="backbone")(images)
+    batch, h, w, channels = features.shape
+    mask = downsample_mask(pad_mask, (h, w))
+    pos = sine_position_embedding(mask, d // 2)
+    src = nn.Conv(d, (1, 1), dtype=self.dtype, kernel_init=initializers.torch_default_kernel,
+                  bias_init=initializers.torch_default_bias(channels), name="input_proj")(features)
+    self.sow("intermediates", "backbone_features", features)
+    self.sow("intermediates", "feature_mask", mask)
+    self.sow("intermediates", "pos_embed", pos)
+    self.sow("intermediates", "projected_features", src)
+
+    src, pos, mask = src.reshape(batch, h * w, d), pos.reshape(batch, h * w, d), mask.reshape(batch, h * w)
+    pos = pos.astype(self.dtype)
+    memory = Encoder(self.enc_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype,
+                     name="encoder")(src, pos, mask, train)
+    query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, d))
+    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch, self.num_queries, d))
+    hidden, reference = ConditionalDecoder(self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout,
+                                           self.dtype, name="decoder")(memory, mask, pos, query_pos, train)
+    self.sow("intermediates", "memory", memory)
+    self.sow("intermediates", "decoder_hidden", hidden)
+    self.sow("intermediates", "reference_points", reference)
+
+    # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
+    logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
+                      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
+                      name="class_embed")(hidden)
+    delta = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
+                name="bbox_embed")(hidden)
+    offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
+    boxes = jax.nn.sigmoid(delta + offset)
+
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if self.aux_loss:
+      out["aux_outputs"] = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]
+    return out

@@ -1,0 +1,196 @@
+"""The Conditional DETR transformer: a post-norm encoder and the conditional decoder.
+
+Sequences are batch-first: (B, L, d). Padding masks are True on padded positions. Module and
+parameter names follow the original's state-dict keys (``sa_qcontent_proj``, ``ca_qpos_sine_proj``,
+``query_scale``, ``ref_point_head`` ...) so checkpoint conversion is a rename.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from conddetr_jax.models import initializers
+from conddetr_jax.models.attention import MultiHeadAttention
+from conddetr_jax.models.position import sine_embedding_of_points
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  """LayerNorm as torch's, always computed in float32 (also under bf16 compute)."""
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=jnp.float32, name=name)
+
+
+def linear(features: int, fan_in: int, name: str, dtype: Any,
+           kernel_init: Callable[..., jax.Array] = initializers.xavier_uniform) -> nn.Dense:
+  """A Linear layer initialised as the original's transformer (xavier weight, torch bias)."""
+  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
+                  bias_init=initializers.torch_default_bias(fan_in), name=name)
+
+
+class MLP(nn.Module):
+  """``num_layers`` Linear layers with ReLU in between (the original's ``MLP``; params ``layers_i``)."""
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  dtype: Any = jnp.float32
+  kernel_init: Callable[..., jax.Array] = initializers.xavier_uniform
+  last_layer_zero: bool = False  # the box head's last layer starts at zero
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (..., d_in) -> (..., output_dim)."""
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      features = self.output_dim if last else self.hidden_dim
+      if last and self.last_layer_zero:
+        x = nn.Dense(features, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                     bias_init=nn.initializers.zeros, name=f"layers_{i}")(x)
+      else:
+        x = linear(features, x.shape[-1], f"layers_{i}", self.dtype, self.kernel_init)(x)
+      if not last:
+        x = nn.relu(x)
+    return x
+
+
+class FeedForward(nn.Module):
+  """linear1 -> ReLU -> dropout -> linear2, as the original's layers."""
+  d_model: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = nn.relu(linear(self.dim_feedforward, self.d_model, "linear1", self.dtype)(x))
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return linear(self.d_model, self.dim_feedforward, "linear2", self.dtype)(y)
+
+
+class EncoderLayer(nn.Module):
+  """Post-norm encoder layer; positions are added to queries and keys only."""
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    """src, pos (B, L, d); mask (B, L) True on padding -> (B, L, d)."""
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    q = k = src + pos
+    src2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
+                              name="self_attn")(q, k, src, mask, train)
+    src = layer_norm("norm1")(src + drop(src2))
+    src2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(src, train)
+    return layer_norm("norm2")(src + drop(src2))
+
+
+class Encoder(nn.Module):
+  """A stack of post-norm encoder layers (no final norm, as the original's post-norm encoder)."""
+  num_layers: int
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    """src, pos (B, L, d); mask (B, L) -> memory (B, L, d)."""
+    for i in range(self.num_layers):
+      src = EncoderLayer(self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype,
+                         name=f"layers_{i}")(src, pos, mask, train)
+    return src
+
+
+class ConditionalDecoderLayer(nn.Module):
+  """Decoder layer with the conditional cross-attention.
+
+  Self-attention projects content and position separately and adds them. In cross-attention
+  each head's query is [content_h, spatial_h] and each key [memory_content_h, memory_pos_h]
+  (concatenated per head, width 2*d in all); the first layer additionally adds a projection of
+  query_pos to the content query and the memory pos to the content key (``ca_qpos_proj``).
+  """
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  is_first: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
+               query_pos: jax.Array, query_sine_embed: jax.Array, train: bool) -> jax.Array:
+    """tgt, query_pos, query_sine_embed (B, Q, d); memory, pos (B, L, d); memory_mask (B, L)
+    -> (B, Q, d)."""
+    d, h = self.d_model, self.nhead
+    proj = lambda name: linear(d, d, name, self.dtype)
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+
+    q = proj("sa_qcontent_proj")(tgt) + proj("sa_qpos_proj")(query_pos)
+    k = proj("sa_kcontent_proj")(tgt) + proj("sa_kpos_proj")(query_pos)
+    v = proj("sa_v_proj")(tgt)
+    tgt2 = MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="self_attn")(q, k, v, None, train)
+    tgt = layer_norm("norm1")(tgt + drop(tgt2))
+
+    q_content = proj("ca_qcontent_proj")(tgt)
+    k_content = proj("ca_kcontent_proj")(memory)
+    v = proj("ca_v_proj")(memory)
+    k_pos = proj("ca_kpos_proj")(pos)
+    if self.is_first:
+      q_content = q_content + proj("ca_qpos_proj")(query_pos)
+      k_content = k_content + k_pos
+    q_sine = proj("ca_qpos_sine_proj")(query_sine_embed)
+
+    def per_head_concat(content: jax.Array, spatial: jax.Array) -> jax.Array:
+      b, n, _ = content.shape
+      both = jnp.concatenate([content.reshape(b, n, h, d // h), spatial.reshape(b, n, h, d // h)], -1)
+      return both.reshape(b, n, 2 * d)
+
+    q = per_head_concat(q_content, q_sine)
+    k = per_head_concat(k_content, k_pos)
+    tgt2 = MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="cross_attn")(q, k, v, memory_mask, train)
+    tgt = layer_norm("norm2")(tgt + drop(tgt2))
+    tgt2 = FeedForward(d, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
+    return layer_norm("norm3")(tgt + drop(tgt2))
+
+
+class ConditionalDecoder(nn.Module):
+  """The conditional decoder: reference points from query_pos, conditional spatial queries.
+
+  The reference point s = sigmoid(ref_point_head(query_pos)) is shared by all layers. Layer i's
+  spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output of layer i-1), where
+  that output is *not* layer-normed (the original; HF's aux-loss path normalises it).
+  """
+  num_layers: int
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) ->
+    (hidden (num_layers, B, Q, d) float32 after the final LayerNorm, reference (B, Q, 2) float32)."""
+    d = self.d_model
+    reference = jax.nn.sigmoid(
+        MLP(d, 2, 2, self.dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
+    query_scale = MLP(d, d, 2, self.dtype, name="query_scale")
+    norm = layer_norm("norm")
+    sine = sine_embedding_of_points(reference, d // 2)
+
+    output = jnp.zeros(query_pos.shape, jnp.float32)
+    hidden = []
+    for i in range(self.num_layers):
+      query_sine_embed = sine if i == 0 else sine * query_scale(output)
+      output = ConditionalDecoderLayer(d, self.nhead, self.dim_feedforward, self.dropout, is_first=i == 0,
+                                       dtype=self.dtype, name=f"layers_{i}")(
+          output, memory, memory_mask, pos, query_pos, query_sine_embed, train)
+      hidden.append(norm(output))
+    return jnp.stack(hidden), reference
