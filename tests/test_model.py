@@ -1,0 +1,131 @@
+"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import default
+from conddetr_jax import models
+from conddetr_jax.models.position import downsample_mask
+
+
+def tiny_config(**model_overrides):
+  config = default.get_config()
+  config.model.update(dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                           dim_feedforward=64, num_queries=8, num_classes=5, dropout=0.0))
+  config.model.update(model_overrides)
+  return config
+
+
+def _inputs(batch=2, h=64, w=96):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, h, w, 3)), jnp.float32)
+  pad_mask = np.zeros((batch, h, w), bool)
+  pad_mask[-1, h - 16:, :] = True
+  pad_mask[-1, :, w - 32:] = True
+  return images, jnp.asarray(pad_mask)
+
+
+def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
+  model = models.build_model(tiny_config())
+  images, pad_mask = _inputs()
+  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+
+  def loss(params):
+    out = model.apply({**variables, "params": params}, images, pad_mask)
+    return jnp.sum(out["pred_logits"] ** 2) + jnp.sum(out["pred_boxes"])
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  labels = models.param_labels(variables["params"])
+  flat_grads = jax.tree_util.tree_leaves_with_path(grads)
+  flat_labels = jax.tree_util.tree_leaves(labels)
+  frozen = [g for (path, g), label in zip(flat_grads, flat_labels) if label == "frozen"]
+  trained = [g for (path, g), label in zip(flat_grads, flat_labels) if label == "backbone"]
+  assert len(frozen) == 1 + 2 * 2  # stem conv1 + two BasicBlocks of two convs
+  assert all(np.all(np.asarray(g) == 0) for g in frozen)
+  assert all(np.any(np.asarray(g) != 0) for g in trained)
+  # Frozen BatchNorm tensors are not parameters at all.
+  assert "batch_stats" in variables and not any(
+      "bn" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+
+
+def test_model_compiles_once_per_input_shape():
+  model = models.build_model(tiny_config())
+  images, pad_mask = _inputs()
+  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+  traces = []
+
+  @jax.jit
+  def forward(variables, images, pad_mask):
+    traces.append(images.shape)
+    return model.apply(variables, images, pad_mask)["pred_boxes"]
+
+  for _ in range(3):
+    forward(variables, images, pad_mask)
+  other_images, other_mask = _inputs(h=96, w=64)
+  for _ in range(2):
+    forward(variables, other_images, other_mask)
+  assert traces == [(2, 64, 96, 3), (2, 96, 64, 3)]
+
+
+@pytest.mark.parametrize("in_size,out_size", [((800, 1216), (25, 38)), ((810, 1201), (26, 38)),
+                                              ((97, 131), (4, 5)), ((65, 64), (3, 2))])
+def test_mask_downsampling_matches_torch_nearest_interpolation(in_size, out_size):
+  rng = np.random.default_rng(1)
+  mask = rng.random((2, *in_size)) < 0.5
+  expected = torch.nn.functional.interpolate(torch.from_numpy(mask)[None].float(), size=out_size)[0].bool().numpy()
+  np.testing.assert_array_equal(np.asarray(downsample_mask(jnp.asarray(mask), out_size)), expected)
+
+
+@pytest.mark.parametrize("backbone,dilation,stride,channels", [
+    ("resnet18", False, 32, 512), ("resnet34", False, 32, 512),
+    ("resnet50", False, 32, 2048), ("resnet50", True, 16, 2048), ("resnet101", True, 16, 2048)])
+def test_backbone_output_stride_and_channels(backbone, dilation, stride, channels):
+  model = models.build_model(tiny_config(backbone=backbone, dilation=dilation))
+  images, pad_mask = _inputs(batch=1, h=97, w=130)  # not multiples of the stride: ceil division
+  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), images, pad_mask,
+                                                         mutable=["params", "batch_stats", "intermediates"]))
+  features = shapes[1]["intermediates"]["backbone_features"][0]
+  assert features.shape == (1, -(-97 // stride), -(-130 // stride), channels)
+
+
+def test_r50_has_the_originals_parameter_count():
+  # 43.4M trainable tensors + frozen stem/layer1 (the original's table rounds to 44M with BN).
+  model = models.build_model(default.get_config())
+  images, pad_mask = _inputs(batch=1)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, pad_mask))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+  bn = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["batch_stats"])) // 2
+  assert 43.0e6 < count + bn < 44.0e6
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(backbone="resnet152"), "config.model.backbone"),
+    (dict(dtype="float16"), "config.model.dtype"),
+    (dict(decoder="deformable"), "config.model.decoder"),
+    (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
+def test_bad_model_config_names_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    models.build_model(tiny_config(**overrides))
+
+
+def test_dc5_on_a_basic_block_resnet_is_a_clear_error():
+  model = models.build_model(tiny_config(backbone="resnet18", dilation=True))
+  images, pad_mask = _inputs(batch=1)
+  with pytest.raises(ValueError, match="dilation"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, pad_mask))
+
+
+def test_bfloat16_runs_without_nan_and_keeps_float32_params_and_outputs():
+  config = tiny_config(dtype="bfloat16")
+  model = models.build_model(config)
+  images, pad_mask = _inputs()
+  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  out = model.apply(variables, images, pad_mask)
+  assert out["pred_logits"].dtype == jnp.float32 and out["pred_boxes"].dtype == jnp.float32
+  assert np.all(np.isfinite(out["pred_logits"])) and np.all(np.isfinite(out["pred_boxes"]))
+  ref = models.build_model(tiny_config()).apply(variables, images, pad_mask)
+  np.testing.assert_allclose(out["pred_boxes"], ref["pred_boxes"], atol=2e-2)
