@@ -129,3 +129,20 @@ def test_bfloat16_runs_without_nan_and_keeps_float32_params_and_outputs():
   assert np.all(np.isfinite(out["pred_logits"])) and np.all(np.isfinite(out["pred_boxes"]))
   ref = models.build_model(tiny_config()).apply(variables, images, pad_mask)
   np.testing.assert_allclose(out["pred_boxes"], ref["pred_boxes"], atol=2e-2)
+
+
+def test_detr_baseline_decoder_shares_everything_but_the_decoder():
+  images, pad_mask = _inputs()
+  shapes = {}
+  for decoder in ("conditional", "detr"):
+    model = models.build_model(tiny_config(decoder=decoder))
+    variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+    out = model.apply(variables, images, pad_mask)
+    assert out["pred_logits"].shape == (2, 8, 5) and out["pred_boxes"].shape == (2, 8, 4)
+    assert len(out["aux_outputs"]) == 1
+    assert np.all((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1))
+    shapes[decoder] = jax.tree_util.tree_map(lambda x: x.shape, variables["params"])
+  conditional, detr = shapes["conditional"], shapes["detr"]
+  assert {k: v for k, v in conditional.items() if k != "decoder"} == {k: v for k, v in detr.items() if k != "decoder"}
+  assert "ref_point_head" in conditional["decoder"] and "ref_point_head" not in detr["decoder"]
+  assert set(detr["decoder"]["layers_0"]) == {"self_attn", "multihead_attn", "ffn", "norm1", "norm2", "norm3"}

@@ -10,7 +10,7 @@ from conddetr_jax.models.backbone import RESNET_SPECS, is_frozen_backbone_param
 from conddetr_jax.models.detector import ConditionalDETR
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_DECODERS = ("conditional",)
+_DECODERS = ("conditional", "detr")
 
 
 def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
@@ -27,7 +27,7 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
   return ConditionalDETR(backbone=m.backbone, dilation=m.dilation, hidden_dim=m.hidden_dim, nheads=m.nheads,
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_classes=m.num_classes,
-                         aux_loss=m.aux_loss, dtype=_DTYPES[m.dtype])
+                         aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
 
 
 def param_label(path: Sequence[str]) -> str:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from conddetr_jax.models import initializers
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
-from conddetr_jax.models.transformer import MLP, ConditionalDecoder, Encoder
+from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
 INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
@@ -29,6 +29,9 @@ class ConditionalDETR(nn.Module):
   (B, Q, 4) cxcywh in [0, 1] of the unpadded image, both float32, and with ``aux_loss`` the
   list ``aux_outputs`` of the same for every decoder layer but the last. Intermediate tensors
   used by parity tests are sown into the ``intermediates`` collection.
+
+  ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
+  everything else unchanged: the baseline of the convergence study.
   """
   backbone: str = "resnet50"
   dilation: bool = False
@@ -41,6 +44,7 @@ class ConditionalDETR(nn.Module):
   num_queries: int = 300
   num_classes: int = 91
   aux_loss: bool = True
+  decoder: str = "conditional"  # conditional | detr
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -66,11 +70,17 @@ class ConditionalDETR(nn.Module):
                      name="encoder")(src, pos, mask, train)
     query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, d))
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch, self.num_queries, d))
-    hidden, reference = ConditionalDecoder(self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout,
-                                           self.dtype, name="decoder")(memory, mask, pos, query_pos, train)
+    decoder_args = (self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype)
+    if self.decoder == "detr":
+      hidden = DetrDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train)
+      offset = 0.0
+    else:
+      hidden, reference = ConditionalDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train)
+      # The box head predicts the centre as an offset from the reference point, in logit space.
+      offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
+      self.sow("intermediates", "reference_points", reference)
     self.sow("intermediates", "memory", memory)
     self.sow("intermediates", "decoder_hidden", hidden)
-    self.sow("intermediates", "reference_points", reference)
 
     # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
     logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
@@ -78,7 +88,6 @@ class ConditionalDETR(nn.Module):
                       name="class_embed")(hidden)
     delta = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
                 name="bbox_embed")(hidden)
-    offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
     boxes = jax.nn.sigmoid(delta + offset)
 
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}

@@ -194,3 +194,55 @@ class ConditionalDecoder(nn.Module):
           output, memory, memory_mask, pos, query_pos, query_sine_embed, train)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
+
+
+class DetrDecoderLayer(nn.Module):
+  """DETR's post-norm decoder layer, the baseline of the convergence study.
+
+  Learned query positions are added to queries (and self-attention keys); the cross-attention
+  query is content + query_pos and its key memory + pos, each through the standard input
+  projections of torch's nn.MultiheadAttention.
+  """
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
+               query_pos: jax.Array, train: bool) -> jax.Array:
+    """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d)."""
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    q = k = tgt + query_pos
+    tgt2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
+                              name="self_attn")(q, k, tgt, None, train)
+    tgt = layer_norm("norm1")(tgt + drop(tgt2))
+    tgt2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
+                              name="multihead_attn")(tgt + query_pos, memory + pos, memory, memory_mask, train)
+    tgt = layer_norm("norm2")(tgt + drop(tgt2))
+    tgt2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
+    return layer_norm("norm3")(tgt + drop(tgt2))
+
+
+class DetrDecoder(nn.Module):
+  """DETR's decoder: no reference points; returns every layer's output after the final LayerNorm."""
+  num_layers: int
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
+               train: bool) -> jax.Array:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (num_layers, B, Q, d)."""
+    norm = layer_norm("norm")
+    output = jnp.zeros(query_pos.shape, jnp.float32)
+    hidden = []
+    for i in range(self.num_layers):
+      output = DetrDecoderLayer(self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype,
+                                name=f"layers_{i}")(output, memory, memory_mask, pos, query_pos, train)
+      hidden.append(norm(output))
+    return jnp.stack(hidden)
