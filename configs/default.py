@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
       cost_class=2.0,
       cost_bbox=5.0,
       cost_giou=2.0,
-      solver="hungarian",       # hungarian (on device, optax) | scipy (host callback)
+      solver="hungarian",       # hungarian (exact, on device, under jit) | scipy (host callback)
   ))
   config.loss = ml_collections.ConfigDict(dict(
       ce_weight=2.0,
