@@ -60,16 +60,20 @@ def get_config() -> ml_collections.ConfigDict:
       tfds_data_dir="",
       max_boxes=100,
       strict=False,             # training: fail instead of skipping undecodable images
-      train_scales=list(range(480, 801, 32)),
+      train_scales=tuple(range(480, 801, 32)),
       train_max_size=1333,
-      crop_resize_scales=[400, 500, 600],
+      crop_resize_scales=(400, 500, 600),
       crop_min_size=384,
       crop_max_size=600,
       eval_size=800,
       eval_max_size=1333,
       size_divisibility=64,     # bucket sides are multiples of this
-      buckets=(),               # () = derived from max sizes; or ((h, w), ...)
-      shuffle_buffer=2048,
+      buckets=(),               # () = derived from the train images' sizes; or ((h, w), ...)
+      num_buckets=8,            # padded shapes when derived (each is one compiled program)
+      synthetic_num_train=1000,  # source=synthetic: written under root (default ~/.cache/conddetr_jax)
+      synthetic_num_val=200,
+      synthetic_image_size=(128, 192),  # (min, max) height and width
+      synthetic_seed=0,
       num_parallel_calls=-1,    # -1 = tf.data.AUTOTUNE
       prefetch_batches=2,
   ))

@@ -1,0 +1,22 @@
+"""tf.data input pipeline (the only place that imports TensorFlow).
+
+Public API (see each function's docstring):
+  prepare_dataset, num_classes, category_names, annotation_path      (coco.py: sources)
+  train_steps_per_epoch, train_iterator, eval_iterator, eval_steps    (pipeline.py)
+  to_global_arrays, prefetch_to_device                                (device.py)
+Batches are dicts of numpy arrays as in DESIGN.md section 2.
+"""
+
+from conddetr_jax.data.coco import annotation_path
+from conddetr_jax.data.coco import category_names
+from conddetr_jax.data.coco import num_classes
+from conddetr_jax.data.coco import prepare_dataset
+from conddetr_jax.data.device import prefetch_to_device
+from conddetr_jax.data.device import to_global_arrays
+from conddetr_jax.data.pipeline import BadImageError
+from conddetr_jax.data.pipeline import buckets
+from conddetr_jax.data.pipeline import DataIterator
+from conddetr_jax.data.pipeline import eval_iterator
+from conddetr_jax.data.pipeline import eval_steps
+from conddetr_jax.data.pipeline import train_iterator
+from conddetr_jax.data.pipeline import train_steps_per_epoch
