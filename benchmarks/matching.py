@@ -11,6 +11,8 @@ case. Predictions are random, as at the start of training.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -18,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import default
-from conddetr_jax import matching
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # pylint: disable=g-import-not-at-top
+from conddetr_jax import matching  # pylint: disable=g-import-not-at-top
 
 
 def _timeit(fn, *args, repeats):
