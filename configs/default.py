@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_drop_epoch = 40
   config.total_steps = -1       # > 0 overrides num_epochs
   config.per_device_batch_size = 2
+  config.global_batch_size = 0  # > 0 overrides per_device_batch_size x devices (must divide evenly)
   config.eval_per_device_batch_size = 2
   config.parallel = "jit"       # jit (Mesh + shardings) | pmap
 

@@ -1,0 +1,258 @@
+"""The training run: ``train_and_evaluate(config, workdir)``, resumable at any checkpoint.
+
+A run is a pure function of (config, step): the data iterator restarts at the checkpointed step
+and dropout keys derive from (seed, step), so a run stopped and restarted with the same workdir
+logs the same losses as one that never stopped.
+"""
+
+import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from conddetr_jax import convert, data, evaluation, models
+from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
+from conddetr_jax.training import state as state_lib
+from conddetr_jax.training import step as step_lib
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a call of ``train_and_evaluate`` ended with.
+
+  Attributes:
+    step: updates done (the step of the last checkpoint written).
+    total_steps: the run's planned length.
+    preempted: stopped early by SIGTERM (a checkpoint of ``step`` was written first).
+    train_metrics: the last logged training scalars.
+    eval_metrics: the last evaluation's metrics (empty if none ran in this call).
+  """
+  step: int
+  total_steps: int
+  preempted: bool
+  train_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+
+
+def global_batch_size(config: ml_collections.ConfigDict, device_count: int) -> int:
+  """``config.global_batch_size`` if > 0, else ``per_device_batch_size`` x devices; checked.
+
+  Raises:
+    ValueError: naming the field, if the batch is empty or not divisible by the device count.
+  """
+  if config.global_batch_size > 0:
+    if config.global_batch_size % device_count:
+      raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+                       f"number of devices ({device_count})")
+    return config.global_batch_size
+  if config.per_device_batch_size < 1:
+    raise ValueError(f"config.per_device_batch_size={config.per_device_batch_size}: must be >= 1")
+  return config.per_device_batch_size * device_count
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """Fails fast, before any data is read or anything compiles, naming the offending field.
+
+  Raises:
+    ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode, a batch that does not
+      split over the devices, or a non-positive run length or interval.
+  """
+  models.build_model(config)  # checks config.model.*
+  if config.parallel not in parallel.PARALLEL_MODES:
+    raise ValueError(f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}")
+  global_batch_size(config, device_count)
+  if config.total_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError(f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps}: "
+                     "one of them must be > 0")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[field] < 1:
+      raise ValueError(f"config.{field}={config[field]}: must be >= 1")
+
+
+class _PreemptionWatch:
+  """Notices SIGTERM: a local signal flag on one host, JAX's agreed sync point on several.
+
+  On several hosts every process must stop at the same step (checkpoint saves are collective),
+  which ``jax.distributed``'s preemption service arranges; it installs its own SIGTERM listener.
+  """
+
+  def __init__(self, checkpointer: checkpoint.Checkpointer):
+    self._checkpointer = checkpointer
+    self._signalled = threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after ``step``; call once per step on every process."""
+    if jax.process_count() > 1:
+      return self._checkpointer.reached_preemption(step)
+    return self._signalled.is_set()
+
+  def close(self) -> None:
+    """Puts back the SIGTERM handler that was there before."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, rng: jax.Array,
+                   sharding: jax.sharding.Sharding) -> state_lib.TrainState:
+  """A step-0 state, replicated: fresh init, or ``config.init_from``'s weights."""
+  variables = state_lib.init_variables(model, rng)
+  if config.init_from:
+    logging.info("Initial weights from %s", config.init_from)
+    variables = convert.load_initial_weights(config.init_from, config, jax.device_get(variables))
+  return jax.jit(create, out_shardings=sharding)(variables)
+
+
+def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
+  """Per-key means over the logging window (``lr`` is the last step's, the one just applied)."""
+  host = jax.device_get(window)
+  scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k not in ("finite", "lr")}
+  scalars["lr"] = float(host[-1]["lr"])
+  return scalars
+
+
+def _eval_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
+  """Periodic evaluation: every ``eval_every_steps``, every epoch if 0, never (but at the end) if < 0."""
+  if config.eval_every_steps > 0:
+    return step % config.eval_every_steps == 0
+  return config.eval_every_steps == 0 and step % steps_per_epoch == 0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains ``config``'s model, checkpointing to and resuming from ``<workdir>/checkpoints``.
+
+  Writes ``<workdir>/metrics.jsonl`` and TensorBoard events (process 0), evaluates on the val
+  split periodically and at the end, and on SIGTERM saves a checkpoint and returns early.
+
+  Args:
+    config: the run config (configs/default.py).
+    workdir: the run's directory; restarting with the same one resumes the run.
+
+  Returns:
+    How the run ended (``TrainResult``).
+
+  Raises:
+    ValueError: a config error (before anything compiles).
+    FloatingPointError: a non-finite loss or gradient, unless ``config.skip_nonfinite``; the
+      message names the step, and the last checkpoint written before it is left intact.
+  """
+  validate_config(config, jax.device_count())
+  batch_size = global_batch_size(config, jax.device_count())
+  data.prepare_dataset(config)
+  dataset_classes = data.num_classes(config)
+  if dataset_classes > config.model.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
+                     f"max category id + 1 ({dataset_classes})")
+  steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
+  total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  logging.info("global batch %d on %d devices (%d processes); %d steps per epoch, %d steps", batch_size,
+               jax.device_count(), jax.process_count(), steps_per_epoch, total_steps)
+
+  model = models.build_model(config)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract_variables = jax.eval_shape(functools.partial(state_lib.init_variables, model), init_rng)
+  schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
+  tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
+  create = functools.partial(state_lib.create_train_state, tx=tx, rng=train_rng)
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
+  par = parallel.make_parallel(config.parallel, step_fn, mesh)
+
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    host_state = _initial_state(config, model, create, init_rng, replicated)
+  else:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(create, abstract_variables))
+    host_state, meta = checkpointer.restore(latest, target)
+    if meta.get("global_batch_size") != batch_size:
+      logging.warning("checkpoint %d was written with global batch %s, this run uses %d: the data order "
+                      "differs from an uninterrupted run", latest, meta.get("global_batch_size"), batch_size)
+    logging.info("Resumed from %s at step %d", checkpointer.directory, latest)
+  start_step = int(jax.device_get(host_state.step))
+  state = par.device_state(host_state)
+  del host_state
+
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  preemption = _PreemptionWatch(checkpointer)
+  last_saved = latest
+
+  def host_scalar(x: jax.Array) -> int:
+    return int(jax.device_get(par.local(x)))
+
+  def check_finite() -> None:
+    first = host_scalar(state.first_nonfinite_step)
+    if first > 0 and not config.skip_nonfinite:
+      checkpointer.wait()
+      raise FloatingPointError(
+          f"Non-finite loss or gradient at step {first}. Stopping; the last checkpoint "
+          f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
+          "Set config.skip_nonfinite=True to skip such updates instead.")
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    check_finite()
+    checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size})
+    last_saved = step
+
+  def evaluate(step: int) -> dict[str, float]:
+    results = evaluation.evaluate(config, model, par.host_state(state).variables, mesh, step=step)
+    writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
+    logging.info("eval at step %d: %s", step, results)
+    return dict(results)
+
+  train_scalars, eval_scalars = {}, {}
+  preempted = False
+  batches = data.prefetch_to_device(
+      map(par.host_batch, data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)),
+      par.batch_sharding)
+  window, window_start = [], time.time()
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = par.step(state, next(batches))
+      window.append(par.local(step_metrics))
+      is_last = step == total_steps
+      preempted = preemption.reached(step)
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        train_scalars = _mean_metrics(window)
+        check_finite()
+        elapsed = time.time() - window_start
+        train_scalars.update(epoch=round(step / steps_per_epoch, 4),
+                             images_per_s=batch_size * len(window) / elapsed,
+                             skipped_updates=host_scalar(state.nonfinite_count))
+        writer.write(step, train_scalars)
+        metrics.log_progress(step, total_steps, train_scalars, (total_steps - step) * elapsed / len(window))
+        window, window_start = [], time.time()
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        save(step)
+      if preempted:
+        logging.warning("SIGTERM: saved step %d and stopping; rerun the same command to resume", step)
+        break
+      if _eval_due(config, step, steps_per_epoch) and not is_last:
+        eval_scalars = evaluate(step)
+        window_start = time.time()  # evaluation time is not training throughput
+    else:
+      save(total_steps)
+      eval_scalars = evaluate(total_steps)
+  finally:
+    preemption.close()
+    checkpointer.close()
+    writer.close()
+  return TrainResult(step=last_saved or 0, total_steps=total_steps, preempted=preempted,
+                     train_metrics=train_scalars, eval_metrics=eval_scalars)

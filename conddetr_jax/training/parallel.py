@@ -1,0 +1,124 @@
+"""Data parallelism: one ``Mesh`` with a ``data`` axis, and the train step compiled on it.
+
+Two ways to run the same ``train_step`` (``config.parallel``):
+- ``jit`` (default): the global batch is one ``jax.Array`` sharded over ``data``, the state is
+  replicated, and ``jax.jit`` with in/out shardings lets XLA partition the step. Works unchanged
+  on one device, one host or many hosts.
+- ``pmap``: each local device gets its slice of the batch and a copy of the state; the step adds
+  ``axis_name='data'`` so gradients and metrics are ``pmean``-ed.
+Both take this process's numpy slice of the global batch (``host_batch``, then
+``data.to_global_arrays`` with ``batch_sharding``) and hand back states whose leaves are
+replicated global arrays (``host_state``), which is what checkpoints and evaluation use.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.jax_utils
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from conddetr_jax.training.state import TrainState
+
+DATA_AXIS = "data"
+PARALLEL_MODES = ("jit", "pmap")
+
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: all devices of all processes) with axis ``data``.
+
+  ``jax.devices()`` lists each process's devices together, so every host's data shard is one
+  contiguous block of the global batch.
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of the state: a full copy on every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The sharding of a global batch: split along its leading (batch) axis over ``data``."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+class JitParallel:
+  """``jax.jit`` of the step over a sharded global batch; the state lives replicated."""
+
+  def __init__(self, step_fn: StepFn, mesh: Mesh):
+    """step_fn(state, batch) -> (state, metrics), without ``axis_name``."""
+    self.mesh = mesh
+    self._replicated = replicated(mesh)
+    self.batch_sharding = batch_sharding(mesh)
+    self._step = jax.jit(step_fn, in_shardings=(self._replicated, self.batch_sharding),
+                         out_shardings=(self._replicated, self._replicated), donate_argnums=0)
+
+  def device_state(self, host_state: TrainState) -> TrainState:
+    """The step's layout of a state given with replicated leaves (or host arrays)."""
+    return jax.device_put(host_state, self._replicated)
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """The state with replicated global leaves (already so under jit)."""
+    return state
+
+  def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global batch."""
+    return batch
+
+  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update; ``state`` is donated. Metrics are replicated scalars."""
+    return self._step(state, batch)
+
+  def local(self, tree: Any) -> Any:
+    """A step output (metrics, a state field) without the per-device axis: unchanged under jit."""
+    return tree
+
+
+class PmapParallel:
+  """``jax.pmap`` of the step over this process's devices, collectives over all processes."""
+
+  def __init__(self, step_fn: StepFn, mesh: Mesh):
+    """step_fn(state, batch, axis_name=...) -> (state, metrics)."""
+    self.mesh = mesh
+    self._local_devices = jax.local_devices()
+    # pmap takes per-process arrays whose leading axis is the local devices.
+    self.batch_sharding = NamedSharding(Mesh(np.asarray(self._local_devices), (DATA_AXIS,)),
+                                        PartitionSpec(DATA_AXIS))
+    self._step = jax.pmap(functools.partial(step_fn, axis_name=DATA_AXIS), axis_name=DATA_AXIS,
+                          donate_argnums=0)
+
+  def device_state(self, host_state: TrainState) -> TrainState:
+    """One copy of the state per local device (leading axis = local devices)."""
+    return flax.jax_utils.replicate(jax.device_get(host_state), self._local_devices)
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """The first device's copy, replicated on the mesh like the jit path's state."""
+    return jax.device_put(flax.jax_utils.unreplicate(state), replicated(self.mesh))
+
+  def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's slice (B_local, ...) -> (local devices, B_local / local devices, ...)."""
+    n = len(self._local_devices)
+    return {k: np.reshape(v, (n, -1) + np.shape(v)[1:]) for k, v in batch.items()}
+
+  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update; ``state`` is donated. Metrics have a leading local-device axis."""
+    return self._step(state, batch)
+
+  def local(self, tree: Any) -> Any:
+    """A step output (metrics, a state field) without the per-device axis: the first device's
+    copy, identical on every device after ``pmean``."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def make_parallel(mode: str, step_fn: StepFn, mesh: Mesh) -> JitParallel | PmapParallel:
+  """The strategy named by ``config.parallel``."""
+  if mode == "jit":
+    return JitParallel(step_fn, mesh)
+  if mode == "pmap":
+    return PmapParallel(step_fn, mesh)
+  raise ValueError(f"config.parallel={mode!r}: expected one of {PARALLEL_MODES}")

@@ -1,0 +1,71 @@
+"""The train state: everything a resumed run needs to continue bit-for-bit."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Parameters, optimiser state and counters of a run; a pytree, checkpointed as a whole.
+
+  Attributes:
+    step: () int32, optimiser updates done (skipped non-finite updates included), which is also
+      the position of the data iterator.
+    params: the model's trainable ``variables['params']`` (float32).
+    batch_stats: the frozen BatchNorm tensors (never updated; kept for eval and checkpoints).
+    opt_state: the optax state of ``build_optimizer``.
+    rng: the run's base PRNG key; step ``s`` uses ``fold_in(rng, s)`` for dropout, so a resumed
+      run draws the same masks as an uninterrupted one.
+    nonfinite_count: () int32, updates skipped because the loss or a gradient was not finite.
+    first_nonfinite_step: () int32, the first such update's step number (the value ``step``
+      took after it, as logged), -1 if none: the host reads it at log and checkpoint steps,
+      without a per-step device sync.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_count: jax.Array
+  first_nonfinite_step: jax.Array
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}``, as ``model.apply`` takes them."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(variables: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A state at step 0 from the model's variables.
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` from ``model.init`` or a converter.
+    tx: the optimiser (``build_optimizer``).
+    rng: a PRNG key (``jax.random.PRNGKey``), the base of every dropout key.
+
+  Returns:
+    The state; call under ``jax.jit`` to create it directly with the wanted shardings.
+  """
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=rng,
+                    nonfinite_count=jnp.zeros((), jnp.int32),
+                    first_nonfinite_step=jnp.full((), -1, jnp.int32))
+
+
+def init_variables(model: flax.linen.Module, rng: jax.Array) -> Any:
+  """The model's freshly initialised variables; the input size doesn't affect them, so it is tiny.
+
+  Args:
+    model: the detector (``models.build_model(config)``).
+    rng: PRNG key for the initialisers.
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}``.
+  """
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  return jax.jit(model.init)(rng, images, jnp.zeros((1, 64, 64), bool))
