@@ -28,6 +28,7 @@ from torch import nn
 from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
 from transformers.models.conditional_detr.modeling_conditional_detr import (
   ConditionalDetrFrozenBatchNorm2d,
+  ConditionalDetrObjectDetectionOutput,
 )
 
 # The original's `util.misc.inverse_sigmoid` clamps at 1e-5 (HF's copy does too).
@@ -204,7 +205,9 @@ def _nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
   return x.permute(0, 2, 3, 1).detach().numpy().astype(np.float32)
 
 
-def forward_with_captures(ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray):
+def forward_with_captures(
+    ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray,
+) -> tuple[ConditionalDetrObjectDetectionOutput, dict]:
   """Runs the HF model once and records the intermediate tensors the parity tests need.
 
   Args:
