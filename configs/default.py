@@ -99,4 +99,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0   # 0 = at the end of every epoch; < 0 = only at the end
   config.keep_checkpoints = 3
   config.skip_nonfinite = False
+
+  # Evaluation and drawn predictions (evaluation.py, eval.py, predict.py).
+  config.evaluation = ml_collections.ConfigDict(dict(
+      top_k=100,                # detections kept per image, as the original's PostProcess
+      prediction_images=0,      # after training, draw the first N val images to <workdir>/predictions
+      score_threshold=0.5,      # lowest score drawn on prediction images
+  ))
   return config

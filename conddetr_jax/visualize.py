@@ -1,0 +1,67 @@
+"""Detections drawn on an image: boxes, class names and scores, saved as PNG (PIL only)."""
+
+import os
+from typing import Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Distinct, saturated colours; a label always gets the same one.
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+            (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195))
+
+
+def class_name(label: int, class_names: Mapping[int, str]) -> str:
+  """The label's name, or 'class 12' for a label with none."""
+  return class_names.get(int(label), f"class {int(label)}")
+
+
+def label_text(label: int, score: float, class_names: Mapping[int, str]) -> str:
+  """The caption of a box: 'name 0.87'."""
+  return f"{class_name(label, class_names)} {float(score):.2f}"
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                    class_names: Mapping[int, str], threshold: float = 0.5, scale: int = 1) -> Image.Image:
+  """The image with every detection scoring at least ``threshold`` drawn on it.
+
+  Args:
+    image: (H, W, 3) uint8 RGB.
+    boxes: (K, 4) absolute xyxy in the pixels of ``image``.
+    scores: (K,) in [0, 1].
+    labels: (K,) category ids.
+    class_names: category id -> name.
+    threshold: the lowest score drawn.
+    scale: the image is enlarged this many times (nearest) before drawing, boxes with it, so that
+      captions stay legible on small images.
+
+  Returns:
+    A new RGB PIL image of (scale * H, scale * W); boxes of higher scores are drawn last, on top.
+  """
+  canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  if scale != 1:
+    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(canvas)
+  font = ImageFont.load_default()
+  # Thin lines on small images, thicker ones on photos.
+  width = max(1, round(max(canvas.size) / 300))
+  keep = np.flatnonzero(np.asarray(scores) >= threshold)
+  for k in keep[np.argsort(np.asarray(scores)[keep], kind="stable")]:
+    x0, y0, x1, y1 = (float(v) * scale for v in boxes[k])
+    color = _PALETTE[int(labels[k]) % len(_PALETTE)]
+    draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
+    text = label_text(labels[k], scores[k], class_names)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    # The caption sits above the box, or inside it when the box touches the top edge.
+    ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
+    draw.rectangle((x0, ty, x0 + right - left + 2, ty + bottom - top + 2), fill=color)
+    draw.text((x0 + 1 - left, ty + 1 - top), text, fill=(0, 0, 0), font=font)
+  return canvas
+
+
+def save_detections_png(path: str, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                        class_names: Mapping[int, str], threshold: float = 0.5, scale: int = 1) -> None:
+  """Writes ``draw_detections(...)`` to ``path`` as PNG, creating its folder (arguments as there)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  draw_detections(image, boxes, scores, labels, class_names, threshold, scale).save(path, format="PNG")

@@ -1,0 +1,46 @@
+r"""Draws a checkpoint's detections on image files.
+
+  python predict.py --config=configs/r50.py --checkpoint=PATH --out=DIR [--threshold=0.5] IMAGE...
+
+Writes ``DIR/<image name>.png`` (boxes, class names and scores) and ``DIR/detections.json``.
+PATH is anything eval.py accepts. Class names come from the dataset's json when it is at hand,
+else COCO's for a 91-class model.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from conddetr_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
+_OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs and detections.json.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Lowest score drawn and listed.")
+flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+
+def main(argv):
+  images = argv[1:]
+  if not images:
+    raise app.UsageError("give at least one image file")
+  try:
+    config = _CONFIG.value
+    variables, _ = inference.load_variables(config, _CHECKPOINT.value)
+    records = inference.predict_files(config, models.build_model(config), variables, images, _OUT.value,
+                                      _THRESHOLD.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  for record in records:
+    print(f"{record['file']}: {len(record['detections'])} detections -> {record['png']}")
+  print(f"Wrote {os.path.join(_OUT.value, inference.DETECTIONS_FILE)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
