@@ -1,0 +1,197 @@
+"""DETR transforms: sizes as the original's get_size_with_aspect_ratio, boxes through every op
+(checked against hand-computed values), decoding of the odd files real datasets contain."""
+
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from conddetr_jax.data import transforms
+
+
+def original_size(h, w, size, max_size=None):
+  """The original's get_size_with_aspect_ratio, transcribed with Python scalars (the reference)."""
+  if max_size is not None:
+    min_original_size = float(min((w, h)))
+    max_original_size = float(max((w, h)))
+    if max_original_size / min_original_size * size > max_size:
+      size = int(round(max_size * min_original_size / max_original_size))
+  if (w <= h and w == size) or (h <= w and h == size):
+    return h, w
+  if w < h:
+    return int(size * h / w), size
+  return size, int(size * w / h)
+
+
+@pytest.mark.parametrize("hw, size, max_size, expected", [
+    ((480, 640), 800, 1333, (800, 1066)),      # 640/480*800 = 1066.67, truncated
+    ((640, 480), 800, 1333, (1066, 800)),      # portrait
+    ((427, 640), 800, 1333, (800, 1199)),
+    ((480, 640), 1100, 1333, (1000, 1333)),    # capped: round(1333*480/640 = 999.75) = 1000
+    ((800, 1000), 800, 1333, (800, 1000)),     # shorter side already the target: unchanged
+    ((2666, 3), 800, 1333, (1777, 2)),         # round(1.5) = 2, half to even as Python's round
+    ((2666, 5), 800, 1333, (1066, 2)),         # round(2.5) = 2
+    ((300, 500), 400, None, (400, 666)),       # no cap (the crop branch's first resize)
+])
+def test_resized_size_matches_hand_computed_values(hw, size, max_size, expected):
+  oh, ow = transforms.resized_size(np.array([hw[0]]), np.array([hw[1]]), size, max_size)
+  assert (int(oh[0]), int(ow[0])) == expected
+  assert original_size(*hw, size, max_size) == expected
+
+
+def test_resized_size_matches_the_original_on_random_sizes():
+  rng = np.random.default_rng(0)
+  h, w = rng.integers(20, 2000, size=(2, 3000))
+  size = rng.choice([480, 512, 800], size=3000)
+  oh, ow = transforms.resized_size(h, w, size, 1333)
+  expected = np.array([original_size(int(a), int(b), int(s), 1333) for a, b, s in zip(h, w, size)])
+  np.testing.assert_array_equal(np.stack([oh, ow], -1), expected)
+
+
+def _dataset_config(**overrides) -> ml_collections.ConfigDict:
+  fields = dict(train_scales=(480, 512, 800), train_max_size=1333, crop_resize_scales=(400, 500, 600),
+                crop_min_size=384, crop_max_size=600, eval_size=800, eval_max_size=1333)
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def test_train_geometry_follows_the_original_recipe():
+  ds = _dataset_config()
+  rng = np.random.default_rng(1)
+  sizes = rng.integers(300, 900, size=(2000, 2))
+  g = transforms.train_geometry(np.random.default_rng(2), sizes, ds)
+  flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w = g.T
+  assert 0.4 < flip.mean() < 0.6
+  plain = (top == 0) & (left == 0) & (crop_h == mid_h) & (crop_w == mid_w) & (out_h == mid_h) & (out_w == mid_w)
+  assert 0.4 < plain.mean() < 0.6
+  # Plain branch: one resize of the original with a train scale and the cap.
+  for i in np.flatnonzero(plain)[:200]:
+    assert any(original_size(*sizes[i], s, 1333) == (out_h[i], out_w[i]) for s in ds.train_scales)
+  # Crop branch: resize without cap, crop within [384, 600] and inside the image, resize with cap.
+  crop = ~plain
+  for i in np.flatnonzero(crop)[:200]:
+    assert any(original_size(*sizes[i], s) == (mid_h[i], mid_w[i]) for s in ds.crop_resize_scales)
+    assert 384 <= crop_h[i] <= min(600, mid_h[i]) and 384 <= crop_w[i] <= min(600, mid_w[i])
+    assert 0 <= top[i] <= mid_h[i] - crop_h[i] and 0 <= left[i] <= mid_w[i] - crop_w[i]
+    assert any(original_size(crop_h[i], crop_w[i], s, 1333) == (out_h[i], out_w[i]) for s in ds.train_scales)
+
+
+def test_train_geometry_is_a_function_of_the_generator_state():
+  sizes = np.array([[480, 640], [640, 427], [500, 500]])
+  a = transforms.train_geometry(np.random.default_rng(7), sizes, _dataset_config())
+  b = transforms.train_geometry(np.random.default_rng(7), sizes, _dataset_config())
+  np.testing.assert_array_equal(a, b)
+
+
+def test_crop_side_is_clamped_for_images_smaller_than_the_crop_minimum():
+  # 50x50 images resized to 40x40 before a crop of at least 64 (which the original cannot do).
+  g = transforms.train_geometry(np.random.default_rng(0), np.full((200, 2), 50),
+                                _dataset_config(crop_resize_scales=(40,), crop_min_size=64, crop_max_size=90))
+  crop_branch = g[:, 1] == 40
+  assert crop_branch.any()
+  np.testing.assert_array_equal(g[crop_branch, 3:7], np.tile([0, 0, 40, 40], (crop_branch.sum(), 1)))
+
+
+def test_eval_geometry_is_the_original_eval_resize():
+  g = transforms.eval_geometry(np.array([[480, 640], [640, 480], [300, 1200]]), _dataset_config())
+  np.testing.assert_array_equal(g[:, 7:], [[800, 1066], [1066, 800], [333, 1332]])
+  assert (g[:, 0] == 0).all() and (g[:, 3:5] == 0).all()
+
+
+def test_limit_output_size_shrinks_only_oversized_outputs():
+  g = np.zeros((2, 9), np.int32)
+  g[:, 7:] = [[1340, 300], [800, 1066]]
+  out = transforms.limit_output_size(g, 1333)
+  np.testing.assert_array_equal(out[:, 7:], [[1333, 298], [800, 1066]])
+
+
+def test_boxes_through_flip_resize_crop_resize_match_hand_computed_values():
+  image = tf.zeros([100, 200, 3], tf.uint8)
+  boxes = tf.constant([[10., 20., 50., 60.],      # survives the crop
+                       [100., 80., 120., 100.]])  # ends up left of the crop window: dropped
+  labels = tf.constant([3, 7], tf.int32)
+  # flip; resize to (50, 100); crop top=5 left=80 h=40 w=20; resize to (80, 40).
+  geometry = tf.constant([1, 50, 100, 5, 80, 40, 20, 80, 40], tf.int32)
+  out_image, out_boxes, out_labels = transforms.apply_geometry(image, boxes, labels, geometry)
+  assert out_image.shape == (80, 40, 3)
+  # Box 1: flip -> [150, 20, 190, 60]; x0.5 -> [75, 10, 95, 30]; crop -> [0, 5, 15, 25]; x2 -> [0, 10, 30, 50].
+  np.testing.assert_allclose(out_boxes.numpy(), [[0., 10., 30., 50.]], atol=1e-5)
+  np.testing.assert_array_equal(out_labels.numpy(), [3])
+  # Normalised cxcywh of the (80, 40) output: (15/40, 30/80, 30/40, 40/80).
+  np.testing.assert_allclose(transforms.normalized_cxcywh(out_boxes, tf.constant([80, 40])).numpy(),
+                             [[0.375, 0.375, 0.75, 0.5]], atol=1e-6)
+
+
+def test_individual_box_ops():
+  boxes = tf.constant([[10., 20., 50., 60.]])
+  np.testing.assert_allclose(transforms.hflip_boxes(boxes, tf.constant(200)).numpy(), [[150., 20., 190., 60.]])
+  np.testing.assert_allclose(transforms.resize_boxes(boxes, tf.constant([100, 200]), tf.constant([300, 100])),
+                             [[5., 60., 25., 180.]])
+  cropped, keep = transforms.crop_boxes(tf.constant([[10., 20., 50., 60.], [0., 0., 5., 5.], [40., 30., 45., 90.]]),
+                                        tf.constant(25), tf.constant(8), tf.constant(30), tf.constant(40))
+  # Shift by (8, 25), clip to 40 x 30: the second box has no area left, the third is clipped.
+  np.testing.assert_allclose(cropped.numpy(), [[2., 0., 40., 30.], [0., 0., 0., 0.], [32., 5., 37., 30.]])
+  np.testing.assert_array_equal(keep.numpy(), [True, False, True])
+
+
+def test_flip_mirrors_pixels_and_boxes_together():
+  pixels = np.zeros((20, 30, 3), np.uint8)
+  pixels[5:10, 2:8] = 255  # a white box at x in [2, 8), y in [5, 10)
+  geometry = tf.constant([1, 20, 30, 0, 0, 20, 30, 20, 30], tf.int32)
+  image, boxes, _ = transforms.apply_geometry(tf.constant(pixels), tf.constant([[2., 5., 8., 10.]]),
+                                              tf.constant([1]), geometry)
+  x1, y1, x2, y2 = boxes.numpy()[0].astype(int)
+  np.testing.assert_array_equal((x1, y1, x2, y2), (22, 5, 28, 10))
+  inside = image.numpy()[y1:y2, x1:x2]
+  assert (inside == 255).all() and image.numpy().sum() == inside.sum()
+
+
+def test_resize_is_identity_when_the_size_is_unchanged():
+  pixels = np.random.default_rng(0).integers(0, 256, size=(7, 9, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(transforms.resize_image(tf.constant(pixels), tf.constant([7, 9])).numpy(), pixels)
+
+
+def test_normalize_image_uses_imagenet_statistics():
+  out = transforms.normalize_image(tf.fill([1, 1, 3], 255.0)).numpy()[0, 0]
+  np.testing.assert_allclose(out, (1 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD),
+                             rtol=1e-5)
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, fmt, **kwargs)
+  return buf.getvalue()
+
+
+# A smooth image: JPEG decoders (TF's, PIL's) agree on it within a few levels.
+_YY, _XX = np.mgrid[0:24, 0:32]
+RGB = np.stack([_XX * 8, _YY * 10, (_XX + _YY) * 4], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("data, tolerance", [
+    (_encode(Image.fromarray(RGB).convert("L"), "JPEG", quality=95), 6),
+    (_encode(Image.fromarray(RGB).convert("CMYK"), "JPEG", quality=95), 6),
+    (_encode(Image.fromarray(RGB), "JPEG", progressive=True, quality=95), 6),
+    (_encode(Image.fromarray(RGB).convert("RGBA"), "PNG"), 0),
+    (_encode(Image.fromarray(RGB).convert("P"), "PNG"), 0),
+], ids=["grayscale-jpeg", "cmyk-jpeg", "progressive-jpeg", "rgba-png", "palette-png"])
+def test_decode_gives_rgb_like_pil_for_every_format(data, tolerance):
+  decoded = transforms.decode_image(tf.constant(data)).numpy()
+  expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+  assert decoded.shape == (24, 32, 3) and decoded.dtype == np.uint8
+  assert np.abs(decoded.astype(int) - expected).max() <= tolerance
+
+
+def test_cmyk_jpeg_decodes_to_the_original_colours():
+  data = _encode(Image.fromarray(RGB).convert("CMYK"), "JPEG", quality=95)
+  decoded = transforms.decode_image(tf.constant(data)).numpy()
+  assert np.abs(decoded.astype(int) - RGB).max() <= 6
+
+
+def test_decode_rejects_truncated_jpeg():
+  data = _encode(Image.fromarray(RGB), "JPEG")
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    transforms.decode_image(tf.constant(data[: len(data) // 2]))
