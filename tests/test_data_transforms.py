@@ -154,6 +154,14 @@ def test_resize_is_identity_when_the_size_is_unchanged():
   np.testing.assert_array_equal(transforms.resize_image(tf.constant(pixels), tf.constant([7, 9])).numpy(), pixels)
 
 
+@pytest.mark.parametrize("hw", [(100, 130), (30, 40), (60, 30)], ids=["enlarge", "shrink", "mixed"])
+def test_resize_matches_pil_bilinear_as_used_by_the_original(hw):
+  pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3)).astype(np.uint8)
+  ours = transforms.resize_image(tf.constant(pixels), tf.constant(hw)).numpy()
+  pil = np.asarray(Image.fromarray(pixels).resize(hw[::-1], Image.BILINEAR)).astype(np.float32)
+  assert np.abs(ours - pil).max() <= 1.01  # PIL rounds to uint8
+
+
 def test_normalize_image_uses_imagenet_statistics():
   out = transforms.normalize_image(tf.fill([1, 1, 3], 255.0)).numpy()[0, 0]
   np.testing.assert_allclose(out, (1 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD),

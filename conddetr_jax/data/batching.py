@@ -28,11 +28,12 @@ def envelope(buckets: np.ndarray) -> tuple[int, int]:
 
 
 def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buckets: int) -> np.ndarray:
-  """Greedy choice of ``num_buckets`` padded shapes for a sample of output sizes.
+  """Chooses ``num_buckets`` padded shapes for a sample of output sizes.
 
-  The first bucket is the square (S, S), S = ``max_side`` rounded up, which holds anything. Each
-  next bucket is the candidate (multiples of ``divisibility`` up to S per side) that most reduces
-  the total padded area when every size goes to its smallest fitting bucket.
+  The first bucket is the square (S, S), S = ``max_side`` rounded up, which holds anything. The
+  others are candidates (multiples of ``divisibility`` up to S per side) chosen to minimise the
+  total padded area when every size goes to its smallest fitting bucket: greedily, one at a time,
+  then improved by replacing one bucket at a time with the best candidate until nothing improves.
 
   Args:
     sizes: (N, 2) int (h, w) output sizes (a sample of what the pipeline produces).
@@ -46,24 +47,37 @@ def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buck
   if sizes.size and sizes.max() > top:
     raise ValueError(f"an output size {sizes.max()} exceeds the largest side {max_side}")
   # Only the grid cell of a size matters for fitting: count sizes per cell.
-  cells = round_up(sizes, divisibility) // divisibility
-  cells, counts = np.unique(cells.reshape(-1, 2), axis=0, return_counts=True)
-  sides = np.arange(1, top // divisibility + 1)
+  cells, counts = np.unique((round_up(sizes, divisibility) // divisibility).reshape(-1, 2), axis=0,
+                            return_counts=True)
+  n = top // divisibility
+  sides = np.arange(1, n + 1)
   cand = np.stack(np.meshgrid(sides, sides, indexing="ij"), -1).reshape(-1, 2)        # (C, 2) in cells
   fits = (cells[None, :, 0] <= cand[:, None, 0]) & (cells[None, :, 1] <= cand[:, None, 1])  # (C, N)
-  cand_area = (cand[:, 0] * cand[:, 1]).astype(np.float64)
-  n = top // divisibility
-  chosen = [(n, n)]
-  cost = np.full(len(cells), float(n * n))
-  for _ in range(num_buckets - 1):
-    new_cost = np.where(fits, np.minimum(cost[None], cand_area[:, None]), cost[None])
-    total = new_cost @ counts
-    best = int(np.argmin(total))
-    if total[best] >= cost @ counts:
+  # cell_cost[c, i]: padded area of size cell i in candidate c (inf where it does not fit).
+  cell_cost = np.where(fits, (cand[:, 0] * cand[:, 1]).astype(np.float64)[:, None], np.inf)
+
+  def best_addition(chosen: list[int]) -> tuple[int, float]:
+    """The candidate that, added to ``chosen``, gives the least total; and that total."""
+    current = cell_cost[chosen].min(axis=0)
+    totals = np.minimum(cell_cost, current[None]) @ counts
+    best = int(np.argmin(totals))
+    return best, float(totals[best])
+
+  chosen = [len(cand) - 1]  # the (n, n) square: the last candidate
+  total = float(cell_cost[chosen].min(axis=0) @ counts)
+  while len(chosen) < num_buckets:
+    best, new_total = best_addition(chosen)
+    if new_total >= total:
       break
-    chosen.append(tuple(cand[best]))
-    cost = new_cost[best]
-  buckets = np.array(chosen, np.int64) * divisibility
+    chosen, total = chosen + [best], new_total
+  improved = True
+  while improved:
+    improved = False
+    for j in range(1, len(chosen)):
+      best, new_total = best_addition(chosen[:j] + chosen[j + 1:])
+      if new_total < total - 1e-6:
+        chosen[j], total, improved = best, new_total, True
+  buckets = np.unique(cand[chosen], axis=0).astype(np.int64) * divisibility
   return buckets[np.argsort(buckets[:, 0] * buckets[:, 1], kind="stable")]
 
 

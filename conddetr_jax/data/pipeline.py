@@ -62,7 +62,19 @@ def buckets(config: ml_collections.ConfigDict) -> np.ndarray:
     env = np.array([batching.envelope(explicit)], np.int64)
     explicit = np.unique(np.concatenate([explicit, env]), axis=0)
     return explicit[np.argsort(explicit[:, 0] * explicit[:, 1], kind="stable")]
-  sizes = coco.load_split(config, "train").sizes
+  return buckets_for_sizes(coco.load_split(config, "train").sizes, ds)
+
+
+def buckets_for_sizes(sizes: np.ndarray, ds: ml_collections.ConfigDict) -> np.ndarray:
+  """Buckets derived for images of these original sizes: from a sample of their train augmentation
+  outputs and their eval resize (``batching.derive_buckets``).
+
+  Args:
+    sizes: (N, 2) original (h, w) of the train images.
+    ds: ``config.dataset``.
+  Returns:
+    (Nb, 2) int64, sorted by area.
+  """
   rng = np.random.default_rng(0)  # fixed: the buckets must not change with config.seed
   sample = sizes[rng.permutation(len(sizes))[:_BUCKET_SAMPLE_IMAGES]]
   draws = [transforms.train_geometry(rng, sample, ds) for _ in range(_BUCKET_SAMPLE_DRAWS)]
@@ -188,10 +200,10 @@ class _Loader:
     safe = tf.maximum(index, 0)
     start = tf.where(real, self.box_start[safe], 0)
     stop = tf.where(real, self.box_start[safe + 1], 0)
-    image, boxes, labels = transforms.apply_geometry(item["image"], self.boxes[start:stop],
-                                                     self.labels[start:stop], geometry)
+    # Normalised first: resizing is linear, and the original image is usually the smaller one.
+    image, boxes, labels = transforms.apply_geometry(transforms.normalize_image(item["image"]),
+                                                     self.boxes[start:stop], self.labels[start:stop], geometry)
     size = tf.shape(image)[:2]
-    image = transforms.normalize_image(image)
     pad = bucket - size
     image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
     pad_mask = tf.pad(tf.zeros(size, tf.bool), [[0, pad[0]], [0, pad[1]]], constant_values=True)
