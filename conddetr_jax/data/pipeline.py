@@ -14,7 +14,6 @@ running count; with ``strict=True``, or in evaluation, it raises instead.
 """
 
 import itertools
-from typing import Iterator
 
 from absl import logging
 import jax
@@ -169,7 +168,6 @@ class _Loader:
   """TF functions that turn a plan slot into a padded example (constants captured once)."""
 
   def __init__(self, split: coco.Split, max_boxes: int):
-    self.split = split
     self.max_boxes = max_boxes
     self.paths = tf.constant([split.path(i) for i in range(len(split))])
     self.sizes = tf.constant(split.sizes, tf.int32)

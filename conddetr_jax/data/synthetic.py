@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from conddetr_jax.data import files
+
 # id -> (name, base RGB colour). Ids are non-contiguous on purpose (num_classes = 10).
 CATEGORIES = {
     2: ("square", (220, 50, 40)),
@@ -126,13 +128,6 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
   return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _write_split(root: str, split: str, split_code: int, num_images: int, size_range: tuple[int, int],
                  seed: int) -> None:
   image_dir = os.path.join(root, f"{split}2017")
@@ -144,7 +139,7 @@ def _write_split(root: str, split: str, split_code: int, num_images: int, size_r
     file_name = f"{image_id:012d}.jpg"
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=_JPEG_QUALITY)
-    _write_atomic(os.path.join(image_dir, file_name), buf.getvalue())
+    files.write_atomic(os.path.join(image_dir, file_name), buf.getvalue())
     images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0],
                    "width": pixels.shape[1]})
     for obj in objects:
@@ -155,7 +150,7 @@ def _write_split(root: str, split: str, split_code: int, num_images: int, size_r
                 for cid, (name, _) in CATEGORIES.items()]
   content = {"info": {"description": "conddetr_jax synthetic shapes"}, "images": images,
              "annotations": annotations, "categories": categories}
-  _write_atomic(os.path.join(root, "annotations", f"instances_{split}2017.json"),
+  files.write_atomic(os.path.join(root, "annotations", f"instances_{split}2017.json"),
                 json.dumps(content).encode())
 
 
@@ -189,5 +184,5 @@ def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
   _write_split(root, "train", 0, num_train, size_range, seed)
   _write_split(root, "val", 1, num_val, size_range, seed)
-  _write_atomic(marker, json.dumps(params).encode())
+  files.write_atomic(marker, json.dumps(params).encode())
   return True

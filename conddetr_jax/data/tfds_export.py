@@ -18,6 +18,8 @@ from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from conddetr_jax.data import files
+
 # COCO's 80 category ids, in the order of TFDS coco's labels (its categories sorted by id).
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
@@ -37,8 +39,7 @@ def _write_split(builder: tfds.core.DatasetBuilder, split: str, root: str, categ
     file_name = os.path.basename(ex["image/filename"].decode())
     with Image.open(io.BytesIO(ex["image"])) as im:
       w, h = im.size
-    with open(os.path.join(image_dir, file_name), "wb") as f:
-      f.write(ex["image"])
+    files.write_atomic(os.path.join(image_dir, file_name), ex["image"])
     image_id = int(ex["image/id"])
     images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
     obj = ex["objects"]
@@ -52,10 +53,8 @@ def _write_split(builder: tfds.core.DatasetBuilder, split: str, root: str, categ
   categories = [{"id": cid, "name": name} for cid, name in zip(category_ids, names)]
   ann_dir = os.path.join(root, "annotations")
   os.makedirs(ann_dir, exist_ok=True)
-  path = os.path.join(ann_dir, f"instances_{split}2017.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-  os.replace(path + ".tmp", path)
+  content = {"images": images, "annotations": annotations, "categories": categories}
+  files.write_atomic(os.path.join(ann_dir, f"instances_{split}2017.json"), json.dumps(content).encode())
   logging.info("Exported %d images of %s[%s] to %s", len(images), builder.name, split, image_dir)
 
 
@@ -81,5 +80,4 @@ def export(name: str, data_dir: str | None, root: str) -> None:
     category_ids = list(range(num_labels))
   for split in _TFDS_SPLITS:
     _write_split(builder, split, root, category_ids)
-  with open(marker, "w") as f:
-    json.dump({"name": name, "data_dir": data_dir}, f)
+  files.write_atomic(marker, json.dumps({"name": name, "data_dir": data_dir}).encode())
