@@ -62,7 +62,9 @@ def padding_waste(global_batch_size: int) -> None:
     content = (out[:, 0] * out[:, 1]).sum()
     padded = (plan["bucket"].astype(np.float64).prod(1)).sum()  # blank eval slots count as waste
     shapes = np.unique(plan["bucket"], axis=0)
-    pairs = out[: len(out) // 2 * 2].reshape(-1, 2, 2).max(1).prod(1).sum() * 2
+    # The original pads each batch of 2 (per GPU) to its largest image; its batches are random.
+    shuffled = out[np.random.default_rng(1).permutation(len(out))][: len(out) // 2 * 2]
+    pairs = shuffled.reshape(-1, 2, 2).max(1).prod(1).sum() * 2
     print(f"{name:14s} batch {global_batch_size}: waste buckets {1 - content / padded:.3f} "
           f"({len(shapes)} shapes), square {square}x{square} {1 - content / (len(plan['valid']) * square ** 2):.3f}, "
           f"original pad-to-batch-max (batch 2, dynamic shapes) {1 - content / pairs:.3f}")
