@@ -100,8 +100,8 @@ def group_batches(sizes: np.ndarray, buckets: np.ndarray, batch_size: int
   """Groups items, taken in the given order, into batches whose items share one bucket.
 
   Each item goes to the queue of its own bucket; a full queue becomes a batch. What is left in the
-  queues at the end is chunked in order, each chunk padded to the smallest bucket that holds all
-  its items (the envelope bucket always does); only the last chunk may be short.
+  queues at the end is chunked, bucket after bucket, each chunk padded to the smallest bucket that
+  holds all its items (the envelope bucket always does); only the last chunk may be short.
 
   Args:
     sizes: (N, 2) output (h, w) of the items, in the wanted order.
@@ -123,7 +123,8 @@ def group_batches(sizes: np.ndarray, buckets: np.ndarray, batch_size: int
       batches.append(np.array(queues[b], np.int64))
       batch_buckets.append(b)
       queues[b] = []
-  rest = np.array(sorted(p for q in queues for p in q), np.int64)
+  # Leftovers ordered by bucket (then position), so that each merged chunk needs a small bucket.
+  rest = np.array([p for q in queues for p in q], np.int64)
   for start in range(0, len(rest), batch_size):
     chunk = rest[start:start + batch_size]
     hw = sizes[chunk].max(axis=0)
