@@ -184,6 +184,8 @@ def original_key(collection: str, path: tuple[str, ...]) -> str:
   e.g. ('params', ('encoder', 'layers_0', 'ffn', 'linear1', 'kernel')) ->
   'transformer.encoder.layers.0.linear1.weight'.
   """
+  if path == ("query_embed",):
+    return "query_embed.weight"
   parts = []
   for i, name in enumerate(path):
     if i == 0 and name == "backbone":
@@ -206,8 +208,6 @@ def original_key(collection: str, path: tuple[str, ...]) -> str:
   if parts[-1] == "in_proj":  # packed nn.MultiheadAttention projection
     parts[-1] = "in_proj_weight" if leaf == "kernel" else "in_proj_bias"
     return ".".join(parts)
-  if parts == ["query_embed"]:
-    return "query_embed.weight"
   leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
   return ".".join(parts + [leaf])
 
