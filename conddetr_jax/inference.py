@@ -105,6 +105,23 @@ def resolve_orbax_checkpoint(path: str) -> str:
       f"or a PyTorch/HF file ({', '.join(TORCH_SUFFIXES)})")
 
 
+def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the tensors that differ between a checkpoint and the model."""
+  have = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
+      {c: saved.get(c, {}) for c in _VARIABLE_COLLECTIONS}, sep="/").items()}
+  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(target, sep="/").items()}
+  problems = [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(want.keys() & have.keys())
+              if have[k] != want[k]]
+  problems += [f"{k}: not in the checkpoint" for k in sorted(want.keys() - have.keys())]
+  problems += [f"{k}: not in the model" for k in sorted(have.keys() - want.keys())]
+  if problems:
+    m = config.model
+    raise ValueError(
+        f"the checkpoint {tree} does not fit the model of this config (backbone {m.backbone}, hidden_dim "
+        f"{m.hidden_dim}, {m.enc_layers}+{m.dec_layers} layers, num_queries {m.num_queries}, num_classes "
+        f"{m.num_classes}); {len(problems)} tensors differ:\n  " + "\n  ".join(problems[:10]))
+
+
 def load_variables(config: ml_collections.ConfigDict, path: str,
                    sharding: jax.sharding.Sharding | None = None) -> tuple[Any, int | None]:
   """The model's ``{'params', 'batch_stats'}`` from a checkpoint (see the module docstring).
@@ -135,14 +152,9 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
                         {k: abstract[k] for k in _VARIABLE_COLLECTIONS})
   restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                    partial_restore=True)
-  try:
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      variables = checkpointer.restore(tree, args=restore)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"the checkpoint {tree} does not fit the model of this config (backbone "
-                     f"{config.model.backbone}, hidden_dim {config.model.hidden_dim}, "
-                     f"num_queries {config.model.num_queries}, num_classes {config.model.num_classes}, "
-                     f"{config.model.enc_layers}+{config.model.dec_layers} layers): {e}") from e
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    _check_fits(checkpointer.metadata(tree).item_metadata.tree, target, tree, config)
+    variables = checkpointer.restore(tree, args=restore)
   logging.info("Restored the model's variables from %s", tree)
   p = epath.Path(tree)
   return variables, int(p.parent.name) if p.name == _TRAIN_STATE_ITEM and p.parent.name.isdigit() else None

@@ -1,0 +1,163 @@
+"""eval.py and predict.py as a user runs them: outputs on disk, and clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from configs import test_tiny
+from conddetr_jax import data
+from conddetr_jax import evaluation
+from conddetr_jax import inference
+from conddetr_jax import models
+from conddetr_jax.training import checkpoint
+from conddetr_jax.training import optimizer
+from conddetr_jax.training import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 5
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tiny synthetic dataset, and a training workdir whose latest checkpoint is step 5."""
+  root = str(tmp_path_factory.mktemp("synthetic"))
+  config = test_tiny.get_config()
+  config.dataset.update(root=root, synthetic_num_val=6)
+  data.prepare_dataset(config)
+  model = models.build_model(config)
+  variables = state_lib.init_variables(model, jax.random.PRNGKey(3))
+  tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 10))
+  state = state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
+  workdir = tmp_path_factory.mktemp("run")
+  checkpointer = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=2, asynchronous=False)
+  for step in (2, STEP):
+    checkpointer.save(step, state.replace(step=np.int32(step)), {"step": step})
+  checkpointer.close()
+  flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root}", "--config.dataset.synthetic_num_val=6"]
+  return config, model, variables, str(workdir), flags
+
+
+def test_eval_cli_prints_the_table_and_writes_detections_and_metrics(setup, tmp_path):
+  config, _, _, workdir, flags = setup
+  out = tmp_path / "eval"
+  proc = run("eval.py", *flags, f"--checkpoint={workdir}", f"--workdir={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("Average Precision") == 6 and proc.stdout.count("Average Recall") == 6
+  with open(out / "detections.json") as f:
+    detections = json.load(f)
+  assert len(detections) == 6 * evaluation.top_k(config)
+  with open(out / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 1 and records[0]["step"] == STEP and records[0]["split"] == "val"
+  assert records[0]["checkpoint"] == workdir
+  assert all(-1.0 <= records[0][k] <= 1.0 for k in evaluation.METRIC_NAMES)
+
+
+def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
+  _, _, _, workdir, flags = setup
+  photo = tmp_path / "photo.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110, 4), np.uint8), "RGBA").save(photo)
+  val_image = os.path.join(setup[0].dataset.root, "val2017", "000000000001.jpg")
+  out = tmp_path / "out"
+  proc = run("predict.py", *flags, f"--checkpoint={workdir}/checkpoints/{STEP}", f"--out={out}",
+             "--threshold=0.0", str(photo), val_image)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "detections.json") as f:
+    records = json.load(f)
+  assert [os.path.basename(r["file"]) for r in records] == ["photo.png", "000000000001.jpg"]
+  assert (records[0]["height"], records[0]["width"]) == (70, 110)
+  for record in records:
+    with Image.open(record["png"]) as png:
+      assert png.format == "PNG" and png.size == (record["width"], record["height"])
+    scores = [d["score"] for d in record["detections"]]
+    assert len(scores) == 100 and scores == sorted(scores, reverse=True)
+    assert {d["name"] for d in record["detections"]} <= {"square", "disc", "triangle", "cross"} | {
+        f"class {i}" for i in range(10)}
+
+
+def test_missing_checkpoint_is_named(setup, tmp_path):
+  _, _, _, _, flags = setup
+  proc = run("eval.py", *flags, f"--checkpoint={tmp_path}/nope", f"--workdir={tmp_path}/out")
+  assert proc.returncode != 0 and f"checkpoint not found: {tmp_path}/nope" in proc.stderr
+
+
+def test_unknown_config_field_is_named(setup, tmp_path):
+  _, _, _, workdir, flags = setup
+  proc = run("eval.py", *flags, "--config.model.hiden_dim=64", f"--checkpoint={workdir}", f"--workdir={tmp_path}")
+  assert proc.returncode != 0 and "hiden_dim" in proc.stderr
+
+
+def test_dataset_root_without_annotations_is_named(setup, tmp_path):
+  _, _, _, workdir, flags = setup
+  proc = run("eval.py", *flags, "--config.dataset.source=coco", f"--config.dataset.root={tmp_path}",
+             f"--checkpoint={workdir}", f"--workdir={tmp_path}/out")
+  assert proc.returncode != 0
+  assert f"Annotation file not found: {tmp_path}/annotations/instances_" in proc.stderr
+
+
+def test_missing_val_image_is_named(setup, tmp_path):
+  config, _, _, workdir, _ = setup
+  root = tmp_path / "broken"
+  shutil.copytree(config.dataset.root, root)
+  os.remove(root / "val2017" / "000000000004.jpg")
+  proc = run("eval.py", "--config=configs/test_tiny.py", f"--config.dataset.root={root}",
+             "--config.dataset.synthetic_num_val=6", f"--checkpoint={workdir}", f"--workdir={tmp_path}/out")
+  assert proc.returncode != 0 and "000000000004.jpg" in proc.stderr
+
+
+def test_unreadable_image_is_named(setup, tmp_path):
+  _, _, _, workdir, flags = setup
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not an image")
+  proc = run("predict.py", *flags, f"--checkpoint={workdir}", f"--out={tmp_path}/out", str(bad))
+  assert proc.returncode != 0 and f"cannot read image {bad}" in proc.stderr
+
+
+# ------------------------------------------------------------------ checkpoint paths (in-process)
+
+def test_checkpoint_paths_resolve_to_the_variables_tree(setup, tmp_path):
+  config, _, variables, workdir, _ = setup
+  latest = os.path.join(workdir, "checkpoints", str(STEP), "state")
+  assert inference.resolve_orbax_checkpoint(workdir) == latest
+  assert inference.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints")) == latest
+  assert inference.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints", "2")).endswith("/2/state")
+  # An Orbax tree of just the variables (what the converter writes).
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "converted"), variables)
+  assert inference.resolve_orbax_checkpoint(str(tmp_path / "converted")) == str(tmp_path / "converted")
+  restored, step = inference.load_variables(config, str(tmp_path / "converted"))
+  assert step is None
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    inference.resolve_orbax_checkpoint(str(tmp_path))
+
+
+def test_a_training_checkpoint_restores_the_saved_variables(setup):
+  config, _, variables, workdir, _ = setup
+  restored, step = inference.load_variables(config, workdir)
+  assert step == STEP
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(setup):
+  config, _, _, workdir, _ = setup
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.num_classes = 91
+  with pytest.raises(ValueError, match=r"does not fit(.|\n)*params/class_embed/kernel: checkpoint \(32, 10\), "
+                                       r"model \(32, 91\)"):
+    inference.load_variables(other, workdir)

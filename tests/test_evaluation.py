@@ -1,0 +1,257 @@
+"""Evaluation: COCO numbers as pycocotools computes them, every image once, boxes in original pixels."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from configs import test_tiny
+from conddetr_jax import data
+from conddetr_jax import evaluation
+from conddetr_jax import models
+from conddetr_jax import visualize
+from conddetr_jax.data import transforms
+from conddetr_jax.training import parallel
+from conddetr_jax.training import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(root: str) -> ml_collections.ConfigDict:
+  """The tiny model on 7 synthetic val images (64-96 px, resized to fit the one 64x64 bucket), in
+  batches of 3: the last batch holds one image and two blanks."""
+  config = test_tiny.get_config()
+  config.dataset.update(root=root, synthetic_num_val=7)
+  config.eval_per_device_batch_size = 3
+  return config
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> ml_collections.ConfigDict:
+  config = tiny_config(str(tmp_path_factory.mktemp("synthetic")))
+  data.prepare_dataset(config)
+  return config
+
+
+@pytest.fixture(scope="module")
+def model_and_variables(config):
+  model = models.build_model(config)
+  return model, state_lib.init_variables(model, jax.random.PRNGKey(0))
+
+
+def gt_images(config) -> dict[int, dict]:
+  with open(data.annotation_path(config, "val")) as f:
+    return {im["id"]: im for im in json.load(f)["images"]}
+
+
+def coco_eval_stats(ann_path: str, results) -> np.ndarray:
+  """pycocotools run directly, as its own documentation shows."""
+  gt = COCO(ann_path)
+  coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")
+  coco_eval.evaluate()
+  coco_eval.accumulate()
+  coco_eval.summarize()
+  return np.array(coco_eval.stats)
+
+
+# ------------------------------------------------------------------------------------- COCO glue
+
+def test_coco_results_are_xywh_with_one_entry_per_detection():
+  boxes = np.array([[[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]],
+                    [[1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 7.5, 9.0]]])
+  results = evaluation.to_coco_results(np.array([5, 9]), np.array([[0.9, 0.1], [0.8, 0.7]]),
+                                       np.array([[3, 4], [5, 6]]), boxes)
+  assert results == [
+      {"image_id": 5, "category_id": 3, "bbox": [10.0, 20.0, 30.0, 40.0], "score": pytest.approx(0.9)},
+      {"image_id": 5, "category_id": 4, "bbox": [0.0, 0.0, 5.0, 5.0], "score": pytest.approx(0.1)},
+      {"image_id": 9, "category_id": 5, "bbox": [1.0, 2.0, 2.0, 2.0], "score": pytest.approx(0.8)},
+      {"image_id": 9, "category_id": 6, "bbox": [7.0, 7.0, 0.5, 2.0], "score": pytest.approx(0.7)},
+  ]
+  assert all(type(r["image_id"]) is int and type(r["score"]) is float for r in results)
+
+
+def test_metric_names_follow_cocoeval_stats_order_on_nontrivial_detections(config):
+  """Jittered ground truth plus false positives: 12 distinct, non-trivial numbers."""
+  ann_path = data.annotation_path(config, "val")
+  with open(ann_path) as f:
+    content = json.load(f)
+  rng = np.random.default_rng(0)
+  results = []
+  for ann in content["annotations"]:
+    x, y, w, h = ann["bbox"]
+    jitter = rng.normal(0, 0.08, 4) * [w, h, w, h]
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                    "score": float(rng.uniform(0.3, 1.0))})
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": [x + w / 2, y + h / 2, w, h], "score": float(rng.uniform(0.0, 0.6))})
+  expected = coco_eval_stats(ann_path, [dict(r) for r in results])
+  metrics, summary = evaluation.coco_metrics(ann_path, results, list(gt_images(config)))
+  assert [metrics[name] for name in evaluation.METRIC_NAMES] == expected.tolist()
+  assert 0.2 < metrics["AP"] < metrics["AP50"] < 1.0
+  assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
+
+
+def test_coco_metrics_refuse_a_different_image_set(config):
+  ids = list(gt_images(config))
+  results = [{"image_id": ids[0], "category_id": 2, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.5}]
+  with pytest.raises(ValueError, match="1 not evaluated"):
+    evaluation.coco_metrics(data.annotation_path(config, "val"), results, ids[1:])
+
+
+# ------------------------------------------------------------------------------ the whole evaluator
+
+def test_evaluator_equals_pycocotools_on_its_detections_file(config, model_and_variables, tmp_path):
+  model, variables = model_and_variables
+  path = str(tmp_path / "detections.json")
+  result = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(), detections_path=path)
+  with open(path) as f:
+    results = json.load(f)
+  expected = coco_eval_stats(data.annotation_path(config, "val"), results)
+  assert [result.metrics[name] for name in evaluation.METRIC_NAMES] == expected.tolist()
+  assert result.num_images == 7 and "Average Precision" in result.summary
+  # top_k = min(100, queries x classes) detections for every image, and no other image.
+  k = evaluation.top_k(config)
+  ids = [r["image_id"] for r in results]
+  assert k == 100 and len(results) == 7 * k and sorted(set(ids)) == sorted(gt_images(config))
+  assert all(ids.count(i) == k for i in set(ids))
+
+
+def test_every_image_once_and_outputs_independent_of_batch_size(config, model_and_variables):
+  """7 images in batches of 1 and of 3 (the last batch part blank): the same detections.
+
+  Each image is padded to its size bucket whatever its batch mates (one bucket here; see the
+  README for images that share a leftover batch with images of another bucket).
+  """
+  model, variables = model_and_variables
+  mesh = parallel.make_mesh()
+  one, three = (evaluation.gather_detections(_with_batch_size(config, b), model, variables, mesh) for b in (1, 3))
+  for dets in (one, three):
+    assert dets["image_id"].tolist() == sorted(gt_images(config))
+    assert dets["scores"].shape == (7, 100) and dets["boxes"].shape == (7, 100, 4)
+  np.testing.assert_allclose(three["scores"], one["scores"], atol=1e-5)
+  np.testing.assert_allclose(three["boxes"], one["boxes"], atol=1e-4)
+  np.testing.assert_array_equal(three["labels"], one["labels"])
+
+
+def _with_batch_size(config, batch_size: int) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  config.eval_per_device_batch_size = batch_size
+  return config
+
+
+class _FixedBoxes(nn.Module):
+  """Stands in for the detector: every query predicts the left half of the unpadded image, with
+  class 2 most likely, whatever the input."""
+  num_queries: int = 10
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, images, pad_mask, train=False):
+    del pad_mask, train
+    batch = images.shape[0]
+    logits = jnp.where(jnp.arange(self.num_classes) == 2, 4.0, -4.0)
+    logits = jnp.broadcast_to(logits, (batch, self.num_queries, self.num_classes))
+    boxes = jnp.broadcast_to(jnp.array([0.25, 0.5, 0.5, 1.0]), (batch, self.num_queries, 4))
+    return {"pred_logits": logits, "pred_boxes": boxes}
+
+
+def test_boxes_are_in_original_image_pixels(config):
+  """The model's normalised box of the resized image maps onto the original image's pixels."""
+  dets = evaluation.gather_detections(config, _FixedBoxes(), {}, parallel.make_mesh())
+  images = gt_images(config)
+  assert dets["image_id"].tolist() == sorted(images)
+  for image_id, boxes, labels in zip(dets["image_id"], dets["boxes"], dets["labels"]):
+    h, w = images[int(image_id)]["height"], images[int(image_id)]["width"]
+    assert (labels[:10] == 2).all()
+    np.testing.assert_allclose(boxes, np.tile([0.0, 0.0, w / 2, h], (len(boxes), 1)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ drawing
+
+def test_prediction_images_are_written_for_the_first_val_images(config, model_and_variables, tmp_path):
+  model, variables = model_and_variables
+  config = config.copy_and_resolve_references()
+  config.evaluation.score_threshold = 0.0  # random weights score low: draw everything
+  paths = evaluation.write_prediction_images(config, model, variables, str(tmp_path), 4)
+  assert [os.path.basename(p) for p in paths] == ["1.png", "2.png", "3.png", "4.png"]
+  images = gt_images(config)
+  for path in paths:
+    image = images[int(os.path.basename(path)[:-4])]
+    h, w = (int(v[0]) for v in transforms.resized_size(np.array([image["height"]]), np.array([image["width"]]),
+                                                       config.dataset.eval_size, config.dataset.eval_max_size))
+    scale = 512 // max(h, w)  # drawn on the resized image, enlarged to about 512 px
+    with Image.open(path) as png:
+      assert png.format == "PNG" and png.size == (w * scale, h * scale)
+
+
+def test_draw_detections_draws_only_boxes_above_the_threshold():
+  image = np.zeros((80, 100, 3), np.uint8)
+  boxes = np.array([[10.0, 50.0, 30.0, 70.0], [60.0, 5.0, 90.0, 20.0]])
+  scores, labels = np.array([0.9, 0.2]), np.array([2, 5])
+  drawn = np.asarray(visualize.draw_detections(image, boxes, scores, labels, {2: "square"}, threshold=0.5))
+  assert drawn.shape == (80, 100, 3)
+  assert drawn[60, 10].any() and drawn[70, 20].any()        # the kept box's left and bottom edges
+  assert drawn[40:49, 12:40].any()                           # its caption, above it
+  assert not drawn[:30, 55:].any()                           # the low-scoring box is absent
+  scaled = np.asarray(visualize.draw_detections(image, boxes, scores, labels, {}, scale=3))
+  assert scaled.shape == (240, 300, 3) and scaled[180, 30].any() and not scaled[180, 33].any()
+
+
+# ---------------------------------------------------------------------------- several processes
+
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize("127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from conddetr_jax import evaluation, models
+    from conddetr_jax.training import parallel, state as state_lib
+    from tests import test_evaluation
+    config = test_evaluation.tiny_config(sys.argv[3])
+    model = models.build_model(config)
+    variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+    result = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(),
+                                       detections_path=sys.argv[4])
+    print("METRICS" + json.dumps([jax.device_count(), result.num_images, result.metrics]))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_give_the_single_device_numbers(config, model_and_variables, tmp_path):
+  model, variables = model_and_variables
+  single = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(),
+                                     detections_path=str(tmp_path / "single.json"))
+  port = str(20000 + os.getpid() % 20000)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO)
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.root,
+                             str(tmp_path / f"multi{i}.json")], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  reports = [json.loads(line[len("METRICS"):]) for out, _ in outputs
+             for line in out.splitlines() if line.startswith("METRICS")]
+  assert len(reports) == 2
+  for device_count, num_images, metrics in reports:
+    assert device_count == 4 and num_images == 7  # global batch 12 > 7 images: 5 blank examples
+    assert metrics.keys() == single.metrics.keys()
+    np.testing.assert_allclose([metrics[k] for k in evaluation.METRIC_NAMES],
+                               [single.metrics[k] for k in evaluation.METRIC_NAMES], atol=1e-6)
+  assert (tmp_path / "multi0.json").exists() and not (tmp_path / "multi1.json").exists()
+  with open(tmp_path / "multi0.json") as f, open(tmp_path / "single.json") as g:
+    multi, ref = json.load(f), json.load(g)
+  assert [(r["image_id"], r["category_id"]) for r in multi] == [(r["image_id"], r["category_id"]) for r in ref]
+  np.testing.assert_allclose([r["bbox"] for r in multi], [r["bbox"] for r in ref], atol=1e-3)
