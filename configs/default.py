@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0   # 0 = at the end of every epoch; < 0 = only at the end
   config.keep_checkpoints = 3
   config.skip_nonfinite = False
+  config.rng_impl = "rbg"       # dropout PRNG: rbg (XLA's generator: fast to compile and run) | threefry2x32
 
   # Evaluation and drawn predictions (evaluation.py, eval.py, predict.py).
   config.evaluation = ml_collections.ConfigDict(dict(

@@ -24,6 +24,8 @@ from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
 CHECKPOINT_DIR = "checkpoints"
+PREDICTIONS_DIR = "predictions"
+RNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
 
 
 @dataclasses.dataclass
@@ -64,13 +66,15 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   """Fails fast, before any data is read or anything compiles, naming the offending field.
 
   Raises:
-    ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode, a batch that does not
-      split over the devices, or a non-positive run length or interval.
+    ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode or ``rng_impl``, a
+      batch that does not split over the devices, or a non-positive run length or interval.
   """
   models.build_model(config)  # checks config.model.*
   if config.parallel not in parallel.PARALLEL_MODES:
     raise ValueError(f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}")
   global_batch_size(config, device_count)
+  if config.rng_impl not in RNG_IMPLS:
+    raise ValueError(f"config.rng_impl={config.rng_impl!r}: expected one of {RNG_IMPLS}")
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise ValueError(f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps}: "
                      "one of them must be > 0")
@@ -150,7 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   validate_config(config, jax.device_count())
   batch_size = global_batch_size(config, jax.device_count())
-  data.prepare_dataset(config)
+  try:
+    data.prepare_dataset(config)
+  except FileNotFoundError as e:
+    ds = config.dataset
+    raise FileNotFoundError(f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}") from e
   dataset_classes = data.num_classes(config)
   if dataset_classes > config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
@@ -161,11 +169,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                jax.device_count(), jax.process_count(), steps_per_epoch, total_steps)
 
   model = models.build_model(config)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng = jax.random.PRNGKey(config.seed)
   abstract_variables = jax.eval_shape(functools.partial(state_lib.init_variables, model), init_rng)
   schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
   tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
-  create = functools.partial(state_lib.create_train_state, tx=tx, rng=train_rng)
+  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))
   mesh = parallel.make_mesh()
   replicated = parallel.replicated(mesh)
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
@@ -231,7 +239,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         train_scalars = _mean_metrics(window)
-        check_finite()
         elapsed = time.time() - window_start
         train_scalars.update(epoch=round(step / steps_per_epoch, 4),
                              images_per_s=batch_size * len(window) / elapsed,
@@ -239,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.write(step, train_scalars)
         metrics.log_progress(step, total_steps, train_scalars, (total_steps - step) * elapsed / len(window))
         window, window_start = [], time.time()
+        check_finite()
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         save(step)
       if preempted:
@@ -250,6 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
       save(total_steps)
       eval_scalars = evaluate(total_steps)
+      if config.evaluation.prediction_images > 0:
+        evaluation.write_prediction_images(config, model, par.host_state(state).variables,
+                                           os.path.join(workdir, PREDICTIONS_DIR),
+                                           config.evaluation.prediction_images)
   finally:
     preemption.close()
     checkpointer.close()

@@ -51,7 +51,7 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
     (before clipping) and
     ``finite`` (whether the update was applied).
   """
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=config.rng_impl), state.step)
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
@@ -66,7 +66,7 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
     # Each device's loss is its share of the global one (the box count is global), so the mean
     # gradient over devices is the global batch's gradient, as with DDP in the original.
     grads, terms = jax.lax.pmean((grads, terms), axis_name)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

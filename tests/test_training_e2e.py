@@ -1,0 +1,250 @@
+"""train.py end to end on the synthetic dataset: outputs, exact resume after SIGTERM and SIGKILL,
+non-finite losses, two processes, and config errors.
+
+Every run uses the same tiny config and shares one JAX compilation cache, so only the first run
+of each program compiles. Step losses are compared bit for bit: on CPU a run is deterministic.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import test_tiny
+from conddetr_jax.training import checkpoint, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 10
+# Poisons the images of one step, then runs train.py's main (argv as for train.py).
+POISON = """
+import sys
+import numpy as np
+from absl import app
+from conddetr_jax import data
+import train
+
+step_to_poison = int(sys.argv.pop(1))
+clean_iterator = data.train_iterator
+
+def poisoned_iterator(config, *, global_batch_size, start_step=0, **kwargs):
+  batches = clean_iterator(config, global_batch_size=global_batch_size, start_step=start_step, **kwargs)
+  for step, batch in enumerate(batches, start_step + 1):
+    if step == step_to_poison:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    yield batch
+
+data.train_iterator = poisoned_iterator
+app.run(train.main)
+"""
+
+
+class Runs:
+  """Starts train.py runs of the tiny config that share a dataset and a compilation cache."""
+
+  def __init__(self, root):
+    self.root = root
+    self.env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
+                    JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root / 'synthetic'}",
+                  "--config.global_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
+                  "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
+
+  def start(self, workdir, *extra, poison_step=None, env=None) -> subprocess.Popen:
+    head = [sys.executable, "-c", POISON, str(poison_step)] if poison_step else [sys.executable, "train.py"]
+    return subprocess.Popen(head + self.flags + [f"--workdir={workdir}", *extra], cwd=REPO,
+                            env=dict(self.env, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+  def run(self, workdir, *extra, poison_step=None) -> subprocess.CompletedProcess:
+    proc = self.start(workdir, *extra, poison_step=poison_step)
+    out, _ = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def _records(workdir) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def _train_records(workdir) -> list[dict]:
+  return [r for r in _records(workdir) if "loss" in r]
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir, step: int, after: int = 0) -> None:
+  """Waits until metrics.jsonl has a training record of ``step`` or later among records ``after:``."""
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if any(r["step"] >= step for r in _train_records(workdir)[after:]):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} within 600 s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return Runs(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+  """The uninterrupted run: its workdir, output and step -> loss."""
+  workdir = runs.root / "reference"
+  result = runs.run(workdir)
+  assert result.returncode == 0, result.stdout
+  losses = {r["step"]: r["loss"] for r in _train_records(workdir)}
+  return workdir, result.stdout, losses
+
+
+@pytest.mark.slow
+def test_train_py_writes_metrics_tensorboard_checkpoints_and_evaluates_at_the_end(reference):
+  workdir, output, losses = reference
+  records = _records(workdir)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == list(range(1, TOTAL_STEPS + 1))
+  keys = {"step", "epoch", "loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "lr", "grad_norm", "images_per_s"}
+  assert all(keys <= set(r) for r in train)
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)
+  assert train[-1]["epoch"] == TOTAL_STEPS / 8  # 32 train images / global batch 4
+  # lr_drop_epoch=1: the rate drops x0.1 after the first epoch's 8 updates.
+  assert [r["lr"] for r in train] == pytest.approx([1e-4] * 8 + [1e-5] * 2)
+  evals = [r for r in records if "AP" in r]
+  assert len(evals) == 1 and evals[0]["step"] == TOTAL_STEPS and {"AP50", "AR100"} <= set(evals[0])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "3", "6", "9"]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+  assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in output and "img/s" in output and "ETA" in output
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_and_restarts_reproduce_the_uninterrupted_losses(runs, reference, tmp_path):
+  _, _, expected = reference
+  workdir = tmp_path / "run"
+
+  # SIGTERM (preemption): saves the current step, exits with 128 + 15.
+  proc = runs.start(workdir)
+  _wait_for_step(proc, workdir, 2)
+  proc.send_signal(signal.SIGSTOP)  # freeze it so the signal lands mid-run, however fast it is
+  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGCONT)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  preempted_at = _train_records(workdir)[-1]["step"]
+  assert 2 <= preempted_at < TOTAL_STEPS
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step() == preempted_at
+
+  # Restart; SIGKILL two steps later (no chance to save anything).
+  seen = len(_train_records(workdir))
+  proc = runs.start(workdir)
+  _wait_for_step(proc, workdir, preempted_at + 2, after=seen)
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert _train_records(workdir)[seen]["step"] == preempted_at + 1  # resumed where it stopped
+
+  # Restart again: resumes from the latest complete checkpoint and finishes.
+  seen = len(_train_records(workdir))
+  result = runs.run(workdir)
+  assert result.returncode == 0, result.stdout
+  resumed_from = _train_records(workdir)[seen]["step"] - 1
+  assert resumed_from in (preempted_at, 3, 6, 9) and resumed_from >= preempted_at
+
+  records = _train_records(workdir)
+  assert {r["step"] for r in records} == set(range(1, TOTAL_STEPS + 1))
+  for r in records:  # steps run twice (after the SIGKILL) give the same loss both times
+    assert r["loss"] == expected[r["step"]], r["step"]
+  evals = [r for r in _records(workdir) if "AP" in r]
+  reference_eval = [r for r in _records(reference[0]) if "AP" in r]
+  assert evals == reference_eval
+
+
+def _restore_raw(directory, step):
+  """A checkpoint's state as nested dicts of numpy arrays (no target structure needed)."""
+  with ocp.CheckpointManager(directory, item_names=("state",)) as manager:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(runs, reference, tmp_path):
+  workdir = tmp_path / "stop"
+  result = runs.run(workdir, poison_step=5)
+  assert result.returncode != 0
+  assert "Non-finite loss or gradient at step 5" in result.stdout
+  assert [r["step"] for r in _train_records(workdir)][-1] == 5
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step() == 3
+  good, ref = _restore_raw(workdir / "checkpoints", 3), _restore_raw(reference[0] / "checkpoints", 3)
+  jax.tree.map(np.testing.assert_array_equal, good["params"], ref["params"])
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_skips_and_counts_the_bad_update(runs, reference, tmp_path):
+  _, _, expected = reference
+  workdir = tmp_path / "skip"
+  result = runs.run(workdir, "--config.skip_nonfinite=True", poison_step=5)
+  assert result.returncode == 0, result.stdout
+  records = {r["step"]: r for r in _train_records(workdir)}
+  assert sorted(records) == list(range(1, TOTAL_STEPS + 1))
+  assert [records[s]["loss"] for s in range(1, 5)] == [expected[s] for s in range(1, 5)]
+  assert not np.isfinite(records[5]["loss"])
+  assert [records[s]["skipped_updates"] for s in (4, 5, TOTAL_STEPS)] == [0, 1, 1]
+  assert np.isfinite(records[TOTAL_STEPS]["loss"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(runs, reference, tmp_path):
+  _, _, expected = reference
+  workdir = tmp_path / "multihost"
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [runs.start(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+                      "--config.total_steps=3")
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0] + outputs[1]
+  records = _records(workdir)  # process 0 alone writes: one record per step, one evaluation
+  assert [r["step"] for r in records] == [1, 2, 3, 3] and "AP" in records[-1]
+  np.testing.assert_allclose([r["loss"] for r in records[:3]], [expected[s] for s in (1, 2, 3)], rtol=1e-5)
+  assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step() == 3
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("model.backbone", "resnet7", ValueError, "config.model.backbone='resnet7'"),
+    ("parallel", "pjit", ValueError, "config.parallel='pjit'"),
+    ("per_device_batch_size", 0, ValueError, "config.per_device_batch_size=0"),
+    ("dataset.root", "/nonexistent", FileNotFoundError, "config.dataset (source='coco', root='/nonexistent')"),
+])
+def test_config_errors_fail_before_anything_compiles_naming_the_field(tmp_path, field, value, error, message):
+  config = test_tiny.get_config()
+  config.dataset.source = "coco"
+  config.dataset.root = str(tmp_path / "missing")
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(error) as info:
+    loop.train_and_evaluate(config, str(tmp_path / "workdir"))
+  assert message in str(info.value)
+  assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
+
+
+def test_global_batch_must_split_over_the_devices():
+  config = test_tiny.get_config()
+  config.global_batch_size = 12
+  with pytest.raises(ValueError, match=r"config.global_batch_size=12 is not divisible by the number of devices \(8\)"):
+    loop.validate_config(config, device_count=8)
+  loop.validate_config(config, device_count=4)
