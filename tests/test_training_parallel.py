@@ -1,0 +1,78 @@
+"""One step on 8 CPU devices, jit-sharded and pmap, equals the same global batch on one device.
+
+The device count must be set before JAX starts, so the steps run in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = """
+import sys
+import jax
+import numpy as np
+from configs import test_tiny
+from conddetr_jax import models
+from conddetr_jax.training import optimizer, parallel, step as step_lib, state as state_lib
+
+assert jax.device_count() == 8
+config = test_tiny.get_config()
+config.model.dropout = 0.0  # dropout masks depend on how the batch is split; the rest must not
+model = models.build_model(config)
+variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 100))
+# On the host: the steps donate their device copies.
+initial = jax.device_get(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))
+step_fn = lambda state, batch, axis_name=None: step_lib.train_step(state, batch, model=model, tx=tx, config=config,
+                                                                   axis_name=axis_name)
+
+rng = np.random.default_rng(0)
+boxes = np.concatenate([rng.uniform(0.3, 0.7, (8, 8, 2)), rng.uniform(0.1, 0.3, (8, 8, 2))], -1)
+pad_mask = np.zeros((8, 64, 64), bool)
+pad_mask[::2, 40:] = True
+box_valid = np.arange(8)[None, :] < np.arange(1, 9)[:, None] % 4  # 1, 2, 3, 0, 1, ... boxes per image
+batch = {"image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32), "pad_mask": pad_mask,
+         "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (8, 8)).astype(np.int32),
+         "box_valid": box_valid}
+
+out = {}
+for name, cls, devices in (("one", parallel.JitParallel, jax.devices()[:1]),
+                           ("jit", parallel.JitParallel, jax.devices()),
+                           ("pmap", parallel.PmapParallel, jax.devices())):
+  par = cls(step_fn, parallel.make_mesh(devices))
+  device_batch = jax.device_put(par.host_batch(batch), par.batch_sharding)
+  state, metrics = par.step(par.device_state(initial), device_batch)
+  out[name + "_devices"] = len(device_batch["image"].sharding.device_set)
+  out[name + "_loss"] = jax.device_get(par.local(metrics))["loss"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(par.host_state(state).params)):
+    out[name + jax.tree_util.keystr(path)] = leaf
+for path, leaf in jax.tree_util.tree_leaves_with_path(initial.params):
+  out["initial" + jax.tree_util.keystr(path)] = leaf
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-5000:]
+  out = dict(np.load(tmp_path / "out.npz"))
+
+  assert [int(out[f"{n}_devices"]) for n in ("one", "jit", "pmap")] == [1, 8, 8]
+  np.testing.assert_allclose(out["jit_loss"], out["one_loss"], rtol=1e-5)
+  np.testing.assert_allclose(out["pmap_loss"], out["one_loss"], rtol=1e-5)
+  param_keys = [k[len("one"):] for k in out if k.startswith("one[")]
+  assert param_keys
+  moved = 0
+  for key in param_keys:
+    for name in ("jit", "pmap"):
+      np.testing.assert_allclose(out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key)
+    moved += not np.array_equal(out["one" + key], out["initial" + key])
+  assert moved > len(param_keys) // 2  # the step did update the parameters being compared
