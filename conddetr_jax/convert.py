@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 from typing import Any, Mapping
 
 import flax
@@ -50,8 +51,8 @@ def _torch_load(path: str) -> Any:
   except ImportError as e:
     raise ImportError(f"reading {path} needs PyTorch (pip install torch, the CPU build is enough); "
                       ".safetensors files load without it") from e
-  import argparse as _argparse  # the original saves its argparse.Namespace next to the weights
-  with torch.serialization.safe_globals([_argparse.Namespace]):
+  # The original saves its argparse.Namespace next to the weights; allow just that class.
+  with torch.serialization.safe_globals([argparse.Namespace]):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -308,3 +309,40 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
       if layout == "torchvision" else ()
   skip = bool(config.get("init", {}).get("skip_class_head", False))
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing)
+
+
+def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:
+  """Writes ``{'params', 'batch_stats'}`` as an Orbax checkpoint that eval.py, predict.py and
+  ``config.init_from`` restore. Refuses to overwrite an existing folder."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} exists; choose a new --out folder")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(path, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+  return path
+
+
+def main(argv: list[str]) -> None:
+  """CLI: convert a PyTorch/HF checkpoint into an Orbax checkpoint for the config's model."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  try:
+    variables = from_torch(flags.FLAGS.torch, config)
+    path = save_variables(variables, flags.FLAGS.out)
+  except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ImportError) as e:
+    sys.exit(f"error: {e}")
+  count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  print(f"Wrote {path} ({count / 1e6:.1f}M parameters). Evaluate it with:\n"
+        f"  python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} --workdir=DIR")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file of the model, e.g. configs/r50.py.")
+  flags.DEFINE_string("torch", None, "The original's .pth, a torchvision ResNet .pth, or HF .safetensors/.bin.")
+  flags.DEFINE_string("out", None, "Output folder for the Orbax checkpoint (must not exist).")
+  flags.mark_flags_as_required(["config", "torch", "out"])
+  app.run(main)
