@@ -1,0 +1,58 @@
+"""`python -m conddetr_jax.convert`: the original's .pth -> an Orbax checkpoint that eval.py restores."""
+
+import argparse
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import torch
+
+from configs import default
+from conddetr_jax import convert, inference
+from tests import hf_reference
+
+SMALL = dict(num_queries=10, num_classes=7, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
+             decoder_ffn_dim=64)
+OVERRIDES = ["--config.model.num_queries=10", "--config.model.num_classes=7", "--config.model.enc_layers=1",
+             "--config.model.dec_layers=2", "--config.model.dim_feedforward=64"]
+
+
+def small_config():
+  config = default.get_config()
+  config.model.update(num_queries=10, num_classes=7, enc_layers=1, dec_layers=2, dim_feedforward=64)
+  return config
+
+
+def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path):
+  ref = hf_reference.build_reference("resnet50", seed=5, **SMALL)
+  state = hf_reference.original_state_dict(ref)
+  pth = tmp_path / "conddetr_small.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth)
+  out = tmp_path / "converted"
+  result = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
+                           f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eval.py" in result.stdout
+  restored, step = inference.load_variables(small_config(), str(out))
+  assert step is None
+  expected = convert.from_torch(state, small_config())
+  jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)
+
+  again = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
+                          f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
+  assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path):
+  missing = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
+                            f"--torch={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}"],
+                           capture_output=True, text=True, timeout=600)
+  assert missing.returncode != 0 and "nope.pth" in missing.stderr
+  state = hf_reference.original_state_dict(hf_reference.build_reference("resnet50", seed=5, **SMALL))
+  pth = tmp_path / "small.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
+  wrong = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
+                          f"--torch={pth}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=600)
+  assert wrong.returncode != 0
+  assert "missing keys" in wrong.stderr and "skip_class_head" in wrong.stderr
