@@ -1,0 +1,144 @@
+r"""The paper's claim in miniature: Conditional DETR's decoder vs DETR's, trained identically.
+
+Both decoders train on the built-in synthetic dataset with the same seeds, data order, steps,
+backbone, encoder, loss and schedule (only ``config.model.decoder`` differs), and COCO box AP on
+the val split is measured every ``--eval_every`` steps. Writes ``<out>/convergence.csv`` (one row
+per decoder, seed and evaluation) and ``<out>/convergence.png`` (mean AP per decoder against
+step, with the min-max band over seeds), and prints how many steps each decoder needs to reach
+the DETR decoder's final AP.
+
+  python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min
+  python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
+      --override=per_device_batch_size=16                             # a GPU: a longer run
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.training.metrics import METRICS_FILE  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DECODERS = ("conditional", "detr")
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+  key, value = text.split("=", 1)
+  try:
+    parsed = json.loads(value)
+  except json.JSONDecodeError:
+    parsed = value
+  return key.split("."), parsed
+
+
+def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: list[str]):
+  """The demo config with this decoder and seed, evaluated every ``eval_every`` steps."""
+  config = demo.get_config()
+  config.model.decoder = decoder
+  config.seed = seed
+  config.total_steps = steps
+  config.eval_every_steps = eval_every
+  config.checkpoint_every_steps = steps
+  config.evaluation.prediction_images = 0
+  for text in overrides:
+    path, value = _parse_override(text)
+    node = config
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+  return config
+
+
+def read_ap_curve(workdir: str) -> list[tuple[int, float, float]]:
+  """(step, AP, AP50) of every evaluation logged in ``<workdir>/metrics.jsonl``."""
+  curve = {}
+  with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if "AP" in record:
+        curve[record["step"]] = (record["step"], record["AP"], record["AP50"])
+  return [curve[s] for s in sorted(curve)]
+
+
+def steps_to_reach(steps: np.ndarray, ap: np.ndarray, target: float) -> int | None:
+  """The first evaluated step whose AP is >= target, or None."""
+  reached = np.nonzero(ap >= target)[0]
+  return int(steps[reached[0]]) if reached.size else None
+
+
+def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
+  """Mean AP per decoder against step, with the min-max band over seeds."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for decoder, ap in curves.items():
+    label = {"conditional": "Conditional DETR decoder", "detr": "DETR decoder"}[decoder]
+    line, = ax.plot(steps, ap.mean(0), marker="o", label=f"{label} ({ap.shape[0]} seeds)")
+    ax.fill_between(steps, ap.min(0), ap.max(0), color=line.get_color(), alpha=0.2)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("COCO box AP (synthetic val)")
+  ax.set_title("Convergence on the synthetic dataset (same data, seeds, schedule)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True, help="output folder (one workdir per run inside)")
+  parser.add_argument("--steps", type=int, default=800)
+  parser.add_argument("--eval_every", type=int, default=100)
+  parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+  parser.add_argument("--override", action="append", default=[],
+                      help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20")
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+
+  rows = []
+  for seed in seeds:
+    for decoder in DECODERS:
+      workdir = os.path.join(args.out, f"{decoder}_seed{seed}")
+      start = time.time()
+      loop.train_and_evaluate(run_config(decoder, seed, args.steps, args.eval_every, args.override), workdir)
+      curve = read_ap_curve(workdir)
+      print(f"{decoder} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)
+      rows += [dict(decoder=decoder, seed=seed, step=s, AP=ap, AP50=ap50) for s, ap, ap50 in curve]
+
+  csv_path = os.path.join(args.out, "convergence.csv")
+  with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=["decoder", "seed", "step", "AP", "AP50"])
+    writer.writeheader()
+    writer.writerows(rows)
+
+  steps = np.array(sorted({r["step"] for r in rows}))
+  curves = {d: np.array([[next(r["AP"] for r in rows if r["decoder"] == d and r["seed"] == s and r["step"] == t)
+                          for t in steps] for s in seeds]) for d in DECODERS}
+  png_path = os.path.join(args.out, "convergence.png")
+  plot(curves, steps, png_path)
+
+  target = curves["detr"].mean(0)[-1]
+  print(f"\nmean AP over {len(seeds)} seeds at each evaluated step:")
+  print("step " + " ".join(f"{s:>6d}" for s in steps))
+  for decoder, ap in curves.items():
+    print(f"{decoder[:4]:4s} " + " ".join(f"{a:6.3f}" for a in ap.mean(0)))
+  for decoder, ap in curves.items():
+    reached = steps_to_reach(steps, ap.mean(0), target)
+    print(f"steps for the {decoder} decoder to reach the DETR decoder's final AP {target:.3f}: "
+          f"{reached if reached is not None else 'not reached'}")
+  print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+  main()
