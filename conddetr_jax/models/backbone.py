@@ -66,13 +66,17 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: 
                  kernel_init=initializers.resnet_conv_kernel, name=name)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs (ResNet-18/34)."""
+class _ResidualBlock(nn.Module):
+  """Fields shared by both block types; ``downsample`` adds torchvision's 1x1 conv shortcut."""
   width: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+
+
+class BasicBlock(_ResidualBlock):
+  """Two 3x3 convs (ResNet-18/34)."""
   expansion = 1
 
   @nn.compact
@@ -84,13 +88,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """1x1 -> 3x3 (strided, dilated) -> 1x1 with 4x expansion (ResNet-50/101, v1.5)."""
-  width: int
-  stride: int = 1
-  dilation: int = 1
-  downsample: bool = False
-  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
@@ -104,7 +103,7 @@ class Bottleneck(nn.Module):
     return nn.relu(y + _shortcut(self, x))
 
 
-def _shortcut(block: "BasicBlock | Bottleneck", x: jax.Array) -> jax.Array:
+def _shortcut(block: _ResidualBlock, x: jax.Array) -> jax.Array:
   """Identity, or torchvision's ``downsample`` (1x1 strided conv + BN) when shapes change."""
   if not block.downsample:
     return x

@@ -69,13 +69,31 @@ class FeedForward(nn.Module):
     return linear(self.d_model, self.dim_feedforward, "linear2", self.dtype)(y)
 
 
-class EncoderLayer(nn.Module):
-  """Post-norm encoder layer; positions are added to queries and keys only."""
+class _LayerFields(nn.Module):
+  """Sizes every transformer layer takes."""
   d_model: int
   nhead: int
   dim_feedforward: int
   dropout: float
   dtype: Any = jnp.float32
+
+
+class _StackFields(nn.Module):
+  """Sizes every stack of transformer layers takes."""
+  num_layers: int
+  d_model: int
+  nhead: int
+  dim_feedforward: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  def layer_args(self) -> tuple:
+    """Positional arguments of a ``_LayerFields`` layer of this stack."""
+    return (self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype)
+
+
+class EncoderLayer(_LayerFields):
+  """Post-norm encoder layer; positions are added to queries and keys only."""
 
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
@@ -89,25 +107,18 @@ class EncoderLayer(nn.Module):
     return layer_norm("norm2")(src + drop(src2))
 
 
-class Encoder(nn.Module):
+class Encoder(_StackFields):
   """A stack of post-norm encoder layers (no final norm, as the original's post-norm encoder)."""
-  num_layers: int
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
     """src, pos (B, L, d); mask (B, L) -> memory (B, L, d)."""
     for i in range(self.num_layers):
-      src = EncoderLayer(self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype,
-                         name=f"layers_{i}")(src, pos, mask, train)
+      src = EncoderLayer(*self.layer_args(), name=f"layers_{i}")(src, pos, mask, train)
     return src
 
 
-class ConditionalDecoderLayer(nn.Module):
+class ConditionalDecoderLayer(_LayerFields):
   """Decoder layer with the conditional cross-attention.
 
   Self-attention projects content and position separately and adds them. In cross-attention
@@ -115,12 +126,7 @@ class ConditionalDecoderLayer(nn.Module):
   (concatenated per head, width 2*d in all); the first layer additionally adds a projection of
   query_pos to the content query and the memory pos to the content key (``ca_qpos_proj``).
   """
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  is_first: bool
-  dtype: Any = jnp.float32
+  is_first: bool = False
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
@@ -159,19 +165,13 @@ class ConditionalDecoderLayer(nn.Module):
     return layer_norm("norm3")(tgt + drop(tgt2))
 
 
-class ConditionalDecoder(nn.Module):
+class ConditionalDecoder(_StackFields):
   """The conditional decoder: reference points from query_pos, conditional spatial queries.
 
   The reference point s = sigmoid(ref_point_head(query_pos)) is shared by all layers. Layer i's
   spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output of layer i-1), where
   that output is *not* layer-normed (the original; HF's aux-loss path normalises it).
   """
-  num_layers: int
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
@@ -189,25 +189,19 @@ class ConditionalDecoder(nn.Module):
     hidden = []
     for i in range(self.num_layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
-      output = ConditionalDecoderLayer(d, self.nhead, self.dim_feedforward, self.dropout, is_first=i == 0,
-                                       dtype=self.dtype, name=f"layers_{i}")(
+      output = ConditionalDecoderLayer(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
           output, memory, memory_mask, pos, query_pos, query_sine_embed, train)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
 
 
-class DetrDecoderLayer(nn.Module):
+class DetrDecoderLayer(_LayerFields):
   """DETR's post-norm decoder layer, the baseline of the convergence study.
 
   Learned query positions are added to queries (and self-attention keys); the cross-attention
   query is content + query_pos and its key memory + pos, each through the standard input
   projections of torch's nn.MultiheadAttention.
   """
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
@@ -225,14 +219,8 @@ class DetrDecoderLayer(nn.Module):
     return layer_norm("norm3")(tgt + drop(tgt2))
 
 
-class DetrDecoder(nn.Module):
+class DetrDecoder(_StackFields):
   """DETR's decoder: no reference points; returns every layer's output after the final LayerNorm."""
-  num_layers: int
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
@@ -242,7 +230,7 @@ class DetrDecoder(nn.Module):
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
     for i in range(self.num_layers):
-      output = DetrDecoderLayer(self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype,
-                                name=f"layers_{i}")(output, memory, memory_mask, pos, query_pos, train)
+      output = DetrDecoderLayer(*self.layer_args(), name=f"layers_{i}")(
+          output, memory, memory_mask, pos, query_pos, train)
       hidden.append(norm(output))
     return jnp.stack(hidden)
