@@ -32,6 +32,7 @@ from conddetr_jax import data
 from conddetr_jax import postprocess
 from conddetr_jax import visualize
 from conddetr_jax.data import transforms
+from conddetr_jax.training import parallel
 
 # COCOeval.stats, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -163,8 +164,8 @@ def gather_detections(config: ml_collections.ConfigDict, model: flax.linen.Modul
   Raises:
     RuntimeError: an image came back more than once (the data sharding is broken).
   """
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  batch_sharding = parallel.batch_sharding(mesh)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
   global_batch_size = config.eval_per_device_batch_size * mesh.size
   k = top_k(config)
   pending = []
@@ -248,7 +249,8 @@ def _to_host(x: Any) -> np.ndarray:
 
 def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
                             out_dir: str, num_images: int, *, split: str = "val") -> list[str]:
-  """Draws the detections of the first ``num_images`` images of ``split`` to ``out_dir/<id>.png``.
+  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<id>.png``: the first
+  ones in evaluation order (by id within each size bucket).
 
   Call it on every process (it gathers ``variables`` to the hosts); process 0 runs the model on
   its first local device and writes the files. Images are drawn as the model saw them (resized,

@@ -90,10 +90,11 @@ def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
         f"class {i}" for i in range(10)}
 
 
-def test_missing_checkpoint_is_named(setup, tmp_path):
+def test_missing_checkpoint_is_a_one_line_error(setup, tmp_path):
   _, _, _, _, flags = setup
   proc = run("eval.py", *flags, f"--checkpoint={tmp_path}/nope", f"--workdir={tmp_path}/out")
-  assert proc.returncode != 0 and f"checkpoint not found: {tmp_path}/nope" in proc.stderr
+  assert proc.returncode != 0 and f"error: checkpoint not found: {tmp_path}/nope" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_unknown_config_field_is_named(setup, tmp_path):
@@ -102,12 +103,15 @@ def test_unknown_config_field_is_named(setup, tmp_path):
   assert proc.returncode != 0 and "hiden_dim" in proc.stderr
 
 
+# The other errors, raised by the library functions the scripts call (they print them as
+# "error: <message>" and exit 1, as the missing checkpoint above).
+
 def test_dataset_root_without_annotations_is_named(setup, tmp_path):
-  _, _, _, workdir, flags = setup
-  proc = run("eval.py", *flags, "--config.dataset.source=coco", f"--config.dataset.root={tmp_path}",
-             f"--checkpoint={workdir}", f"--workdir={tmp_path}/out")
-  assert proc.returncode != 0
-  assert f"Annotation file not found: {tmp_path}/annotations/instances_" in proc.stderr
+  config, _, _, workdir, _ = setup
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dataset.update(source="coco", root=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=f"Annotation file not found: {tmp_path}/annotations/instances_"):
+    inference.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
 
 
 def test_missing_val_image_is_named(setup, tmp_path):
@@ -115,17 +119,20 @@ def test_missing_val_image_is_named(setup, tmp_path):
   root = tmp_path / "broken"
   shutil.copytree(config.dataset.root, root)
   os.remove(root / "val2017" / "000000000004.jpg")
-  proc = run("eval.py", "--config=configs/test_tiny.py", f"--config.dataset.root={root}",
-             "--config.dataset.synthetic_num_val=6", f"--checkpoint={workdir}", f"--workdir={tmp_path}/out")
-  assert proc.returncode != 0 and "000000000004.jpg" in proc.stderr
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dataset.root = str(root)
+  with pytest.raises(data.BadImageError, match="val2017/000000000004.jpg"):
+    inference.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
 
 
 def test_unreadable_image_is_named(setup, tmp_path):
-  _, _, _, workdir, flags = setup
+  config = setup[0]
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"not an image")
-  proc = run("predict.py", *flags, f"--checkpoint={workdir}", f"--out={tmp_path}/out", str(bad))
-  assert proc.returncode != 0 and f"cannot read image {bad}" in proc.stderr
+  with pytest.raises(ValueError, match=f"cannot read image {bad}"):
+    inference.load_image(str(bad), config)
+  with pytest.raises(FileNotFoundError, match=f"image not found: {tmp_path}/none.jpg"):
+    inference.load_image(str(tmp_path / "none.jpg"), config)
 
 
 # ------------------------------------------------------------------ checkpoint paths (in-process)
@@ -161,3 +168,16 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(setup):
   with pytest.raises(ValueError, match=r"does not fit(.|\n)*params/class_embed/kernel: checkpoint \(32, 10\), "
                                        r"model \(32, 91\)"):
     inference.load_variables(other, workdir)
+
+
+def test_image_files_are_resized_as_in_evaluation_and_padded(setup, tmp_path):
+  config = setup[0]  # eval_size 64, eval_max_size 64, size_divisibility 32
+  path = tmp_path / "flat.png"
+  Image.fromarray(np.full((100, 150, 3), (124, 116, 104), np.uint8)).save(path)  # ~ the ImageNet mean
+  loaded = inference.load_image(str(path), config)
+  assert loaded.pixels.shape == (100, 150, 3) and loaded.orig_size.tolist() == [[100, 150]]
+  assert loaded.image.shape == (1, 64, 64, 3) and loaded.pad_mask.shape == (1, 64, 64)
+  # Shorter side 64 would make the longer one 96 > 64: the longer side is capped at 64 instead.
+  assert not loaded.pad_mask[0, :43, :64].any() and loaded.pad_mask[0, 43:].all()
+  np.testing.assert_allclose(loaded.image[0, :43], 0.0, atol=0.02)
+  assert (loaded.image[0, 43:] == 0).all()
