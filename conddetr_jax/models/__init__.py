@@ -30,6 +30,17 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
                          aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
 
 
+def init_variables(model: ConditionalDETR, rng: jax.Array, *, abstract: bool = False) -> Any:
+  """The model's initial ``{'params', 'batch_stats'}``; no tensor depends on the input size, so
+  a tiny dummy image is used. ``abstract=True`` returns ``jax.ShapeDtypeStruct`` leaves without
+  computing (or compiling) anything."""
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  pad_mask = jnp.zeros((1, 64, 64), bool)
+  if abstract:
+    return jax.eval_shape(model.init, rng, images, pad_mask)
+  return jax.jit(model.init)(rng, images, pad_mask)
+
+
 def param_label(path: Sequence[str]) -> str:
   """The optimiser group of a parameter: 'frozen' (stem, layer1), 'backbone', or 'transformer'.
 
