@@ -188,17 +188,21 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
 
 @pytest.mark.slow
-def test_skip_nonfinite_skips_and_counts_the_bad_update(runs, reference, tmp_path):
+def test_pmap_run_with_skip_nonfinite_skips_and_counts_the_bad_update(runs, reference, tmp_path):
   _, _, expected = reference
-  workdir = tmp_path / "skip"
-  result = runs.run(workdir, "--config.skip_nonfinite=True", poison_step=5)
+  workdir = tmp_path / "pmap_skip"
+  result = runs.run(workdir, "--config.parallel=pmap", "--config.total_steps=4", "--config.skip_nonfinite=True",
+                    poison_step=2)
   assert result.returncode == 0, result.stdout
-  records = {r["step"]: r for r in _train_records(workdir)}
-  assert sorted(records) == list(range(1, TOTAL_STEPS + 1))
-  assert [records[s]["loss"] for s in range(1, 5)] == [expected[s] for s in range(1, 5)]
-  assert not np.isfinite(records[5]["loss"])
-  assert [records[s]["skipped_updates"] for s in (4, 5, TOTAL_STEPS)] == [0, 1, 1]
-  assert np.isfinite(records[TOTAL_STEPS]["loss"])
+  records = _records(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 4] and "AP" in records[-1]
+  train = records[:4]
+  assert [r["skipped_updates"] for r in train] == [0, 1, 1, 1]
+  assert [np.isfinite(r["loss"]) for r in train] == [True, False, True, True]
+  # Same data and initial weights as the jit run, but pmap draws dropout masks per device (equality
+  # with dropout off is test_training_parallel's): the first loss agrees only roughly.
+  assert train[0]["loss"] == pytest.approx(expected[1], rel=0.03)
+  assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step() == 4
 
 
 def _free_port() -> int:

@@ -119,10 +119,11 @@ def test_nonfinite_loss_skips_the_update_and_records_the_first_such_step(run):
 
 
 def test_step_compiles_once_per_bucket_shape(run):
-  traces = run.traces
-  for hw in ((64, 64), (64, 96), (64, 64), (64, 96)):
-    run.step(_batch(4, hw=hw))
-  assert run.traces - traces == 1  # only (64, 96) is new: the fixture's step compiled (64, 64)
+  for seed in range(3):  # new batches of the bucket shape the fixture's step compiled
+    run.step(_batch(10 + seed))
+  assert run.traces == 1
+  run.par.lower(run.state, jax.device_put(_batch(4, hw=(64, 96)), run.par.batch_sharding))
+  assert run.traces == 2  # another bucket is another program
 
 
 def test_bfloat16_compute_keeps_params_optimizer_state_and_loss_in_float32(run):

@@ -149,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Raises:
     ValueError: a config error (before anything compiles).
+    FileNotFoundError: ``config.dataset`` names no dataset (before anything compiles).
     FloatingPointError: a non-finite loss or gradient, unless ``config.skip_nonfinite``; the
       message names the step, and the last checkpoint written before it is left intact.
   """

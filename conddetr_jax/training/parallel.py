@@ -74,6 +74,10 @@ class JitParallel:
     """One update; ``state`` is donated. Metrics are replicated scalars."""
     return self._step(state, batch)
 
+  def lower(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
+    """The step lowered for these shapes, e.g. to read its compiled memory use."""
+    return self._step.lower(state, batch)
+
   def local(self, tree: Any) -> Any:
     """A step output (metrics, a state field) without the per-device axis: unchanged under jit."""
     return tree
@@ -97,8 +101,11 @@ class PmapParallel:
     return flax.jax_utils.replicate(jax.device_get(host_state), self._local_devices)
 
   def host_state(self, state: TrainState) -> TrainState:
-    """The first device's copy, replicated on the mesh like the jit path's state."""
-    return jax.device_put(flax.jax_utils.unreplicate(state), replicated(self.mesh))
+    """The first device's copy, replicated on the mesh like the jit path's state (every process
+    holds the same values, so each supplies the whole array)."""
+    sharding = replicated(self.mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        jax.device_get(flax.jax_utils.unreplicate(state)))
 
   def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's slice (B_local, ...) -> (local devices, B_local / local devices, ...)."""

@@ -1,0 +1,181 @@
+"""Time of one complete train step: forward, matching, loss, backward, clipping, AdamW update.
+
+Usage:
+  python benchmarks/train_step.py --config=configs/r50.py --batch=2 --size=384x512
+      [--steps=5] [--warmup=2] [--bucket=800x1216] [--bucket_dtypes=float32,bfloat16]
+      [--hf=auto|yes|no] [--config.X=...]
+
+Prints, in order: the machine; the step at --size (median after warm-up, compile time, XLA
+buffer sizes); images/s and memory at a COCO training bucket (--bucket, '' to skip) in each of
+--bucket_dtypes; Hugging Face's ConditionalDetr train step (PyTorch) on the same input and the
+ratio (--hf=auto: on CPU only). The last line is ``step_s=<median seconds>`` of the --size step.
+Each image gets 7 random boxes (COCO's mean) in max_boxes padded slots, as the pipeline pads them.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from conddetr_jax import models
+from conddetr_jax.training import optimizer, parallel
+from conddetr_jax.training import state as state_lib
+from conddetr_jax.training import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model/optimiser config.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Global batch size.")
+_SIZE = flags.DEFINE_string("size", "384x512", "HxW of the padded batch for the step_s figure.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones.")
+_BUCKET = flags.DEFINE_string("bucket", "800x1216", "A COCO training bucket HxW for images/s; '' skips it.")
+_BUCKET_DTYPES = flags.DEFINE_list("bucket_dtypes", ["float32", "bfloat16"], "Compute dtypes at --bucket.")
+_HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch train step (auto: on CPU).")
+NUM_BOXES = 7
+
+
+def synthetic_batch(batch: int, h: int, w: int, max_boxes: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A padded batch like the pipeline's: no padded pixels, NUM_BOXES boxes per image."""
+  rng = np.random.default_rng(seed)
+  boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, max_boxes, 2)), rng.uniform(0.05, 0.3, (batch, max_boxes, 2))],
+                         axis=-1)
+  return {"image": rng.normal(size=(batch, h, w, 3)).astype(np.float32), "pad_mask": np.zeros((batch, h, w), bool),
+          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 91, (batch, max_boxes)).astype(np.int32),
+          "box_valid": np.arange(max_boxes)[None].repeat(batch, 0) < NUM_BOXES}
+
+
+def _timed(fn, steps: int, warmup: int) -> float:
+  """Median seconds of ``steps`` calls of ``fn()`` (which must block) after ``warmup`` untimed ones."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, float]:
+  """Median step time, compile time and the compiled step's buffer sizes, on all devices."""
+  model = models.build_model(config)
+  variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+  tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
+  step_fn = lambda state, b: step_lib.train_step(state, b, model=model, tx=tx, config=config)
+  par = parallel.JitParallel(step_fn, parallel.make_mesh())
+  holder = {"state": par.device_state(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))}
+  device_batch = jax.device_put(batch, par.batch_sharding)
+  t0 = time.perf_counter()
+  memory = par.lower(holder["state"], device_batch).compile().memory_analysis()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    holder["state"], metrics = par.step(holder["state"], device_batch)
+    metrics["loss"].block_until_ready()
+
+  out = {"step_s": _timed(run, steps, warmup), "compile_s": compile_s}
+  if memory is not None:
+    out["temp_bytes"] = memory.temp_size_in_bytes
+    out["state_bytes"] = memory.argument_size_in_bytes - sum(v.nbytes for v in batch.values())
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_bytes"] = stats["peak_bytes_in_use"]
+  return out
+
+
+def time_hf_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> float:
+  """Median seconds of HF ConditionalDetr's train step (loss with its matcher, backward, clip, AdamW).
+
+  Same sizes as ``config.model`` (ResNet-50 only: HF's own ResNet, so no timm/torchvision), the
+  original's trainable set (layer2-4 and the transformer) and optimiser groups.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  # Importing it declares the torchvision ops that PyPI's CUDA torchvision wheel fails to
+  # register next to the CPU torch, which transformers' import of torchvision needs.
+  import tests.conftest  # pylint: disable=g-import-not-at-top,unused-import
+  from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
+
+  m = config.model
+  if m.backbone != "resnet50" or m.dilation:
+    raise ValueError("the HF comparison is built for config.model.backbone='resnet50' without DC5")
+  torch.set_num_threads(os.cpu_count())
+  hf_config = ConditionalDetrConfig(
+      backbone_config=ResNetConfig(out_features=["stage4"]), num_labels=m.num_classes, num_queries=m.num_queries,
+      d_model=m.hidden_dim, encoder_layers=m.enc_layers, decoder_layers=m.dec_layers,
+      encoder_attention_heads=m.nheads, decoder_attention_heads=m.nheads, encoder_ffn_dim=m.dim_feedforward,
+      decoder_ffn_dim=m.dim_feedforward, dropout=m.dropout, auxiliary_loss=m.aux_loss)
+  model = ConditionalDetrForObjectDetection(hf_config).train()
+  backbone, rest = [], []
+  for name, p in model.named_parameters():
+    if "backbone" in name:
+      # HF's own test ("stage.1" in name) never matches HF ResNet's "stages.1": train layer2-4 as the original.
+      p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+      if p.requires_grad:
+        backbone.append(p)
+    else:
+      rest.append(p)
+  opt = config.optimizer
+  adamw = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": opt.lr * opt.backbone_lr_mult}],
+                            lr=opt.lr, weight_decay=opt.weight_decay)
+  pixels = torch.tensor(batch["image"]).permute(0, 3, 1, 2).contiguous()
+  pixel_mask = torch.tensor(~batch["pad_mask"]).long()
+  labels = [{"class_labels": torch.tensor(l[v]).long(), "boxes": torch.tensor(b[v])}
+            for l, b, v in zip(batch["labels"], batch["boxes"], batch["box_valid"])]
+  params = [p for p in model.parameters() if p.requires_grad]
+
+  def run():
+    loss = model(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
+    adamw.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm)
+    adamw.step()
+
+  return _timed(run, steps, warmup)
+
+
+def _hw(text: str) -> tuple[int, int]:
+  h, w = text.split("x")
+  return int(h), int(w)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  h, w = _hw(_SIZE.value)
+  print(f"device={jax.devices()[0].device_kind} x{jax.device_count()} backend={jax.default_backend()} "
+        f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} backbone={config.model.backbone} "
+        f"dtype={config.model.dtype} batch={_BATCH.value}", flush=True)
+  batch = synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes)
+  main_step = time_jax_step(config, batch, _STEPS.value, _WARMUP.value)
+  print(f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} images/s "
+        f"(compile {main_step['compile_s']:.1f}s); XLA temp buffers "
+        f"{main_step.get('temp_bytes', 0) / _BATCH.value / 2**20:.0f} MiB/image, state "
+        f"{main_step.get('state_bytes', 0) / 2**20:.0f} MiB", flush=True)
+
+  if _BUCKET.value:
+    bh, bw = _hw(_BUCKET.value)
+    bucket_batch = synthetic_batch(_BATCH.value, bh, bw, config.dataset.max_boxes)
+    for dtype in _BUCKET_DTYPES.value:
+      bucket_config = config.copy_and_resolve_references()
+      bucket_config.model.dtype = dtype
+      r = time_jax_step(bucket_config, bucket_batch, max(1, _STEPS.value // 2), 1)
+      peak = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if "device_peak_bytes" in r else ""
+      print(f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step {r['step_s']:.3f}s); "
+            f"XLA temp buffers {r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}", flush=True)
+
+  if _HF.value == "yes" or (_HF.value == "auto" and jax.default_backend() == "cpu"):
+    hf_s = time_hf_step(config, batch, _STEPS.value, _WARMUP.value)
+    print(f"hf-torch {h}x{w}: step {hf_s:.3f}s, {_BATCH.value / hf_s:.2f} images/s; "
+          f"jax/hf speed ratio {hf_s / main_step['step_s']:.2f}x", flush=True)
+
+  print(f"step_s={main_step['step_s']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
