@@ -65,7 +65,7 @@ def _timed(fn, steps: int, warmup: int) -> float:
 def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, float]:
   """Median step time, compile time and the compiled step's buffer sizes, on all devices."""
   model = models.build_model(config)
-  variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
   tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
   step_fn = lambda state, b: step_lib.train_step(state, b, model=model, tx=tx, config=config)
   par = parallel.JitParallel(step_fn, parallel.make_mesh())

@@ -23,7 +23,7 @@ assert jax.device_count() == 8
 config = test_tiny.get_config()
 config.model.dropout = 0.0  # dropout masks depend on how the batch is split; the rest must not
 model = models.build_model(config)
-variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+variables = models.init_variables(model, jax.random.PRNGKey(0))
 tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 100))
 # On the host: the steps donate their device copies.
 initial = jax.device_get(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))

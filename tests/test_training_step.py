@@ -37,7 +37,7 @@ class _Run:
     self.config.model.dtype = dtype
     model = models.build_model(self.config)
     if variables is None:
-      variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+      variables = models.init_variables(model, jax.random.PRNGKey(0))
     tx = optimizer.build_optimizer(self.config, variables["params"],
                                    optimizer.learning_rate_schedule(self.config, steps_per_epoch=100))
     self.traces = 0

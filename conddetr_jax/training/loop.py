@@ -112,7 +112,7 @@ class _PreemptionWatch:
 def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, rng: jax.Array,
                    sharding: jax.sharding.Sharding) -> state_lib.TrainState:
   """A step-0 state, replicated: fresh init, or ``config.init_from``'s weights."""
-  variables = state_lib.init_variables(model, rng)
+  variables = models.init_variables(model, rng)
   if config.init_from:
     logging.info("Initial weights from %s", config.init_from)
     variables = convert.load_initial_weights(config.init_from, config, jax.device_get(variables))
@@ -171,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model = models.build_model(config)
   init_rng = jax.random.PRNGKey(config.seed)
-  abstract_variables = jax.eval_shape(functools.partial(state_lib.init_variables, model), init_rng)
+  abstract_variables = models.init_variables(model, init_rng, abstract=True)
   schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
   tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
   create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from conddetr_jax import models
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -68,14 +70,5 @@ def dropout_key_data(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def init_variables(model: flax.linen.Module, rng: jax.Array) -> Any:
-  """The model's freshly initialised variables; the input size doesn't affect them, so it is tiny.
-
-  Args:
-    model: the detector (``models.build_model(config)``).
-    rng: PRNG key for the initialisers.
-
-  Returns:
-    ``{'params': ..., 'batch_stats': ...}``.
-  """
-  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  return jax.jit(model.init)(rng, images, jnp.zeros((1, 64, 64), bool))
+  """Deprecated duplicate of ``models.init_variables`` (inference.py still calls it); use that."""
+  return models.init_variables(model, rng)
