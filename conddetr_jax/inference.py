@@ -14,7 +14,6 @@ a multiple of ``size_divisibility``.
 """
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Sequence
@@ -38,7 +37,6 @@ from conddetr_jax.data import transforms
 from conddetr_jax.training import loop
 from conddetr_jax.training import metrics as metrics_lib
 from conddetr_jax.training import parallel
-from conddetr_jax.training import state as state_lib
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 DETECTIONS_FILE = "detections.json"
@@ -146,7 +144,7 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
     return convert.from_torch(path, config), None
   tree = resolve_orbax_checkpoint(path)
   model = models.build_model(config)
-  abstract = jax.eval_shape(functools.partial(state_lib.init_variables, model), jax.random.PRNGKey(0))
+  abstract = models.init_variables(model, jax.random.PRNGKey(0), abstract=True)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         {k: abstract[k] for k in _VARIABLE_COLLECTIONS})

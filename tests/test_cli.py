@@ -40,9 +40,9 @@ def setup(tmp_path_factory):
   config.dataset.update(root=root, synthetic_num_val=6)
   data.prepare_dataset(config)
   model = models.build_model(config)
-  variables = state_lib.init_variables(model, jax.random.PRNGKey(3))
+  variables = models.init_variables(model, jax.random.PRNGKey(3))
   tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 10))
-  state = state_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
+  state = state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config))
   workdir = tmp_path_factory.mktemp("run")
   checkpointer = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=2, asynchronous=False)
   for step in (2, STEP):

@@ -23,7 +23,6 @@ from conddetr_jax import models
 from conddetr_jax import visualize
 from conddetr_jax.data import transforms
 from conddetr_jax.training import parallel
-from conddetr_jax.training import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +46,7 @@ def config(tmp_path_factory) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def model_and_variables(config):
   model = models.build_model(config)
-  return model, state_lib.init_variables(model, jax.random.PRNGKey(0))
+  return model, models.init_variables(model, jax.random.PRNGKey(0))
 
 
 def gt_images(config) -> dict[int, dict]:
@@ -217,11 +216,11 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize("127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     from conddetr_jax import evaluation, models
-    from conddetr_jax.training import parallel, state as state_lib
+    from conddetr_jax.training import parallel
     from tests import test_evaluation
     config = test_evaluation.tiny_config(sys.argv[3])
     model = models.build_model(config)
-    variables = state_lib.init_variables(model, jax.random.PRNGKey(0))
+    variables = models.init_variables(model, jax.random.PRNGKey(0))
     result = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(),
                                        detections_path=sys.argv[4])
     print("METRICS" + json.dumps([jax.device_count(), result.num_images, result.metrics]))
