@@ -33,6 +33,7 @@ class _QuietOrbax(std_logging.Filter):
 
 
 def main(argv: list[str]) -> None:
+  """Joins a multi-host job if asked, trains, and exits with 143 if stopped by SIGTERM."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
