@@ -8,8 +8,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from conddetr_jax import models
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -67,8 +65,3 @@ def dropout_key_data(config: ml_collections.ConfigDict) -> jax.Array:
   model's train step 2.5x slower to compile on CPU.
   """
   return jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), 1))
-
-
-def init_variables(model: flax.linen.Module, rng: jax.Array) -> Any:
-  """Deprecated duplicate of ``models.init_variables`` (inference.py still calls it); use that."""
-  return models.init_variables(model, rng)
