@@ -314,6 +314,20 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing)
 
 
+def load_initial_weights(path: str, config: ml_collections.ConfigDict, variables: Any) -> Any:
+  """``config.init_from``: the initial variables of a run from ``path``.
+
+  A file is a PyTorch-world checkpoint (the original's .pth, a torchvision ResNet whose missing
+  tensors keep ``variables``' values, HF weights); a folder is an Orbax checkpoint (a training
+  workdir, one of its steps, or this module's CLI output).
+  """
+  if os.path.isdir(path):
+    from conddetr_jax import inference  # pylint: disable=g-import-not-at-top  (inference imports this module)
+    loaded, _ = inference.load_variables(config, path)
+    return loaded
+  return from_torch(path, config, variables=variables)
+
+
 def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:
   """Writes ``{'params', 'batch_stats'}`` as an Orbax checkpoint that eval.py, predict.py and
   ``config.init_from`` restore. Refuses to overwrite an existing folder."""
