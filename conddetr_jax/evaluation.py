@@ -37,7 +37,6 @@ from conddetr_jax.training import parallel
 # COCOeval.stats, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _INT32_MAX = np.iinfo(np.int32).max
-_MIN_DRAWN_SIDE = 512  # small images are enlarged about this far when drawn, for legible captions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +276,7 @@ def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen
       path = os.path.join(out_dir, f"{int(batch['image_id'][i])}.png")
       visualize.save_detections_png(path, _denormalize(batch["image"][i, :h, :w]), dets["boxes"][i],
                                     dets["scores"][i], dets["labels"][i], names, threshold,
-                                    scale=max(1, _MIN_DRAWN_SIDE // max(h, w)))
+                                    scale=visualize.enlargement(h, w))
       paths.append(path)
       if len(paths) == num_images:
         return paths

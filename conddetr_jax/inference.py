@@ -261,6 +261,9 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
                   paths: Sequence[str], out_dir: str, threshold: float) -> list[dict[str, Any]]:
   """Detects objects in image files; writes ``out_dir/<stem>.png`` and ``out_dir/detections.json``.
 
+  Images smaller than ``visualize.MIN_DRAWN_SIDE`` are drawn enlarged; the json's boxes are in the
+  file's own pixels.
+
   Every image is read before the model runs, so a bad file fails fast, naming it.
 
   Args:
@@ -285,7 +288,8 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     dets = jax.device_get(evaluation.predict_batch(variables, batch, model=model, k=evaluation.top_k(config)))
     scores, labels, boxes = dets["scores"][0], dets["labels"][0], dets["boxes"][0]
     png = os.path.join(out_dir, f"{stem}.png")
-    visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold)
+    visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
+                                  scale=visualize.enlargement(*loaded.pixels.shape[:2]))
     keep = scores >= threshold
     records.append({
         "file": os.path.abspath(path), "png": os.path.abspath(png),

@@ -12,6 +12,14 @@ _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
             (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195))
 
 
+MIN_DRAWN_SIDE = 512  # small images are enlarged about this far when drawn, for legible captions
+
+
+def enlargement(height: int, width: int) -> int:
+  """The integer factor ``draw_detections(scale=...)`` enlarges an image of this size by."""
+  return max(1, MIN_DRAWN_SIDE // max(height, width))
+
+
 def class_name(label: int, class_names: Mapping[int, str]) -> str:
   """The label's name, or 'class 12' for a label with none."""
   return class_names.get(int(label), f"class {int(label)}")

@@ -31,4 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.eval_every_steps = -1
   config.evaluation.prediction_images = 4
+  config.evaluation.score_threshold = 0.4
   return config

@@ -83,7 +83,8 @@ def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
   assert (records[0]["height"], records[0]["width"]) == (70, 110)
   for record in records:
     with Image.open(record["png"]) as png:
-      assert png.format == "PNG" and png.size == (record["width"], record["height"])
+      scale = 512 // max(record["width"], record["height"])  # small images are drawn enlarged
+      assert png.format == "PNG" and png.size == (record["width"] * scale, record["height"] * scale)
     scores = [d["score"] for d in record["detections"]]
     assert len(scores) == 100 and scores == sorted(scores, reverse=True)
     assert {d["name"] for d in record["detections"]} <= {"square", "disc", "triangle", "cross"} | {
