@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       backbone="resnet50",      # resnet18 | resnet34 | resnet50 | resnet101
       dilation=False,           # DC5: dilation 2 and stride 1 in layer4
+      freeze_stem_and_layer1=True,  # the original's (ImageNet init); False to train them from scratch
+      backbone_norm="frozen_bn",  # the original's; group_norm to train the backbone from random weights
       hidden_dim=256,
       nheads=8,
       enc_layers=6,
@@ -73,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
       synthetic_num_train=1000,  # source=synthetic: written under root (default ~/.cache/conddetr_jax)
       synthetic_num_val=200,
       synthetic_image_size=(128, 192),  # (min, max) height and width
+      synthetic_object_size=(0.15, 0.45),  # (min, max) object side / the image's shorter side
       synthetic_seed=0,
       num_parallel_calls=-1,    # -1 = tf.data.AUTOTUNE
       prefetch_batches=2,

@@ -28,8 +28,9 @@ def _inputs(batch=2, h=64, w=96):
   return images, jnp.asarray(pad_mask)
 
 
-def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
-  model = models.build_model(tiny_config())
+def _variables_and_gradients(config):
+  """The model's initial variables and the gradient of a loss touching every output."""
+  model = models.build_model(config)
   images, pad_mask = _inputs()
   variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
 
@@ -37,7 +38,11 @@ def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
     out = model.apply({**variables, "params": params}, images, pad_mask)
     return jnp.sum(out["pred_logits"] ** 2) + jnp.sum(out["pred_boxes"])
 
-  grads = jax.jit(jax.grad(loss))(variables["params"])
+  return variables, jax.jit(jax.grad(loss))(variables["params"])
+
+
+def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
+  variables, grads = _variables_and_gradients(tiny_config())
   labels = models.param_labels(variables["params"])
   flat_grads = jax.tree_util.tree_leaves_with_path(grads)
   flat_labels = jax.tree_util.tree_leaves(labels)
@@ -49,6 +54,30 @@ def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
   # Frozen BatchNorm tensors are not parameters at all.
   assert "batch_stats" in variables and not any(
       "bn" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+
+
+def test_group_norm_backbone_trains_everything_and_starts_each_block_as_the_identity():
+  # The from-scratch setting (the demo): GroupNorm (a scale and bias per norm layer, no
+  # statistics) and nothing frozen: every backbone tensor, stem included, gets a gradient.
+  config = tiny_config(backbone_norm="group_norm", freeze_stem_and_layer1=False)
+  variables, grads = _variables_and_gradients(config)
+  assert "batch_stats" not in variables
+  labels = models.param_labels(variables["params"], freeze_stem_and_layer1=False)
+  assert "frozen" not in jax.tree_util.tree_leaves(labels)
+  backbone = variables["params"]["backbone"]
+  convs = 1 + 2 * 2 + 3 * (2 * 2 + 1)  # stem, layer1, layer2-4 (with their 1x1 shortcuts)
+  assert len(jax.tree_util.tree_leaves(grads["backbone"])) == convs * 3  # conv kernel, norm scale, norm bias
+  # While the norm ending a residual branch has a zero scale (at init), the layers before it in
+  # the branch get no gradient; the stem, the shortcuts and that norm itself do.
+  for path, g in jax.tree_util.tree_leaves_with_path(grads["backbone"]):
+    keys = [k.key for k in path]
+    inside_branch = keys[0].startswith("layer") and keys[1] in ("conv1", "bn1", "conv2")
+    assert np.any(np.asarray(g) != 0) != inside_branch, keys
+  for name, block in backbone.items():
+    if name.startswith("layer"):
+      np.testing.assert_array_equal(block["bn2"]["scale"], 0.0)
+      np.testing.assert_array_equal(block["bn1"]["scale"], 1.0)
+  np.testing.assert_array_equal(backbone["bn1"]["scale"], 1.0)
 
 
 def test_model_compiles_once_per_input_shape():
@@ -104,6 +133,7 @@ def test_r50_has_the_originals_parameter_count():
 @pytest.mark.parametrize("overrides,field", [
     (dict(backbone="resnet152"), "config.model.backbone"),
     (dict(dtype="float16"), "config.model.dtype"),
+    (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
     (dict(decoder="deformable"), "config.model.decoder"),
     (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
 def test_bad_model_config_names_the_field(overrides, field):

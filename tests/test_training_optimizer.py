@@ -98,3 +98,16 @@ def test_frozen_params_never_move_and_backbone_steps_are_a_tenth(weight_decay):
   assert moved["backbone/conv1/kernel"] == 0.0 and moved["backbone/layer1_0/conv1/kernel"] == 0.0
   np.testing.assert_allclose(moved["input_proj/bias"], 1e-3 * (1 + weight_decay), rtol=1e-4)
   np.testing.assert_allclose(moved["backbone/layer2_0/conv1/kernel"], 1e-4 * (1 + weight_decay), rtol=1e-4)
+
+
+def test_unfrozen_stem_and_layer1_step_with_the_backbone():
+  params = jax.tree.map(jnp.ones_like, _params(np.random.default_rng(2)))
+  grads = jax.tree.map(jnp.ones_like, params)
+  config = _config(lr=1e-3, backbone_lr_mult=0.5, weight_decay=0.0, clip_grad_norm=1e9)
+  config.model.freeze_stem_and_layer1 = False
+  tx = optimizer.build_optimizer(config, params, optimizer.learning_rate_schedule(config, STEPS_PER_EPOCH))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {k: float(np.max(np.abs(v))) for k, v in _paths(updates).items()}
+  for k in ("backbone/conv1/kernel", "backbone/layer1_0/conv1/kernel", "backbone/layer2_0/conv1/kernel"):
+    np.testing.assert_allclose(moved[k], 5e-4, rtol=1e-4, err_msg=k)
+  np.testing.assert_allclose(moved["input_proj/bias"], 1e-3, rtol=1e-4)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conddetr_jax.models.backbone import RESNET_SPECS, is_frozen_backbone_param
+from conddetr_jax.models.backbone import NORMS, RESNET_SPECS, is_frozen_backbone_param
 from conddetr_jax.models.detector import ConditionalDETR
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -18,13 +18,17 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
   m = config.model
   if m.backbone not in RESNET_SPECS:
     raise ValueError(f"config.model.backbone={m.backbone!r}: expected one of {sorted(RESNET_SPECS)}")
+  if m.backbone_norm not in NORMS:
+    raise ValueError(f"config.model.backbone_norm={m.backbone_norm!r}: expected one of {NORMS}")
   if m.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
   if m.decoder not in _DECODERS:
     raise ValueError(f"config.model.decoder={m.decoder!r}: expected one of {_DECODERS}")
   if m.hidden_dim % m.nheads or m.hidden_dim % 2:
     raise ValueError(f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}")
-  return ConditionalDETR(backbone=m.backbone, dilation=m.dilation, hidden_dim=m.hidden_dim, nheads=m.nheads,
+  return ConditionalDETR(backbone=m.backbone, dilation=m.dilation,
+                         freeze_stem_and_layer1=m.freeze_stem_and_layer1, backbone_norm=m.backbone_norm,
+                         hidden_dim=m.hidden_dim, nheads=m.nheads,
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_classes=m.num_classes,
                          aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
@@ -41,18 +45,19 @@ def init_variables(model: ConditionalDETR, rng: jax.Array, *, abstract: bool = F
   return jax.jit(model.init)(rng, images, pad_mask)
 
 
-def param_label(path: Sequence[str]) -> str:
+def param_label(path: Sequence[str], freeze_stem_and_layer1: bool = True) -> str:
   """The optimiser group of a parameter: 'frozen' (stem, layer1), 'backbone', or 'transformer'.
 
   ``path`` is the key path inside ``variables['params']``, e.g. ('backbone', 'layer2_0', 'conv1',
-  'kernel'). BatchNorm tensors are not parameters (they live in ``batch_stats``).
+  'kernel'). BatchNorm tensors are not parameters (they live in ``batch_stats``). With
+  ``freeze_stem_and_layer1=False`` (config.model's field) nothing is 'frozen'.
   """
   if path[0] != "backbone":
     return "transformer"
-  return "frozen" if is_frozen_backbone_param(path[1:]) else "backbone"
+  return "frozen" if freeze_stem_and_layer1 and is_frozen_backbone_param(path[1:]) else "backbone"
 
 
-def param_labels(params: Any) -> Any:
+def param_labels(params: Any, freeze_stem_and_layer1: bool = True) -> Any:
   """A pytree like ``params`` holding each leaf's ``param_label`` (for ``optax.multi_transform``)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: param_label([k.key for k in path]), params)
+      lambda path, _: param_label([k.key for k in path], freeze_stem_and_layer1), params)

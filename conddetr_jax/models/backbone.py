@@ -8,8 +8,9 @@ Parity facts (torchvision ResNet v1.5 as used by the original):
   its four tensors live in the ``batch_stats`` collection, so no optimiser ever sees them;
 - DC5 (``replace_stride_with_dilation=[False, False, True]``): layer4 keeps stride 1, its first
   block uses dilation 1 and the following blocks dilation 2.
-The stem and layer1 are frozen with ``stop_gradient`` on layer1's output, so neither gradients
-nor backward compute are spent on them.
+The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
+layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
+them because they come from ImageNet; a model trained from random weights must train them.
 """
 
 from typing import Any, Sequence
@@ -29,6 +30,8 @@ RESNET_SPECS = {
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 FROZEN_BN_EPS = 1e-5
+NORMS = ("frozen_bn", "group_norm")
+GROUP_NORM_GROUPS = 32  # divides every stage width (64 ... 2048)
 
 
 def num_channels(name: str) -> int:
@@ -66,6 +69,21 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: 
                  kernel_init=initializers.resnet_conv_kernel, name=name)
 
 
+def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) -> nn.Module:
+  """The backbone's normalisation layer ``kind`` (one of ``NORMS``), under torchvision's name.
+
+  ``group_norm`` is for training from random weights (GroupNorm makes from-scratch detector
+  training work, He et al., "Rethinking ImageNet Pre-training", 2019); the last one of each
+  residual branch starts with a zero scale so every block starts as the identity (Goyal et al.,
+  2017).
+  """
+  if kind == "group_norm":
+    scale_init = nn.initializers.zeros if ends_residual_branch else nn.initializers.ones
+    return nn.GroupNorm(GROUP_NORM_GROUPS, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                        scale_init=scale_init, name=name)
+  return FrozenBatchNorm(dtype, name=name)
+
+
 class _ResidualBlock(nn.Module):
   """Fields shared by both block types; ``downsample`` adds torchvision's 1x1 conv shortcut."""
   width: int
@@ -73,6 +91,7 @@ class _ResidualBlock(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
 
 class BasicBlock(_ResidualBlock):
@@ -82,9 +101,9 @@ class BasicBlock(_ResidualBlock):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y))
     y = _conv(self.width, 3, 1, self.dilation, "conv2", self.dtype)(y)
-    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    y = _norm(self.norm, self.dtype, "bn2", ends_residual_branch=True)(y)
     return nn.relu(y + _shortcut(self, x))
 
 
@@ -95,11 +114,11 @@ class Bottleneck(_ResidualBlock):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     y = _conv(self.width, 1, name="conv1", dtype=self.dtype)(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y))
     y = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype)(y)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = nn.relu(_norm(self.norm, self.dtype, "bn2")(y))
     y = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype)(y)
-    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    y = _norm(self.norm, self.dtype, "bn3", ends_residual_branch=True)(y)
     return nn.relu(y + _shortcut(self, x))
 
 
@@ -108,7 +127,7 @@ def _shortcut(block: _ResidualBlock, x: jax.Array) -> jax.Array:
   if not block.downsample:
     return x
   y = _conv(block.width * block.expansion, 1, block.stride, name="downsample_conv", dtype=block.dtype)(x)
-  return FrozenBatchNorm(block.dtype, name="downsample_bn")(y)
+  return _norm(block.norm, block.dtype, "downsample_bn")(y)
 
 
 class ResNet(nn.Module):
@@ -120,6 +139,8 @@ class ResNet(nn.Module):
   arch: str = "resnet50"
   dilation: bool = False
   dtype: Any = jnp.float32
+  freeze_stem_and_layer1: bool = True
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -134,7 +155,7 @@ class ResNet(nn.Module):
 
     x = images.astype(self.dtype)
     x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.relu(_norm(self.norm, self.dtype, "bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     in_features = 64
@@ -149,10 +170,10 @@ class ResNet(nn.Module):
         x = block_cls(width, stride=stride if first else 1,
                       dilation=previous_dilation if first else dilation,
                       downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
-                      dtype=self.dtype, name=f"layer{stage}_{i}")(x)
+                      dtype=self.dtype, norm=self.norm, name=f"layer{stage}_{i}")(x)
         in_features = width * block_cls.expansion
-      if stage == 1:
-        # The original never trains the stem and layer1.
+      if stage == 1 and self.freeze_stem_and_layer1:
+        # The original never trains the (ImageNet-initialised) stem and layer1.
         x = jax.lax.stop_gradient(x)
     return x
 

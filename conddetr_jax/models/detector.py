@@ -35,6 +35,8 @@ class ConditionalDETR(nn.Module):
   """
   backbone: str = "resnet50"
   dilation: bool = False
+  freeze_stem_and_layer1: bool = True
+  backbone_norm: str = "frozen_bn"
   hidden_dim: int = 256
   nheads: int = 8
   enc_layers: int = 6
@@ -53,7 +55,8 @@ class ConditionalDETR(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3 or pad_mask.shape != images.shape[:3]:
       raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
     d = self.hidden_dim
-    features = ResNet(self.backbone, self.dilation, self.dtype, name="backbone")(images)
+    features = ResNet(self.backbone, self.dilation, self.dtype, self.freeze_stem_and_layer1, self.backbone_norm,
+                      name="backbone")(images)
     batch, h, w, channels = features.shape
     mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)

@@ -5,7 +5,8 @@
 - AdamW with decoupled weight decay on every trainable tensor, biases and norms included (the
   original puts them all in decayed groups);
 - the backbone (layer2-4) at ``lr * backbone_lr_mult``; the stem and layer1 get no update at all
-  (``set_to_zero``: AdamW's weight decay would otherwise move them). Frozen BatchNorm tensors live
+  (``set_to_zero``: AdamW's weight decay would otherwise move them) unless
+  ``config.model.freeze_stem_and_layer1`` is False, when they join the backbone group. Frozen BatchNorm tensors live
   in ``batch_stats`` and never reach the optimiser.
 """
 
@@ -67,7 +68,7 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any,
     The optax transformation; its updates are added to ``params`` with ``optax.apply_updates``.
   """
   opt = config.optimizer
-  labels = models.param_labels(params)
+  labels = models.param_labels(params, config.model.freeze_stem_and_layer1)
 
   def clipped_adamw(learning_rate):
     return optax.chain(
