@@ -68,3 +68,16 @@ def test_train_and_val_differ(tmp_path):
   assert not np.array_equal(train, val)
   with open(tmp_path / "annotations" / "instances_val2017.json") as f:
     assert json.load(f)["images"][0]["file_name"] == "000000000001.jpg"
+
+
+def test_object_size_sets_the_side_of_every_object_relative_to_the_shorter_image_side():
+  for index in range(20):
+    image, objects = synthetic.draw_image(0, 0, index, (100, 140), object_size=(0.4, 0.5))
+    shorter = min(image.shape[:2])
+    for o in objects:
+      # The drawn side is in [0.4, 0.5] x shorter before an aspect jitter of at most 1.4 (a disc's
+      # 1.25), clipped to the image; the tight box can only be smaller than the drawn one.
+      assert max(o["bbox"][2:]) <= 0.5 * shorter * 1.4 + 1
+      assert max(o["bbox"][2:]) >= 0.4 * shorter / 1.4 - 1
+  with pytest.raises(ValueError, match=r"synthetic object size \(0.5, 0.2\)"):
+    synthetic.write_dataset("/nonexistent/never_written", 1, 1, object_size=(0.5, 0.2))

@@ -75,7 +75,8 @@ def default_generated_root(config: ml_collections.ConfigDict) -> str:
   ds = config.dataset
   if ds.source == "synthetic":
     lo, hi = ds.synthetic_image_size
-    name = f"synthetic_{ds.synthetic_num_train}_{ds.synthetic_num_val}_{lo}_{hi}_{ds.synthetic_seed}"
+    small, large = ds.synthetic_object_size
+    name = f"synthetic_{ds.synthetic_num_train}_{ds.synthetic_num_val}_{lo}_{hi}_{small:g}_{large:g}_{ds.synthetic_seed}"
   else:
     name = "tfds_" + ds.tfds_name.replace("/", "_")
   cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
@@ -233,7 +234,8 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
   if ds.source == "synthetic":
     root = _root(config)
     if synthetic.write_dataset(root, ds.synthetic_num_train, ds.synthetic_num_val,
-                               tuple(ds.synthetic_image_size), ds.synthetic_seed):
+                               tuple(ds.synthetic_image_size), ds.synthetic_seed,
+                               tuple(ds.synthetic_object_size)):
       logging.info("Wrote the synthetic dataset to %s", root)
   elif ds.source == "tfds":
     # Imported here: tensorflow_datasets is slow to import and only this source needs it.

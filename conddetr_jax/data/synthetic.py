@@ -30,7 +30,7 @@ CATEGORIES = {
     9: ("cross", (235, 200, 30)),
 }
 _MAX_IOU = 0.35            # most overlap allowed between two boxes of one image
-_REL_SIZE = (0.15, 0.45)   # object side as a fraction of the image's shorter side
+DEFAULT_OBJECT_SIZE = (0.15, 0.45)  # object side as a fraction of the image's shorter side
 _JPEG_QUALITY = 90
 _MARKER = "synthetic.json"  # written last: its presence (with equal parameters) means "complete"
 
@@ -82,7 +82,8 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
 
 
-def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, int]
+def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, int],
+               object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Draws one image and its objects.
 
@@ -91,6 +92,8 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
     split_code: 0 for train, 1 for val (different images per split).
     index: image index within the split.
     size_range: (min, max) for the height and the width, each drawn independently.
+    object_size: (min, max) side of an object (before its aspect jitter) as a fraction of the
+      image's shorter side.
   Returns:
     (h, w, 3) uint8 image and a list of {"bbox": [x, y, w, h], "category_id", "area"} dicts.
   """
@@ -104,7 +107,7 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
     cat = ids[int(rng.integers(len(ids)))]
     name, colour = CATEGORIES[cat]
     for _attempt in range(20):
-      side = rng.uniform(*_REL_SIZE) * min(h, w)
+      side = rng.uniform(*object_size) * min(h, w)
       aspect = rng.uniform(0.7, 1.4) if name != "disc" else rng.uniform(0.8, 1.25)
       bw = max(4, min(w, int(round(side * aspect))))
       bh = max(4, min(h, int(round(side / aspect))))
@@ -129,13 +132,13 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
 
 
 def _write_split(root: str, split: str, split_code: int, num_images: int, size_range: tuple[int, int],
-                 seed: int) -> None:
+                 object_size: tuple[float, float], seed: int) -> None:
   image_dir = os.path.join(root, f"{split}2017")
   os.makedirs(image_dir, exist_ok=True)
   images, annotations = [], []
   for index in range(num_images):
     image_id = index + 1
-    pixels, objects = draw_image(seed, split_code, index, size_range)
+    pixels, objects = draw_image(seed, split_code, index, size_range, object_size)
     file_name = f"{image_id:012d}.jpg"
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=_JPEG_QUALITY)
@@ -155,7 +158,7 @@ def _write_split(root: str, split: str, split_code: int, num_images: int, size_r
 
 
 def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int, int] = (128, 192),
-                  seed: int = 0) -> bool:
+                  seed: int = 0, object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> bool:
   """Writes the dataset under ``root`` unless an identical one is already there.
 
   Args:
@@ -164,13 +167,15 @@ def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int
     num_val: number of val images.
     size_range: (min, max) image height and width in pixels.
     seed: generator seed; the dataset is a pure function of all the arguments but ``root``.
+    object_size: (min, max) object side as a fraction of the image's shorter side.
   Returns:
     True if the dataset was written, False if it was already complete.
   Raises:
     ValueError: ``root`` holds a synthetic dataset with other parameters.
   """
   params = {"num_train": int(num_train), "num_val": int(num_val),
-            "size_range": [int(size_range[0]), int(size_range[1])], "seed": int(seed)}
+            "size_range": [int(size_range[0]), int(size_range[1])], "seed": int(seed),
+            "object_size": [float(object_size[0]), float(object_size[1])]}
   marker = os.path.join(root, _MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
@@ -181,8 +186,10 @@ def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int
                      "choose another config.dataset.root or delete it.")
   if not 0 < size_range[0] <= size_range[1]:
     raise ValueError(f"synthetic image size range {size_range} must satisfy 0 < min <= max")
+  if not 0 < object_size[0] <= object_size[1] <= 1:
+    raise ValueError(f"synthetic object size {object_size} must satisfy 0 < min <= max <= 1")
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-  _write_split(root, "train", 0, num_train, size_range, seed)
-  _write_split(root, "val", 1, num_val, size_range, seed)
+  _write_split(root, "train", 0, num_train, size_range, object_size, seed)
+  _write_split(root, "val", 1, num_val, size_range, object_size, seed)
   files.write_atomic(marker, json.dumps(params).encode())
   return True
