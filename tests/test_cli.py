@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import matplotlib
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -89,6 +90,59 @@ def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
     assert len(scores) == 100 and scores == sorted(scores, reverse=True)
     assert {d["name"] for d in record["detections"]} <= {"square", "disc", "triangle", "cross"} | {
         f"class {i}" for i in range(10)}
+
+
+def _photograph_folder(root) -> list[tuple[int, int]]:
+  """A COCO-layout folder of real photographs: matplotlib's grace_hopper.jpg (512x600), a crop of
+  it and a grayscale copy, each annotated with one box. Returns the (height, width) per image id."""
+  source = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
+  with Image.open(source) as photo:
+    photos = [photo.convert("RGB"), photo.crop((100, 50, 500, 350)).convert("RGB"), photo.convert("L")]
+  images, annotations = [], []
+  for split in ("train", "val"):
+    os.makedirs(root / f"{split}2017")
+    for image_id, photo in enumerate(photos, start=1):
+      photo.save(root / f"{split}2017" / f"{image_id:012d}.jpg", "JPEG", quality=92)
+  for image_id, photo in enumerate(photos, start=1):
+    w, h = photo.size
+    images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": h, "width": w})
+    annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                        "bbox": [w * 0.2, h * 0.1, w * 0.6, h * 0.8], "area": w * h * 0.48})
+  content = {"images": images, "annotations": annotations,
+             "categories": [{"id": 1, "name": "person", "supercategory": "person"}]}
+  os.makedirs(root / "annotations")
+  for split in ("train", "val"):
+    with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
+      json.dump(content, f)
+  return [(photo.size[1], photo.size[0]) for photo in photos]
+
+
+def test_eval_and_predict_work_on_a_coco_folder_of_real_photographs(setup, tmp_path):
+  _, _, _, workdir, _ = setup
+  root = tmp_path / "photos"
+  sizes = _photograph_folder(root)
+  flags = ["--config=configs/test_tiny.py", "--config.dataset.source=coco", f"--config.dataset.root={root}"]
+  proc = run("eval.py", *flags, f"--checkpoint={workdir}", f"--workdir={tmp_path / 'eval'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "eval" / "detections.json") as f:
+    detections = json.load(f)
+  assert sorted({d["image_id"] for d in detections}) == [1, 2, 3]
+  for d in detections:  # xywh in the original photograph's pixels (centres inside it; as in the
+    h, w = sizes[d["image_id"] - 1]  # original, boxes are not clipped to the image)
+    x, y, bw, bh = d["bbox"]
+    assert 0 <= x + bw / 2 <= w + 1e-3 and 0 <= y + bh / 2 <= h + 1e-3 and bw >= 0 and bh >= 0
+  assert max(d["bbox"][0] + d["bbox"][2] / 2 for d in detections) > 64  # not the resized 64 px input
+
+  proc = run("predict.py", *flags, f"--checkpoint={workdir}", f"--out={tmp_path / 'pred'}", "--threshold=0.0",
+             str(root / "val2017" / "000000000003.jpg"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "pred" / "detections.json") as f:
+    [record] = json.load(f)
+  assert (record["height"], record["width"]) == sizes[2]
+  with Image.open(record["png"]) as png:
+    assert png.format == "PNG" and png.size == (512, 600) and png.mode == "RGB"  # (width, height)
+  # Class names come from this dataset's json: id 1 is "person", the others have no name.
+  assert {d["name"] for d in record["detections"]} <= {"person"} | {f"class {i}" for i in range(10)}
 
 
 def test_missing_checkpoint_is_a_one_line_error(setup, tmp_path):
