@@ -8,6 +8,9 @@ step, with the min-max band over seeds), and prints how many steps each decoder 
 the DETR decoder's final AP.
 
   python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min
+
+Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
+processes (e.g. one per core with ``taskset``) and a last call with all the seeds draws the plot.
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
       --override=per_device_batch_size=16                             # a GPU: a longer run
 """
@@ -69,6 +72,13 @@ def read_ap_curve(workdir: str) -> list[tuple[int, float, float]]:
   return [curve[s] for s in sorted(curve)]
 
 
+def _finished(workdir: str, steps: int) -> bool:
+  """Whether ``workdir`` holds a run evaluated at ``steps`` (its final evaluation)."""
+  if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
+    return False
+  return any(step == steps for step, _, _ in read_ap_curve(workdir))
+
+
 def steps_to_reach(steps: np.ndarray, ap: np.ndarray, target: float) -> int | None:
   """The first evaluated step whose AP is >= target, or None."""
   reached = np.nonzero(ap >= target)[0]
@@ -111,7 +121,8 @@ def main() -> None:
     for decoder in DECODERS:
       workdir = os.path.join(args.out, f"{decoder}_seed{seed}")
       start = time.time()
-      loop.train_and_evaluate(run_config(decoder, seed, args.steps, args.eval_every, args.override), workdir)
+      if not _finished(workdir, args.steps):  # finished runs (e.g. from a parallel invocation) are reused
+        loop.train_and_evaluate(run_config(decoder, seed, args.steps, args.eval_every, args.override), workdir)
       curve = read_ap_curve(workdir)
       print(f"{decoder} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)
       rows += [dict(decoder=decoder, seed=seed, step=s, AP=ap, AP50=ap50) for s, ap, ap50 in curve]
