@@ -336,7 +336,7 @@ def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:
   if os.path.exists(path):
     raise FileExistsError(f"{path} exists; choose a new --out folder")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(path, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    checkpointer.save(path, {k: variables[k] for k in ("params", "batch_stats") if k in variables})
   return path
 
 

@@ -122,7 +122,8 @@ def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.Confi
 
 def load_variables(config: ml_collections.ConfigDict, path: str,
                    sharding: jax.sharding.Sharding | None = None) -> tuple[Any, int | None]:
-  """The model's ``{'params', 'batch_stats'}`` from a checkpoint (see the module docstring).
+  """The model's ``{'params', 'batch_stats'}`` from a checkpoint (see the module docstring); a
+  model without frozen BatchNorm (``backbone_norm='group_norm'``) has no ``batch_stats``.
 
   Args:
     config: the run config; its model must be the checkpoint's (same backbone, sizes, classes).
@@ -147,7 +148,7 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
   abstract = models.init_variables(model, jax.random.PRNGKey(0), abstract=True)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        {k: abstract[k] for k in _VARIABLE_COLLECTIONS})
+                        {k: abstract[k] for k in _VARIABLE_COLLECTIONS if k in abstract})
   restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                    partial_restore=True)
   with ocp.PyTreeCheckpointer() as checkpointer:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import test_tiny
+from conddetr_jax import convert
 from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import inference
@@ -213,6 +214,17 @@ def test_a_training_checkpoint_restores_the_saved_variables(setup):
   config, _, variables, workdir, _ = setup
   restored, step = inference.load_variables(config, workdir)
   assert step == STEP
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
+
+
+def test_a_group_norm_model_saves_and_restores_without_batch_stats(tmp_path):
+  config = test_tiny.get_config()
+  config.model.update(backbone_norm="group_norm", freeze_stem_and_layer1=False)  # the demo's backbone
+  variables = models.init_variables(models.build_model(config), jax.random.PRNGKey(1))
+  assert set(variables) == {"params"}
+  path = convert.save_variables(variables, tmp_path / "group_norm")
+  restored, step = inference.load_variables(config, path)
+  assert step is None and set(restored) == {"params"}
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
 
 

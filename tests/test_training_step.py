@@ -32,9 +32,9 @@ def _batch(seed: int, batch: int = 2, hw: tuple[int, int] = (64, 64), max_boxes:
 class _Run:
   """A tiny model's state and jitted step on one device, counting how often the step is traced."""
 
-  def __init__(self, dtype: str = "float32", variables=None):
+  def __init__(self, dtype: str = "float32", variables=None, **model_overrides):
     self.config = test_tiny.get_config()
-    self.config.model.dtype = dtype
+    self.config.model.update(dtype=dtype, **model_overrides)
     model = models.build_model(self.config)
     if variables is None:
       variables = models.init_variables(model, jax.random.PRNGKey(0))
@@ -136,3 +136,17 @@ def test_bfloat16_compute_keeps_params_optimizer_state_and_loss_in_float32(run):
   # Same initial variables and batch: the loss differs from float32's only by bf16 rounding.
   f32_loss = float(run.first_metrics["loss"])
   assert 1e-6 < abs(float(metrics["loss"]) - f32_loss) < 0.05 * f32_loss
+
+
+def test_group_norm_model_trains_its_whole_backbone_and_has_no_batch_stats():
+  # The demo's from-scratch backbone: GroupNorm, nothing frozen. The first step moves only the
+  # zero-initialised norms ending each residual branch (nothing flows past them yet) and every
+  # tensor outside those branches; after the second step every backbone tensor has moved.
+  gn = _Run(backbone_norm="group_norm", freeze_stem_and_layer1=False)
+  initial = jax.device_get(gn.state)
+  assert initial.batch_stats == {}
+  assert np.isfinite(gn.step(_batch(0))["loss"])
+  gn.step(_batch(1))
+  after = jax.device_get(gn.state)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), initial.params["backbone"], after.params["backbone"])
+  assert all(jax.tree.leaves(moved)), moved
