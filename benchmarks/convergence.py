@@ -8,11 +8,15 @@ step, with the min-max band over seeds), and prints how many steps each decoder 
 the DETR decoder's final AP.
 
   python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min
-
-Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
-processes (e.g. one per core with ``taskset``) and a last call with all the seeds draws the plot.
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
       --override=per_device_batch_size=16                             # a GPU: a longer run
+
+Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
+processes, one per core, and a last call with all the seeds writes the CSV and the plot
+(2 CPU cores: ~22 min):
+  taskset -c 0 python benchmarks/convergence.py --out=/tmp/convergence --seeds=0 &
+  taskset -c 1 python benchmarks/convergence.py --out=/tmp/convergence --seeds=1; wait
+  python benchmarks/convergence.py --out=/tmp/convergence --seeds=0,1
 """
 
 import argparse
@@ -23,6 +27,7 @@ import sys
 import time
 
 import numpy as np
+from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -72,7 +77,7 @@ def read_ap_curve(workdir: str) -> list[tuple[int, float, float]]:
   return [curve[s] for s in sorted(curve)]
 
 
-def _finished(workdir: str, steps: int) -> bool:
+def run_finished(workdir: str, steps: int) -> bool:
   """Whether ``workdir`` holds a run evaluated at ``steps`` (its final evaluation)."""
   if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
     return False
@@ -113,6 +118,7 @@ def main() -> None:
   parser.add_argument("--override", action="append", default=[],
                       help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20")
   args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)  # the training loop's progress lines (loss, images/s, ETA)
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)
 
@@ -121,7 +127,7 @@ def main() -> None:
     for decoder in DECODERS:
       workdir = os.path.join(args.out, f"{decoder}_seed{seed}")
       start = time.time()
-      if not _finished(workdir, args.steps):  # finished runs (e.g. from a parallel invocation) are reused
+      if not run_finished(workdir, args.steps):  # finished runs (e.g. from a parallel invocation) are reused
         loop.train_and_evaluate(run_config(decoder, seed, args.steps, args.eval_every, args.override), workdir)
       curve = read_ap_curve(workdir)
       print(f"{decoder} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)

@@ -63,3 +63,14 @@ def test_steps_to_reach_and_the_config_differ_only_in_the_decoder():
   assert conditional["model"].pop("decoder") == "conditional" and detr["model"].pop("decoder") == "detr"
   assert conditional == detr
   assert conditional["model"]["num_queries"] == 12 and conditional["eval_every_steps"] == 100
+
+
+def test_a_run_counts_as_finished_once_evaluated_at_the_last_step(tmp_path):
+  assert not convergence.run_finished(str(tmp_path / "absent"), 300)
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 100, "loss": 9.0}\n{"step": 200, "AP": 0.1, "AP50": 0.3}\n{"step": 300, "loss": 8.0}\n')
+  assert not convergence.run_finished(str(tmp_path), 300)  # trained to 300, not yet evaluated there
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 300, "AP": 0.2, "AP50": 0.4}\n')
+  assert convergence.run_finished(str(tmp_path), 300)
+  assert convergence.read_ap_curve(str(tmp_path)) == [(200, 0.1, 0.3), (300, 0.2, 0.4)]
