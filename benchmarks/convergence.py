@@ -7,13 +7,13 @@ per decoder, seed and evaluation) and ``<out>/convergence.png`` (mean AP per dec
 step, with the min-max band over seeds), and prints how many steps each decoder needs to reach
 the DETR decoder's final AP.
 
-  python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min
+  python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min (estimated)
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
       --override=per_device_batch_size=16                             # a GPU: a longer run
 
 Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
 processes, one per core, and a last call with all the seeds writes the CSV and the plot
-(2 CPU cores: ~22 min):
+(measured: 18 min a run on its core, 36 min in all, with other jobs on the same 2 cores):
   taskset -c 0 python benchmarks/convergence.py --out=/tmp/convergence --seeds=0 &
   taskset -c 1 python benchmarks/convergence.py --out=/tmp/convergence --seeds=1; wait
   python benchmarks/convergence.py --out=/tmp/convergence --seeds=0,1
@@ -102,7 +102,7 @@ def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
     ax.fill_between(steps, ap.min(0), ap.max(0), color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step")
   ax.set_ylabel("COCO box AP (synthetic val)")
-  ax.set_title("Convergence on the synthetic dataset (same data, seeds, schedule)")
+  ax.set_title("Synthetic shapes: same data, seeds and schedule")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()

@@ -1,10 +1,21 @@
-"""The built-in demo: a small Conditional DETR trained from scratch on generated shapes, on a CPU.
+"""The built-in demo: a small Conditional DETR trained from random weights on generated shapes, on a CPU.
 
 Command: python train.py --config=configs/demo.py --workdir=/tmp/conddetr_demo
-Generates the synthetic dataset (1000 train / 200 val images of 128-192 px, four shape classes)
-under ~/.cache/conddetr_jax if absent, trains a ResNet-18 model with a small transformer, evaluates
-COCO box AP on the val split and draws predictions to <workdir>/predictions/*.png.
-Measured result: see the README's results table.
+Generates the synthetic dataset (1000 train / 200 val images of 128-192 px, four shape classes,
+objects 25-60% of the shorter side) under ~/.cache/conddetr_jax if absent, trains a ResNet-18
+model with a small transformer for 1000 steps of 4 images, evaluates COCO box AP on the val split
+and draws predictions to <workdir>/predictions/*.png. Measured result: see the README's results
+table.
+
+Where it departs from the original's recipe, and why (it trains with no ImageNet weights, which
+the original always starts from):
+- the backbone uses GroupNorm and is trained whole, stem and layer1 included, at the full
+  learning rate: frozen BatchNorm holding init statistics normalises nothing, and the original
+  freezes and slows the backbone only to preserve its ImageNet features (GroupNorm makes
+  detectors train from scratch, He et al., "Rethinking ImageNet Pre-training", 2019);
+- 50 queries for at most 6 objects per image: more reference points cover the small feature map
+  (4x5 to 6x6 cells), which shortens the early phase where matching is random;
+- learning rate 2e-4, dropped x0.1 after 3 epochs (750 steps).
 """
 
 import ml_collections
@@ -13,23 +24,24 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The demo config: small images, ResNet-18, a 2+3-layer transformer of width 256, 10 queries."""
+  """The demo config: small images, ResNet-18 with GroupNorm, a 2+3-layer transformer, 50 queries."""
   config = default.get_config()
-  config.model.update(backbone="resnet18", hidden_dim=256, nheads=8, enc_layers=2, dec_layers=3,
-                      dim_feedforward=1024, dropout=0.0, num_queries=10, num_classes=10)
+  config.model.update(backbone="resnet18", backbone_norm="group_norm", freeze_stem_and_layer1=False,
+                      hidden_dim=256, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=1024, dropout=0.0,
+                      num_queries=50, num_classes=10)
   # Images are 128-192 px: train and evaluate near that size (the original: 480-800 and 800).
   config.dataset.update(
-      source="synthetic", train_scales=(112, 128, 144), train_max_size=192,
-      crop_resize_scales=(160,), crop_min_size=112, crop_max_size=160,
+      source="synthetic", synthetic_object_size=(0.25, 0.6), train_scales=(112, 128, 144),
+      train_max_size=192, crop_resize_scales=(160,), crop_min_size=112, crop_max_size=160,
       eval_size=128, eval_max_size=192, size_divisibility=32, num_buckets=2, max_boxes=10)
-  config.optimizer.update(lr=2e-4)
+  config.optimizer.update(lr=2e-4, backbone_lr_mult=1.0)
   config.per_device_batch_size = 4
   config.eval_per_device_batch_size = 8
-  config.total_steps = 1500
-  config.lr_drop_epoch = 5
+  config.total_steps = 1000
+  config.lr_drop_epoch = 3
   config.log_every_steps = 25
   config.checkpoint_every_steps = 500
   config.eval_every_steps = -1
   config.evaluation.prediction_images = 4
-  config.evaluation.score_threshold = 0.4
+  config.evaluation.score_threshold = 0.25  # after 1000 steps the best scores are ~0.3
   return config
