@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
       synthetic_num_val=200,
       synthetic_image_size=(128, 192),  # (min, max) height and width
       synthetic_object_size=(0.15, 0.45),  # (min, max) object side / the image's shorter side
+      synthetic_max_objects=6,  # 1 to this many objects per image
+      synthetic_max_overlap=0.35,  # the largest IoU between two boxes of an image (0: none)
       synthetic_seed=0,
       num_parallel_calls=-1,    # -1 = tf.data.AUTOTUNE
       prefetch_batches=2,

@@ -58,7 +58,7 @@ class CocoLikeShapes(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_source_exports_images_and_annotations(tmp_path):
   source = str(tmp_path / "source")
-  synthetic.write_dataset(source, 6, 3, (40, 56), seed=4)
+  synthetic.write_dataset(source, 6, 3, synthetic.Scenes(image_size=(40, 56)), seed=4)
   CocoLikeShapes.SOURCE_ROOT = source
   tfds_dir = str(tmp_path / "tfds")
   CocoLikeShapes(data_dir=tfds_dir).download_and_prepare()

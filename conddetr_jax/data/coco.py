@@ -70,13 +70,21 @@ class Split:
     return os.path.join(self.image_dir, str(self.file_names[index]))
 
 
+def synthetic_scenes(config: ml_collections.ConfigDict) -> synthetic.Scenes:
+  """The synthetic dataset's drawing parameters from ``config.dataset.synthetic_*``."""
+  ds = config.dataset
+  return synthetic.Scenes(image_size=tuple(ds.synthetic_image_size), object_size=tuple(ds.synthetic_object_size),
+                          max_objects=ds.synthetic_max_objects, max_overlap=ds.synthetic_max_overlap)
+
+
 def default_generated_root(config: ml_collections.ConfigDict) -> str:
   """Where a generated (synthetic) or exported (tfds) dataset lives when ``root`` is empty."""
   ds = config.dataset
   if ds.source == "synthetic":
-    lo, hi = ds.synthetic_image_size
-    small, large = ds.synthetic_object_size
-    name = f"synthetic_{ds.synthetic_num_train}_{ds.synthetic_num_val}_{lo}_{hi}_{small:g}_{large:g}_{ds.synthetic_seed}"
+    scenes = synthetic_scenes(config)
+    name = "_".join(["synthetic"] + [f"{v:g}" for v in (ds.synthetic_num_train, ds.synthetic_num_val,
+                                                        *scenes.image_size, *scenes.object_size,
+                                                        scenes.max_objects, scenes.max_overlap, ds.synthetic_seed)])
   else:
     name = "tfds_" + ds.tfds_name.replace("/", "_")
   cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
@@ -233,9 +241,8 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
   ds = config.dataset
   if ds.source == "synthetic":
     root = _root(config)
-    if synthetic.write_dataset(root, ds.synthetic_num_train, ds.synthetic_num_val,
-                               tuple(ds.synthetic_image_size), ds.synthetic_seed,
-                               tuple(ds.synthetic_object_size)):
+    if synthetic.write_dataset(root, ds.synthetic_num_train, ds.synthetic_num_val, synthetic_scenes(config),
+                               ds.synthetic_seed):
       logging.info("Wrote the synthetic dataset to %s", root)
   elif ds.source == "tfds":
     # Imported here: tensorflow_datasets is slow to import and only this source needs it.

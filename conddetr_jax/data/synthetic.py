@@ -1,10 +1,11 @@
 """A small COCO-format detection dataset of drawn shapes: the built-in default, nothing downloaded.
 
-Each image is a textured background (colour gradient, stripes, noise) with 1-6 filled shapes.
-Every class has its own shape and base colour (jittered), so a small detector learns it in
-minutes; category ids are deliberately non-contiguous, as in COCO. Boxes are allowed to overlap
-(pairwise IoU up to ``_MAX_IOU``), so later shapes partly occlude earlier ones. Boxes are the
-tight extent of each drawn shape.
+Each image is a textured background (colour gradient, stripes, noise) with 1 to ``max_objects``
+filled shapes (``Scenes`` holds these parameters). Every class has its own shape and base colour
+(jittered), so a small detector learns it in minutes; category ids are deliberately
+non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so later
+shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden parts
+included (amodal), so heavy overlap makes some boxes impossible to see whole.
 
 The output follows the original's COCO layout, so the ``coco`` source reads it unchanged:
 ``ROOT/annotations/instances_{train,val}2017.json`` and ``ROOT/{train,val}2017/*.jpg``.
@@ -12,6 +13,7 @@ Every image is a pure function of (seed, split, index): generation is determinis
 in several processes at once (each file is written to a temporary name and renamed).
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -29,10 +31,43 @@ CATEGORIES = {
     7: ("triangle", (40, 80, 220)),
     9: ("cross", (235, 200, 30)),
 }
-_MAX_IOU = 0.35            # most overlap allowed between two boxes of one image
-DEFAULT_OBJECT_SIZE = (0.15, 0.45)  # object side as a fraction of the image's shorter side
+_PLACEMENT_ATTEMPTS = 20    # an object that finds no place this often (too much overlap) is skipped
 _JPEG_QUALITY = 90
 _MARKER = "synthetic.json"  # written last: its presence (with equal parameters) means "complete"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenes:
+  """What the drawn images look like.
+
+  Attributes:
+    image_size: (min, max) image height and width in pixels, each drawn independently.
+    object_size: (min, max) object side (before its aspect jitter) as a fraction of the image's
+      shorter side.
+    max_objects: each image draws 1 to this many objects.
+    max_overlap: the largest IoU allowed between two boxes of one image (0: no overlap).
+  """
+  image_size: tuple[int, int] = (128, 192)
+  object_size: tuple[float, float] = (0.15, 0.45)
+  max_objects: int = 6
+  max_overlap: float = 0.35
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first parameter out of range."""
+    if not 0 < self.image_size[0] <= self.image_size[1]:
+      raise ValueError(f"synthetic image size range {self.image_size} must satisfy 0 < min <= max")
+    if not 0 < self.object_size[0] <= self.object_size[1] <= 1:
+      raise ValueError(f"synthetic object size {self.object_size} must satisfy 0 < min <= max <= 1")
+    if self.max_objects < 1:
+      raise ValueError(f"synthetic max_objects={self.max_objects} must be >= 1")
+    if not 0 <= self.max_overlap <= 1:
+      raise ValueError(f"synthetic max_overlap={self.max_overlap} must be in [0, 1]")
+
+  def as_json(self) -> dict[str, Any]:
+    """The parameters as plain json values (the dataset's marker records them)."""
+    return {"size_range": [int(v) for v in self.image_size],
+            "object_size": [float(v) for v in self.object_size],
+            "max_objects": int(self.max_objects), "max_overlap": float(self.max_overlap)}
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -82,8 +117,7 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
 
 
-def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, int],
-               object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE
+def draw_image(seed: int, split_code: int, index: int, scenes: Scenes = Scenes()
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Draws one image and its objects.
 
@@ -91,30 +125,28 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
     seed: dataset seed.
     split_code: 0 for train, 1 for val (different images per split).
     index: image index within the split.
-    size_range: (min, max) for the height and the width, each drawn independently.
-    object_size: (min, max) side of an object (before its aspect jitter) as a fraction of the
-      image's shorter side.
+    scenes: the image and object parameters.
   Returns:
     (h, w, 3) uint8 image and a list of {"bbox": [x, y, w, h], "category_id", "area"} dicts.
   """
   rng = np.random.default_rng([seed, split_code, index])
-  h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
+  h, w = (int(v) for v in rng.integers(scenes.image_size[0], scenes.image_size[1] + 1, size=2))
   img = _background(rng, h, w)
   ids = list(CATEGORIES)
   boxes = np.zeros((0, 4), np.float32)
   objects = []
-  for _ in range(int(rng.integers(1, 7))):
+  for _ in range(int(rng.integers(1, scenes.max_objects + 1))):
     cat = ids[int(rng.integers(len(ids)))]
     name, colour = CATEGORIES[cat]
-    for _attempt in range(20):
-      side = rng.uniform(*object_size) * min(h, w)
+    for _attempt in range(_PLACEMENT_ATTEMPTS):
+      side = rng.uniform(*scenes.object_size) * min(h, w)
       aspect = rng.uniform(0.7, 1.4) if name != "disc" else rng.uniform(0.8, 1.25)
       bw = max(4, min(w, int(round(side * aspect))))
       bh = max(4, min(h, int(round(side / aspect))))
       x = int(rng.integers(0, w - bw + 1))
       y = int(rng.integers(0, h - bh + 1))
       box = np.array([x, y, bw, bh], np.float32)
-      if not len(boxes) or _iou(box, boxes).max() <= _MAX_IOU:
+      if not len(boxes) or _iou(box, boxes).max() <= scenes.max_overlap:
         break
     else:
       continue
@@ -131,14 +163,13 @@ def draw_image(seed: int, split_code: int, index: int, size_range: tuple[int, in
   return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def _write_split(root: str, split: str, split_code: int, num_images: int, size_range: tuple[int, int],
-                 object_size: tuple[float, float], seed: int) -> None:
+def _write_split(root: str, split: str, split_code: int, num_images: int, scenes: Scenes, seed: int) -> None:
   image_dir = os.path.join(root, f"{split}2017")
   os.makedirs(image_dir, exist_ok=True)
   images, annotations = [], []
   for index in range(num_images):
     image_id = index + 1
-    pixels, objects = draw_image(seed, split_code, index, size_range, object_size)
+    pixels, objects = draw_image(seed, split_code, index, scenes)
     file_name = f"{image_id:012d}.jpg"
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=_JPEG_QUALITY)
@@ -157,25 +188,22 @@ def _write_split(root: str, split: str, split_code: int, num_images: int, size_r
                 json.dumps(content).encode())
 
 
-def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int, int] = (128, 192),
-                  seed: int = 0, object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> bool:
+def write_dataset(root: str, num_train: int, num_val: int, scenes: Scenes = Scenes(), seed: int = 0) -> bool:
   """Writes the dataset under ``root`` unless an identical one is already there.
 
   Args:
     root: output folder (created if needed).
     num_train: number of train images.
     num_val: number of val images.
-    size_range: (min, max) image height and width in pixels.
+    scenes: the image and object parameters.
     seed: generator seed; the dataset is a pure function of all the arguments but ``root``.
-    object_size: (min, max) object side as a fraction of the image's shorter side.
   Returns:
     True if the dataset was written, False if it was already complete.
   Raises:
     ValueError: ``root`` holds a synthetic dataset with other parameters.
   """
-  params = {"num_train": int(num_train), "num_val": int(num_val),
-            "size_range": [int(size_range[0]), int(size_range[1])], "seed": int(seed),
-            "object_size": [float(object_size[0]), float(object_size[1])]}
+  scenes.validate()
+  params = {"num_train": int(num_train), "num_val": int(num_val), "seed": int(seed), **scenes.as_json()}
   marker = os.path.join(root, _MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
@@ -184,12 +212,8 @@ def write_dataset(root: str, num_train: int, num_val: int, size_range: tuple[int
       return False
     raise ValueError(f"{root} already holds a synthetic dataset with parameters {existing}, not {params}; "
                      "choose another config.dataset.root or delete it.")
-  if not 0 < size_range[0] <= size_range[1]:
-    raise ValueError(f"synthetic image size range {size_range} must satisfy 0 < min <= max")
-  if not 0 < object_size[0] <= object_size[1] <= 1:
-    raise ValueError(f"synthetic object size {object_size} must satisfy 0 < min <= max <= 1")
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-  _write_split(root, "train", 0, num_train, size_range, object_size, seed)
-  _write_split(root, "val", 1, num_val, size_range, object_size, seed)
+  _write_split(root, "train", 0, num_train, scenes, seed)
+  _write_split(root, "val", 1, num_val, scenes, seed)
   files.write_atomic(marker, json.dumps(params).encode())
   return True
