@@ -2,7 +2,7 @@
 
 Each image is a textured background (colour gradient, stripes, noise) with 1 to ``max_objects``
 filled shapes (``Scenes`` holds these parameters). Every class has its own shape and base colour
-(jittered), so a small detector learns it in minutes; category ids are deliberately
+(jittered), so a small detector tells the classes apart within minutes; category ids are deliberately
 non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so later
 shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden parts
 included (amodal), so heavy overlap makes some boxes impossible to see whole.
