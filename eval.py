@@ -19,8 +19,9 @@ from ml_collections import config_flags
 # Set before TensorFlow or JAX load: TF only runs the input pipeline.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from conddetr_jax import checkpoint_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
@@ -38,13 +39,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    result = inference.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value, _SPLIT.value)
+    result = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value, _SPLIT.value)
   except (FileNotFoundError, ValueError, data.BadImageError) as e:
     sys.exit(f"error: {e}")
   if result.summary:
     print(f"COCO bbox, {result.num_images} {_SPLIT.value} images, checkpoint {_CHECKPOINT.value}:")
     print(result.summary, end="")
-    print(f"Wrote {os.path.join(_WORKDIR.value, inference.DETECTIONS_FILE)}")
+    print(f"Wrote {os.path.join(_WORKDIR.value, evaluation.DETECTIONS_FILE)}")
 
 
 if __name__ == "__main__":

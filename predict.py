@@ -16,8 +16,10 @@ from ml_collections import config_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from conddetr_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import prediction  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
@@ -32,14 +34,14 @@ def main(argv):
     raise app.UsageError("give at least one image file")
   try:
     config = _CONFIG.value
-    variables, _ = inference.load_variables(config, _CHECKPOINT.value)
-    records = inference.predict_files(config, models.build_model(config), variables, images, _OUT.value,
-                                      _THRESHOLD.value)
+    variables, _ = weights.load_variables(config, _CHECKPOINT.value)
+    records = prediction.predict_files(config, models.build_model(config), variables, images, _OUT.value,
+                                       _THRESHOLD.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   for record in records:
     print(f"{record['file']}: {len(record['detections'])} detections -> {record['png']}")
-  print(f"Wrote {os.path.join(_OUT.value, inference.DETECTIONS_FILE)}")
+  print(f"Wrote {os.path.join(_OUT.value, evaluation.DETECTIONS_FILE)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from conddetr_jax import models
+from conddetr_jax import sharding
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -68,7 +69,7 @@ def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
   step_fn = lambda state, b: step_lib.train_step(state, b, model=model, tx=tx, config=config)
-  par = parallel.JitParallel(step_fn, parallel.make_mesh())
+  par = parallel.JitParallel(step_fn, sharding.make_mesh())
   holder = {"state": par.device_state(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))}
   device_batch = jax.device_put(batch, par.batch_sharding)
   t0 = time.perf_counter()

@@ -15,7 +15,8 @@ Every supported layout is first renamed to the original repository's state-dict 
 torch is imported only to read ``.pth``/``.bin`` files.
 
 CLI: ``python -m conddetr_jax.convert --config=configs/r50.py --torch=conddetr_r50.pth --out=DIR``
-writes an Orbax checkpoint of the variables that eval.py and ``config.init_from`` restore.
+writes an Orbax checkpoint of the variables that eval.py and ``config.init_from`` restore
+(``weights.load_variables``).
 """
 
 import argparse
@@ -312,20 +313,6 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
         skip and class_head is not None and class_head.shape[0] != config.model.num_classes)
     variables = init_variables(config, config.get("seed", 0), abstract=not keeps_init)
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing)
-
-
-def load_initial_weights(path: str, config: ml_collections.ConfigDict, variables: Any) -> Any:
-  """``config.init_from``: the initial variables of a run from ``path``.
-
-  A file is a PyTorch-world checkpoint (the original's .pth, a torchvision ResNet whose missing
-  tensors keep ``variables``' values, HF weights); a folder is an Orbax checkpoint (a training
-  workdir, one of its steps, or this module's CLI output).
-  """
-  if os.path.isdir(path):
-    from conddetr_jax import inference  # pylint: disable=g-import-not-at-top  (inference imports this module)
-    loaded, _ = inference.load_variables(config, path)
-    return loaded
-  return from_torch(path, config, variables=variables)
 
 
 def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:

@@ -30,12 +30,13 @@ from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
 from conddetr_jax import postprocess
+from conddetr_jax import sharding
 from conddetr_jax import visualize
 from conddetr_jax.data import transforms
-from conddetr_jax.training import parallel
 
 # COCOeval.stats, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+DETECTIONS_FILE = "detections.json"  # the name eval.py and predict.py write detections under
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -163,8 +164,8 @@ def gather_detections(config: ml_collections.ConfigDict, model: flax.linen.Modul
   Raises:
     RuntimeError: an image came back more than once (the data sharding is broken).
   """
-  batch_sharding = parallel.batch_sharding(mesh)
-  variables = jax.device_put(variables, parallel.replicated(mesh))
+  batch_sharding = sharding.batch_sharding(mesh)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
   global_batch_size = config.eval_per_device_batch_size * mesh.size
   k = top_k(config)
   pending = []

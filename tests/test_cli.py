@@ -15,11 +15,13 @@ import pytest
 from PIL import Image
 
 from configs import test_tiny
+from conddetr_jax import checkpoint_eval
 from conddetr_jax import convert
 from conddetr_jax import data
 from conddetr_jax import evaluation
-from conddetr_jax import inference
+from conddetr_jax import image_files
 from conddetr_jax import models
+from conddetr_jax import weights
 from conddetr_jax.training import checkpoint
 from conddetr_jax.training import optimizer
 from conddetr_jax.training import state as state_lib
@@ -167,7 +169,7 @@ def test_dataset_root_without_annotations_is_named(setup, tmp_path):
   config = ml_collections.ConfigDict(config.to_dict())
   config.dataset.update(source="coco", root=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=f"Annotation file not found: {tmp_path}/annotations/instances_"):
-    inference.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
+    checkpoint_eval.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
 
 
 def test_missing_val_image_is_named(setup, tmp_path):
@@ -178,7 +180,7 @@ def test_missing_val_image_is_named(setup, tmp_path):
   config = ml_collections.ConfigDict(config.to_dict())
   config.dataset.root = str(root)
   with pytest.raises(data.BadImageError, match="val2017/000000000004.jpg"):
-    inference.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
+    checkpoint_eval.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
 
 
 def test_unreadable_image_is_named(setup, tmp_path):
@@ -186,9 +188,9 @@ def test_unreadable_image_is_named(setup, tmp_path):
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"not an image")
   with pytest.raises(ValueError, match=f"cannot read image {bad}"):
-    inference.load_image(str(bad), config)
+    image_files.load_image(str(bad), config)
   with pytest.raises(FileNotFoundError, match=f"image not found: {tmp_path}/none.jpg"):
-    inference.load_image(str(tmp_path / "none.jpg"), config)
+    image_files.load_image(str(tmp_path / "none.jpg"), config)
 
 
 # ------------------------------------------------------------------ checkpoint paths (in-process)
@@ -196,23 +198,23 @@ def test_unreadable_image_is_named(setup, tmp_path):
 def test_checkpoint_paths_resolve_to_the_variables_tree(setup, tmp_path):
   config, _, variables, workdir, _ = setup
   latest = os.path.join(workdir, "checkpoints", str(STEP), "state")
-  assert inference.resolve_orbax_checkpoint(workdir) == latest
-  assert inference.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints")) == latest
-  assert inference.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints", "2")).endswith("/2/state")
+  assert weights.resolve_orbax_checkpoint(workdir) == latest
+  assert weights.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints")) == latest
+  assert weights.resolve_orbax_checkpoint(os.path.join(workdir, "checkpoints", "2")).endswith("/2/state")
   # An Orbax tree of just the variables (what the converter writes).
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(str(tmp_path / "converted"), variables)
-  assert inference.resolve_orbax_checkpoint(str(tmp_path / "converted")) == str(tmp_path / "converted")
-  restored, step = inference.load_variables(config, str(tmp_path / "converted"))
+  assert weights.resolve_orbax_checkpoint(str(tmp_path / "converted")) == str(tmp_path / "converted")
+  restored, step = weights.load_variables(config, str(tmp_path / "converted"))
   assert step is None
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    inference.resolve_orbax_checkpoint(str(tmp_path))
+    weights.resolve_orbax_checkpoint(str(tmp_path))
 
 
 def test_a_training_checkpoint_restores_the_saved_variables(setup):
   config, _, variables, workdir, _ = setup
-  restored, step = inference.load_variables(config, workdir)
+  restored, step = weights.load_variables(config, workdir)
   assert step == STEP
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
 
@@ -223,7 +225,7 @@ def test_a_group_norm_model_saves_and_restores_without_batch_stats(tmp_path):
   variables = models.init_variables(models.build_model(config), jax.random.PRNGKey(1))
   assert set(variables) == {"params"}
   path = convert.save_variables(variables, tmp_path / "group_norm")
-  restored, step = inference.load_variables(config, path)
+  restored, step = weights.load_variables(config, path)
   assert step is None and set(restored) == {"params"}
   jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
 
@@ -234,14 +236,14 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(setup):
   other.model.num_classes = 91
   with pytest.raises(ValueError, match=r"does not fit(.|\n)*params/class_embed/kernel: checkpoint \(32, 10\), "
                                        r"model \(32, 91\)"):
-    inference.load_variables(other, workdir)
+    weights.load_variables(other, workdir)
 
 
 def test_image_files_are_resized_as_in_evaluation_and_padded(setup, tmp_path):
   config = setup[0]  # eval_size 64, eval_max_size 64, size_divisibility 32
   path = tmp_path / "flat.png"
   Image.fromarray(np.full((100, 150, 3), (124, 116, 104), np.uint8)).save(path)  # ~ the ImageNet mean
-  loaded = inference.load_image(str(path), config)
+  loaded = image_files.load_image(str(path), config)
   assert loaded.pixels.shape == (100, 150, 3) and loaded.orig_size.tolist() == [[100, 150]]
   assert loaded.image.shape == (1, 64, 64, 3) and loaded.pad_mask.shape == (1, 64, 64)
   # Shorter side 64 would make the longer one 96 > 64: the longer side is capped at 64 instead.

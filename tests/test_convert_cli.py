@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from configs import default
-from conddetr_jax import convert, inference
+from conddetr_jax import convert, weights
 from tests import hf_reference
 
 SMALL = dict(num_queries=10, num_classes=7, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
@@ -34,7 +34,7 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path):
                            f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval.py" in result.stdout
-  restored, step = inference.load_variables(small_config(), str(out))
+  restored, step = weights.load_variables(small_config(), str(out))
   assert step is None
   expected = convert.from_torch(state, small_config())
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)

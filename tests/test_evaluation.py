@@ -22,7 +22,7 @@ from conddetr_jax import evaluation
 from conddetr_jax import models
 from conddetr_jax import visualize
 from conddetr_jax.data import transforms
-from conddetr_jax.training import parallel
+from conddetr_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +114,7 @@ def test_coco_metrics_refuse_a_different_image_set(config):
 def test_evaluator_equals_pycocotools_on_its_detections_file(config, model_and_variables, tmp_path):
   model, variables = model_and_variables
   path = str(tmp_path / "detections.json")
-  result = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(), detections_path=path)
+  result = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(), detections_path=path)
   with open(path) as f:
     results = json.load(f)
   expected = coco_eval_stats(data.annotation_path(config, "val"), results)
@@ -134,7 +134,7 @@ def test_every_image_once_and_outputs_independent_of_batch_size(config, model_an
   README for images that share a leftover batch with images of another bucket).
   """
   model, variables = model_and_variables
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   one, three = (evaluation.gather_detections(_with_batch_size(config, b), model, variables, mesh) for b in (1, 3))
   for dets in (one, three):
     assert dets["image_id"].tolist() == sorted(gt_images(config))
@@ -168,7 +168,7 @@ class _FixedBoxes(nn.Module):
 
 def test_boxes_are_in_original_image_pixels(config):
   """The model's normalised box of the resized image maps onto the original image's pixels."""
-  dets = evaluation.gather_detections(config, _FixedBoxes(), {}, parallel.make_mesh())
+  dets = evaluation.gather_detections(config, _FixedBoxes(), {}, sharding.make_mesh())
   images = gt_images(config)
   assert dets["image_id"].tolist() == sorted(images)
   for image_id, boxes, labels in zip(dets["image_id"], dets["boxes"], dets["labels"]):
@@ -216,12 +216,12 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize("127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     from conddetr_jax import evaluation, models
-    from conddetr_jax.training import parallel
+    from conddetr_jax import sharding
     from tests import test_evaluation
     config = test_evaluation.tiny_config(sys.argv[3])
     model = models.build_model(config)
     variables = models.init_variables(model, jax.random.PRNGKey(0))
-    result = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(),
+    result = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(),
                                        detections_path=sys.argv[4])
     print("METRICS" + json.dumps([jax.device_count(), result.num_images, result.metrics]))
 """)
@@ -230,7 +230,7 @@ _WORKER = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_of_two_devices_give_the_single_device_numbers(config, model_and_variables, tmp_path):
   model, variables = model_and_variables
-  single = evaluation.run_evaluation(config, model, variables, parallel.make_mesh(),
+  single = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(),
                                      detections_path=str(tmp_path / "single.json"))
   port = str(20000 + os.getpid() % 20000)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conddetr_jax import convert
+from conddetr_jax import weights
 from tests.test_model import tiny_config
 
 
@@ -13,11 +14,11 @@ def test_init_from_an_orbax_folder_restores_the_saved_variables(tmp_path):
   saved = convert.init_variables(config, seed=1)
   path = convert.save_variables(saved, tmp_path / "weights")
   fresh = convert.init_variables(config, seed=2)
-  loaded = convert.load_initial_weights(path, config, fresh)
+  loaded = weights.load_initial_weights(path, config, fresh)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(saved))
 
 
 def test_init_from_a_missing_file_names_it(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="nope.pth"):
-    convert.load_initial_weights(str(tmp_path / "nope.pth"), config, convert.init_variables(config, abstract=True))
+    weights.load_initial_weights(str(tmp_path / "nope.pth"), config, convert.init_variables(config, abstract=True))

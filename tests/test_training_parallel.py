@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from configs import test_tiny
 from conddetr_jax import models
+from conddetr_jax import sharding
 from conddetr_jax.training import optimizer, parallel, step as step_lib, state as state_lib
 
 assert jax.device_count() == 8
@@ -43,7 +44,7 @@ out = {}
 for name, cls, devices in (("one", parallel.JitParallel, jax.devices()[:1]),
                            ("jit", parallel.JitParallel, jax.devices()),
                            ("pmap", parallel.PmapParallel, jax.devices())):
-  par = cls(step_fn, parallel.make_mesh(devices))
+  par = cls(step_fn, sharding.make_mesh(devices))
   device_batch = jax.device_put(par.host_batch(batch), par.batch_sharding)
   state, metrics = par.step(par.device_state(initial), device_batch)
   out[name + "_devices"] = len(device_batch["image"].sharding.device_set)

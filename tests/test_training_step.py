@@ -9,6 +9,7 @@ import pytest
 
 from configs import test_tiny
 from conddetr_jax import models
+from conddetr_jax import sharding
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -46,7 +47,7 @@ class _Run:
       self.traces += 1
       return step_lib.train_step(state, batch, model=model, tx=tx, config=self.config)
 
-    self.par = parallel.JitParallel(counted_step, parallel.make_mesh(jax.devices()[:1]))
+    self.par = parallel.JitParallel(counted_step, sharding.make_mesh(jax.devices()[:1]))
     self.state = self.par.device_state(state_lib.create_train_state(variables, tx,
                                                                     state_lib.dropout_key_data(self.config)))
 

@@ -18,12 +18,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from conddetr_jax import convert, data, evaluation, models
+from conddetr_jax import data, evaluation, models, weights
+from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
-CHECKPOINT_DIR = "checkpoints"
 PREDICTIONS_DIR = "predictions"
 RNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
 
@@ -115,7 +115,7 @@ def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, r
   variables = models.init_variables(model, rng)
   if config.init_from:
     logging.info("Initial weights from %s", config.init_from)
-    variables = convert.load_initial_weights(config.init_from, config, jax.device_get(variables))
+    variables = weights.load_initial_weights(config.init_from, config, jax.device_get(variables))
   return jax.jit(create, out_shardings=sharding)(variables)
 
 
@@ -175,12 +175,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
   tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
   create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))
-  mesh = parallel.make_mesh()
-  replicated = parallel.replicated(mesh)
+  mesh = sharding_lib.make_mesh()
+  replicated = sharding_lib.replicated(mesh)
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
   par = parallel.make_parallel(config.parallel, step_fn, mesh)
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, weights.CHECKPOINT_DIR), config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is None:
     host_state = _initial_state(config, model, create, init_rng, replicated)

@@ -1,4 +1,4 @@
-"""Data parallelism: one ``Mesh`` with a ``data`` axis, and the train step compiled on it.
+"""Data parallelism: the train step compiled on the ``data`` axis of the mesh, by jit or pmap.
 
 Two ways to run the same ``train_step`` (``config.parallel``):
 - ``jit`` (default): the global batch is one ``jax.Array`` sharded over ``data``, the state is
@@ -9,6 +9,7 @@ Two ways to run the same ``train_step`` (``config.parallel``):
 Both take this process's numpy slice of the global batch (``host_batch``, then
 ``data.to_global_arrays`` with ``batch_sharding``) and hand back states whose leaves are
 replicated global arrays (``host_state``), which is what checkpoints and evaluation use.
+The mesh and its shardings are ``conddetr_jax.sharding``'s, which evaluation shares.
 """
 
 import functools
@@ -19,32 +20,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from conddetr_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from conddetr_jax.training.state import TrainState
 
-DATA_AXIS = "data"
 PARALLEL_MODES = ("jit", "pmap")
 
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
-
-
-def make_mesh(devices: Any = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: all devices of all processes) with axis ``data``.
-
-  ``jax.devices()`` lists each process's devices together, so every host's data shard is one
-  contiguous block of the global batch.
-  """
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  """The sharding of the state: a full copy on every device."""
-  return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The sharding of a global batch: split along its leading (batch) axis over ``data``."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 class JitParallel:

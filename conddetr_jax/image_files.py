@@ -1,0 +1,64 @@
+"""An image file read as the model takes it at evaluation (predict.py's input).
+
+Images are read with PIL and resized as the original's evaluation (shorter side ``eval_size``,
+longer side at most ``eval_max_size``; PIL bilinear, as the original), then padded to a multiple
+of ``size_divisibility``.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+
+from conddetr_jax.data import batching
+from conddetr_jax.data import transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedImage:
+  """One image file, as drawn and as the model takes it.
+
+  Attributes:
+    pixels: (h, w, 3) uint8 RGB, EXIF orientation applied.
+    image: (1, H, W, 3) float32, resized, ImageNet-normalised, zero-padded to a multiple of
+      ``size_divisibility``.
+    pad_mask: (1, H, W) bool, True on padding.
+    orig_size: (1, 2) int32 (h, w) of ``pixels``.
+  """
+  pixels: np.ndarray
+  image: np.ndarray
+  pad_mask: np.ndarray
+  orig_size: np.ndarray
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
+  """Reads an image file of any format PIL knows and prepares it as the evaluation does.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not a readable image (the message names it).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"image not found: {path}")
+  try:
+    with Image.open(path) as f:
+      # Phone photos store their rotation in EXIF: apply it, so boxes match what viewers show.
+      pil = ImageOps.exif_transpose(f).convert("RGB")
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+  ds = config.dataset
+  h, w = pil.height, pil.width
+  out_h, out_w = (int(v[0]) for v in transforms.resized_size(np.array([h]), np.array([w]), ds.eval_size,
+                                                             ds.eval_max_size))
+  resized = np.asarray(pil.resize((out_w, out_h), Image.BILINEAR) if (out_h, out_w) != (h, w) else pil,
+                       np.float32)
+  normalised = (resized / 255.0 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)
+  pad_h, pad_w = (int(v) for v in batching.round_up(np.array([out_h, out_w]), ds.size_divisibility))
+  image = np.zeros((1, pad_h, pad_w, 3), np.float32)
+  image[0, :out_h, :out_w] = normalised
+  pad_mask = np.ones((1, pad_h, pad_w), bool)
+  pad_mask[0, :out_h, :out_w] = False
+  return LoadedImage(pixels=np.asarray(pil, np.uint8), image=image, pad_mask=pad_mask,
+                     orig_size=np.array([[h, w]], np.int32))

@@ -1,0 +1,136 @@
+"""A model's variables restored from any checkpoint, for eval.py, predict.py and ``config.init_from``.
+
+Resuming a run (the whole train state) is ``training/checkpoint.py``'s job; this module reads
+only the model's ``{'params', 'batch_stats'}``, from a checkpoint that is one of:
+- a training workdir (its latest step), its ``checkpoints/`` folder (the latest step), or one step's
+  folder (``<workdir>/checkpoints/<step>``): Orbax, as ``training/checkpoint.py`` writes it; only the
+  model's variables are read, on any number of devices;
+- an Orbax checkpoint holding just ``{'params', 'batch_stats'}`` (``python -m conddetr_jax.convert``);
+- a PyTorch/HF file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``): converted on the fly by
+  ``convert.from_torch``.
+"""
+
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from conddetr_jax import convert
+from conddetr_jax import models
+
+CHECKPOINT_DIR = "checkpoints"  # a training workdir's folder of step checkpoints
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+_VARIABLE_COLLECTIONS = ("params", "batch_stats")
+_TRAIN_STATE_ITEM = "state"  # the item of a step folder that training/checkpoint.py saves the state in
+_ORBAX_METADATA = "_METADATA"  # present in every Orbax PyTree checkpoint folder
+
+
+def _latest_step_dir(directory: epath.Path) -> epath.Path | None:
+  """The newest complete step folder of an Orbax ``CheckpointManager`` directory, or None."""
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  return None if step is None else directory / str(step)
+
+
+def resolve_orbax_checkpoint(path: str) -> str:
+  """The Orbax tree that holds the variables, from a workdir, a checkpoints folder or a step folder.
+
+  Returns:
+    A folder whose Orbax tree has ``params`` and ``batch_stats`` at its top level (possibly
+    among other entries, e.g. a train state's ``opt_state``).
+
+  Raises:
+    FileNotFoundError: nothing at ``path`` or no checkpoint in it (the message says what was expected).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if (p / CHECKPOINT_DIR).is_dir():  # a workdir
+    p = p / CHECKPOINT_DIR
+  if not (p / _ORBAX_METADATA).exists() and not (p / _TRAIN_STATE_ITEM).exists():  # a checkpoints folder
+    p = _latest_step_dir(p) or p
+  if (p / _TRAIN_STATE_ITEM / _ORBAX_METADATA).exists():  # one training step
+    return os.fspath(p / _TRAIN_STATE_ITEM)
+  if (p / _ORBAX_METADATA).exists():  # an Orbax tree of the variables
+    return os.fspath(p)
+  raise FileNotFoundError(
+      f"no checkpoint in {path}: expected a training workdir (with {CHECKPOINT_DIR}/<step>/), "
+      f"its {CHECKPOINT_DIR}/ folder, one step folder, an Orbax checkpoint of the variables, "
+      f"or a PyTorch/HF file ({', '.join(TORCH_SUFFIXES)})")
+
+
+def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the tensors that differ between a checkpoint and the model."""
+  have = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
+      {c: saved.get(c, {}) for c in _VARIABLE_COLLECTIONS}, sep="/").items()}
+  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(target, sep="/").items()}
+  problems = [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(want.keys() & have.keys())
+              if have[k] != want[k]]
+  problems += [f"{k}: not in the checkpoint" for k in sorted(want.keys() - have.keys())]
+  problems += [f"{k}: not in the model" for k in sorted(have.keys() - want.keys())]
+  if problems:
+    m = config.model
+    raise ValueError(
+        f"the checkpoint {tree} does not fit the model of this config (backbone {m.backbone}, hidden_dim "
+        f"{m.hidden_dim}, {m.enc_layers}+{m.dec_layers} layers, num_queries {m.num_queries}, num_classes "
+        f"{m.num_classes}); {len(problems)} tensors differ:\n  " + "\n  ".join(problems[:10]))
+
+
+def load_variables(config: ml_collections.ConfigDict, path: str,
+                   sharding: jax.sharding.Sharding | None = None) -> tuple[Any, int | None]:
+  """The model's ``{'params', 'batch_stats'}`` from a checkpoint (see the module docstring); a
+  model without frozen BatchNorm (``backbone_norm='group_norm'``) has no ``batch_stats``.
+
+  Args:
+    config: the run config; its model must be the checkpoint's (same backbone, sizes, classes).
+    path: the checkpoint.
+    sharding: where Orbax places the arrays (e.g. replicated on the mesh); default: the first
+      local device. Converted PyTorch weights are host arrays.
+
+  Returns:
+    The variables, and the training step they are from (None for other checkpoints).
+
+  Raises:
+    FileNotFoundError: nothing at ``path``, or no checkpoint there.
+    ValueError: the checkpoint does not fit the config's model (the message says how).
+  """
+  if os.path.isfile(path) or path.endswith(TORCH_SUFFIXES):
+    if not path.endswith(TORCH_SUFFIXES):
+      raise ValueError(f"{path} is a file but not a PyTorch/HF checkpoint ({', '.join(TORCH_SUFFIXES)}); "
+                       "Orbax checkpoints are folders")
+    return convert.from_torch(path, config), None
+  tree = resolve_orbax_checkpoint(path)
+  model = models.build_model(config)
+  abstract = models.init_variables(model, jax.random.PRNGKey(0), abstract=True)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        {k: abstract[k] for k in _VARIABLE_COLLECTIONS if k in abstract})
+  restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                   partial_restore=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    _check_fits(checkpointer.metadata(tree).item_metadata.tree, target, tree, config)
+    variables = checkpointer.restore(tree, args=restore)
+  logging.info("Restored the model's variables from %s", tree)
+  p = epath.Path(tree)
+  return variables, int(p.parent.name) if p.name == _TRAIN_STATE_ITEM and p.parent.name.isdigit() else None
+
+
+def load_initial_weights(path: str, config: ml_collections.ConfigDict, variables: Any) -> Any:
+  """``config.init_from``: the initial variables of a run from ``path``.
+
+  A file is a PyTorch-world checkpoint (the original's .pth, a torchvision ResNet whose missing
+  tensors keep ``variables``' values, HF weights); a folder is an Orbax checkpoint (a training
+  workdir, one of its steps, or ``python -m conddetr_jax.convert``'s output).
+  """
+  if os.path.isdir(path):
+    loaded, _ = load_variables(config, path)
+    return loaded
+  return convert.from_torch(path, config, variables=variables)
