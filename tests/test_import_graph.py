@@ -167,23 +167,27 @@ def test_the_graph_is_the_package_s():
 # ------------------------------------------------------------------------------ the house
 
 
-def test_every_module_is_on_a_floor():
-  unplaced = sorted(m for m in import_graph() if floor_of(m) is None)
+@pytest.fixture(name="graph", scope="module")
+def fixture_graph() -> dict[str, set[str]]:
+  return import_graph()
+
+
+def test_every_module_is_on_a_floor(graph):
+  unplaced = sorted(m for m in graph if floor_of(m) is None)
   assert not unplaced, f"add these modules to FLOORS in {__file__}: {unplaced}"
 
 
-def test_no_import_circle():
-  cycle = find_cycle(import_graph())
+def test_no_import_circle(graph):
+  cycle = find_cycle(graph)
   assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_no_import_runs_up_a_floor():
-  upward = upward_imports(import_graph())
+def test_no_import_runs_up_a_floor(graph):
+  upward = upward_imports(graph)
   assert not upward, "imports from a lower floor to a higher one:\n  " + "\n  ".join(upward)
 
 
 @pytest.mark.parametrize("floor", range(len(FLOORS)))
-def test_every_floor_names_existing_modules(floor):
-  modules = set(import_graph())
-  missing = [n for n in FLOORS[floor][1] if not any(floor_of(m) == floor and m.startswith(n) for m in modules)]
+def test_every_floor_names_existing_modules(graph, floor):
+  missing = [n for n in FLOORS[floor][1] if not any(floor_of(m) == floor and m.startswith(n) for m in graph)]
   assert not missing, f"floor {FLOORS[floor][0]!r} names modules that do not exist: {missing}"
