@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from conddetr_jax import convert
+from conddetr_jax import models
+from conddetr_jax import sharding
 from conddetr_jax import weights
+from conddetr_jax.training import loop
 from tests.test_model import tiny_config
 
 
@@ -22,3 +25,14 @@ def test_init_from_a_missing_file_names_it(tmp_path):
   config = tiny_config()
   with pytest.raises(FileNotFoundError, match="nope.pth"):
     weights.load_initial_weights(str(tmp_path / "nope.pth"), config, convert.init_variables(config, abstract=True))
+
+
+def test_a_training_run_starts_from_the_init_from_weights(tmp_path):
+  config = tiny_config()
+  saved = convert.init_variables(config, seed=1)
+  config.init_from = convert.save_variables(saved, tmp_path / "weights")
+  model = models.build_model(config)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  start = loop._initial_state(  # pylint: disable=protected-access
+      config, model, lambda variables: variables, jax.random.PRNGKey(2), sharding.replicated(mesh))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(start), jax.device_get(saved))
