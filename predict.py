@@ -8,13 +8,14 @@ else COCO's for a 91-class model.
 """
 
 import os
-import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+from conddetr_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+cli.quiet_native_logs()  # before TensorFlow and JAX load
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -30,17 +31,16 @@ def main(argv):
   images = argv[1:]
   if not images:
     raise app.UsageError("give at least one image file")
-  try:
-    config = _CONFIG.value
-    variables, _ = inference.load_variables(config, _CHECKPOINT.value)
-    records = inference.predict_files(config, models.build_model(config), variables, images, _OUT.value,
-                                      _THRESHOLD.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  config = _CONFIG.value
+  variables, _ = inference.load_variables(config, _CHECKPOINT.value)
+  records = inference.predict_files(config, models.build_model(config), variables, images, _OUT.value,
+                                    _THRESHOLD.value)
   for record in records:
     print(f"{record['file']}: {len(record['detections'])} detections -> {record['png']}")
-  print(f"Wrote {os.path.join(_OUT.value, inference.DETECTIONS_FILE)}")
+  cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
+                    {"drawings": os.path.join(_OUT.value, "*.png"),
+                     "detections": os.path.join(_OUT.value, inference.DETECTIONS_FILE)})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -30,7 +30,9 @@ from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
 from conddetr_jax import postprocess
+from conddetr_jax import progress
 from conddetr_jax import visualize
+from conddetr_jax.data import coco
 from conddetr_jax.data import transforms
 from conddetr_jax.training import parallel
 
@@ -168,11 +170,14 @@ def gather_detections(config: ml_collections.ConfigDict, model: flax.linen.Modul
   global_batch_size = config.eval_per_device_batch_size * mesh.size
   k = top_k(config)
   pending = []
+  report = progress.Progress(f"evaluating the {len(coco.load_split(config, split))} {split} images",
+                             data.eval_steps(config, global_batch_size, split), unit="batches")
   for batch in data.eval_iterator(config, global_batch_size=global_batch_size, split=split):
     inputs = {key: batch[key] for key in ("image", "pad_mask", "orig_size", "valid")}
     inputs["image_id"] = _checked_int32(batch["image_id"])
     # Dispatched without waiting: the next batch is read while this one runs.
     pending.append(predict_batch(variables, data.to_global_arrays(inputs, batch_sharding), model=model, k=k))
+    report.update(len(pending), pending[-1])
   if not pending:
     raise ValueError(f"the {split} split has no images")
   gathered = [multihost_utils.process_allgather(dets, tiled=True) for dets in pending]
