@@ -30,6 +30,8 @@ USER_ERRORS = (OSError, ValueError, ImportError, FloatingPointError, RuntimeErro
 EXPECTED_WARNINGS = (
     "Metadata file does not exist",     # Orbax, restoring a checkpoint written without it
     "Missing metrics for step",         # Orbax CheckpointManager on a workdir it did not write
+    "CheckpointManagerOptions.read_only=True",  # Orbax, reading a training workdir's checkpoints
+    "Given directory is read only",     # (the same)
 )
 _VERBOSITY_FLAG = re.compile(r"^--?(v|verbosity)(=(?P<value>-?\d+))?$")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -51,14 +53,23 @@ def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: boo
   """Silences TensorFlow's and XLA's C++ INFO and WARNING lines, unless ``-v 1`` or more is given.
 
   Must run before TensorFlow or JAX is imported (they read the variable once, when they load).
-  A value the user exported is kept. ``load_tensorflow``: import TensorFlow now, before JAX; if
-  jaxlib starts its C++ logging first, TensorFlow ignores the setting and prints its oneDNN notice.
+  A value the user exported is kept. ``load_tensorflow``: import TensorFlow now, with the
+  process's stderr closed: its shared libraries print a oneDNN notice while they load, whatever
+  the log level.
   """
   if verbosity(sys.argv if argv is None else argv) >= 1:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if load_tensorflow:
-    importlib.import_module("tensorflow")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+      importlib.import_module("tensorflow")
+    finally:  # an import error is raised, and printed, once stderr is back
+      os.dup2(saved, 2)
+      os.close(saved)
+      os.close(devnull)
 
 
 class _ConsoleFilter(std_logging.Filter):
@@ -221,7 +232,7 @@ def print_summary(title: str, outputs: Mapping[str, str | None], metrics: Mappin
   """
   lines = [title]
   if metrics:
-    lines.append(f"  final metrics: {format_metrics(metrics)}")
+    lines.append(f"  COCO box {format_metrics(metrics)}")
   width = max((len(k) for k, v in outputs.items() if v), default=0)
   lines += [f"  {name + ':':<{width + 1}} {path}" for name, path in outputs.items() if path]
   print("\n".join(lines), flush=True)

@@ -192,11 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   validate_config(config, jax.device_count())
   batch_size = global_batch_size(config, jax.device_count())
-  try:
-    data.prepare_dataset(config)
-  except FileNotFoundError as e:
-    ds = config.dataset
-    raise FileNotFoundError(f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}") from e
+  data.prepare_dataset(config)
   dataset_classes = data.num_classes(config)
   if dataset_classes > config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
