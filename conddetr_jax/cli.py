@@ -81,6 +81,8 @@ class _ConsoleFilter(std_logging.Filter):
       return True
     if record.levelno < std_logging.WARNING:
       return False
+    if record.levelno >= std_logging.ERROR:
+      return True
     message = record.getMessage()
     return not any(expected in message for expected in EXPECTED_WARNINGS)
 
@@ -150,22 +152,25 @@ def _overrides(argv: Sequence[str], flag_name: str) -> list[tuple[str, str | Non
   return out
 
 
-def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str = "config") -> str:
-  """One line saying which flag or config field is wrong in ``argv`` and how.
+def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str = "config",
+                        flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """One line saying which flag or config field is wrong in ``argv`` and how (or why the config
+  file does not load).
 
   Args:
     error: what parsing ``argv`` raised (absl's flags.Error, or ml_collections' KeyError,
       AttributeError or IOError for an unknown field or an unreadable config file).
     argv: the command line.
     config_flag: the name of the ``config_flags.DEFINE_config_file`` flag.
+    flag_values: where the flags are defined.
   """
   config = None
-  if config_flag in flags.FLAGS and _config_argument(argv, config_flag):
+  if config_flag in flag_values and _config_argument(argv, config_flag):
     try:
-      config = flags.FLAGS[config_flag].parser.parse(_config_argument(argv, config_flag))
+      config = flag_values[config_flag].parser.parse(_config_argument(argv, config_flag))
       config.keys()  # a config file that failed to load raises here
     except Exception as e:  # pylint: disable=broad-except
-      first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+      first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
       return f"--{config_flag}={_config_argument(argv, config_flag)}: cannot load the config file: {first}"
   if config is not None:
     for path, value in _overrides(argv, config_flag):
@@ -179,20 +184,32 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
           current = current[key]
         return (f"--{config_flag}.{path}={value}: expected a {type(current).__name__} like the default "
                 f"{current!r} ({bad_value[1].strip()})")
-  message = str(error).strip().strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  message = str(error).strip()
+  if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
+    message = message[1:-1].replace("\\n", " ").replace("\\'", "'")
   message = re.sub(r"^flag (--\S+?)=None: Flag --\S+ must have a value other than None\.?$", r"\1 is required",
                    message)
   return f"{message} (see --helpshort)"
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, its failures turned into one ``error:`` line (a traceback at ``-v 1``)."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parsing, its failures turned into one ``error:`` line (a traceback at ``-v 1``).
+
+  Returns:
+    The arguments left after the flags (``argv[0]`` first), as ``absl.app.run`` expects.
+
+  Raises:
+    SystemExit: with the ``error:`` line, if a flag is wrong.
+  """
   try:
-    return flags.FLAGS(argv)
+    remaining = flag_values(argv)
+    if "config" in flag_values and flag_values["config"].value is not None:
+      flag_values["config"].value.keys()  # a config file that failed to load raises when first read
+    return remaining
   except (flags.Error, KeyError, AttributeError, OSError, TypeError, ValueError) as e:
     if verbosity(argv) >= 1:
       raise
-    sys.exit(f"error: {describe_flag_error(e, argv)}")
+    sys.exit(f"error: {describe_flag_error(e, argv, flag_values=flag_values)}")
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
