@@ -33,7 +33,6 @@ from conddetr_jax import postprocess
 from conddetr_jax import progress
 from conddetr_jax import visualize
 from conddetr_jax.data import coco
-from conddetr_jax.data import transforms
 from conddetr_jax.training import parallel
 
 # COCOeval.stats, in order.
@@ -238,12 +237,6 @@ def evaluate(config: ml_collections.ConfigDict, model: flax.linen.Module, variab
   return result.metrics
 
 
-def _denormalize(image: np.ndarray) -> np.ndarray:
-  """(h, w, 3) ImageNet-normalised float -> uint8 RGB."""
-  rgb = image * np.array(transforms.IMAGENET_STD) + np.array(transforms.IMAGENET_MEAN)
-  return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
 def _to_host(x: Any) -> np.ndarray:
   """A numpy copy of a host array or a (possibly multi-host) jax.Array; collective for the latter."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -253,12 +246,12 @@ def _to_host(x: Any) -> np.ndarray:
 
 def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
                             out_dir: str, num_images: int, *, split: str = "val") -> list[str]:
-  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<id>.png``: the first
-  ones in evaluation order (by id within each size bucket).
+  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<file name>.png``: the
+  first ones in evaluation order (by id within each size bucket).
 
   Call it on every process (it gathers ``variables`` to the hosts); process 0 runs the model on
-  its first local device and writes the files. Images are drawn as the model saw them (resized,
-  unpadded), with the detections scoring at least ``config.evaluation.score_threshold``.
+  its first local device and writes the files. Each image file is drawn as predict.py draws it
+  (``visualize``), with the detections scoring at least ``config.evaluation.score_threshold``.
 
   Returns:
     The paths written (empty on processes other than 0).
@@ -271,17 +264,17 @@ def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen
   batch_size = max(1, config.eval_per_device_batch_size)
   threshold = config.evaluation.score_threshold
   paths = []
+  images = coco.load_split(config, split)
   for batch in data.eval_iterator(config, global_batch_size=batch_size, split=split,
                                   process_index=0, process_count=1):
-    # Boxes in the pixels of the resized image, which is the one drawn.
-    inputs = {"image": batch["image"], "pad_mask": batch["pad_mask"], "orig_size": batch["size"]}
+    # Boxes in the pixels of the image file, which is the one drawn.
+    inputs = {"image": batch["image"], "pad_mask": batch["pad_mask"], "orig_size": batch["orig_size"]}
     dets = jax.device_get(predict_batch(variables, inputs, model=model, k=top_k(config)))
     for i in np.flatnonzero(batch["valid"]):
-      h, w = batch["size"][i]
-      path = os.path.join(out_dir, f"{int(batch['image_id'][i])}.png")
-      visualize.save_detections_png(path, _denormalize(batch["image"][i, :h, :w]), dets["boxes"][i],
-                                    dets["scores"][i], dets["labels"][i], names, threshold,
-                                    scale=visualize.enlargement(h, w))
+      source = images.path(int(np.searchsorted(images.image_ids, batch["image_id"][i])))  # ids are sorted
+      path = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".png")
+      visualize.save_detections_png(path, visualize.read_rgb(source), dets["boxes"][i], dets["scores"][i],
+                                    dets["labels"][i], names, threshold)
       paths.append(path)
       if len(paths) == num_images:
         return paths
