@@ -17,6 +17,7 @@ import pytest
 
 from configs import test_tiny
 from conddetr_jax import cli
+from conddetr_jax import find_images
 from conddetr_jax import progress
 from conddetr_jax.training import loop
 
@@ -223,3 +224,10 @@ def test_train_names_a_wrong_dataset_root_once(tmp_path):
   assert_one_error_line(proc, f"error: config.dataset (source='coco', root='{tmp_path}/coco') names no dataset: "
                               f"Annotation file not found: {tmp_path}/coco/annotations/instances_train2017.json")
   assert proc.stderr.count("Annotation file not found") == 1
+
+
+def test_find_images_prints_the_first_val_files_without_knowing_the_cache_folder(tmp_path):
+  config = test_tiny.get_config()
+  config.dataset.root = str(tmp_path)
+  assert find_images.image_paths(config, "val", 2) == [str(tmp_path / "val2017" / f"{i:012d}.jpg") for i in (1, 2)]
+  assert all(os.path.isfile(p) for p in find_images.image_paths(config, "train", 3))
