@@ -343,12 +343,15 @@ def main(argv: list[str]) -> None:
   """CLI: convert a PyTorch/HF checkpoint into an Orbax checkpoint for the config's model."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top,redefined-outer-name
   config = flags.FLAGS.config
   variables = from_torch(flags.FLAGS.torch, config)
   path = save_variables(variables, flags.FLAGS.out)
   count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  print(f"Wrote {path} ({count / 1e6:.1f}M parameters). Evaluate it with:\n"
-        f"  python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} --workdir=DIR")
+  cli.print_summary(f"Converted {flags.FLAGS.torch} ({count / 1e6:.1f}M parameters)", {
+      "checkpoint": path,
+      "evaluate it with": f"python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} "
+                          "--workdir=DIR"})
 
 
 if __name__ == "__main__":

@@ -73,6 +73,16 @@ def test_a_missing_config_file_and_a_missing_flag_are_one_line():
       "error: Unknown command line flag 'nosuchflag' (see --helpshort)")
 
 
+def test_verbosity_brings_back_the_traceback():
+  argv = ["prog", TINY, "--workdir=w", "--config.model.num_queris=5", "-v", "1"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "workdir", flag_values=flag_values)
+  flags.DEFINE_integer("verbosity", 0, "verbosity", short_name="v", flag_values=flag_values)
+  with pytest.raises(AttributeError, match="num_queris"):
+    cli.parse_flags(argv, flag_values=flag_values)
+
+
 def test_verbosity_is_read_from_the_command_line_before_flags_parse():
   assert cli.verbosity(["train.py", TINY]) == 0
   assert cli.verbosity(["train.py", "-v", "1"]) == 1

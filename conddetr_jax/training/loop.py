@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from conddetr_jax import convert, data, evaluation, models, progress
+from conddetr_jax import cli, convert, data, evaluation, models, progress
 from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def evaluate(step: int) -> dict[str, float]:
     results = evaluation.evaluate(config, model, par.host_state(state).variables, mesh, step=step)
     writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
-    logging.info("eval at step %d: %s", step, results)
+    logging.info("eval at step %d: %s (all 12 in %s)", step, cli.format_metrics(results), metrics.METRICS_FILE)
     return dict(results)
 
   train_scalars, eval_scalars = {}, {}
