@@ -15,6 +15,7 @@ cli.quiet_native_logs()  # before TensorFlow and JAX load
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,6 +34,7 @@ def main(argv):
     raise app.UsageError("give at least one image file")
   config = _CONFIG.value
   variables, _ = inference.load_variables(config, _CHECKPOINT.value)
+  logging.info("detecting objects in %d images (each new image size compiles the model first)...", len(images))
   records = inference.predict_files(config, models.build_model(config), variables, images, _OUT.value,
                                     _THRESHOLD.value)
   for record in records:
