@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 import numpy as np
 import pytest
