@@ -10,19 +10,19 @@ metrics to ``DIR/metrics.jsonl``.
 """
 
 import os
-import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+from conddetr_jax import cli
 
-# Set before TensorFlow or JAX load: TF only runs the input pipeline.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+cli.quiet_native_logs()  # before TensorFlow and JAX load
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import checkpoint_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.training import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
@@ -38,15 +38,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    result = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value, _SPLIT.value)
-  except (FileNotFoundError, ValueError, data.BadImageError) as e:
-    sys.exit(f"error: {e}")
+  result = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value, _SPLIT.value)
   if result.summary:
     print(f"COCO bbox, {result.num_images} {_SPLIT.value} images, checkpoint {_CHECKPOINT.value}:")
     print(result.summary, end="")
-    print(f"Wrote {os.path.join(_WORKDIR.value, evaluation.DETECTIONS_FILE)}")
+    cli.print_summary(f"Evaluated {result.num_images} {_SPLIT.value} images",
+                      {"detections": os.path.join(_WORKDIR.value, evaluation.DETECTIONS_FILE),
+                       "metrics": os.path.join(_WORKDIR.value, metrics.METRICS_FILE)}, result.metrics)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,13 +8,15 @@ else COCO's for a 91-class model.
 """
 
 import os
-import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+from conddetr_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+cli.quiet_native_logs()  # before TensorFlow and JAX load
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -32,17 +34,17 @@ def main(argv):
   images = argv[1:]
   if not images:
     raise app.UsageError("give at least one image file")
-  try:
-    config = _CONFIG.value
-    variables, _ = weights.load_variables(config, _CHECKPOINT.value)
-    records = prediction.predict_files(config, models.build_model(config), variables, images, _OUT.value,
-                                       _THRESHOLD.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  config = _CONFIG.value
+  variables, _ = weights.load_variables(config, _CHECKPOINT.value)
+  logging.info("detecting objects in %d images (each new image size compiles the model first)...", len(images))
+  records = prediction.predict_files(config, models.build_model(config), variables, images, _OUT.value,
+                                     _THRESHOLD.value)
   for record in records:
     print(f"{record['file']}: {len(record['detections'])} detections -> {record['png']}")
-  print(f"Wrote {os.path.join(_OUT.value, evaluation.DETECTIONS_FILE)}")
+  cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
+                    {"drawings": os.path.join(_OUT.value, "*.png"),
+                     "detections": os.path.join(_OUT.value, evaluation.DETECTIONS_FILE)})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

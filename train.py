@@ -5,16 +5,19 @@ Multi-host: see the README ("Many GPUs and TPU pods"); the flags below are only 
 clusters that SLURM does not describe.
 """
 
-import logging as std_logging
 import os
 import signal
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from conddetr_jax import cli
 
-from conddetr_jax.training import distributed, loop
+cli.quiet_native_logs()  # before TensorFlow and JAX load
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from conddetr_jax.training import distributed, loop, metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -25,25 +28,28 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's INFO records (it logs every file of every checkpoint); its warnings pass."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno > std_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   """Joins a multi-host job if asked, trains, and exits with 143 if stopped by SIGTERM."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one host reports progress
   result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    workdir = _WORKDIR.value
+    predictions = os.path.join(workdir, loop.PREDICTIONS_DIR)
+    cli.print_summary(
+        f"{'Stopped (SIGTERM) at' if result.preempted else 'Trained'} step {result.step}/{result.total_steps}",
+        {"checkpoints": os.path.join(workdir, loop.CHECKPOINT_DIR),
+         "metrics": os.path.join(workdir, metrics.METRICS_FILE),
+         "TensorBoard": os.path.join(workdir, metrics.TENSORBOARD_DIR),
+         "predictions": f"{predictions}/*.png ({len(result.prediction_images)} files)"
+                        if result.prediction_images else None},
+        result.eval_metrics)
   if result.preempted:
     sys.exit(128 + signal.SIGTERM)  # the shell's code for "terminated": the job did not finish
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 import flax
@@ -331,22 +330,23 @@ def main(argv: list[str]) -> None:
   """CLI: convert a PyTorch/HF checkpoint into an Orbax checkpoint for the config's model."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top,redefined-outer-name
   config = flags.FLAGS.config
-  try:
-    variables = from_torch(flags.FLAGS.torch, config)
-    path = save_variables(variables, flags.FLAGS.out)
-  except (FileNotFoundError, FileExistsError, CheckpointMismatchError, ImportError) as e:
-    sys.exit(f"error: {e}")
+  variables = from_torch(flags.FLAGS.torch, config)
+  path = save_variables(variables, flags.FLAGS.out)
   count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  print(f"Wrote {path} ({count / 1e6:.1f}M parameters). Evaluate it with:\n"
-        f"  python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} --workdir=DIR")
+  cli.print_summary(f"Converted {flags.FLAGS.torch} ({count / 1e6:.1f}M parameters)", {
+      "checkpoint": path,
+      "evaluate it with": f"python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} "
+                          "--workdir=DIR"})
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config file of the model, e.g. configs/r50.py.")
   flags.DEFINE_string("torch", None, "The original's .pth, a torchvision ResNet .pth, or HF .safetensors/.bin.")
   flags.DEFINE_string("out", None, "Output folder for the Orbax checkpoint (must not exist).")
   flags.mark_flags_as_required(["config", "torch", "out"])
-  app.run(main)
+  cli.run(main)

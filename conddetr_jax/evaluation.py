@@ -30,9 +30,10 @@ from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
 from conddetr_jax import postprocess
+from conddetr_jax import progress
 from conddetr_jax import sharding
 from conddetr_jax import visualize
-from conddetr_jax.data import transforms
+from conddetr_jax.data import coco
 
 # COCOeval.stats, in order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -169,11 +170,14 @@ def gather_detections(config: ml_collections.ConfigDict, model: flax.linen.Modul
   global_batch_size = config.eval_per_device_batch_size * mesh.size
   k = top_k(config)
   pending = []
+  report = progress.Progress(f"evaluating the {len(coco.load_split(config, split))} {split} images",
+                             data.eval_steps(config, global_batch_size, split), unit="batches")
   for batch in data.eval_iterator(config, global_batch_size=global_batch_size, split=split):
     inputs = {key: batch[key] for key in ("image", "pad_mask", "orig_size", "valid")}
     inputs["image_id"] = _checked_int32(batch["image_id"])
     # Dispatched without waiting: the next batch is read while this one runs.
     pending.append(predict_batch(variables, data.to_global_arrays(inputs, batch_sharding), model=model, k=k))
+    report.update(len(pending), pending[-1])
   if not pending:
     raise ValueError(f"the {split} split has no images")
   gathered = [multihost_utils.process_allgather(dets, tiled=True) for dets in pending]
@@ -234,12 +238,6 @@ def evaluate(config: ml_collections.ConfigDict, model: flax.linen.Module, variab
   return result.metrics
 
 
-def _denormalize(image: np.ndarray) -> np.ndarray:
-  """(h, w, 3) ImageNet-normalised float -> uint8 RGB."""
-  rgb = image * np.array(transforms.IMAGENET_STD) + np.array(transforms.IMAGENET_MEAN)
-  return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
 def _to_host(x: Any) -> np.ndarray:
   """A numpy copy of a host array or a (possibly multi-host) jax.Array; collective for the latter."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -249,12 +247,12 @@ def _to_host(x: Any) -> np.ndarray:
 
 def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
                             out_dir: str, num_images: int, *, split: str = "val") -> list[str]:
-  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<id>.png``: the first
-  ones in evaluation order (by id within each size bucket).
+  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<file name>.png``: the
+  first ones in evaluation order (by id within each size bucket).
 
   Call it on every process (it gathers ``variables`` to the hosts); process 0 runs the model on
-  its first local device and writes the files. Images are drawn as the model saw them (resized,
-  unpadded), with the detections scoring at least ``config.evaluation.score_threshold``.
+  its first local device and writes the files. Each image file is drawn as predict.py draws it
+  (``visualize``), with the detections scoring at least ``config.evaluation.score_threshold``.
 
   Returns:
     The paths written (empty on processes other than 0).
@@ -267,17 +265,17 @@ def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen
   batch_size = max(1, config.eval_per_device_batch_size)
   threshold = config.evaluation.score_threshold
   paths = []
+  images = coco.load_split(config, split)
   for batch in data.eval_iterator(config, global_batch_size=batch_size, split=split,
                                   process_index=0, process_count=1):
-    # Boxes in the pixels of the resized image, which is the one drawn.
-    inputs = {"image": batch["image"], "pad_mask": batch["pad_mask"], "orig_size": batch["size"]}
+    # Boxes in the pixels of the image file, which is the one drawn.
+    inputs = {"image": batch["image"], "pad_mask": batch["pad_mask"], "orig_size": batch["orig_size"]}
     dets = jax.device_get(predict_batch(variables, inputs, model=model, k=top_k(config)))
     for i in np.flatnonzero(batch["valid"]):
-      h, w = batch["size"][i]
-      path = os.path.join(out_dir, f"{int(batch['image_id'][i])}.png")
-      visualize.save_detections_png(path, _denormalize(batch["image"][i, :h, :w]), dets["boxes"][i],
-                                    dets["scores"][i], dets["labels"][i], names, threshold,
-                                    scale=visualize.enlargement(h, w))
+      source = images.path(int(np.searchsorted(images.image_ids, batch["image_id"][i])))  # ids are sorted
+      path = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".png")
+      visualize.save_detections_png(path, visualize.read_rgb(source), dets["boxes"][i], dets["scores"][i],
+                                    dets["labels"][i], names, threshold)
       paths.append(path)
       if len(paths) == num_images:
         return paths

@@ -1,4 +1,10 @@
-"""Detections drawn on an image: boxes, class names and scores, saved as PNG (PIL only)."""
+"""Detections drawn on an image: boxes, class names and scores, saved as PNG (PIL only).
+
+The one drawing style of the demo's prediction images (``evaluation.write_prediction_images``) and
+predict.py (``inference.predict_files``): the image file's own pixels, small images enlarged
+(``enlargement``), boxes clipped to the picture and captions kept inside it. Only the drawing is
+clipped; the detections' json keeps the model's boxes, as the original's PostProcess does.
+"""
 
 import os
 from typing import Mapping
@@ -46,6 +52,7 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
 
   Returns:
     A new RGB PIL image of (scale * H, scale * W); boxes of higher scores are drawn last, on top.
+    Boxes are clipped to the image, and captions shifted to stay inside it.
   """
   canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
   if scale != 1:
@@ -56,20 +63,43 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
   width = max(1, round(max(canvas.size) / 300))
   keep = np.flatnonzero(np.asarray(scores) >= threshold)
   for k in keep[np.argsort(np.asarray(scores)[keep], kind="stable")]:
-    x0, y0, x1, y1 = (float(v) * scale for v in boxes[k])
+    x0, y0, x1, y1 = clip_box(np.asarray(boxes[k], np.float64) * scale, canvas.height, canvas.width)
     color = _PALETTE[int(labels[k]) % len(_PALETTE)]
     draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
     text = label_text(labels[k], scores[k], class_names)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    # The caption sits above the box, or inside it when the box touches the top edge.
-    ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-    draw.rectangle((x0, ty, x0 + right - left + 2, ty + bottom - top + 2), fill=color)
-    draw.text((x0 + 1 - left, ty + 1 - top), text, fill=(0, 0, 0), font=font)
+    tx, ty = caption_origin(x0, y0, right - left + 2, bottom - top + 2, canvas.height, canvas.width)
+    draw.rectangle((tx, ty, tx + right - left + 2, ty + bottom - top + 2), fill=color)
+    draw.text((tx + 1 - left, ty + 1 - top), text, fill=(0, 0, 0), font=font)
   return canvas
 
 
+def clip_box(box: np.ndarray, height: int, width: int) -> tuple[float, float, float, float]:
+  """An xyxy box clipped to an image of (height, width) pixels (its last pixel row and column)."""
+  x0, x1 = np.clip([box[0], box[2]], 0, width - 1)
+  y0, y1 = np.clip([box[1], box[3]], 0, height - 1)
+  return float(x0), float(y0), float(x1), float(y1)
+
+
+def caption_origin(x0: float, y0: float, text_width: int, text_height: int, height: int, width: int
+                   ) -> tuple[float, float]:
+  """Top-left corner of a box's caption: above the box, or inside it at the top edge, shifted left
+  or up as needed to lie within an image of (height, width) (if the image is large enough)."""
+  ty = y0 - text_height if y0 - text_height >= 0 else y0
+  return max(0.0, min(x0, width - 1 - text_width)), max(0.0, min(ty, height - 1 - text_height))
+
+
 def save_detections_png(path: str, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                        class_names: Mapping[int, str], threshold: float = 0.5, scale: int = 1) -> None:
-  """Writes ``draw_detections(...)`` to ``path`` as PNG, creating its folder (arguments as there)."""
+                        class_names: Mapping[int, str], threshold: float = 0.5, scale: int | None = None) -> None:
+  """Writes ``draw_detections(...)`` to ``path`` as PNG, creating its folder (arguments as there;
+  ``scale`` defaults to ``enlargement`` of the image's size)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  scale = enlargement(*image.shape[:2]) if scale is None else scale
   draw_detections(image, boxes, scores, labels, class_names, threshold, scale).save(path, format="PNG")
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """(H, W, 3) uint8 pixels of an image file as stored (no EXIF rotation: as the input pipeline
+  decodes it, so that its boxes fit)."""
+  with Image.open(path) as f:
+    return np.asarray(f.convert("RGB"), np.uint8)

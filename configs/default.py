@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ""
   config.init = ml_collections.ConfigDict(dict(
       skip_class_head=False,    # re-initialise the class head when num_classes differs
+      # A frozen-BatchNorm backbone (backbone_norm='frozen_bn') without init_from starts from random
+      # weights it cannot train well: the run warns loudly unless this says it is meant.
+      allow_random_backbone=False,
   ))
 
   config.matcher = ml_collections.ConfigDict(dict(

@@ -158,7 +158,9 @@ def test_missing_checkpoint_is_a_one_line_error(setup, tmp_path):
 def test_unknown_config_field_is_named(setup, tmp_path):
   _, _, _, workdir, flags = setup
   proc = run("eval.py", *flags, "--config.model.hiden_dim=64", f"--checkpoint={workdir}", f"--workdir={tmp_path}")
-  assert proc.returncode != 0 and "hiden_dim" in proc.stderr
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert ("error: --config.model.hiden_dim: config.model has no field 'hiden_dim'; did you mean hidden_dim?"
+          in proc.stderr.splitlines())
 
 
 # The other errors, raised by the library functions the scripts call (they print them as

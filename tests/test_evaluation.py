@@ -21,7 +21,6 @@ from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import models
 from conddetr_jax import visualize
-from conddetr_jax.data import transforms
 from conddetr_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,18 +178,17 @@ def test_boxes_are_in_original_image_pixels(config):
 
 # ------------------------------------------------------------------------------------ drawing
 
-def test_prediction_images_are_written_for_the_first_val_images(config, model_and_variables, tmp_path):
+def test_prediction_images_are_the_val_files_drawn_as_predict_draws_them(config, model_and_variables, tmp_path):
   model, variables = model_and_variables
   config = config.copy_and_resolve_references()
   config.evaluation.score_threshold = 0.0  # random weights score low: draw everything
   paths = evaluation.write_prediction_images(config, model, variables, str(tmp_path), 4)
-  assert [os.path.basename(p) for p in paths] == ["1.png", "2.png", "3.png", "4.png"]
-  images = gt_images(config)
-  for path in paths:
-    image = images[int(os.path.basename(path)[:-4])]
-    h, w = (int(v[0]) for v in transforms.resized_size(np.array([image["height"]]), np.array([image["width"]]),
-                                                       config.dataset.eval_size, config.dataset.eval_max_size))
-    scale = 512 // max(h, w)  # drawn on the resized image, enlarged to about 512 px
+  names = [f"{i:012d}" for i in range(1, 5)]  # the val images' file names
+  assert [os.path.basename(p) for p in paths] == [f"{n}.png" for n in names]
+  images = {os.path.splitext(im["file_name"])[0]: im for im in gt_images(config).values()}
+  for name, path in zip(names, paths):
+    h, w = images[name]["height"], images[name]["width"]
+    scale = 512 // max(h, w)  # the file's own pixels, enlarged to about 512 px, as predict.py
     with Image.open(path) as png:
       assert png.format == "PNG" and png.size == (w * scale, h * scale)
 
@@ -206,6 +204,27 @@ def test_draw_detections_draws_only_boxes_above_the_threshold():
   assert not drawn[:30, 55:].any()                           # the low-scoring box is absent
   scaled = np.asarray(visualize.draw_detections(image, boxes, scores, labels, {}, scale=3))
   assert scaled.shape == (240, 300, 3) and scaled[180, 30].any() and not scaled[180, 33].any()
+
+
+def test_boxes_are_clipped_and_captions_kept_inside_the_picture():
+  image = np.zeros((80, 100, 3), np.uint8)
+  # A box past the right and bottom edges, and one past the top-left corner.
+  boxes = np.array([[70.0, 60.0, 130.0, 95.0], [-20.0, -10.0, 30.0, 25.0]])
+  scores, labels = np.array([0.9, 0.8]), np.array([2, 5])
+  names = {2: "square", 5: "disc"}
+  drawn = np.asarray(visualize.draw_detections(image, boxes, scores, labels, names))
+  assert drawn[70, 99].any() and drawn[79, 85].any()          # clipped edges on the last column and row
+  assert drawn[15, 0].any() and drawn[0, 20].any()            # ... and on the first
+  # Each caption is whole: the box it sits in (filled with the class colour) lies inside the image.
+  for box, label in zip(boxes, labels):
+    x0, y0, _, _ = visualize.clip_box(box, 80, 100)
+    text_w, text_h = 60, 13  # larger than PIL's default font's "square 0.90" and "disc 0.80"
+    tx, ty = visualize.caption_origin(x0, y0, text_w, text_h, 80, 100)
+    assert 0 <= tx and tx + text_w <= 99 and 0 <= ty and ty + text_h <= 79
+  # The right-edge box's caption was shifted left, so its text starts inside the picture.
+  square = np.all(drawn == visualize._PALETTE[2 % len(visualize._PALETTE)], axis=-1)  # pylint: disable=protected-access
+  assert square[:, :70].any() and not square[:, 100:].any()
+  assert visualize.clip_box(np.array([-5.0, 3.0, 500.0, 60.0]), 50, 40) == (0.0, 3.0, 39.0, 49.0)
 
 
 # ---------------------------------------------------------------------------- several processes

@@ -126,6 +126,10 @@ def test_train_py_writes_metrics_tensorboard_checkpoints_and_evaluates_at_the_en
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "3", "6", "9"]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
   assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in output and "img/s" in output and "ETA" in output
+  # The console: each compile announced, a closing summary naming the outputs, no library chatter.
+  assert output.count("compiling the train step for 64x64 images") == 1 and "compiled the train step" in output
+  assert f"Trained step {TOTAL_STEPS}/{TOTAL_STEPS}" in output and f"checkpoints: {workdir}/checkpoints" in output
+  assert "Unable to initialize backend" not in output and "oneDNN" not in output and "orbax" not in output
 
 
 @pytest.mark.slow

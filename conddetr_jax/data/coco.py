@@ -249,7 +249,11 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
     from conddetr_jax.data import tfds_export  # pylint: disable=g-import-not-at-top
     tfds_export.export(ds.tfds_name, ds.tfds_data_dir or None, _root(config))
   for split in SPLITS:
-    resolve_split(config, split)
+    try:
+      resolve_split(config, split)
+    except FileNotFoundError as e:  # every command says which setting to fix, the same way
+      raise FileNotFoundError(f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}"
+                              ) from None
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:

@@ -13,12 +13,13 @@ import threading
 import time
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from conddetr_jax import data, evaluation, models, weights
+from conddetr_jax import cli, data, evaluation, models, progress, weights
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
@@ -38,12 +39,14 @@ class TrainResult:
     preempted: stopped early by SIGTERM (a checkpoint of ``step`` was written first).
     train_metrics: the last logged training scalars.
     eval_metrics: the last evaluation's metrics (empty if none ran in this call).
+    prediction_images: the PNGs drawn at the end (``config.evaluation.prediction_images``).
   """
   step: int
   total_steps: int
   preempted: bool
   train_metrics: dict[str, float]
   eval_metrics: dict[str, float]
+  prediction_images: list[str] = dataclasses.field(default_factory=list)
 
 
 def global_batch_size(config: ml_collections.ConfigDict, device_count: int) -> int:
@@ -109,9 +112,43 @@ class _PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# torchvision's ImageNet weights (IMAGENET1K_V1, the ones the original starts from), by backbone.
+IMAGENET_WEIGHTS_URL = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+
+def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
+  """Checks ``config.init_from`` exists; warns, and returns True, when a frozen-BatchNorm backbone
+  would start from random weights.
+
+  Frozen BatchNorm keeps its initial statistics, so without ImageNet weights (``config.init_from``)
+  the backbone normalises nothing and the run does not converge like the original.
+  ``config.init.allow_random_backbone=True`` says it is meant.
+
+  Raises:
+    FileNotFoundError: ``config.init_from`` names nothing.
+  """
+  if config.init_from and not epath.Path(config.init_from).exists():
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such file or folder")
+  if (config.model.backbone_norm != "frozen_bn" or config.init_from
+      or config.init.get("allow_random_backbone", False)):
+    return False
+  url = IMAGENET_WEIGHTS_URL.get(config.model.backbone, "https://download.pytorch.org/models/ (torchvision)")
+  logging.warning(
+      "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone starts from "
+      "RANDOM weights with frozen BatchNorm, and this run will not converge like the original, which starts "
+      "from ImageNet weights.\n  Download %s and add --config.init_from=/path/to/%s\n  or, if random "
+      "weights are meant, --config.init.allow_random_backbone=True\n%s",
+      "!" * 100, config.model.backbone, url, os.path.basename(url), "!" * 100)
+  return True
+
+
 def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, rng: jax.Array,
                    sharding: jax.sharding.Sharding) -> state_lib.TrainState:
   """A step-0 state, replicated: fresh init, or ``config.init_from``'s weights."""
+  logging.info("initialising the model (compiling its init function)...")
   variables = models.init_variables(model, rng)
   if config.init_from:
     logging.info("Initial weights from %s", config.init_from)
@@ -155,11 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   validate_config(config, jax.device_count())
   batch_size = global_batch_size(config, jax.device_count())
-  try:
-    data.prepare_dataset(config)
-  except FileNotFoundError as e:
-    ds = config.dataset
-    raise FileNotFoundError(f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}") from e
+  data.prepare_dataset(config)
   dataset_classes = data.num_classes(config)
   if dataset_classes > config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
@@ -169,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info("global batch %d on %d devices (%d processes); %d steps per epoch, %d steps", batch_size,
                jax.device_count(), jax.process_count(), steps_per_epoch, total_steps)
 
+  check_initial_weights(config)
   model = models.build_model(config)
   init_rng = jax.random.PRNGKey(config.seed)
   abstract_variables = models.init_variables(model, init_rng, abstract=True)
@@ -223,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def evaluate(step: int) -> dict[str, float]:
     results = evaluation.evaluate(config, model, par.host_state(state).variables, mesh, step=step)
     writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
-    logging.info("eval at step %d: %s", step, results)
+    logging.info("eval at step %d: %s (all 12 in %s)", step, cli.format_metrics(results), metrics.METRICS_FILE)
     return dict(results)
 
   train_scalars, eval_scalars = {}, {}
@@ -231,16 +265,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batches = data.prefetch_to_device(
       map(par.host_batch, data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)),
       par.batch_sharding)
+  train_step = progress.CompileAnnouncer(par.step)
+  prediction_paths = []
   window, window_start = [], time.time()
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = par.step(state, next(batches))
+      state, step_metrics = train_step(state, next(batches))
       window.append(par.local(step_metrics))
       is_last = step == total_steps
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         train_scalars = _mean_metrics(window)
-        elapsed = time.time() - window_start
+        elapsed = time.time() - window_start - train_step.take_compile_seconds()  # step time only
         train_scalars.update(epoch=round(step / steps_per_epoch, 4),
                              images_per_s=batch_size * len(window) / elapsed,
                              skipped_updates=host_scalar(state.nonfinite_count))
@@ -260,12 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       save(total_steps)
       eval_scalars = evaluate(total_steps)
       if config.evaluation.prediction_images > 0:
-        evaluation.write_prediction_images(config, model, par.host_state(state).variables,
-                                           os.path.join(workdir, PREDICTIONS_DIR),
-                                           config.evaluation.prediction_images)
+        logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
+        prediction_paths = evaluation.write_prediction_images(config, model, par.host_state(state).variables,
+                                                              os.path.join(workdir, PREDICTIONS_DIR),
+                                                              config.evaluation.prediction_images)
   finally:
     preemption.close()
     checkpointer.close()
     writer.close()
   return TrainResult(step=last_saved or 0, total_steps=total_steps, preempted=preempted,
-                     train_metrics=train_scalars, eval_metrics=eval_scalars)
+                     train_metrics=train_scalars, eval_metrics=eval_scalars, prediction_images=prediction_paths)

@@ -1,0 +1,68 @@
+"""Console lines for the long silent parts of a run: compiling a step, looping over a split."""
+
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+
+
+class Progress:
+  """Logs ``<what>: 12/25 batches`` every ``every_s`` seconds and once at the end of a loop.
+
+  Work dispatched to the devices runs asynchronously; before each line the latest result is
+  waited for, so the count is of work done, not merely queued.
+  """
+
+  def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 10.0,
+               clock: Callable[[], float] = time.monotonic):
+    """``total``: units in the whole loop; ``clock``: seconds (a test passes a fake one)."""
+    self._what, self._total, self._unit, self._every_s, self._clock = what, total, unit, every_s, clock
+    self._start = self._last = clock()
+    logging.info("%s: %d %s...", what, total, unit)
+
+  def update(self, done: int, latest: Any = None) -> None:
+    """Records ``done`` units dispatched so far (of ``total``); ``latest``: the newest dispatched
+    result (any pytree of arrays), waited for before a line is logged."""
+    done = min(done, self._total)
+    if done < self._total and self._clock() - self._last < self._every_s:
+      return
+    if latest is not None:
+      jax.block_until_ready(latest)
+    self._last = self._clock()
+    logging.info("%s: %d/%d %s (%.0f s)", self._what, done, self._total, self._unit, self._last - self._start)
+
+
+class CompileAnnouncer:
+  """Wraps a step function: before it compiles for a new image shape, logs that it does (the
+  first step of each shape is slow), and after, how long it took.
+
+  ``take_compile_seconds`` hands the caller the compile time spent since its last call, to leave
+  it out of the step time that throughput and ETA are computed from.
+  """
+
+  def __init__(self, step: Callable[..., Any], what: str = "train step",
+               clock: Callable[[], float] = time.perf_counter):
+    """``step(state, batch)``: a jitted step whose ``batch['image']`` is (..., H, W, 3)."""
+    self._step, self._what, self._clock = step, what, clock
+    self._seen: set[tuple[int, int]] = set()
+    self._compile_s = 0.0
+
+  def __call__(self, state: Any, batch: dict[str, Any]) -> Any:
+    """``step(state, batch)``; the call returns once compiled and dispatched (execution is async)."""
+    hw = tuple(int(d) for d in batch["image"].shape[-3:-1])
+    if hw in self._seen:
+      return self._step(state, batch)
+    logging.info("compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw)
+    start = self._clock()
+    out = self._step(state, batch)
+    seconds = self._clock() - start
+    self._seen.add(hw)
+    self._compile_s += seconds
+    logging.info("compiled the %s for %dx%d in %.1f s", self._what, *hw, seconds)
+    return out
+
+  def take_compile_seconds(self) -> float:
+    """Seconds spent compiling since the last call (then reset to 0)."""
+    seconds, self._compile_s = self._compile_s, 0.0
+    return seconds
