@@ -73,7 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
 
   Raises:
     ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode or ``rng_impl``, a
-      batch that does not split over the devices, or a non-positive run length or interval.
+      batch that does not split into ``grad_accum_steps`` micro-batches over the devices, or a
+      non-positive run length or interval.
   """
   models.build_model(config)  # checks config.model.*
   if config.parallel not in parallel.PARALLEL_MODES:
