@@ -1,7 +1,7 @@
 """Trains Conditional DETR: ``python train.py --config=configs/r50.py --workdir=DIR [--config.X=...]``.
 
 Restarting the same command with the same workdir resumes from the latest complete checkpoint.
-Multi-host: see the README ("Many GPUs and TPU pods"); the flags below are only needed on GPU
+Multi-host: see the README ("Many devices: GPUs, TPUs, clusters"); the flags below are only needed on GPU
 clusters that SLURM does not describe.
 """
 

@@ -1,7 +1,7 @@
 """Detections drawn on an image: boxes, class names and scores, saved as PNG (PIL only).
 
 The one drawing style of the demo's prediction images (``evaluation.write_prediction_images``) and
-predict.py (``inference.predict_files``): the image file's own pixels, small images enlarged
+predict.py (``prediction.predict_files``): the image file's own pixels, small images enlarged
 (``enlargement``), boxes clipped to the picture and captions kept inside it. Only the drawing is
 clipped; the detections' json keeps the model's boxes, as the original's PostProcess does.
 """

@@ -94,11 +94,19 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=0,
       lr_drop_factor=0.1,
   ))
+  # A step is one optimiser update of one global batch: total_steps, lr_drop_epoch (via steps per
+  # epoch = train images // global batch), log/checkpoint/eval_every_steps, checkpoint numbers and
+  # resuming all count updates, whatever grad_accum_steps is.
   config.num_epochs = 50
   config.lr_drop_epoch = 40
   config.total_steps = -1       # > 0 overrides num_epochs
+  # Global batch = per_device_batch_size x devices x grad_accum_steps; the original's is 16 (2 x 8
+  # GPUs): on 1 GPU, per_device_batch_size=2 and grad_accum_steps=8 keep it.
   config.per_device_batch_size = 2
-  config.global_batch_size = 0  # > 0 overrides per_device_batch_size x devices (must divide evenly)
+  config.global_batch_size = 0  # > 0 overrides it (must be divisible by devices x grad_accum_steps)
+  # Micro-batches per update: gradients of K micro-batches are accumulated (memory of one), then
+  # clipped and applied once, equal to one K-times-larger batch's (box-count normalised over it).
+  config.grad_accum_steps = 1
   config.eval_per_device_batch_size = 2
   config.parallel = "jit"       # jit (Mesh + shardings) | pmap
 

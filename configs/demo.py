@@ -6,7 +6,7 @@ objects 25-60% of the shorter side) under ~/.cache/conddetr_jax if absent, train
 model with a small transformer for 1000 steps of 4 images, evaluates COCO box AP on the val split
 and draws predictions to <workdir>/predictions/*.png. Measured result: see the README's results
 table; why its AP stays low (box regression from random weights is slow) and the variants measured
-against it: the README's "Training from random weights".
+against it: docs/training-from-scratch.md.
 
 Where it departs from the original's recipe, and why (it trains with no ImageNet weights, which
 the original always starts from):

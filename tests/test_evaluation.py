@@ -129,8 +129,8 @@ def test_evaluator_equals_pycocotools_on_its_detections_file(config, model_and_v
 def test_every_image_once_and_outputs_independent_of_batch_size(config, model_and_variables):
   """7 images in batches of 1 and of 3 (the last batch part blank): the same detections.
 
-  Each image is padded to its size bucket whatever its batch mates (one bucket here; see the
-  README for images that share a leftover batch with images of another bucket).
+  Each image is padded to its size bucket whatever its batch mates (one bucket here; see
+  docs/evaluation.md for images that share a leftover batch with images of another bucket).
   """
   model, variables = model_and_variables
   mesh = sharding.make_mesh()

@@ -7,6 +7,7 @@ of each program compiles. Step losses are compared bit for bit: on CPU a run is 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -230,6 +231,27 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, reference
   np.testing.assert_allclose([r["loss"] for r in records[:3]], [expected[s] for s in (1, 2, 3)], rtol=1e-5)
   assert "step 3/3" in outputs[0] and "step 3/3" not in outputs[1]
   assert checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step() == 3
+
+
+@pytest.mark.slow
+def test_accumulation_counts_optimiser_updates_and_resumes_at_one(runs, reference, tmp_path):
+  # The reference's global batch of 4, as 2 micro-batches of 2: the same 10 updates of the same
+  # images, so the same epochs, learning rates (x0.1 after epoch 1 = 8 updates of 32 images) and
+  # checkpoints; counting micro-batches would drop the rate after 16.
+  workdir = tmp_path / "accum"
+  result = runs.run(workdir, "--config.grad_accum_steps=2")
+  assert result.returncode == 0, result.stdout
+  records, expected = _train_records(workdir), _train_records(reference[0])
+  assert [(r["step"], r["epoch"], r["lr"]) for r in records] == [(r["step"], r["epoch"], r["lr"]) for r in expected]
+  np.testing.assert_allclose([r["lr"] for r in records], [1e-4] * 8 + [1e-5] * 2, rtol=1e-6)
+  assert [s for s in range(1, TOTAL_STEPS + 1) if (workdir / "checkpoints" / str(s)).is_dir()] == [3, 6, 9, 10]
+
+  # Resume from update 3 alone: it goes on at update 4 and logs the same losses.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir / "checkpoints" / "3", resumed / "checkpoints" / "3")
+  result = runs.run(resumed, "--config.grad_accum_steps=2")
+  assert result.returncode == 0, result.stdout
+  assert {r["step"]: r["loss"] for r in _train_records(resumed)} == {r["step"]: r["loss"] for r in records[3:]}
 
 
 @pytest.mark.parametrize("field, value, error, message", [

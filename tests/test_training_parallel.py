@@ -1,4 +1,5 @@
-"""One step on 8 CPU devices, jit-sharded and pmap, equals the same global batch on one device.
+"""One step on 8 CPU devices, jit-sharded, and pmap with 2 accumulated micro-batches, equals the
+same global batch on one device.
 
 The device count must be set before JAX starts, so the steps run in a subprocess.
 """
@@ -28,23 +29,27 @@ variables = models.init_variables(model, jax.random.PRNGKey(0))
 tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 100))
 # On the host: the steps donate their device copies.
 initial = jax.device_get(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))
-step_fn = lambda state, batch, axis_name=None: step_lib.train_step(state, batch, model=model, tx=tx, config=config,
-                                                                   axis_name=axis_name)
+accumulating = config.copy_and_resolve_references()
+accumulating.grad_accum_steps = 2
+step_fns = {k: lambda state, batch, axis_name=None, c=c: step_lib.train_step(state, batch, model=model, tx=tx, config=c,
+                                                                             axis_name=axis_name)
+            for k, c in ((1, config), (2, accumulating))}
 
 rng = np.random.default_rng(0)
-boxes = np.concatenate([rng.uniform(0.3, 0.7, (8, 8, 2)), rng.uniform(0.1, 0.3, (8, 8, 2))], -1)
-pad_mask = np.zeros((8, 64, 64), bool)
+boxes = np.concatenate([rng.uniform(0.3, 0.7, (16, 8, 2)), rng.uniform(0.1, 0.3, (16, 8, 2))], -1)
+pad_mask = np.zeros((16, 64, 64), bool)
 pad_mask[::2, 40:] = True
-box_valid = np.arange(8)[None, :] < np.arange(1, 9)[:, None] % 4  # 1, 2, 3, 0, 1, ... boxes per image
-batch = {"image": rng.normal(size=(8, 64, 64, 3)).astype(np.float32), "pad_mask": pad_mask,
-         "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (8, 8)).astype(np.int32),
+box_valid = np.arange(8)[None, :] < np.arange(1, 17)[:, None] % 4  # 1, 2, 3, 0, 1, ... boxes per image
+batch = {"image": rng.normal(size=(16, 64, 64, 3)).astype(np.float32), "pad_mask": pad_mask,
+         "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (16, 8)).astype(np.int32),
          "box_valid": box_valid}
 
 out = {}
-for name, cls, devices in (("one", parallel.JitParallel, jax.devices()[:1]),
-                           ("jit", parallel.JitParallel, jax.devices()),
-                           ("pmap", parallel.PmapParallel, jax.devices())):
-  par = cls(step_fn, sharding.make_mesh(devices))
+# pmap: 2 images per device, as 2 micro-batches of 1 (their box counts, 16 and 8, summed over devices).
+for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.devices()[:1], 1),
+                                        ("jit", parallel.JitParallel, jax.devices(), 1),
+                                        ("pmap", parallel.PmapParallel, jax.devices(), 2)):
+  par = cls(step_fns[accum_steps], sharding.make_mesh(devices))
   device_batch = jax.device_put(par.host_batch(batch), par.batch_sharding)
   state, metrics = par.step(par.device_state(initial), device_batch)
   out[name + "_devices"] = len(device_batch["image"].sharding.device_set)
@@ -58,7 +63,7 @@ np.savez(sys.argv[1], **out)
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8(tmp_path):
+def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
   result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")], cwd=REPO, env=env,

@@ -50,19 +50,25 @@ class TrainResult:
 
 
 def global_batch_size(config: ml_collections.ConfigDict, device_count: int) -> int:
-  """``config.global_batch_size`` if > 0, else ``per_device_batch_size`` x devices; checked.
+  """Images per optimiser update: ``config.global_batch_size`` if > 0, else
+  ``per_device_batch_size`` x devices x ``grad_accum_steps``; checked.
 
   Raises:
-    ValueError: naming the field, if the batch is empty or not divisible by the device count.
+    ValueError: naming the field, if the batch is empty, ``grad_accum_steps`` < 1, or the batch
+      does not split into ``grad_accum_steps`` micro-batches over ``device_count`` devices.
   """
+  accum = config.grad_accum_steps
+  if accum < 1:
+    raise ValueError(f"config.grad_accum_steps={accum}: must be >= 1")
   if config.global_batch_size > 0:
-    if config.global_batch_size % device_count:
+    if config.global_batch_size % (device_count * accum):
       raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
-                       f"number of devices ({device_count})")
+                       f"number of devices ({device_count}) x config.grad_accum_steps ({accum}): each "
+                       "device takes an equal share of every micro-batch")
     return config.global_batch_size
   if config.per_device_batch_size < 1:
     raise ValueError(f"config.per_device_batch_size={config.per_device_batch_size}: must be >= 1")
-  return config.per_device_batch_size * device_count
+  return config.per_device_batch_size * device_count * accum
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -70,7 +76,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
 
   Raises:
     ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode or ``rng_impl``, a
-      batch that does not split over the devices, or a non-positive run length or interval.
+      batch that does not split into ``grad_accum_steps`` micro-batches over the devices, or a
+      non-positive run length or interval.
   """
   models.build_model(config)  # checks config.model.*
   if config.parallel not in parallel.PARALLEL_MODES:
@@ -199,8 +206,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      f"max category id + 1 ({dataset_classes})")
   steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
   total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
-  logging.info("global batch %d on %d devices (%d processes); %d steps per epoch, %d steps", batch_size,
-               jax.device_count(), jax.process_count(), steps_per_epoch, total_steps)
+  logging.info("global batch %d = %d per device x %d devices (%d processes) x %d accumulation steps; "
+               "%d updates per epoch, %d updates", batch_size,
+               batch_size // (jax.device_count() * config.grad_accum_steps), jax.device_count(),
+               jax.process_count(), config.grad_accum_steps, steps_per_epoch, total_steps)
 
   check_initial_weights(config)
   model = models.build_model(config)
