@@ -198,9 +198,9 @@ class _Loader:
     safe = tf.maximum(index, 0)
     start = tf.where(real, self.box_start[safe], 0)
     stop = tf.where(real, self.box_start[safe + 1], 0)
-    # Normalised first: resizing is linear, and the original image is usually the smaller one.
-    image, boxes, labels = transforms.apply_geometry(transforms.normalize_image(item["image"]),
-                                                     self.boxes[start:stop], self.labels[start:stop], geometry)
+    image, boxes, labels = transforms.apply_geometry(item["image"], self.boxes[start:stop],
+                                                     self.labels[start:stop], geometry)
+    image = transforms.normalize_image(image)
     size = tf.shape(image)[:2]
     pad = bucket - size
     image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
