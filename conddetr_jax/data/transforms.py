@@ -125,9 +125,10 @@ def limit_output_size(geometry: np.ndarray, max_side: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ TF ops (tf.data)
 
-def _pil_rgb(contents: bytes) -> np.ndarray:
-  """PIL's ``Image.open(...).convert('RGB')`` of encoded bytes, (h, w, 3) uint8."""
-  with Image.open(io.BytesIO(contents)) as image:
+def _pil_rgb(contents: np.ndarray | bytes) -> np.ndarray:
+  """PIL's ``Image.open(...).convert('RGB')`` of encoded bytes (as ``tf.numpy_function`` passes a
+  scalar string: bytes, or a 0-d array of them when eager), (h, w, 3) uint8."""
+  with Image.open(io.BytesIO(np.asarray(contents).item())) as image:
     return np.asarray(image.convert("RGB"), np.uint8)
 
 
