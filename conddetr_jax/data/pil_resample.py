@@ -34,21 +34,20 @@ def bilinear_taps(in_size: tf.Tensor, out_size: tf.Tensor) -> tuple[tf.Tensor, t
   Args:
     in_size, out_size: int32 scalars, the axis length before and after resizing.
   Returns:
-    index (out_size, K) int32 and weight (out_size, K) int32 (weights scaled by 2**22), where
-    K = 2 * ceil(support) + 1; taps beyond an output's window have weight 0 (and an index
-    clamped into the image).
+    index (out_size, K) int32 and weight (out_size, K) int32 (weights scaled by 2**22), K the
+    largest number of input pixels an output reads (2 or 3 when enlarging); taps beyond an
+    output's window have weight 0 (and an index clamped into the image).
   """
   in_size = tf.convert_to_tensor(in_size, tf.int32)
   out_size = tf.convert_to_tensor(out_size, tf.int32)
   scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
   filter_scale = tf.maximum(scale, 1.0)
   support = filter_scale  # the triangle's support is 1, widened by the shrink factor
-  num_taps = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
   center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
   # float -> int casts truncate towards zero, as C's (int) does.
   first = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
   count = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - first
-  taps = tf.range(num_taps)
+  taps = tf.range(tf.reduce_max(count))
   position = tf.cast(first[:, None] + taps[None], tf.float64)
   inverse_scale = 1.0 / filter_scale
   weight = tf.maximum(1.0 - tf.abs((position - center[:, None] + 0.5) * inverse_scale), 0.0)
@@ -63,20 +62,27 @@ def bilinear_taps(in_size: tf.Tensor, out_size: tf.Tensor) -> tuple[tf.Tensor, t
   return index, fixed
 
 
-def _resample_axis(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.Tensor:
-  """One pass: (H, W, C) int32 in [0, 255] -> the same with ``axis`` resized to ``out_size``."""
-  index, weight = bilinear_taps(tf.shape(image)[axis], out_size)
-  weight_shape = [-1, 1, 1] if axis == 0 else [1, -1, 1]
-  out_shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
+def _resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+  """One pass along axis 0: (h, W, C) int32 in [0, 255] -> (out_size, W, C), rounded and clipped
+  to [0, 255] as Pillow does. Whole rows are gathered (contiguous: fast), one tap at a time (the
+  memory stays that of the output, even for a large shrink with many taps)."""
+  index, weight = bilinear_taps(tf.shape(image)[0], out_size)
 
   def add_tap(acc, tap):
     tap_index, tap_weight = tap
-    return acc + tf.gather(image, tap_index, axis=axis) * tf.reshape(tap_weight, weight_shape)
+    return acc + tf.gather(image, tap_index, axis=0) * tap_weight[:, None, None]
 
+  out_shape = tf.concat([[out_size], tf.shape(image)[1:]], axis=0)
+  # Integer sums are exact in any order; Pillow starts from half a unit (rounding).
   acc = tf.foldl(add_tap, (tf.transpose(index), tf.transpose(weight)),
                  initializer=tf.fill(out_shape, tf.constant(1 << (_PRECISION_BITS - 1), tf.int32)))
   # An arithmetic shift floors, as Pillow's ``>>`` on a signed int.
   return tf.clip_by_value(tf.bitwise.right_shift(acc, _PRECISION_BITS), 0, 255)
+
+
+def _resample_columns(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+  """The horizontal pass: (H, w, C) -> (H, out_size, C), as ``_resample_rows`` on the transpose."""
+  return tf.transpose(_resample_rows(tf.transpose(image, [1, 0, 2]), out_size), [1, 0, 2])
 
 
 def resize_bilinear(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
@@ -92,8 +98,8 @@ def resize_bilinear(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
   channels = image.shape[-1]
   pixels = tf.cast(image, tf.int32)
   old = tf.shape(image)[:2]
-  horizontal = lambda x: tf.cond(old[1] != hw[1], lambda: _resample_axis(x, hw[1], axis=1), lambda: x)
-  vertical = lambda x: tf.cond(old[0] != hw[0], lambda: _resample_axis(x, hw[0], axis=0), lambda: x)
+  horizontal = lambda x: tf.cond(old[1] != hw[1], lambda: _resample_columns(x, hw[1]), lambda: x)
+  vertical = lambda x: tf.cond(old[0] != hw[0], lambda: _resample_rows(x, hw[0]), lambda: x)
   shrink_h, shrink_w = old[0] - hw[0], old[1] - hw[1]
   vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
   pixels = tf.cond(vertical_first, lambda: horizontal(vertical(pixels)), lambda: vertical(horizontal(pixels)))
