@@ -74,7 +74,7 @@ def compare(ref: dict, other: dict) -> tuple[float, float]:
     for j in range(_TOP):
       total += 1
       if same[j].any():
-        score_diffs.append(abs(ref["scores"][i, j] - other["scores"][i, same[j]].max()))
+        score_diffs.append(abs(ref["scores"][i, j] - other["scores"][i, :_TOP][same[j]].max()))
       else:
         changed += 1
   return changed / total, float(np.mean(score_diffs)) if score_diffs else float("nan")
