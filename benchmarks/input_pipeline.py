@@ -18,7 +18,8 @@ Padding waste (padded pixels / all pixels) on a COCO-like size distribution (118
 side mostly 640, COCO's mix of 4:3, 3:2, 16:9, square and portrait shapes): the bucket set
 derived by the pipeline vs one 1344x1344 square, for one training epoch's real batch plan and for
 evaluation; the original's per-batch padding (to the largest image of each batch of 2, not a
-static shape) is shown for reference.
+static shape) is shown for reference; then evaluation with its own buckets
+(``config.dataset.eval_num_buckets``), one image per device, at size_divisibility 64 and 32.
 """
 
 import argparse
@@ -74,6 +75,17 @@ def padding_waste(global_batch_size: int) -> None:
     print(f"{name:14s} batch {global_batch_size}: waste buckets {1 - content / padded:.3f} "
           f"({len(shapes)} shapes), square {square}x{square} {1 - content / (len(plan['valid']) * square ** 2):.3f}, "
           f"original pad-to-batch-max (batch 2, dynamic shapes) {1 - content / pairs:.3f}")
+  # Evaluation with its own buckets (config.dataset.eval_num_buckets), one image per device: what
+  # it pads and how many shapes (compiled programs) it needs; the original's DC5 models pad nothing.
+  for divisibility in (64, 32):
+    for num in (8, 16, 1000):
+      own = config.copy_and_resolve_references()
+      own.dataset.update(size_divisibility=divisibility, eval_num_buckets=num)
+      plan = pipeline.eval_plan(own, split, pipeline.eval_buckets(own, split), 1)
+      out = plan["candidates"][:, 0, 8:10].astype(np.float64)
+      waste = 1 - (out[:, 0] * out[:, 1]).sum() / plan["bucket"].astype(np.float64).prod(1).sum()
+      print(f"eval, eval_num_buckets={num:4d}, size_divisibility={divisibility}, batch 1: waste {waste:.3f} "
+            f"({len(np.unique(plan['bucket'], axis=0))} shapes)")
 
 
 def write_jpegs(root: str, count: int) -> tuple[str, str]:
