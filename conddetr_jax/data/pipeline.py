@@ -91,7 +91,7 @@ def eval_buckets(config: ml_collections.ConfigDict, split: coco.Split) -> np.nda
   (the backbone's convolutions see the zeros near an image's border; the mask hides them only from
   attention), and the original pads only to the largest image of each batch of 2 (1 for DC5);
   enough buckets for every distinct size pad each image only up to a multiple of
-  ``size_divisibility``. See docs/eval_padding.md for measured effects and compile times.
+  ``size_divisibility``. See docs/input_parity.md for measured effects and compile times.
 
   Returns:
     (Nb, 2) int64, sorted by area.

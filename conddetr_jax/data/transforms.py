@@ -136,7 +136,8 @@ def decode_image(contents: tf.Tensor) -> tf.Tensor:
   """Encoded bytes -> (h, w, 3) uint8 RGB, the pixels PIL's ``convert('RGB')`` gives (what the
   original reads), whatever the format (sniffed from the bytes, not the file name): JPEG incl.
   grayscale, CMYK and progressive; PNG incl. RGBA (alpha dropped), palette and 16-bit; BMP, GIF,
-  WebP. Raises InvalidArgumentError on corrupt or truncated data.
+  WebP. Raises InvalidArgumentError on corrupt or truncated data (for a CMYK JPEG, PIL's error:
+  an OpError inside tf.data, PIL's OSError when run eagerly).
 
   JPEGs use libjpeg's accurate integer IDCT, as PIL does (TF's default fast IDCT is up to ~20
   grey levels off on high-quality JPEGs). Four-component (CMYK/YCCK) JPEGs, rare, are decoded by
