@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
       size_divisibility=64,     # bucket sides are multiples of this
       buckets=(),               # () = derived from the train images' sizes; or ((h, w), ...)
       num_buckets=8,            # padded shapes when derived (each is one compiled program)
+      eval_num_buckets=0,       # > 0: evaluation gets its own, finer buckets (see data/pipeline.py)
       synthetic_num_train=1000,  # source=synthetic: written under root (default ~/.cache/conddetr_jax)
       synthetic_num_val=200,
       synthetic_image_size=(128, 192),  # (min, max) height and width

@@ -8,8 +8,10 @@ import pytest
 
 from configs import default
 from conddetr_jax import data
+from conddetr_jax.data import batching
 from conddetr_jax.data import coco
 from conddetr_jax.data import pipeline
+from conddetr_jax.data import transforms
 
 
 def small_config(root: str, **dataset) -> ml_collections.ConfigDict:
@@ -150,6 +152,21 @@ def test_train_and_eval_share_the_bucket_set(config):
     seen.add(tuple(batch["image"].shape[1:3]))
   assert all(list(s) in buckets for s in seen)
   assert len(buckets) <= config.dataset.num_buckets and all(b % 16 == 0 for s in buckets for b in s)
+
+
+def test_eval_num_buckets_pads_each_image_only_to_the_size_divisibility(config):
+  fine = small_config(config.dataset.root, eval_num_buckets=1000)
+  split = coco.load_split(fine, "val")
+  out = transforms.eval_geometry(split.sizes, fine.dataset)[:, 7:9]
+  own = -(-out // 16) * 16  # each image's size rounded up to size_divisibility
+  assert {tuple(b) for b in pipeline.eval_buckets(fine, split).tolist()} >= {tuple(s) for s in own.tolist()}
+  for batch in data.eval_iterator(fine, global_batch_size=1, process_index=0, process_count=1):
+    index = np.flatnonzero(split.image_ids == batch["image_id"][0])[0]
+    assert tuple(batch["image"].shape[1:3]) == tuple(own[index])
+  np.testing.assert_array_equal(pipeline.eval_buckets(config, split), data.buckets(config))  # 0: shared
+  # A bounded number: at most eval_num_buckets shapes (+ the envelope square), every image fits.
+  few = pipeline.eval_buckets(small_config(config.dataset.root, eval_num_buckets=2), split)
+  assert len(few) <= 2 and (batching.assign_buckets(out, few) >= 0).all()
 
 
 def test_explicit_buckets_are_used_with_their_envelope(tmp_path, config):

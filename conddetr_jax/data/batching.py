@@ -63,6 +63,9 @@ def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buck
     best = int(np.argmin(totals))
     return best, float(totals[best])
 
+  if num_buckets > len(cells):  # enough for every size cell: each gets its own, exactly
+    exact = np.unique(np.concatenate([cells, [[n, n]]]), axis=0).astype(np.int64) * divisibility
+    return exact[np.argsort(exact[:, 0] * exact[:, 1], kind="stable")]
   chosen = [len(cand) - 1]  # the (n, n) square: the last candidate
   total = float(cell_cost[chosen].min(axis=0) @ counts)
   while len(chosen) < num_buckets:

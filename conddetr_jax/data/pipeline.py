@@ -82,6 +82,27 @@ def buckets_for_sizes(sizes: np.ndarray, ds: ml_collections.ConfigDict) -> np.nd
   return batching.derive_buckets(out, _max_side(ds), ds.size_divisibility, ds.num_buckets)
 
 
+def eval_buckets(config: ml_collections.ConfigDict, split: coco.Split) -> np.ndarray:
+  """The padded shapes of evaluation.
+
+  ``config.dataset.eval_num_buckets`` = 0: the shared set (``buckets``), chosen for the train
+  augmentation's sizes. > 0: that many shapes (at most; each one compiled program) derived from the
+  evaluated split's own eval sizes, so that images are padded less. Padding changes detections
+  (the backbone's convolutions see the zeros near an image's border; the mask hides them only from
+  attention), and the original pads only to the largest image of each batch of 2 (1 for DC5);
+  enough buckets for every distinct size pad each image only up to a multiple of
+  ``size_divisibility``. See docs/input_parity.md for measured effects and compile times.
+
+  Returns:
+    (Nb, 2) int64, sorted by area.
+  """
+  ds = config.dataset
+  if ds.eval_num_buckets <= 0:
+    return buckets(config)
+  out = transforms.limit_output_size(transforms.eval_geometry(split.sizes, ds), _max_side(ds))[:, 7:9]
+  return batching.derive_buckets(out, _max_side(ds), ds.size_divisibility, ds.eval_num_buckets)
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   return (jax.process_index() if process_index is None else process_index,
           jax.process_count() if process_count is None else process_count)
@@ -198,9 +219,9 @@ class _Loader:
     safe = tf.maximum(index, 0)
     start = tf.where(real, self.box_start[safe], 0)
     stop = tf.where(real, self.box_start[safe + 1], 0)
-    # Normalised first: resizing is linear, and the original image is usually the smaller one.
-    image, boxes, labels = transforms.apply_geometry(transforms.normalize_image(item["image"]),
-                                                     self.boxes[start:stop], self.labels[start:stop], geometry)
+    image, boxes, labels = transforms.apply_geometry(item["image"], self.boxes[start:stop],
+                                                     self.labels[start:stop], geometry)
+    image = transforms.normalize_image(image)
     size = tf.shape(image)[:2]
     pad = bucket - size
     image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
@@ -354,7 +375,8 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
   if data.missing.any():
     raise BadImageError(f"Image {data.path(int(np.flatnonzero(data.missing)[0]))} listed in {data.ann_path} "
                         f"does not exist ({int(data.missing.sum())} missing in all)")
-  plan = local_plan(eval_plan(config, data, buckets(config), global_batch_size), global_batch_size, pi, pc)
+  plan = local_plan(eval_plan(config, data, eval_buckets(config, data), global_batch_size), global_batch_size,
+                    pi, pc)
   slots = tf.data.Dataset.from_tensor_slices(plan)
   dataset = make_dataset(slots, _Loader(data, config.dataset.max_boxes), global_batch_size // pc,
                          config.dataset)
@@ -363,5 +385,6 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
 
 def eval_steps(config: ml_collections.ConfigDict, global_batch_size: int, split: str = "val") -> int:
   """Global batches yielded by ``eval_iterator`` (the last one possibly part blank)."""
-  plan = eval_plan(config, coco.load_split(config, split), buckets(config), global_batch_size)
+  data = coco.load_split(config, split)
+  plan = eval_plan(config, data, eval_buckets(config, data), global_batch_size)
   return len(plan["valid"]) // global_batch_size

@@ -10,11 +10,21 @@ size of every image is known before any pixel is decoded (which is what size buc
 A geometry means: flip horizontally (if ``flip``), resize to (mid_h, mid_w), crop the window
 (top, left, crop_h, crop_w), resize to (out_h, out_w). The plain-resize branch and evaluation use
 a crop window covering the whole resized image and out == mid.
+
+Pixels are the original's to the last grey level: JPEGs are decoded as PIL decodes them (libjpeg's
+accurate integer IDCT; CMYK converted with PIL's own formula), every resize is PIL's bilinear
+(``pil_resample``) on 8-bit images, as the original resizes PIL images, and the 8-bit result is
+normalised as ``ToTensor`` + ``Normalize`` do.
 """
+
+import io
 
 import ml_collections
 import numpy as np
+from PIL import Image
 import tensorflow as tf
+
+from conddetr_jax.data import pil_resample
 
 GEOMETRY_FIELDS = ("flip", "mid_h", "mid_w", "top", "left", "crop_h", "crop_w", "out_h", "out_w")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,11 +125,33 @@ def limit_output_size(geometry: np.ndarray, max_side: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ TF ops (tf.data)
 
+def _pil_rgb(contents: np.ndarray | bytes) -> np.ndarray:
+  """PIL's ``Image.open(...).convert('RGB')`` of encoded bytes (as ``tf.numpy_function`` passes a
+  scalar string: bytes, or a 0-d array of them when eager), (h, w, 3) uint8."""
+  with Image.open(io.BytesIO(np.asarray(contents).item())) as image:
+    return np.asarray(image.convert("RGB"), np.uint8)
+
+
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
-  """Encoded bytes -> (h, w, 3) uint8 RGB, whatever the format (sniffed from the bytes, not the file
-  name): JPEG incl. grayscale, CMYK and progressive; PNG incl. RGBA, palette and 16-bit; BMP, GIF,
-  WebP. Raises InvalidArgumentError on corrupt or truncated data."""
-  image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+  """Encoded bytes -> (h, w, 3) uint8 RGB, the pixels PIL's ``convert('RGB')`` gives (what the
+  original reads), whatever the format (sniffed from the bytes, not the file name): JPEG incl.
+  grayscale, CMYK and progressive; PNG incl. RGBA (alpha dropped), palette and 16-bit; BMP, GIF,
+  WebP. Raises InvalidArgumentError on corrupt or truncated data (for a CMYK JPEG, PIL's error:
+  an OpError inside tf.data, PIL's OSError when run eagerly).
+
+  JPEGs use libjpeg's accurate integer IDCT, as PIL does (TF's default fast IDCT is up to ~20
+  grey levels off on high-quality JPEGs). Four-component (CMYK/YCCK) JPEGs, rare, are decoded by
+  PIL itself: TF's CMYK -> RGB conversion truncates where PIL's rounds (a grey level off on about
+  a third of the values) and TF gives no access to the CMYK values to redo it.
+  """
+  def jpeg():
+    components = tf.io.extract_jpeg_shape(contents)[2]
+    accurate = lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
+    return tf.cond(components == 4, lambda: tf.numpy_function(_pil_rgb, [contents], tf.uint8, stateful=False),
+                   accurate)
+
+  other = lambda: tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
+  image = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
   image.set_shape([None, None, 3])
   return image
 
@@ -162,30 +194,24 @@ def normalized_cxcywh(boxes: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
 
 
 def resize_image(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
-  """(h, w, C) -> (hw[0], hw[1], C) float32, bilinear like PIL's (which the original uses).
-
-  PIL widens the bilinear kernel when shrinking (antialiasing); TF's antialiased resize does the
-  same but costs ~3x more, and is identical to the plain one when enlarging, so it only runs when
-  a side shrinks. The identity when the size is unchanged.
-  """
-  old = tf.shape(image)[:2]
-  resize = lambda antialias: tf.image.resize(image, hw, method="bilinear", antialias=antialias)
-  return tf.cond(tf.reduce_all(old == hw), lambda: tf.cast(image, tf.float32),
-                 lambda: tf.cond(tf.reduce_any(hw < old), lambda: resize(True), lambda: resize(False)))
+  """(h, w, C) uint8 -> (hw[0], hw[1], C) uint8: PIL's bilinear resize (which the original uses),
+  exactly (see ``pil_resample``); the identity when the size is unchanged."""
+  return pil_resample.resize_bilinear(image, hw)
 
 
 def apply_geometry(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor
                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Applies one geometry (see the module docstring) to an image and its boxes.
 
+  The original's order on a PIL image: flip, resize (to 8 bits), crop, resize (to 8 bits).
+
   Args:
-    image: (h, w, 3) uint8 or float32.
+    image: (h, w, 3) uint8.
     boxes: (K, 4) float32 absolute xyxy in the image.
     labels: (K,) int32.
     geometry: (9,) int32, ``GEOMETRY_FIELDS``.
   Returns:
-    image (out_h, out_w, 3) float32 (resizing is linear: normalising before or after is the same),
-    boxes (K', 4) absolute xyxy in it, labels (K',):
+    image (out_h, out_w, 3) uint8, boxes (K', 4) absolute xyxy in it, labels (K',):
     the boxes left with positive area after the crop.
   """
   flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w = tf.unstack(geometry)
@@ -205,8 +231,7 @@ def apply_geometry(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geomet
 
 
 def normalize_image(image: tf.Tensor) -> tf.Tensor:
-  """(h, w, 3) uint8 or float32 in [0, 255] -> float32 ImageNet-normalised ((x / 255 - mean) / std)."""
-  image = tf.cast(image, tf.float32)
-  mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
-  inv_std = 1.0 / (tf.constant(IMAGENET_STD, tf.float32) * 255.0)
-  return (image - mean) * inv_std
+  """(h, w, 3) uint8 -> float32 ImageNet-normalised, in the original's float32 operations and order:
+  ``ToTensor`` (x / 255), then ``Normalize`` ((x - mean) / std)."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(IMAGENET_MEAN, tf.float32)) / tf.constant(IMAGENET_STD, tf.float32)
