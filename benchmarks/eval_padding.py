@@ -26,11 +26,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conddetr_jax import data  # pylint: disable=g-import-not-at-top
 from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top
-from conddetr_jax import inference  # pylint: disable=g-import-not-at-top
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top
+from conddetr_jax import sharding  # pylint: disable=g-import-not-at-top
+from conddetr_jax import weights  # pylint: disable=g-import-not-at-top
 from conddetr_jax.data import coco  # pylint: disable=g-import-not-at-top
 from conddetr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-from conddetr_jax.training import parallel  # pylint: disable=g-import-not-at-top
 
 _TOP = 10
 _SAME_IOU = 0.9
@@ -105,9 +105,9 @@ def main() -> None:
   args = parser.parse_args()
   base = load_config(args.config)
   data.prepare_dataset(base)
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   model = models.build_model(base)
-  variables, step = inference.load_variables(base, args.checkpoint, parallel.replicated(mesh))
+  variables, step = weights.load_variables(base, args.checkpoint, sharding.replicated(mesh))
   print(f"checkpoint {args.checkpoint} (step {step}), {jax.device_count()} {jax.default_backend()} device(s), "
         f"size_divisibility {base.dataset.size_divisibility}", flush=True)
   ref = None

@@ -17,7 +17,7 @@ import torch
 
 from configs import default
 from conddetr_jax import data
-from conddetr_jax import inference
+from conddetr_jax import image_files
 from conddetr_jax.data import pil_resample
 from conddetr_jax.data import transforms
 from tests.test_data_transforms import original_size
@@ -116,7 +116,7 @@ def test_evaluation_input_equals_the_originals(photo_dataset):
 def test_predict_input_equals_the_originals(photo_dataset):
   config, paths = photo_dataset
   for path in paths.values():
-    loaded = inference.load_image(path, config)
+    loaded = image_files.load_image(path, config)
     expected = original_eval_input(path)
     h, w = expected.shape[:2]
     np.testing.assert_allclose(loaded.image[0, :h, :w], expected, atol=1e-5, rtol=0, err_msg=os.path.basename(path))
