@@ -11,6 +11,7 @@ from conddetr_jax import evaluation
 from conddetr_jax import models
 from conddetr_jax import sharding
 from conddetr_jax import weights
+from conddetr_jax.data import files
 from conddetr_jax.training import metrics as metrics_lib
 
 
@@ -27,6 +28,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, work
     ValueError: the checkpoint does not fit the config's model.
     data.BadImageError: an image of the split is missing or unreadable (named).
   """
+  files.require_local_path(workdir, "--workdir")
   data.prepare_dataset(config)
   mesh = sharding.make_mesh()
   model = models.build_model(config)

@@ -13,6 +13,7 @@ from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import image_files
 from conddetr_jax import visualize
+from conddetr_jax.data import files
 
 # COCO 2017's 80 category ids (of 1..90) and names: predict.py labels COCO models with them when no
 # dataset json is at hand.
@@ -79,6 +80,7 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     "detections": [{"label", "name", "score", "box_xyxy"}, ...]}`` (boxes in the file's pixels,
     sorted by decreasing score).
   """
+  files.require_local_path(out_dir, "--out")
   images = [image_files.load_image(p, config) for p in paths]
   names = class_names(config)
   os.makedirs(out_dir, exist_ok=True)

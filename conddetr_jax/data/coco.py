@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from conddetr_jax.data import files
 from conddetr_jax.data import synthetic
 
 SPLITS = ("train", "val")
@@ -93,6 +94,8 @@ def default_generated_root(config: ml_collections.ConfigDict) -> str:
 
 def _root(config: ml_collections.ConfigDict) -> str:
   ds = config.dataset
+  if ds.root:
+    files.require_local_path(ds.root, "config.dataset.root")
   if ds.source in ("synthetic", "tfds"):
     return ds.root or default_generated_root(config)
   if ds.source != "coco":

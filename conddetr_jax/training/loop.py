@@ -21,6 +21,7 @@ from absl import logging
 
 from conddetr_jax import cli, data, evaluation, models, progress, weights
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
+from conddetr_jax.data import files
 from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -197,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     FloatingPointError: a non-finite loss or gradient, unless ``config.skip_nonfinite``; the
       message names the step, and the last checkpoint written before it is left intact.
   """
+  files.require_local_path(workdir, "--workdir")
   validate_config(config, jax.device_count())
   batch_size = global_batch_size(config, jax.device_count())
   data.prepare_dataset(config)
