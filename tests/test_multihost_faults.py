@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conddetr_jax.training import checkpoint, lost_host
-from tests.test_training_e2e import TOTAL_STEPS, Runs, _free_port, _records, _train_records, _wait_for_step
+from tests.test_training_e2e import TOTAL_STEPS, Runs, _free_port, _records, _train_records
 
 # Short, so a lost host is noticed quickly here; generous against false alarms on a loaded machine.
 HEARTBEAT_TIMEOUT_S = 15
@@ -65,8 +65,14 @@ class Pair:
     return [self.wait(i) for i in range(2)]
 
   def wait_for_step(self, step: int, after: int = 0) -> None:
-    """Until process 0 (which writes metrics.jsonl) has logged ``step`` among records ``after:``."""
-    _wait_for_step(self.procs[0], self.workdir, step, after)
+    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
+    deadline = time.time() + 600
+    while not any(r["step"] >= step for r in _train_records(self.workdir)[after:]):
+      ended = [p.poll() for p in self.procs]
+      if any(code is not None for code in ended) or time.time() > deadline:
+        self.kill()
+        raise AssertionError(f"no step {step} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}")
+      time.sleep(0.05)
 
   def kill(self) -> None:
     for p in self.procs:

@@ -13,6 +13,7 @@ so 120 s is ample and keeps a single failing host from holding the job for JAX's
 import os
 
 import jax
+import orbax.checkpoint as ocp
 from absl import logging
 
 
@@ -67,3 +68,15 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def wait_for_all_processes(name: str) -> None:
+  """Blocks until every process has called this with ``name``; a no-op on one process.
+
+  Goes through the coordination service, not a device collective: on CPU, a gloo collective
+  whose processes arrive more than 30 s apart fails ("Gloo context initialization failed"),
+  and set-up work (dataset checks, compilation, restoring) can skew processes by that much on a
+  busy machine. ``name`` must be new for each call.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, processes=set(range(jax.process_count())))

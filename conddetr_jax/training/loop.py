@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from conddetr_jax import convert, data, evaluation, models
-from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
+from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
@@ -231,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batches = data.prefetch_to_device(
       map(par.host_batch, data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)),
       par.batch_sharding)
+  distributed.wait_for_all_processes("conddetr_jax_train_loop_start")  # the steps' collectives start together
   window, window_start = [], time.time()
   try:
     for step in range(start_step + 1, total_steps + 1):
