@@ -85,7 +85,10 @@ def _last_complete_step(checkpoint_dir: str) -> int | None:
 
 def _coordinator_address() -> str | None:
   """Where process 0's coordination service listens, as ``jax.distributed.initialize`` was told."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # JAX exposes it nowhere else
+  try:  # JAX keeps it nowhere public: without it the message just cannot name the address
+    from jax._src import distributed
+  except ImportError:
+    return None
   return getattr(distributed.global_state, "coordinator_address", None)
 
 
