@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
                                heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value, shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one host reports progress
-  with lost_host.report_lost_host(os.path.join(_WORKDIR.value, loop.CHECKPOINT_DIR)):
+  with lost_host.report_lost_host(os.path.join(_WORKDIR.value, loop.CHECKPOINT_DIR), _HEARTBEAT_TIMEOUT.value):
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if result.preempted:
     sys.exit(128 + signal.SIGTERM)  # the shell's code for "terminated": the job did not finish

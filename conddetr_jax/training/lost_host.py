@@ -12,7 +12,8 @@ jaxlib 0.10.2 accepts a Python ``missed_heartbeat_callback`` but cannot convert 
 passes (the process dies of ``std::bad_cast``), so ``report_lost_host`` catches the abort itself:
 a SIGABRT handler installed through libc prints a short message (which process is gone as far as
 can be told, the last complete checkpoint, "rerun the same command on every host") and exits
-with ``EXIT_CODE``.
+with ``EXIT_CODE``. A collective can also fail first, in the main thread ("Gloo all-reduce
+failed: Connection closed by peer"): that error waits for JAX's verdict before it is raised.
 """
 
 import contextlib
@@ -21,15 +22,19 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 # sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run itself is
 # fine, one of its hosts is gone.
 EXIT_CODE = 75
 _PROBE_TIMEOUT_S = 3.0
+# After the heartbeat timeout, JAX's coordination service still has to notice and tell the others.
+_VERDICT_GRACE_S = 15.0
 
 
 def lost_host_message(process_index: int, process_count: int, coordinator_address: str | None,
@@ -96,14 +101,17 @@ _SIGNAL_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
 
 
 @contextlib.contextmanager
-def report_lost_host(checkpoint_dir: str) -> Iterator[None]:
+def report_lost_host(checkpoint_dir: str, heartbeat_timeout_s: float) -> Iterator[None]:
   """While inside, a JAX abort of this process (a lost peer) prints ``lost_host_message`` and exits.
 
-  Does nothing in a single-process run or off the main thread. On leaving, the previous SIGABRT
-  handler (faulthandler's) is back, so a failure at exit is reported as before.
+  Does nothing in a single-process run or off the main thread. A ``JaxRuntimeError`` (a failed
+  collective) is held for up to the heartbeat timeout first, so that a lost peer is reported as
+  such; it is raised if JAX does not abort meanwhile. On leaving, the previous SIGABRT handler
+  (faulthandler's) is back, so a failure at exit is reported as before.
 
   Args:
     checkpoint_dir: the run's checkpoint directory, read when the abort comes.
+    heartbeat_timeout_s: the run's ``jax.distributed`` heartbeat timeout.
   """
   if jax.process_count() == 1 or threading.current_thread() is not threading.main_thread():
     yield
@@ -126,5 +134,10 @@ def report_lost_host(checkpoint_dir: str) -> Iterator[None]:
   previous = libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
   try:
     yield
+  except jax.errors.JaxRuntimeError:
+    wait_s = heartbeat_timeout_s + _VERDICT_GRACE_S
+    logging.error("A collective failed; waiting up to %.0f s for JAX to tell whether a process was lost.", wait_s)
+    time.sleep(wait_s)  # JAX's abort, if it comes, ends the process from its own thread meanwhile
+    raise
   finally:
     libc.signal(signal.SIGABRT, previous)
