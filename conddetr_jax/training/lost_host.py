@@ -46,8 +46,8 @@ def lost_host_message(process_index: int, process_count: int, coordinator_addres
     process_count: the number of processes of the run.
     coordinator_address: ``host:port`` of the coordination service (process 0), if known.
     coordinator_reachable: whether that address still accepts connections; if not, process 0 is
-      the lost one. If it does, the service itself reported another process lost, and JAX's fatal
-      line just above the message lists it.
+      the lost one. If it does, the service itself most likely reported another process lost, and
+      JAX's fatal line just above the message lists it.
     checkpoint_dir: the run's checkpoint directory.
     checkpoint_step: the newest complete checkpoint's step, None if there is none.
 
@@ -55,8 +55,9 @@ def lost_host_message(process_index: int, process_count: int, coordinator_addres
     A few lines of text, ending in a newline.
   """
   if coordinator_reachable:
-    lost = ("JAX's distributed runtime stopped it: another process of the run was lost (JAX's fatal line "
-            "above lists the indices of the 'unhealthy' ones)")
+    # Any abort lands here, not only JAX's; its fatal line above tells them apart.
+    lost = ("JAX's distributed runtime stopped it (its fatal line above says why), most often because "
+            "another process of the run was lost: that line lists the 'unhealthy' ones by index")
   else:
     lost = (f"process 0 was lost: the coordination service it runs{f' at {coordinator_address}' if coordinator_address else ''} "
             "no longer answers")
