@@ -17,7 +17,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-im
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conddetr_jax.training import distributed, loop, metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.training import distributed, lost_host, loop, metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -25,23 +26,33 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for jax.distributed.initialize.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", distributed.HEARTBEAT_TIMEOUT_S,
+    "Multi-host: seconds without a heartbeat after which a process counts as lost and the others stop "
+    "(shorter: a lost host idles the others less; longer: fewer false alarms from stalled hosts).")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s", distributed.SHUTDOWN_TIMEOUT_S,
+    "Multi-host: seconds a process that has finished or failed waits at exit for the others.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-  """Joins a multi-host job if asked, trains, and exits with 143 if stopped by SIGTERM."""
+  """Joins a multi-host job if asked, trains, and exits with 143 if stopped by SIGTERM (75 if a host
+  of a multi-host run was lost: see docs/preemption.md)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value, shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one host reports progress
-  result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with lost_host.report_lost_host(os.path.join(_WORKDIR.value, weights.CHECKPOINT_DIR), _HEARTBEAT_TIMEOUT.value):
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     workdir = _WORKDIR.value
     predictions = os.path.join(workdir, loop.PREDICTIONS_DIR)
     cli.print_summary(
         f"{'Stopped (SIGTERM) at' if result.preempted else 'Trained'} step {result.step}/{result.total_steps}",
-        {"checkpoints": os.path.join(workdir, loop.CHECKPOINT_DIR),
+        {"checkpoints": os.path.join(workdir, weights.CHECKPOINT_DIR),
          "metrics": os.path.join(workdir, metrics.METRICS_FILE),
          "TensorBoard": os.path.join(workdir, metrics.TENSORBOARD_DIR),
          "predictions": f"{predictions}/*.png ({len(result.prediction_images)} files)"

@@ -1,8 +1,19 @@
-"""Multi-host start-up: ``jax.distributed.initialize`` when flags or the environment ask for it."""
+"""Multi-host start-up: ``jax.distributed.initialize`` when flags or the environment ask for it.
+
+The coordination service (run by process 0) declares a process dead once it has sent no
+heartbeat for ``heartbeat_timeout_s``; JAX then terminates every other process. Longer means
+fewer false alarms (a host stalled or cut off for a while), shorter means a lost host idles the
+others for less time. A false alarm costs a restart and the steps since the last checkpoint, a
+late detection only idle time, so the default errs long (JAX's own 100 s). ``shutdown_timeout_s``
+bounds how long a process that has finished (or failed on its own) waits at exit for the others
+to finish too: processes finish the same final save and evaluation within seconds of each other,
+so 120 s is ample and keeps a single failing host from holding the job for JAX's 5 minutes.
+"""
 
 import os
 
 import jax
+import orbax.checkpoint as ocp
 from absl import logging
 
 
@@ -25,14 +36,21 @@ def wants_distributed() -> bool:
           or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
 
 
+HEARTBEAT_TIMEOUT_S = 100
+SHUTDOWN_TIMEOUT_S = 120
+
+
 def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+                     process_id: int | None = None, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+                     shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> bool:
   """Joins the multi-process job if asked to; must run before anything touches a JAX device.
 
   Args:
     coordinator_address: ``host:port`` of process 0 (GPU clusters without SLURM).
     num_processes: total number of processes.
     process_id: this process's index in [0, num_processes).
+    heartbeat_timeout_s: seconds without a heartbeat after which a process counts as lost.
+    shutdown_timeout_s: seconds a process waits at exit for the others to exit too.
 
   Returns:
     True if ``jax.distributed.initialize`` was called. Any explicit argument forces it (with the
@@ -41,8 +59,24 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   explicit = coordinator_address is not None or num_processes is not None or process_id is not None
   if not explicit and not wants_distributed():
     return False
+  for name, seconds in (("heartbeat_timeout_s", heartbeat_timeout_s), ("shutdown_timeout_s", shutdown_timeout_s)):
+    if seconds < 1:
+      raise ValueError(f"{name}={seconds}: must be >= 1 second")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                             shutdown_timeout_seconds=shutdown_timeout_s)
   logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def wait_for_all_processes(name: str) -> None:
+  """Blocks until every process has called this with ``name``; a no-op on one process.
+
+  Goes through the coordination service, not a device collective: on CPU, a gloo collective
+  whose processes arrive more than 30 s apart fails ("Gloo context initialization failed"),
+  and set-up work (dataset checks, compilation, restoring) can skew processes by that much on a
+  busy machine. ``name`` must be new for each call.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, processes=set(range(jax.process_count())))

@@ -22,7 +22,7 @@ from absl import logging
 from conddetr_jax import cli, data, evaluation, models, progress, weights
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.data import files
-from conddetr_jax.training import checkpoint, metrics, optimizer, parallel
+from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
@@ -278,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       par.batch_sharding)
   train_step = progress.CompileAnnouncer(par.step)
   prediction_paths = []
+  distributed.wait_for_all_processes("conddetr_jax_train_loop_start")  # the steps' collectives start together
   window, window_start = [], time.time()
   try:
     for step in range(start_step + 1, total_steps + 1):

@@ -1,0 +1,213 @@
+"""train.py as 2 processes x 2 CPU devices (gloo on 127.0.0.1): preemption and lost hosts.
+
+- SIGTERM to one process, or to both: both save the same step and exit 143; a restart of both
+  logs the losses of the uninterrupted two-process run.
+- SIGKILL of one process (a lost host): the other prints a short message (who, the last complete
+  checkpoint, "rerun the same command on every host") within the heartbeat timeout and exits 75;
+  a restart resumes from that checkpoint with the uninterrupted losses.
+- config.parallel='pmap' across the two processes logs the jit run's losses (dropout off).
+
+All runs share one uninterrupted reference run, the tiny config and a compilation cache.
+"""
+
+import itertools
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conddetr_jax.training import checkpoint, lost_host
+from tests.test_training_e2e import TOTAL_STEPS, Runs, _free_port, _records, _train_records
+
+# Short, so a lost host is noticed quickly here; generous against false alarms on a loaded machine.
+HEARTBEAT_TIMEOUT_S = 15
+# How long after the SIGKILL the survivor may take to stop: the heartbeat timeout, then JAX's and
+# our reporting, with a wide margin for a CPU shared with other test runs.
+STOP_BOUND_S = HEARTBEAT_TIMEOUT_S + 75
+SIGTERM_EXIT = 128 + signal.SIGTERM
+_LAUNCHES = itertools.count()
+
+
+class Pair:
+  """The two processes of one multi-host train.py run, their output going to files."""
+
+  def __init__(self, runs: Runs, workdir, *extra: str):
+    self.workdir = workdir
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(runs.env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    launch = next(_LAUNCHES)
+    self.logs = [f"{workdir}.{launch}.{i}.log" for i in range(2)]
+    self.procs = []
+    for i, log in enumerate(self.logs):
+      with open(log, "w", encoding="utf-8") as out:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "train.py", *runs.flags, f"--workdir={workdir}", "--config.model.dropout=0.0",
+             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+             f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}", *extra],
+            cwd=runs.env["PYTHONPATH"], env=env, stdout=out, stderr=subprocess.STDOUT))
+
+  def output(self, i: int) -> str:
+    with open(self.logs[i], encoding="utf-8", errors="replace") as f:
+      return f.read()
+
+  def wait(self, i: int, timeout: float = 600) -> int:
+    try:
+      return self.procs[i].wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(f"process {i} still running after {timeout} s:\n{self.output(i)[-5000:]}")
+
+  def finish(self) -> list[int]:
+    return [self.wait(i) for i in range(2)]
+
+  def wait_for_step(self, step: int, after: int = 0) -> None:
+    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
+    deadline = time.time() + 600
+    while not any(r["step"] >= step for r in _train_records(self.workdir)[after:]):
+      ended = [p.poll() for p in self.procs]
+      if any(code is not None for code in ended) or time.time() > deadline:
+        self.kill()
+        raise AssertionError(f"no step {step} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}")
+      time.sleep(0.05)
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return Runs(tmp_path_factory.mktemp("multihost"))
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+  """The uninterrupted two-process jit run: step -> loss."""
+  pair = Pair(runs, runs.root / "reference")
+  assert pair.finish() == [0, 0], pair.output(0)[-5000:] + pair.output(1)[-5000:]
+  train = _train_records(pair.workdir)
+  assert [r["step"] for r in train] == list(range(1, TOTAL_STEPS + 1))
+  return {r["step"]: r["loss"] for r in train}
+
+
+def _latest_checkpoint(workdir) -> int | None:
+  return checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step()
+
+
+def _saved_step(output: str) -> int:
+  """The step a process says it saved on SIGTERM."""
+  found = re.findall(r"SIGTERM: saved step (\d+) and stopping", output)
+  assert len(found) == 1, output[-5000:]
+  return int(found[0])
+
+
+def _sigterm(pair: Pair, targets: tuple[int, ...]) -> int:
+  """SIGTERM to ``targets`` mid-run; checks both processes saved one same step and exited 143."""
+  pair.wait_for_step(2)
+  for i in targets:  # freeze, signal, thaw: the signal lands mid-run however fast the run is
+    pair.procs[i].send_signal(signal.SIGSTOP)
+    pair.procs[i].send_signal(signal.SIGTERM)
+    pair.procs[i].send_signal(signal.SIGCONT)
+  assert pair.finish() == [SIGTERM_EXIT] * 2, pair.output(0)[-5000:] + pair.output(1)[-5000:]
+  saved = {_saved_step(pair.output(i)) for i in range(2)}
+  assert len(saved) == 1
+  step = saved.pop()
+  assert 2 <= step < TOTAL_STEPS
+  assert _latest_checkpoint(pair.workdir) == step == _train_records(pair.workdir)[-1]["step"]
+  return step
+
+
+def _finish(runs: Runs, workdir, *extra: str) -> int:
+  """Restarts both processes to the end; returns the step they resumed from."""
+  seen = len(_train_records(workdir))
+  pair = Pair(runs, workdir, *extra)
+  assert pair.finish() == [0, 0], pair.output(0)[-5000:] + pair.output(1)[-5000:]
+  assert "AP" in _records(workdir)[-1]
+  return _train_records(workdir)[seen]["step"] - 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_a_restart_logs_the_same_losses(
+    runs, reference, tmp_path):
+  workdir = tmp_path / "one"
+  stopped = _sigterm(Pair(runs, workdir), targets=(1,))  # process 1: not the one that writes metrics
+  assert _finish(runs, workdir) == stopped
+  train = _train_records(workdir)
+  assert {r["step"] for r in train} == set(range(1, TOTAL_STEPS + 1))
+  for r in train:  # on CPU a run is deterministic: bit for bit
+    assert r["loss"] == reference[r["step"]], r["step"]
+
+
+@pytest.mark.slow
+def test_pmap_over_two_processes_stopped_by_sigterm_to_both_logs_the_losses_of_jit(runs, reference, tmp_path):
+  workdir = tmp_path / "pmap"
+  stopped = _sigterm(Pair(runs, workdir, "--config.parallel=pmap"), targets=(0, 1))
+  assert _finish(runs, workdir, "--config.parallel=pmap") == stopped
+  train = _train_records(workdir)
+  assert [r["step"] for r in train] == list(range(1, TOTAL_STEPS + 1))
+  # The same updates as jit with dropout off; reductions run in another order.
+  np.testing.assert_allclose([r["loss"] for r in train], [reference[s] for s in range(1, TOTAL_STEPS + 1)],
+                             rtol=1e-5)
+
+
+def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) -> str:
+  """SIGKILLs process ``victim`` once ``after_step`` is logged; checks how the other one stops."""
+  seen = len(_train_records(workdir))
+  pair = Pair(runs, workdir)
+  pair.wait_for_step(after_step, after=seen)
+  pair.procs[victim].kill()
+  killed_at = time.time()
+  survivor = 1 - victim
+  code = pair.wait(survivor, timeout=STOP_BOUND_S + 300)
+  took = time.time() - killed_at
+  pair.kill()
+  out = pair.output(survivor)
+  assert code == lost_host.EXIT_CODE, out[-5000:]
+  assert took < STOP_BOUND_S, f"stopped {took:.0f} s after the SIGKILL"
+  message = out[out.index("LOST HOST"):]
+  assert f"process {survivor} of 2 is stopping" in message
+  assert f"the last complete checkpoint is step {_latest_checkpoint(workdir)} in " in message
+  assert "Rerun the same command on every host" in message
+  assert "Extension modules" not in out and "Fatal Python error" not in out  # no faulthandler dump
+  return out
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_stops_the_other_with_a_short_message_and_a_restart_resumes(
+    runs, reference, tmp_path):
+  workdir = tmp_path / "kill"
+  # Process 1 lost: process 0's coordination service notices the missing heartbeats.
+  out = _kill_and_check_survivor(runs, workdir, victim=1, after_step=4)
+  assert "another process of the run was lost" in out
+  assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*1\s", out)  # JAX's line, naming it
+  resume = _latest_checkpoint(workdir)
+  assert resume is not None and resume >= 3
+
+  # Process 0 lost, with the coordination service it runs: process 1 notices at once.
+  out = _kill_and_check_survivor(runs, workdir, victim=0, after_step=resume + 2)
+  assert "process 0 was lost: the coordination service it runs at 127.0.0.1:" in out
+
+  resume = _latest_checkpoint(workdir)
+  assert _finish(runs, workdir) == resume
+  train = _train_records(workdir)
+  assert {r["step"] for r in train} == set(range(1, TOTAL_STEPS + 1))
+  for r in train:  # steps run twice give the same loss both times
+    assert r["loss"] == reference[r["step"]], r["step"]
+
+
+def test_lost_host_message_names_the_lost_process_the_checkpoint_and_what_to_do():
+  coordinator_gone = lost_host.lost_host_message(2, 4, "10.0.0.1:1234", False, "/runs/a/checkpoints", 6000)
+  assert "process 2 of 4 is stopping: process 0 was lost" in coordinator_gone
+  assert "10.0.0.1:1234" in coordinator_gone
+  assert "the last complete checkpoint is step 6000 in /runs/a/checkpoints" in coordinator_gone
+  assert "Rerun the same command on every host" in coordinator_gone
+  other_gone = lost_host.lost_host_message(0, 4, "10.0.0.1:1234", True, "/runs/a/checkpoints", None)
+  assert "another process of the run was lost" in other_gone and "process 0 was lost" not in other_gone
+  assert "no complete checkpoint yet in /runs/a/checkpoints" in other_gone
+  assert len(other_gone.strip().splitlines()) == 3
