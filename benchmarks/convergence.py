@@ -5,11 +5,13 @@ backbone, encoder, loss and schedule (only ``config.model.decoder`` differs), an
 the val split is measured every ``--eval_every`` steps. Writes ``<out>/convergence.csv`` (one row
 per decoder, seed and evaluation) and ``<out>/convergence.png`` (mean AP per decoder against
 step, with the min-max band over seeds), and prints how many steps each decoder needs to reach
-the DETR decoder's final AP.
+the DETR decoder's final AP. ``--groups=1,5`` adds Group DETR training (``config.model.num_groups``)
+as a second axis: every decoder trains once per group count.
 
   python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min (estimated)
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
       --override=per_device_batch_size=16                             # a GPU: a longer run
+  python benchmarks/convergence.py --out=DIR --groups=1,5             # with and without Group DETR
 
 Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
 processes, one per core, and a last call with all the seeds writes the CSV and the plot
@@ -48,10 +50,12 @@ def _parse_override(text: str) -> tuple[list[str], object]:
   return key.split("."), parsed
 
 
-def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: list[str]):
-  """The demo config with this decoder and seed, evaluated every ``eval_every`` steps."""
+def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: list[str], num_groups: int = 1):
+  """The demo config with this decoder, Group DETR group count and seed, evaluated every
+  ``eval_every`` steps."""
   config = demo.get_config()
   config.model.decoder = decoder
+  config.model.num_groups = num_groups
   config.seed = seed
   config.total_steps = steps
   config.eval_every_steps = eval_every
@@ -90,14 +94,21 @@ def steps_to_reach(steps: np.ndarray, ap: np.ndarray, target: float) -> int | No
   return int(steps[reached[0]]) if reached.size else None
 
 
+def variant_name(decoder: str, num_groups: int) -> str:
+  """A run variant's name in the plot, the printout and the workdirs: ``conditional``, ``detr_groups5`` ..."""
+  return decoder if num_groups == 1 else f"{decoder}_groups{num_groups}"
+
+
 def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
-  """Mean AP per decoder against step, with the min-max band over seeds."""
+  """Mean AP per variant against step, with the min-max band over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for decoder, ap in curves.items():
+  for variant, ap in curves.items():
+    decoder, _, groups = variant.partition("_groups")
     label = {"conditional": "Conditional DETR decoder", "detr": "DETR decoder"}[decoder]
+    label += f", {groups} groups" if groups else ""
     line, = ax.plot(steps, ap.mean(0), marker="o", label=f"{label} ({ap.shape[0]} seeds)")
     ax.fill_between(steps, ap.min(0), ap.max(0), color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step")
@@ -115,44 +126,52 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=800)
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+  parser.add_argument("--groups", default="1", help="comma-separated config.model.num_groups values (Group DETR)")
   parser.add_argument("--override", action="append", default=[],
                       help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20")
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)  # the training loop's progress lines (loss, images/s, ETA)
   seeds = [int(s) for s in args.seeds.split(",")]
+  variants = [(decoder, int(k)) for k in args.groups.split(",") for decoder in DECODERS]
   os.makedirs(args.out, exist_ok=True)
 
   rows = []
   for seed in seeds:
-    for decoder in DECODERS:
-      workdir = os.path.join(args.out, f"{decoder}_seed{seed}")
+    for decoder, num_groups in variants:
+      name = variant_name(decoder, num_groups)
+      workdir = os.path.join(args.out, f"{name}_seed{seed}")
       start = time.time()
       if not run_finished(workdir, args.steps):  # finished runs (e.g. from a parallel invocation) are reused
-        loop.train_and_evaluate(run_config(decoder, seed, args.steps, args.eval_every, args.override), workdir)
+        loop.train_and_evaluate(
+            run_config(decoder, seed, args.steps, args.eval_every, args.override, num_groups), workdir)
       curve = read_ap_curve(workdir)
-      print(f"{decoder} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)
-      rows += [dict(decoder=decoder, seed=seed, step=s, AP=ap, AP50=ap50) for s, ap, ap50 in curve]
+      print(f"{name} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)
+      rows += [dict(decoder=decoder, num_groups=num_groups, seed=seed, step=s, AP=ap, AP50=ap50)
+               for s, ap, ap50 in curve]
 
   csv_path = os.path.join(args.out, "convergence.csv")
   with open(csv_path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=["decoder", "seed", "step", "AP", "AP50"])
+    writer = csv.DictWriter(f, fieldnames=["decoder", "num_groups", "seed", "step", "AP", "AP50"])
     writer.writeheader()
     writer.writerows(rows)
 
   steps = np.array(sorted({r["step"] for r in rows}))
-  curves = {d: np.array([[next(r["AP"] for r in rows if r["decoder"] == d and r["seed"] == s and r["step"] == t)
-                          for t in steps] for s in seeds]) for d in DECODERS}
+  curves = {variant_name(d, k): np.array([[next(r["AP"] for r in rows if (r["decoder"], r["num_groups"]) == (d, k)
+                                               and r["seed"] == s and r["step"] == t)
+                                          for t in steps] for s in seeds]) for d, k in variants}
   png_path = os.path.join(args.out, "convergence.png")
   plot(curves, steps, png_path)
 
-  target = curves["detr"].mean(0)[-1]
+  baseline = variant_name(*variants[1])  # the DETR decoder with the first --groups value
+  target = curves[baseline].mean(0)[-1]
   print(f"\nmean AP over {len(seeds)} seeds at each evaluated step:")
-  print("step " + " ".join(f"{s:>6d}" for s in steps))
-  for decoder, ap in curves.items():
-    print(f"{decoder[:4]:4s} " + " ".join(f"{a:6.3f}" for a in ap.mean(0)))
-  for decoder, ap in curves.items():
+  width = max(len(v) for v in curves)
+  print("step".ljust(width) + " " + " ".join(f"{s:>6d}" for s in steps))
+  for variant, ap in curves.items():
+    print(f"{variant:{width}s} " + " ".join(f"{a:6.3f}" for a in ap.mean(0)))
+  for variant, ap in curves.items():
     reached = steps_to_reach(steps, ap.mean(0), target)
-    print(f"steps for the {decoder} decoder to reach the DETR decoder's final AP {target:.3f}: "
+    print(f"steps for {variant} to reach {baseline}'s final AP {target:.3f}: "
           f"{reached if reached is not None else 'not reached'}")
   print(f"wrote {csv_path} and {png_path}")
 

@@ -10,12 +10,20 @@ buffer sizes); images/s and memory at a COCO training bucket (--bucket, '' to sk
 --bucket_dtypes; Hugging Face's ConditionalDetr train step (PyTorch) on the same input and the
 ratio (--hf=auto: on CPU only). The last line is ``step_s=<median seconds>`` of the --size step.
 Each image gets 7 random boxes (COCO's mean) in max_boxes padded slots, as the pipeline pads them.
+
+With --variant (repeatable; comma-separated config overrides), it instead times the config and
+each variant at --size round-robin, one step of each in turn for --rounds rounds, so that on a
+shared or loaded machine every variant sees the same load and the ratios stay meaningful:
+  python benchmarks/train_step.py --config=configs/demo.py --batch=4 --size=160x192 \
+      --variant=model.num_groups=5 --variant=model.dilation=True,model.num_groups=5
 """
 
+import ast
 import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,6 +46,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones
 _BUCKET = flags.DEFINE_string("bucket", "800x1216", "A COCO training bucket HxW for images/s; '' skips it.")
 _BUCKET_DTYPES = flags.DEFINE_list("bucket_dtypes", ["float32", "bfloat16"], "Compute dtypes at --bucket.")
 _HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch train step (auto: on CPU).")
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "Config overrides 'a.b=value,c=value' to time against the "
+                                      "config, round-robin (values are Python literals).")
+_ROUNDS = flags.DEFINE_integer("rounds", 8, "With --variant: timed rounds, after one warm-up round.")
 NUM_BOXES = 7
 
 
@@ -63,8 +74,9 @@ def _timed(fn, steps: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, float]:
-  """Median step time, compile time and the compiled step's buffer sizes, on all devices."""
+def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, Any]:
+  """The train step of ``config`` compiled for ``batch`` on all devices: (``run()``, which takes one
+  step and blocks, compile seconds, the compiled step's memory analysis or None)."""
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
@@ -80,6 +92,12 @@ def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int)
     holder["state"], metrics = par.step(holder["state"], device_batch)
     metrics["loss"].block_until_ready()
 
+  return run, compile_s, memory
+
+
+def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, float]:
+  """Median step time, compile time and the compiled step's buffer sizes, on all devices."""
+  run, compile_s, memory = compile_jax_step(config, batch)
   out = {"step_s": _timed(run, steps, warmup), "compile_s": compile_s}
   if memory is not None:
     out["temp_bytes"] = memory.temp_size_in_bytes
@@ -140,6 +158,38 @@ def time_hf_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) 
   return _timed(run, steps, warmup)
 
 
+def with_overrides(config, text: str):
+  """A copy of ``config`` with the ``a.b=value,c=value`` fields of ``text`` set (values parsed as
+  Python literals, else kept as strings)."""
+  config = config.copy_and_resolve_references()
+  for item in filter(None, text.split(",")):
+    key, value = item.split("=", 1)
+    *path, field = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    try:
+      node[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[field] = value
+  return config
+
+
+def time_variants_round_robin(config, variants: list[str], batch: dict[str, np.ndarray],
+                              rounds: int) -> list[list[float]]:
+  """Step seconds of ``config`` and of each variant, one step of each in turn per round, after one
+  untimed round: ``[config's times, variant 1's times, ...]``."""
+  runs = [compile_jax_step(with_overrides(config, v), batch)[0] for v in [""] + variants]
+  times = [[] for _ in runs]
+  for round_index in range(rounds + 1):
+    for run, record in zip(runs, times):
+      t0 = time.perf_counter()
+      run()
+      if round_index:
+        record.append(time.perf_counter() - t0)
+  return times
+
+
 def _hw(text: str) -> tuple[int, int]:
   h, w = text.split("x")
   return int(h), int(w)
@@ -153,6 +203,15 @@ def main(argv: list[str]) -> None:
         f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} backbone={config.model.backbone} "
         f"dtype={config.model.dtype} batch={_BATCH.value}", flush=True)
   batch = synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes)
+  if _VARIANTS.value:
+    times = time_variants_round_robin(config, _VARIANTS.value, batch, _ROUNDS.value)
+    base = statistics.median(times[0])
+    for name, record in zip(["(config)"] + _VARIANTS.value, times):
+      median = statistics.median(record)
+      print(f"jax {h}x{w} {name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s over "
+            f"{len(record)} rounds), {median / base:.2f}x the config's", flush=True)
+    print(f"loadavg={os.getloadavg()[0]:.1f} after the rounds")
+    return
   main_step = time_jax_step(config, batch, _STEPS.value, _WARMUP.value)
   print(f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} images/s "
         f"(compile {main_step['compile_s']:.1f}s); XLA temp buffers "

@@ -21,6 +21,13 @@ compute that device-count-independent quantity, with the count clamped at 1:
   ``lax.pmean`` of the per-device losses (and of their gradients) over the axis gives
   the global-batch values of the jit path. ``class_error`` and ``cardinality_error``
   are then per-device, as in the original before its logging average.
+
+Group DETR (``config.model.num_groups`` K > 1; the model's training outputs hold K
+groups of Q queries, group k at [k*Q, (k+1)*Q)). Each group is matched one-to-one to
+the targets on its own, and each group's terms are normalised by the same box count,
+as one set: every group's loss is what a 1-group model computes on that group's
+outputs, and the returned terms are their sums over the groups. ``class_error`` and
+``cardinality_error`` pool all groups.
 """
 
 import jax
@@ -81,16 +88,30 @@ def _stack_layers(out: dict) -> tuple[jax.Array, jax.Array]:
   return logits, boxes
 
 
+def _groups_as_images(logits: jax.Array, boxes: jax.Array, num_groups: int,
+                      num_queries: int) -> tuple[jax.Array, jax.Array]:
+  """(L, B, K*Q, ...) -> (L, B*K, Q, ...): each group of queries becomes an image of its own
+  (image b's group k at b*K + k), so matching and losses treat it as one set."""
+  layers, batch, queries = logits.shape[:3]
+  if queries != num_groups * num_queries:
+    raise ValueError(f"{queries} predicted queries, expected config.model.num_groups={num_groups} x "
+                     f"num_queries={num_queries} (the criterion takes the model's train=True outputs)")
+  split = lambda x: x.reshape((layers, batch * num_groups, num_queries) + x.shape[3:])
+  return split(logits), split(boxes)
+
+
 def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
                   axis_name: str | None = None) -> dict[str, jax.Array]:
   """Matches every decoder layer to the targets and computes the original's losses.
 
   Args:
     out: model output: "pred_logits" (B, Q, C), "pred_boxes" (B, Q, 4) cxcywh, and,
-      with aux_loss, "aux_outputs": a list of such dicts, one per earlier layer.
+      with aux_loss, "aux_outputs": a list of such dicts, one per earlier layer. With
+      ``config.model.num_groups`` K > 1, Q = K * num_queries (the train=True output).
     batch: "boxes" (B, M, 4) cxcywh normalised, "labels" (B, M) int, "box_valid"
       (B, M) bool (padding slots False; their boxes and labels are ignored).
-    config: the full config; reads ``config.matcher`` and ``config.loss``.
+    config: the full config; reads ``config.matcher``, ``config.loss`` and
+      ``config.model.num_groups`` (1 if absent).
     axis_name: the data axis when called inside pmap/shard_map, else None.
 
   Returns:
@@ -103,6 +124,12 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
   tgt_boxes = batch["boxes"].astype(jnp.float32)
   tgt_labels = batch["labels"].astype(jnp.int32)
   valid = batch["box_valid"].astype(bool)
+  # One set of targets: every group is normalised as a whole set (see the module docstring).
+  norm = num_boxes(valid, axis_name)
+  num_groups = config.model.get("num_groups", 1)
+  if num_groups > 1:
+    logits, pred_boxes = _groups_as_images(logits, pred_boxes, num_groups, config.model.num_queries)
+    tgt_boxes, tgt_labels, valid = (jnp.repeat(x, num_groups, axis=0) for x in (tgt_boxes, tgt_labels, valid))
 
   target_index = matching.match(
       jax.lax.stop_gradient(logits), jax.lax.stop_gradient(pred_boxes), tgt_boxes,
@@ -115,7 +142,6 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
   q_boxes = jnp.take_along_axis(tgt_boxes[None], slot[..., None], axis=-2)
   q_boxes = jnp.where(matched[..., None], q_boxes, 0.5)                # (L, B, Q, 4)
 
-  norm = num_boxes(valid, axis_name)
   onehot = jax.nn.one_hot(jnp.where(matched, q_labels, -1), num_classes)
   focal = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha,
                              config.loss.focal_gamma)

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       dim_feedforward=2048,
       dropout=0.1,
       num_queries=300,
+      num_groups=1,             # Group DETR: K groups of num_queries train together; inference uses group 0
       num_classes=91,           # max category id + 1 (COCO: 91)
       aux_loss=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from configs import default
 from conddetr_jax import models
+from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask
 
 
@@ -109,7 +111,8 @@ def test_mask_downsampling_matches_torch_nearest_interpolation(in_size, out_size
 
 
 @pytest.mark.parametrize("backbone,dilation,stride,channels", [
-    ("resnet18", False, 32, 512), ("resnet34", False, 32, 512),
+    ("resnet18", False, 32, 512), ("resnet34", False, 32, 512), ("resnet18", True, 16, 512),
+    ("resnet34", True, 16, 512),
     ("resnet50", False, 32, 2048), ("resnet50", True, 16, 2048), ("resnet101", True, 16, 2048)])
 def test_backbone_output_stride_and_channels(backbone, dilation, stride, channels):
   model = models.build_model(tiny_config(backbone=backbone, dilation=dilation))
@@ -141,11 +144,47 @@ def test_bad_model_config_names_the_field(overrides, field):
     models.build_model(tiny_config(**overrides))
 
 
-def test_dc5_on_a_basic_block_resnet_is_a_clear_error():
-  model = models.build_model(tiny_config(backbone="resnet18", dilation=True))
-  images, pad_mask = _inputs(batch=1)
-  with pytest.raises(ValueError, match="dilation"):
-    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, pad_mask))
+def _torch_resnet18_dc5(variables, images: np.ndarray) -> np.ndarray:
+  """ResNet-18 with DC5 written independently in torch, as timm builds it (torchvision refuses):
+  layer4 keeps stride 1, its first conv dilation 1 and every later 3x3 conv dilation 2."""
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def conv(x, p, stride=1, dilation=1):
+    w = torch.from_numpy(np.asarray(p["kernel"])).permute(3, 2, 0, 1)
+    return F.conv2d(x, w, stride=stride, padding=dilation * (w.shape[-1] // 2), dilation=dilation)
+
+  def frozen_bn(x, s):
+    s = {k: torch.from_numpy(np.asarray(v))[None, :, None, None] for k, v in s.items()}
+    return (x - s["mean"]) / torch.sqrt(s["var"] + 1e-5) * s["scale"] + s["bias"]
+
+  x = torch.from_numpy(images).permute(0, 3, 1, 2)
+  x = F.max_pool2d(F.relu(frozen_bn(conv(x, params["conv1"], 2), stats["bn1"])), 3, 2, 1)
+  for stage in range(1, 5):
+    for i in range(2):
+      p, s = params[f"layer{stage}_{i}"], stats[f"layer{stage}_{i}"]
+      stride = 2 if stage in (2, 3) and i == 0 else 1
+      y = F.relu(frozen_bn(conv(x, p["conv1"], stride, 2 if stage == 4 and i else 1), s["bn1"]))
+      y = frozen_bn(conv(y, p["conv2"], 1, 2 if stage == 4 else 1), s["bn2"])
+      if "downsample_conv" in p:
+        x = frozen_bn(conv(x, p["downsample_conv"], stride), s["downsample_bn"])
+      x = F.relu(y + x)
+  return x.permute(0, 2, 3, 1).numpy()
+
+
+def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
+  model = ResNet("resnet18", dilation=True)
+  images = np.random.default_rng(2).normal(size=(1, 80, 96, 3)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  # Random frozen statistics, so every BatchNorm is visible in the output.
+  leaves, treedef = jax.tree.flatten(variables["batch_stats"])
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  variables["batch_stats"] = jax.tree.unflatten(
+      treedef, [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5) for k, x in zip(keys, leaves)])
+  actual = np.asarray(model.apply(variables, images))
+  expected = _torch_resnet18_dc5(variables, images)
+  assert actual.shape == expected.shape == (1, 5, 6, 512)
+  assert (expected > 0).mean() > 0.1  # not a dead network
+  np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 
 def test_bfloat16_runs_without_nan_and_keeps_float32_params_and_outputs():

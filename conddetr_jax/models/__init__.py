@@ -24,13 +24,17 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
   if m.decoder not in _DECODERS:
     raise ValueError(f"config.model.decoder={m.decoder!r}: expected one of {_DECODERS}")
+  num_groups = m.get("num_groups", 1)
+  if not isinstance(num_groups, int) or num_groups < 1:
+    raise ValueError(f"config.model.num_groups={num_groups!r}: expected an integer >= 1")
   if m.hidden_dim % m.nheads or m.hidden_dim % 2:
     raise ValueError(f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}")
   return ConditionalDETR(backbone=m.backbone, dilation=m.dilation,
                          freeze_stem_and_layer1=m.freeze_stem_and_layer1, backbone_norm=m.backbone_norm,
                          hidden_dim=m.hidden_dim, nheads=m.nheads,
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
-                         dropout=m.dropout, num_queries=m.num_queries, num_classes=m.num_classes,
+                         dropout=m.dropout, num_queries=m.num_queries, num_groups=num_groups,
+                         num_classes=m.num_classes,
                          aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
 
 

@@ -8,6 +8,10 @@ Parity facts (torchvision ResNet v1.5 as used by the original):
   its four tensors live in the ``batch_stats`` collection, so no optimiser ever sees them;
 - DC5 (``replace_stride_with_dilation=[False, False, True]``): layer4 keeps stride 1, its first
   block uses dilation 1 and the following blocks dilation 2.
+DC5 also works for ResNet-18/34, which torchvision refuses (its BasicBlock takes no dilation):
+layer4 keeps stride 1, the first block's conv1 (which held the stride) dilation 1 and every other
+3x3 conv of the stage dilation 2, so each conv keeps its receptive field (timm's rule). Nothing in
+the math stops it, and it gives small images a finer feature map (the demo's).
 The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
 layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
 them because they come from ImageNet; a model trained from random weights must train them.
@@ -85,10 +89,16 @@ def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) 
 
 
 class _ResidualBlock(nn.Module):
-  """Fields shared by both block types; ``downsample`` adds torchvision's 1x1 conv shortcut."""
+  """Fields shared by both block types; ``downsample`` adds torchvision's 1x1 conv shortcut.
+
+  ``dilation`` is that of the 3x3 conv holding the block's stride (in a DC5 stage's first block,
+  the previous stage's); ``stage_dilation`` that of 3x3 convs after it (a BasicBlock's conv2),
+  which see the stage's resolution.
+  """
   width: int
   stride: int = 1
   dilation: int = 1
+  stage_dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
   norm: str = "frozen_bn"
@@ -102,7 +112,7 @@ class BasicBlock(_ResidualBlock):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype)(x)
     y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y))
-    y = _conv(self.width, 3, 1, self.dilation, "conv2", self.dtype)(y)
+    y = _conv(self.width, 3, 1, self.stage_dilation, "conv2", self.dtype)(y)
     y = _norm(self.norm, self.dtype, "bn2", ends_residual_branch=True)(y)
     return nn.relu(y + _shortcut(self, x))
 
@@ -148,9 +158,6 @@ class ResNet(nn.Module):
     if self.arch not in RESNET_SPECS:
       raise ValueError(f"config.model.backbone={self.arch!r} is not one of {sorted(RESNET_SPECS)}")
     kind, depths = RESNET_SPECS[self.arch]
-    if kind == "basic" and self.dilation:
-      raise ValueError(f"config.model.dilation=True (DC5) needs a bottleneck ResNet (50/101); "
-                       f"torchvision's BasicBlock of {self.arch} does not support dilation")
     block_cls = BasicBlock if kind == "basic" else Bottleneck
 
     x = images.astype(self.dtype)
@@ -168,7 +175,7 @@ class ResNet(nn.Module):
       for i in range(depth):
         first = i == 0
         x = block_cls(width, stride=stride if first else 1,
-                      dilation=previous_dilation if first else dilation,
+                      dilation=previous_dilation if first else dilation, stage_dilation=dilation,
                       downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
                       dtype=self.dtype, norm=self.norm, name=f"layer{stage}_{i}")(x)
         in_features = width * block_cls.expansion

@@ -30,6 +30,13 @@ class ConditionalDETR(nn.Module):
   list ``aux_outputs`` of the same for every decoder layer but the last. Intermediate tensors
   used by parity tests are sown into the ``intermediates`` collection.
 
+  Group DETR training (Chen et al., ICCV 2023) with ``num_groups`` K > 1: under ``train=True``,
+  K groups of ``num_queries`` queries (group 0's embedding ``query_embed``, the others'
+  ``group_query_embed``) are decoded together, each self-attending within its group only, so the
+  outputs hold K*Q queries (group k at [k*Q, (k+1)*Q)); the criterion matches each group on its
+  own. Under ``train=False`` only group 0 runs: outputs, cost and results are those of a 1-group
+  model with the same weights, and the extra groups' embeddings just sit in the params.
+
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
   """
@@ -44,6 +51,7 @@ class ConditionalDETR(nn.Module):
   dim_feedforward: int = 2048
   dropout: float = 0.1
   num_queries: int = 300
+  num_groups: int = 1
   num_classes: int = 91
   aux_loss: bool = True
   decoder: str = "conditional"  # conditional | detr
@@ -72,13 +80,20 @@ class ConditionalDETR(nn.Module):
     memory = Encoder(self.enc_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype,
                      name="encoder")(src, pos, mask, train)
     query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, d))
-    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch, self.num_queries, d))
+    groups = 1
+    if self.num_groups > 1:
+      extra = self.param("group_query_embed", nn.initializers.normal(1.0),
+                         ((self.num_groups - 1) * self.num_queries, d))
+      if train:
+        query_embed, groups = jnp.concatenate([query_embed, extra]), self.num_groups
+    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch,) + query_embed.shape)
     decoder_args = (self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype)
     if self.decoder == "detr":
-      hidden = DetrDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train)
+      hidden = DetrDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train)
+      hidden, reference = ConditionalDecoder(*decoder_args, name="decoder")(
+          memory, mask, pos, query_pos, train, groups)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
       self.sow("intermediates", "reference_points", reference)

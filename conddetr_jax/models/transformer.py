@@ -69,6 +69,32 @@ class FeedForward(nn.Module):
     return linear(self.d_model, self.dim_feedforward, "linear2", self.dtype)(y)
 
 
+def attend_within_groups(attention: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array,
+                         num_groups: int, train: bool) -> jax.Array:
+  """Self-attention in which each query attends only to the queries of its own group (Group DETR).
+
+  The B x (K*Q) queries are K consecutive groups of Q; attending within each group is the
+  block-diagonal attention mask of Group DETR, computed as B*K independent attentions over Q
+  queries (K times less work than masking a (K*Q)^2 matrix). With one group it is plain
+  self-attention, the original's.
+
+  Args:
+    attention: a ``MultiHeadAttention``.
+    query, key, value: (B, K*Q, D_qk / D_qk / D_v).
+    num_groups: K.
+    train: enables dropout.
+
+  Returns:
+    (B, K*Q, D_v).
+  """
+  if num_groups == 1:
+    return attention(query, key, value, None, train)
+  batch, length, _ = query.shape
+  split = lambda x: x.reshape(batch * num_groups, length // num_groups, x.shape[-1])
+  out = attention(split(query), split(key), split(value), None, train)
+  return out.reshape(batch, length, out.shape[-1])
+
+
 class _LayerFields(nn.Module):
   """Sizes every transformer layer takes."""
   d_model: int
@@ -130,9 +156,11 @@ class ConditionalDecoderLayer(_LayerFields):
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array, query_sine_embed: jax.Array, train: bool) -> jax.Array:
+               query_pos: jax.Array, query_sine_embed: jax.Array, train: bool,
+               num_groups: int = 1) -> jax.Array:
     """tgt, query_pos, query_sine_embed (B, Q, d); memory, pos (B, L, d); memory_mask (B, L)
-    -> (B, Q, d)."""
+    -> (B, Q, d). With ``num_groups`` K, the Q queries are K groups that self-attend within
+    their group only (``attend_within_groups``)."""
     d, h = self.d_model, self.nhead
     proj = lambda name: linear(d, d, name, self.dtype)
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -140,7 +168,8 @@ class ConditionalDecoderLayer(_LayerFields):
     q = proj("sa_qcontent_proj")(tgt) + proj("sa_qpos_proj")(query_pos)
     k = proj("sa_kcontent_proj")(tgt) + proj("sa_kpos_proj")(query_pos)
     v = proj("sa_v_proj")(tgt)
-    tgt2 = MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="self_attn")(q, k, v, None, train)
+    tgt2 = attend_within_groups(MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="self_attn"),
+                                q, k, v, num_groups, train)
     tgt = layer_norm("norm1")(tgt + drop(tgt2))
 
     q_content = proj("ca_qcontent_proj")(tgt)
@@ -175,9 +204,10 @@ class ConditionalDecoder(_StackFields):
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               train: bool) -> tuple[jax.Array, jax.Array]:
-    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) ->
-    (hidden (num_layers, B, Q, d) float32 after the final LayerNorm, reference (B, Q, 2) float32)."""
+               train: bool, num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d), ``num_groups`` groups of
+    queries (see ``attend_within_groups``) -> (hidden (num_layers, B, Q, d) float32 after the
+    final LayerNorm, reference (B, Q, 2) float32)."""
     d = self.d_model
     reference = jax.nn.sigmoid(
         MLP(d, 2, 2, self.dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
@@ -190,7 +220,7 @@ class ConditionalDecoder(_StackFields):
     for i in range(self.num_layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
       output = ConditionalDecoderLayer(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, query_sine_embed, train)
+          output, memory, memory_mask, pos, query_pos, query_sine_embed, train, num_groups)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
 
@@ -205,12 +235,13 @@ class DetrDecoderLayer(_LayerFields):
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array, train: bool) -> jax.Array:
-    """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d)."""
+               query_pos: jax.Array, train: bool, num_groups: int = 1) -> jax.Array:
+    """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d); the Q
+    queries are ``num_groups`` groups (see ``attend_within_groups``)."""
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     q = k = tgt + query_pos
-    tgt2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
-                              name="self_attn")(q, k, tgt, None, train)
+    self_attn = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype, name="self_attn")
+    tgt2 = attend_within_groups(self_attn, q, k, tgt, num_groups, train)
     tgt = layer_norm("norm1")(tgt + drop(tgt2))
     tgt2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
                               name="multihead_attn")(tgt + query_pos, memory + pos, memory, memory_mask, train)
@@ -224,13 +255,14 @@ class DetrDecoder(_StackFields):
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               train: bool) -> jax.Array:
-    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (num_layers, B, Q, d)."""
+               train: bool, num_groups: int = 1) -> jax.Array:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) in ``num_groups`` groups ->
+    (num_layers, B, Q, d)."""
     norm = layer_norm("norm")
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
     for i in range(self.num_layers):
       output = DetrDecoderLayer(*self.layer_args(), name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, train)
+          output, memory, memory_mask, pos, query_pos, train, num_groups)
       hidden.append(norm(output))
     return jnp.stack(hidden)
