@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import inference
+from conddetr_jax import weights
 from conddetr_jax import losses
 from conddetr_jax import models
 from conddetr_jax.training import checkpoint
@@ -145,7 +145,7 @@ def test_k_group_training_updates_every_group_and_its_checkpoint_restores_for_in
   checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1, asynchronous=False)
   checkpointer.save(1, state, {"step": 1})
   checkpointer.close()
-  restored, step = inference.load_variables(run.config, str(tmp_path))
+  restored, step = weights.load_variables(run.config, str(tmp_path))
   assert step == 1
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
   images, pad_mask = _inputs()
