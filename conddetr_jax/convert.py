@@ -36,6 +36,7 @@ StateDict = dict[str, np.ndarray]
 # Keys a checkpoint may carry that have no counterpart in the model.
 _IGNORED = re.compile(r"(.*num_batches_tracked$)|(^fc\.(weight|bias)$)")
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
+GROUP_QUERY_KEY = "group_query_embed.weight"
 
 
 class CheckpointMismatchError(ValueError):
@@ -187,6 +188,8 @@ def original_key(collection: str, path: tuple[str, ...]) -> str:
   """
   if path == ("query_embed",):
     return "query_embed.weight"
+  if path == ("group_query_embed",):  # Group DETR's extra query groups (config.model.num_groups > 1)
+    return "group_query_embed.weight"
   parts = []
   for i, name in enumerate(path):
     if i == 0 and name == "backbone":
@@ -304,11 +307,15 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   skip = bool(config.get("init", {}).get("skip_class_head", False))
   allow_missing = ("transformer.", "input_proj.", "query_embed.", "class_embed.", "bbox_embed.") \
       if layout == "torchvision" else ()
+  # Group DETR fine-tuning from a one-group checkpoint (the original's): the extra groups start fresh.
+  new_groups = config.model.get("num_groups", 1) > 1 and GROUP_QUERY_KEY not in state
+  if new_groups:
+    allow_missing += (GROUP_QUERY_KEY,)
   if variables is None:
     # Only tensors the checkpoint lacks need computed initial values; for a full checkpoint
     # shapes suffice, which saves compiling the model's init (~20 s for R50 on a CPU).
     class_head = state.get(CLASS_HEAD_KEYS[1])
-    keeps_init = layout == "torchvision" or (
+    keeps_init = layout == "torchvision" or new_groups or (
         skip and class_head is not None and class_head.shape[0] != config.model.num_classes)
     variables = init_variables(config, config.get("seed", 0), abstract=not keeps_init)
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing)

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from configs import default
@@ -24,9 +25,14 @@ def small_config():
   return config
 
 
-def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path):
-  ref = hf_reference.build_reference("resnet50", seed=5, **SMALL)
-  state = hf_reference.original_state_dict(ref)
+@pytest.fixture(scope="module")
+def original_state():
+  """The original-layout state dict of a small reference model (HF's, random weights)."""
+  return hf_reference.original_state_dict(hf_reference.build_reference("resnet50", seed=5, **SMALL))
+
+
+def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, original_state):
+  state = original_state
   pth = tmp_path / "conddetr_small.pth"
   torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth)
   out = tmp_path / "converted"
@@ -44,15 +50,25 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path):
   assert again.returncode != 0 and "exists" in again.stderr
 
 
-def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path):
+def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path, original_state):
   missing = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
                             f"--torch={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}"],
                            capture_output=True, text=True, timeout=600)
   assert missing.returncode != 0 and "nope.pth" in missing.stderr
-  state = hf_reference.original_state_dict(hf_reference.build_reference("resnet50", seed=5, **SMALL))
+  state = original_state
   pth = tmp_path / "small.pth"
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
   wrong = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
                           f"--torch={pth}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=600)
   assert wrong.returncode != 0
   assert "missing keys" in wrong.stderr and "skip_class_head" in wrong.stderr
+
+
+def test_a_one_group_checkpoint_loads_into_a_group_detr_model_with_fresh_extra_groups(original_state):
+  config = small_config()
+  config.model.num_groups = 3
+  variables = convert.from_torch(original_state, config)
+  one_group = convert.from_torch(original_state, small_config())
+  extra = variables["params"].pop("group_query_embed")
+  assert extra.shape == (2 * 10, 256) and np.all(np.isfinite(extra)) and np.std(extra) > 0.5  # normal(1) init
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, one_group)  # the rest: the checkpoint's
