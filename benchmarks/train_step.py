@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
+from benchmarks.synthetic import synthetic_batch
 from conddetr_jax import models
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
@@ -37,17 +38,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones
 _BUCKET = flags.DEFINE_string("bucket", "800x1216", "A COCO training bucket HxW for images/s; '' skips it.")
 _BUCKET_DTYPES = flags.DEFINE_list("bucket_dtypes", ["float32", "bfloat16"], "Compute dtypes at --bucket.")
 _HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch train step (auto: on CPU).")
-NUM_BOXES = 7
-
-
-def synthetic_batch(batch: int, h: int, w: int, max_boxes: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A padded batch like the pipeline's: no padded pixels, NUM_BOXES boxes per image."""
-  rng = np.random.default_rng(seed)
-  boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, max_boxes, 2)), rng.uniform(0.05, 0.3, (batch, max_boxes, 2))],
-                         axis=-1)
-  return {"image": rng.normal(size=(batch, h, w, 3)).astype(np.float32), "pad_mask": np.zeros((batch, h, w), bool),
-          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 91, (batch, max_boxes)).astype(np.int32),
-          "box_valid": np.arange(max_boxes)[None].repeat(batch, 0) < NUM_BOXES}
 
 
 def _timed(fn, steps: int, warmup: int) -> float:

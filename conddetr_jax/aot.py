@@ -57,16 +57,6 @@ CHIPS = {
     "TPU v6e": Chip("v6e", 32, 918),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2.")
-_SIZES = flags.DEFINE_multi_string(
-    "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
-    "dataset, else the original's largest training size rounded up as the buckets are.")
-_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also search the largest per-device batch that fits "
-                               "(doubling, then bisection; one compile per try).")
-_EVAL = flags.DEFINE_bool("eval", True, "Also compile the evaluation program (forward + post-processing).")
-
-
 class LibtpuMissingError(RuntimeError):
   """The TPU compiler (the ``libtpu`` wheel) is not installed."""
 
@@ -432,22 +422,40 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   return summary
 
 
-def main(argv: list[str]) -> None:
+def _define_flags() -> dict[str, Any]:
+  """The command line's flags (defined only when run as a program, so importing defines none)."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.",
+                                                lock_config=True),
+      "topology": flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2."),
+      "size": flags.DEFINE_multi_string(
+          "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
+          "dataset, else the original's largest training size rounded up as the buckets are."),
+      "max_batch": flags.DEFINE_bool("max_batch", False, "Also search the largest per-device batch that fits "
+                                     "(doubling, then bisection; one compile per try)."),
+      "eval": flags.DEFINE_bool("eval", True, "Also compile the evaluation program (forward + post-processing)."),
+  }
+
+
+def main(argv: list[str], holders: dict[str, Any]) -> None:
   """Flags -> ``run``; a missing TPU compiler or bad input exits with a one-line error."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  config = holders["config"].value
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/r50.py")
   jax.config.update("jax_platforms", "cpu")  # the host side runs on the CPU; the TPU is compile-only
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  sizes_flag = holders["size"].value
   try:
-    sizes = [parse_size(s) for s in _SIZES.value] if _SIZES.value else default_sizes(config)
-    run(config, _TOPOLOGY.value, sizes, max_batch=_MAX_BATCH.value, with_eval=_EVAL.value)
+    sizes = [parse_size(s) for s in sizes_flag] if sizes_flag else default_sizes(config)
+    run(config, holders["topology"].value, sizes, max_batch=holders["max_batch"].value,
+        with_eval=holders["eval"].value)
   except (LibtpuMissingError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _holders = _define_flags()
+  app.run(lambda argv: main(argv, _holders))
