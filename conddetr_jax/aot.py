@@ -172,6 +172,7 @@ class Compiled:
       shared with donated arguments.
     flops: ``cost_analysis()['flops']`` of one device's share (multiply-add = 2).
     collectives: see ``collectives``.
+    executable: the compiled program (callable where its devices are real).
   """
   seconds: float
   argument_bytes: int
@@ -181,6 +182,7 @@ class Compiled:
   code_bytes: int
   flops: float
   collectives: dict[str, dict[str, int]]
+  executable: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def peak_bytes(self) -> int:
@@ -188,7 +190,8 @@ class Compiled:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
 
-def _cost(compiled: Any) -> dict[str, float]:
+def cost_analysis(compiled: Any) -> dict[str, float]:
+  """``compiled.cost_analysis()`` as one dict (per device for a partitioned program)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
@@ -203,8 +206,8 @@ def compile_lowered(lower: Callable[[], Any]) -> Compiled:
   mem = compiled.memory_analysis()
   return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                  code_bytes=mem.generated_code_size_in_bytes, flops=float(_cost(compiled).get("flops", 0.0)),
-                  collectives=collectives(compiled.as_text()))
+                  code_bytes=mem.generated_code_size_in_bytes, flops=float(cost_analysis(compiled).get("flops", 0.0)),
+                  collectives=collectives(compiled.as_text()), executable=compiled)
 
 
 def abstract_train_batch(config: ml_collections.ConfigDict, batch_size: int, hw: tuple[int, int],
@@ -328,7 +331,7 @@ def estimated_images_per_s(chip: Chip | None, flops_per_image: float, utilizatio
   return chip.bf16_tflops * 1e12 * utilization / flops_per_image
 
 
-def describe(c: Compiled, per_device_batch: int, capacity_gib: float | None, what: str) -> list[str]:
+def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
   """Table rows for one compiled program."""
   fits = "unknown (chip capacity unknown)" if capacity_gib is None else (
       "yes" if c.peak_bytes <= capacity_gib * GIB else "NO")
@@ -389,7 +392,7 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
         raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
                            f"process ({type(e).__name__}: {e}); try a one-host slice such as v5e:2x2") from e
       raise
-    out("\n".join(describe(train, batch, capacity, f"train step ({batch}/device)")))
+    out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
     gflop = train.flops / batch / 1e9
     est = [estimated_images_per_s(chip, train.flops / batch, u) for u in (1.0, 0.4)]
     out(f"    train: {gflop:.1f} GFLOP per image per step"
@@ -398,8 +401,7 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
     gmac = None
     if with_eval:
       ev = compiler.eval(config.eval_per_device_batch_size, hw)
-      out("\n".join(describe(ev, config.eval_per_device_batch_size, capacity,
-                             f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)")))
+      out("\n".join(describe(ev, capacity, f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)")))
       gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:

@@ -125,3 +125,9 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   assert re.search(r"all-reduce x\d+", proc.stdout), proc.stdout
   assert "ESTIMATE" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
+
+
+def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up():
+  from configs import r50, test_tiny  # pylint: disable=g-import-not-at-top
+  assert aot.default_sizes(test_tiny.get_config()) == [(64, 64)]
+  assert aot.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
