@@ -2,7 +2,7 @@
 
 Usage (on the machine with the accelerator; all devices JAX sees are used, data parallel):
   python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216] [--dtypes=bfloat16,float32]
-      [--batches=2,4,8] [--steps=5] [--budget_s=420] [--out=accelerator.json]
+      [--batches=2,4,8] [--steps=5] [--budget_s=300] [--out=accelerator.json]
   python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, seconds
 
 For each size, dtype and per-device batch (the sweep stops growing a batch at the first failure,
@@ -50,7 +50,7 @@ _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes."
 _BATCHES = flags.DEFINE_list("batches", ["2", "4", "8"], "Per-device batch sweep (ascending).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per configuration (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
-_BUDGET = flags.DEFINE_float("budget_s", 420.0, "Start no new configuration after this many seconds.")
+_BUDGET = flags.DEFINE_float("budget_s", 300.0, "Start no new configuration after this many seconds.")
 _OUT = flags.DEFINE_string("out", "accelerator.json", "Where the JSON results go.")
 
 

@@ -198,10 +198,36 @@ def cost_analysis(compiled: Any) -> dict[str, float]:
   return cost or {}
 
 
+class DoesNotFitError(RuntimeError):
+  """The compiler refused the program: it needs more memory than the device has.
+
+  Attributes:
+    needed_bytes: what the compiler said the program needs, when its message says (else None).
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    m = _NEEDED.search(message)
+    self.needed_bytes = None if m is None else float(m[1]) * {"K": 2**10, "M": 2**20, "G": GIB}[m[2]]
+
+
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
+_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of")
+
+
 def compile_lowered(lower: Callable[[], Any]) -> Compiled:
-  """Lowers and compiles (``lower()`` returns a ``jax.stages.Lowered``) and reads its figures."""
+  """Lowers and compiles (``lower()`` returns a ``jax.stages.Lowered``) and reads its figures.
+
+  Raises:
+    DoesNotFitError: the compiler ran out of device memory for the program.
+  """
   t0 = time.perf_counter()
-  compiled = lower().compile()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # pylint: disable=broad-except  (XLA raises its runtime error type)
+    if _OUT_OF_MEMORY.search(str(e)):
+      raise DoesNotFitError(str(e)) from e
+    raise
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
@@ -387,17 +413,23 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
     out(f"size {hw[0]}x{hw[1]}:")
     try:
       train = compiler.train(batch, hw)
+    except DoesNotFitError as e:
+      train, needed_bytes = None, e.needed_bytes or float("nan")
+      needed = "" if e.needed_bytes is None else f" (the compiler: {_gib(e.needed_bytes)} GiB needed)"
+      out(f"  train step ({batch}/device): does NOT fit{needed}: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:
         raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
                            f"process ({type(e).__name__}: {e}); try a one-host slice such as v5e:2x2") from e
       raise
-    out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
-    gflop = train.flops / batch / 1e9
-    est = [estimated_images_per_s(chip, train.flops / batch, u) for u in (1.0, 0.4)]
-    out(f"    train: {gflop:.1f} GFLOP per image per step"
-        + ("" if est[0] is None else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
-           f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"))
+    gflop = float("nan")
+    if train is not None:
+      out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
+      gflop = train.flops / batch / 1e9
+      est = [estimated_images_per_s(chip, train.flops / batch, u) for u in (1.0, 0.4)]
+      out(f"    train: {gflop:.1f} GFLOP per image per step"
+          + ("" if est[0] is None else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
+             f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"))
     gmac = None
     if with_eval:
       ev = compiler.eval(config.eval_per_device_batch_size, hw)
@@ -409,17 +441,21 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
 
       def fits(n: int) -> bool:
         if n not in fit_cache:
-          c = train if n == batch else compiler.train(n, hw)
-          fit_cache[n] = c.peak_bytes <= capacity * GIB
-          out(f"    max_batch: {n}/device peak {_gib(c.peak_bytes)} GiB: {'fits' if fit_cache[n] else 'does not fit'}")
+          try:
+            c = train if n == batch and train is not None else compiler.train(n, hw)
+            fit_cache[n], peak = c.peak_bytes <= capacity * GIB, f"peak {_gib(c.peak_bytes)} GiB"
+          except DoesNotFitError:
+            fit_cache[n], peak = False, "the compiler ran out of memory"
+          out(f"    max_batch: {n}/device {peak}: {'fits' if fit_cache[n] else 'does not fit'}")
         return fit_cache[n]
 
       out(f"    largest per-device train batch that fits: {largest_fitting_batch(fits)}")
     elif max_batch:
       out("    max_batch: skipped, the chip's capacity is unknown")
     if summary is None:
-      fits_train = capacity is not None and train.peak_bytes <= capacity * GIB
-      summary = summary_line(topology, len(devices), fits_train, train.peak_bytes / GIB, capacity, gflop, gmac)
+      fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
+      peak_bytes = train.peak_bytes if train is not None else needed_bytes
+      summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
   out(summary)
   return summary
 

@@ -131,3 +131,15 @@ def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up(
   from configs import r50, test_tiny  # pylint: disable=g-import-not-at-top
   assert aot.default_sizes(test_tiny.get_config()) == [(64, 64)]
   assert aot.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
+
+
+def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_bytes():
+  def lower():
+    raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                       "hbm. Used 17.52G of 15.75G hbm. Exceeded hbm capacity by 1.77G.")
+
+  with pytest.raises(aot.DoesNotFitError) as e:
+    aot.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
+  assert e.value.needed_bytes == pytest.approx(17.52 * 2**30)
+  with pytest.raises(ValueError):  # other compile errors pass through unchanged
+    aot.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
