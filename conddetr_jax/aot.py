@@ -67,7 +67,7 @@ def install_command() -> str:
 
 
 def _quiet_libtpu() -> None:
-  """Keeps libtpu's start-up warnings off the screen.
+  """Keeps libtpu's start-up warnings off the screen, and lets several compiles run at once.
 
   On a machine without a TPU, libtpu asks the (absent) cloud metadata for the accelerator type and
   worker host names and prints warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) when it finds
@@ -79,6 +79,9 @@ def _quiet_libtpu() -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
   os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
   os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+  # libtpu locks /tmp/libtpu_lockfile for one process per machine (one per TPU, on a TPU VM); with
+  # compile-only devices there is nothing to share, and two compiles may run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def topology_devices(name: str) -> list[Any]:
@@ -98,6 +101,8 @@ def topology_devices(name: str) -> list[Any]:
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
       raise LibtpuMissingError(f"JAX found no TPU compiler: {e}. Install it with: {install_command()}") from e
+    if "INVALID_ARGUMENT" not in str(e) and "NOT_FOUND" not in str(e):
+      raise
     raise ValueError(f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
                      f"v4:2x2x2, v6e:2x2): {e}") from e
 
