@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax import data, evaluation
+from conddetr_jax import data, evaluation, hlo
 from conddetr_jax.data import batching
 from conddetr_jax.training import loop, parallel
 
@@ -118,53 +118,6 @@ def devices_per_chip(devices: Sequence[Any]) -> int:
   return max(1, len(devices) // len(coords)) if coords else 1
 
 
-# ---- collectives ---------------------------------------------------------------------------
-
-COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                  "collective-broadcast", "ragged-all-to-all")
-_BYTES_PER_ELEMENT = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                      "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\(")
-_ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
-
-
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO result shape: an array ``f32[2,3]{1,0}`` or a tuple of them."""
-  total = 0.0
-  for m in _ARRAY.finditer(shape):
-    dims = [int(d) for d in m["dims"].split(",") if d]
-    size = _BYTES_PER_ELEMENT.get(m["dtype"], 1)  # f8 variants: 1 byte
-    total += size * (int(np.prod(dims)) if dims else 1)
-  return int(total)
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Counts and result bytes of the collectives of an HLO module's text (``compiled.as_text()``).
-
-  A synchronous collective counts by its result; an asynchronous pair (``all-reduce-start`` /
-  ``all-reduce-done``) counts once, by the ``-done``'s result (the data it delivers). Each
-  instruction counts once, even inside a loop body (a static count).
-
-  Returns:
-    {op: {"count": n, "bytes": b}} for each collective present, e.g. ``all-reduce``.
-  """
-  found: dict[str, dict[str, int]] = {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if m is None:
-      continue
-    op = m["op"]
-    if op.endswith("-start"):
-      continue
-    base = op[:-len("-done")] if op.endswith("-done") else op
-    if base not in COLLECTIVE_OPS:
-      continue
-    entry = found.setdefault(base, {"count": 0, "bytes": 0})
-    entry["count"] += 1
-    entry["bytes"] += shape_bytes(m["shape"])
-  return found
-
-
 # ---- compiling -----------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -176,7 +129,7 @@ class Compiled:
     argument/output/alias/temp/code bytes: ``memory_analysis()`` fields; ``alias`` is output memory
       shared with donated arguments.
     flops: ``cost_analysis()['flops']`` of one device's share (multiply-add = 2).
-    collectives: see ``collectives``.
+    collectives: see ``hlo.collectives``.
     executable: the compiled program (callable where its devices are real).
   """
   seconds: float
@@ -238,7 +191,7 @@ def compile_lowered(lower: Callable[[], Any]) -> Compiled:
   return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
                   code_bytes=mem.generated_code_size_in_bytes, flops=float(cost_analysis(compiled).get("flops", 0.0)),
-                  collectives=collectives(compiled.as_text()), executable=compiled)
+                  collectives=hlo.collectives(compiled.as_text()), executable=compiled)
 
 
 def abstract_train_batch(config: ml_collections.ConfigDict, batch_size: int, hw: tuple[int, int],

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conddetr_jax import aot, flops
+from conddetr_jax import aot, flops, hlo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
 
 
 def test_collectives_are_counted_once_each_with_their_result_bytes():
-  found = aot.collectives(_HLO)
+  found = hlo.collectives(_HLO)
   assert found == {
       "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2},
       "all-gather": {"count": 1, "bytes": 1024 * 2},  # the -done's result, not the start's tuple
@@ -49,8 +49,8 @@ def test_collectives_are_counted_once_each_with_their_result_bytes():
 
 
 def test_shape_bytes_reads_arrays_tuples_and_scalars():
-  assert aot.shape_bytes("f32[2,3]{1,0:T(8,128)}") == 24
-  assert aot.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
+  assert hlo.shape_bytes("f32[2,3]{1,0:T(8,128)}") == 24
+  assert hlo.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
 
 
 @pytest.mark.parametrize("limit_fitting, expected", [(1, 1), (37, 37), (64, 64), (1000, 1000), (0, 0)])
