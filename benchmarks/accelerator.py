@@ -3,7 +3,7 @@
 Usage (on the machine with the accelerator; all devices JAX sees are used, data parallel):
   python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216] [--dtypes=bfloat16,float32]
       [--batches=2,4,8] [--steps=5] [--budget_s=300] [--out=accelerator.json]
-  python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, seconds
+  python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, a few minutes
 
 For each size, dtype and per-device batch (the sweep stops growing a batch at the first failure,
 e.g. out of memory): the train step (training.loop.build_train_step, as train.py runs it) is
