@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
+from benchmarks.synthetic import synthetic_batch
 from conddetr_jax import models
 from conddetr_jax import sharding
 from conddetr_jax.training import optimizer, parallel
@@ -49,17 +50,6 @@ _HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch 
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "Config overrides 'a.b=value,c=value' to time against the "
                                       "config, round-robin (values are Python literals).")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "With --variant: timed rounds, after one warm-up round.")
-NUM_BOXES = 7
-
-
-def synthetic_batch(batch: int, h: int, w: int, max_boxes: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A padded batch like the pipeline's: no padded pixels, NUM_BOXES boxes per image."""
-  rng = np.random.default_rng(seed)
-  boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, max_boxes, 2)), rng.uniform(0.05, 0.3, (batch, max_boxes, 2))],
-                         axis=-1)
-  return {"image": rng.normal(size=(batch, h, w, 3)).astype(np.float32), "pad_mask": np.zeros((batch, h, w), bool),
-          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 91, (batch, max_boxes)).astype(np.int32),
-          "box_valid": np.arange(max_boxes)[None].repeat(batch, 0) < NUM_BOXES}
 
 
 def _timed(fn, steps: int, warmup: int) -> float:

@@ -20,7 +20,8 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 # Lowest floor first. A name covers the module or package of that name and everything inside it.
 FLOORS = (
     ("building blocks", ("conddetr_jax", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
-                         "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress")),
+                         "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress",
+                         "conddetr_jax.hlo", "conddetr_jax.flops")),
     ("matching", ("conddetr_jax.matching",)),
     ("criterion and decoding", ("conddetr_jax.losses", "conddetr_jax.postprocess")),
     ("devices, weights and image files", ("conddetr_jax.sharding", "conddetr_jax.convert", "conddetr_jax.weights",
@@ -28,7 +29,7 @@ FLOORS = (
     ("evaluation", ("conddetr_jax.evaluation",)),
     ("training", ("conddetr_jax.training",)),
     ("running a trained model", ("conddetr_jax.checkpoint_eval", "conddetr_jax.prediction",
-                                 "conddetr_jax.find_images")),
+                                 "conddetr_jax.find_images", "conddetr_jax.aot")),
     ("entry points", ENTRY_POINTS),
 )
 

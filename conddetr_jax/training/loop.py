@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import jax
@@ -179,6 +179,26 @@ def _eval_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int
   return config.eval_every_steps == 0 and step % steps_per_epoch == 0
 
 
+def build_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: jax.sharding.Mesh
+                     ) -> tuple[Any, Any, Callable[[Any], state_lib.TrainState], Any]:
+  """The run's model, optimiser and parallel train step, as ``train_and_evaluate`` runs them.
+
+  Shared with ``conddetr_jax.aot``, which compiles this very step for TPU slices.
+
+  Returns:
+    (model, abstract_variables, create, par): the detector; its ``{'params', 'batch_stats'}`` as
+    ``jax.ShapeDtypeStruct`` leaves; ``create(variables) -> TrainState`` at step 0; and
+    ``config.parallel``'s strategy holding the step on ``mesh``.
+  """
+  model = models.build_model(config)
+  abstract_variables = models.init_variables(model, jax.random.PRNGKey(config.seed), abstract=True)
+  schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
+  tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
+  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))
+  step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
+  return model, abstract_variables, create, parallel.make_parallel(config.parallel, step_fn, mesh)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains ``config``'s model, checkpointing to and resuming from ``<workdir>/checkpoints``.
 
@@ -214,16 +234,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                jax.process_count(), config.grad_accum_steps, steps_per_epoch, total_steps)
 
   check_initial_weights(config)
-  model = models.build_model(config)
   init_rng = jax.random.PRNGKey(config.seed)
-  abstract_variables = models.init_variables(model, init_rng, abstract=True)
-  schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
-  tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
-  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))
   mesh = sharding_lib.make_mesh()
   replicated = sharding_lib.replicated(mesh)
-  step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
-  par = parallel.make_parallel(config.parallel, step_fn, mesh)
+  model, abstract_variables, create, par = build_train_step(config, steps_per_epoch, mesh)
 
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, weights.CHECKPOINT_DIR), config.keep_checkpoints)
   latest = checkpointer.latest_step()

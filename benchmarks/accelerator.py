@@ -1,0 +1,228 @@
+"""One call on a lent GPU/TPU: train-step images/s, MFU, the matcher's share, eval images/s, memory.
+
+Usage (on the machine with the accelerator; all devices JAX sees are used, data parallel):
+  python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216] [--dtypes=bfloat16,float32]
+      [--batches=2,4,8] [--steps=5] [--budget_s=300] [--out=accelerator.json]
+  python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, a few minutes
+
+For each size, dtype and per-device batch (the sweep stops growing a batch at the first failure,
+e.g. out of memory): the train step (training.loop.build_train_step, as train.py runs it) is
+compiled, its median step time measured, and MFU = the compiled program's FLOPs (XLA's
+cost_analysis, per device; a multiply-add is 2) / step time / the device's dense bf16 peak (the
+PEAK_TFLOPS table; float32 runs are held against the same bf16 peak; unknown devices: no MFU).
+Then, per size and dtype, the evaluation program (forward + post-processing) at the largest batch
+that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
+layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
+share of the step. New configurations are not started once ``--budget_s`` has passed (the default
+leaves the 8-minute window of a lent device room for start-up). Writes one JSON file and prints a
+table; the last line is ``accelerator best_images_per_s=<x> ...``.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from benchmarks.synthetic import synthetic_batch
+from conddetr_jax import aot, evaluation, matching, models, sharding
+from conddetr_jax.training import loop
+
+# Dense bf16 peak per device, TFLOP/s (vendor figures, no sparsity).
+PEAK_TFLOPS = {"NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312,
+               **{kind: chip.bf16_tflops for kind, chip in aot.CHIPS.items()}}
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model config.")
+_TINY = flags.DEFINE_bool("tiny", False, "CPU smoke run: configs/test_tiny.py at 64x64, batches 1,2, 2 steps.")
+_SIZES = flags.DEFINE_list("sizes", ["800x1216"], "HxW padded batch shapes (size buckets).")
+_DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes.")
+_BATCHES = flags.DEFINE_list("batches", ["2", "4", "8"], "Per-device batch sweep (ascending).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per configuration (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
+_BUDGET = flags.DEFINE_float("budget_s", 300.0, "Start no new configuration after this many seconds.")
+_OUT = flags.DEFINE_string("out", "accelerator.json", "Where the JSON results go.")
+
+
+def peak_tflops(device: Any) -> float | None:
+  """The device's dense bf16 peak from PEAK_TFLOPS (matched by prefix of device_kind), or None."""
+  for kind, tflops in PEAK_TFLOPS.items():
+    if device.device_kind == kind or device.device_kind.startswith(kind + " "):
+      return tflops
+  return None
+
+
+def _median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _device_peak_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+@dataclasses.dataclass
+class Bench:
+  """One model at one size and dtype on all devices."""
+  config: Any
+  mesh: Any
+  hw: tuple[int, int]
+  steps: int
+  warmup: int
+
+  def __post_init__(self):
+    self.model, _, create, self.par = loop.build_train_step(self.config, 1000, self.mesh)
+    variables = models.init_variables(self.model, jax.random.PRNGKey(0))
+    self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
+    self._create = jax.jit(create, out_shardings=sharding.replicated(self.mesh))
+
+  def train(self, per_device: int) -> dict[str, Any]:
+    """Compile seconds, median step seconds, images/s, FLOPs per device and compiled memory."""
+    n = per_device * self.mesh.size
+    batch = jax.device_put(synthetic_batch(n, *self.hw, self.config.dataset.max_boxes), self.par.batch_sharding)
+    state = self._create(self.variables)
+    compiled = aot.compile_lowered(lambda: self.par.lower(state, batch))
+    holder = {"state": state}
+
+    def step():  # the compiled program itself: calling par.step would compile it a second time
+      holder["state"], metrics = compiled.executable(holder["state"], batch)
+      return metrics["loss"]
+
+    step_s = _median_seconds(step, self.steps, self.warmup)
+    return {"per_device_batch": per_device, "compile_s": compiled.seconds, "step_s": step_s,
+            "images_per_s": n / step_s, "flops_per_device": compiled.flops, "compiled_peak_bytes": compiled.peak_bytes,
+            "collectives": compiled.collectives, "device_peak_bytes_so_far": _device_peak_bytes()}
+
+  def eval(self, per_device: int) -> dict[str, Any]:
+    """Evaluation (forward + post-processing) images/s at ``per_device`` images per device."""
+    n = per_device * self.mesh.size
+    host = synthetic_batch(n, *self.hw, self.config.dataset.max_boxes)
+    batch = jax.device_put({"image": host["image"], "pad_mask": host["pad_mask"],
+                            "orig_size": np.tile(np.array([self.hw], np.int32), (n, 1))},
+                           sharding.batch_sharding(self.mesh))
+    fn = functools.partial(evaluation.predict_batch, self.variables, batch, model=self.model,
+                           k=evaluation.top_k(self.config))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first_s = time.perf_counter() - t0
+    s = _median_seconds(fn, self.steps, 0)
+    return {"per_device_batch": per_device, "first_call_s": first_s, "batch_s": s, "images_per_s": n / s}
+
+
+def matcher_seconds(config: Any, global_batch: int, solver: str, steps: int) -> float:
+  """Median seconds of ``matching.match`` alone under jit on a train step's shapes (all decoder layers)."""
+  m = config.model
+  rng = np.random.default_rng(0)
+  layers = m.dec_layers if m.aux_loss else 1
+  host = synthetic_batch(global_batch, 8, 8, config.dataset.max_boxes)
+  logits = rng.normal(size=(layers, global_batch, m.num_queries, m.num_classes)).astype(np.float32)
+  boxes = rng.uniform(0.1, 0.9, (layers, global_batch, m.num_queries, 4)).astype(np.float32)
+  matcher_config = config.matcher.copy_and_resolve_references()
+  matcher_config.solver = solver
+  fn = jax.jit(lambda *a: matching.match(*a, matcher_config).target_index)
+  args = [jnp.asarray(x) for x in (logits, boxes, host["boxes"], host["labels"] % m.num_classes, host["box_valid"])]
+  return _median_seconds(lambda: fn(*args), steps, 1)
+
+
+def _row(*cells: Any) -> str:
+  return " ".join(f"{c:>12}" if not isinstance(c, float) else f"{c:12.3f}" for c in cells)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  start = time.perf_counter()
+  config = _CONFIG.value
+  sizes, batches, steps = _SIZES.value, [int(b) for b in _BATCHES.value], _STEPS.value
+  if _TINY.value:
+    from configs import test_tiny  # pylint: disable=g-import-not-at-top
+    config, sizes, batches, steps = test_tiny.get_config(), ["64x64"], [1, 2], min(steps, 2)
+    if _BATCHES.present:
+      batches = [int(b) for b in _BATCHES.value]
+  devices = jax.devices()
+  peak = peak_tflops(devices[0])
+  mesh = sharding.make_mesh(devices)
+  report: dict[str, Any] = {
+      "device_kind": devices[0].device_kind, "devices": len(devices), "backend": jax.default_backend(),
+      "jax": jax.__version__, "backbone": config.model.backbone, "dc5": bool(config.model.dilation),
+      "peak_bf16_tflops_per_device": peak,
+      "peak_note": "dense bf16 vendor peak; float32 runs are compared with it too" if peak else "unknown device",
+      "train": [], "eval": [], "matcher": [], "skipped": []}
+  print(f"device={devices[0].device_kind} x{len(devices)} backend={jax.default_backend()} "
+        f"peak_bf16={peak or 'unknown'} TFLOP/s/device config={config.model.backbone}"
+        f"{' DC5' if config.model.dilation else ''}", flush=True)
+  print(_row("size", "dtype", "batch/dev", "images/s", "step_s", "compile_s", "MFU%", "mem_GiB"), flush=True)
+
+  def over_budget(what: str) -> bool:
+    if time.perf_counter() - start > _BUDGET.value:
+      report["skipped"].append(what)
+      return True
+    return False
+
+  matcher_done: set[int] = set()
+  for size in sizes:
+    hw = aot.parse_size(size)
+    for dtype in _DTYPES.value:
+      if over_budget(f"{size} {dtype}"):
+        continue
+      run_config = config.copy_and_resolve_references()
+      run_config.model.dtype = dtype
+      bench = Bench(run_config, mesh, hw, steps, _WARMUP.value)
+      largest = None
+      for b in batches:
+        if over_budget(f"{size} {dtype} train batch {b}"):
+          break
+        try:
+          r = bench.train(b)
+        except Exception as e:  # pylint: disable=broad-except  (out of memory ends the sweep)
+          report["train"].append({"size": size, "dtype": dtype, "per_device_batch": b,
+                                  "error": f"{type(e).__name__}: {str(e)[:300]}"})
+          print(_row(size, dtype, b, "failed", type(e).__name__), flush=True)
+          break
+        largest = b
+        r["mfu"] = r["flops_per_device"] / r["step_s"] / (peak * 1e12) if peak else None
+        report["train"].append({"size": size, "dtype": dtype, **r})
+        mem = r["compiled_peak_bytes"]
+        print(_row(size, dtype, b, r["images_per_s"], r["step_s"], r["compile_s"],
+                   "n/a" if r["mfu"] is None else 100 * r["mfu"], "n/a" if mem is None else mem / 2**30), flush=True)
+        if b not in matcher_done:
+          matcher_done.add(b)
+          for solver in ("hungarian", "scipy"):
+            s = matcher_seconds(run_config, b * len(devices), solver, steps)
+            report["matcher"].append({"per_device_batch": b, "solver": solver, "seconds": s,
+                                      "share_of_step": s / r["step_s"], "step_of": f"{size} {dtype}"})
+            print(f"    matcher {solver}: {s * 1e3:.1f} ms = {100 * s / r['step_s']:.1f}% of the step", flush=True)
+      if largest is not None and not over_budget(f"{size} {dtype} eval"):
+        e = bench.eval(largest)
+        report["eval"].append({"size": size, "dtype": dtype, **e})
+        print(f"    eval {size} {dtype} batch {largest}/device: {e['images_per_s']:.2f} images/s", flush=True)
+  report["device_peak_bytes"] = _device_peak_bytes()
+  report["wall_s"] = time.perf_counter() - start
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=1)
+  ok = [t for t in report["train"] if "error" not in t]
+  best = max(ok, key=lambda t: t["images_per_s"]) if ok else None
+  mfus = [t["mfu"] for t in ok if t.get("mfu") is not None]
+  print(f"wrote {_OUT.value}; skipped for the time budget: {report['skipped'] or 'nothing'}")
+  print(f"accelerator best_images_per_s={best['images_per_s'] if best else 0:.2f} "
+        f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} wall_s={report['wall_s']:.0f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

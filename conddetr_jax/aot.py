@@ -1,0 +1,457 @@
+"""Will it fit? Compiles the train step and the evaluation program for a TPU slice, on any machine.
+
+  python -m conddetr_jax.aot --config=configs/r50.py --topology=v5e:2x2 [--size=800x1216 ...]
+      [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval]
+
+Needs the TPU compiler (``pip install "jax[tpu]==<installed jax version>"``), no TPU. The train step
+is the one ``train.py`` runs (``training.loop.build_train_step``: the ``jit`` strategy, the state
+replicated and the batch split over a ``data`` mesh axis of all the slice's devices); evaluation is
+``evaluation.predict_batch`` (forward + post-processing) at ``eval_per_device_batch_size``. For each
+size it prints the compiler's own figures: compile seconds, per-device memory against the chip's
+HBM, FLOPs per image (XLA's convention: a multiply-add is 2 FLOPs; elementwise ops count too), the
+collectives of the compiled program, and an ESTIMATE of images/s per chip at 100% and 40% of the
+chip's bf16 peak (an estimate from FLOPs, never a measurement). The last line is one summary for
+scripts (see ``summary_line``).
+"""
+
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from conddetr_jax import data, evaluation, hlo, sharding
+from conddetr_jax.data import batching
+from conddetr_jax.training import loop
+
+GIB = 2**30
+# The original's largest training input (shorter side 800, longer side at most 1333: 800x1216 for
+# the common 3:2 images before rounding up to the bucket multiple).
+ORIGINAL_LARGEST_SIZE = (800, 1216)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation: ``name`` as in topology names, HBM per chip, dense bf16 peak per chip."""
+  name: str
+  hbm_gib: float
+  bf16_tflops: float
+
+
+# device_kind -> chip; public figures per chip (Cloud TPU documentation).
+CHIPS = {
+    "TPU v4": Chip("v4", 32, 275),
+    "TPU v5 lite": Chip("v5e", 16, 197),
+    "TPU v5e": Chip("v5e", 16, 197),
+    "TPU v5": Chip("v5p", 95, 459),
+    "TPU v5p": Chip("v5p", 95, 459),
+    "TPU v6 lite": Chip("v6e", 32, 918),
+    "TPU v6e": Chip("v6e", 32, 918),
+}
+
+class LibtpuMissingError(RuntimeError):
+  """The TPU compiler (the ``libtpu`` wheel) is not installed."""
+
+
+def install_command() -> str:
+  """The pip command that installs the TPU compiler matching the installed jax."""
+  return f'pip install "jax[tpu]=={jax.__version__}"'
+
+
+def _quiet_libtpu() -> None:
+  """Keeps libtpu's start-up warnings off the screen, and lets several compiles run at once.
+
+  On a machine without a TPU, libtpu asks the (absent) cloud metadata for the accelerator type and
+  worker host names and prints warnings (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) when it finds
+  none. Compile-only topologies ignore both, so harmless values silence it; values already set (on a
+  real TPU VM) are kept. The JAX default backend stays the CPU, so nothing tries to open a TPU.
+  """
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+  os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+  # libtpu locks /tmp/libtpu_lockfile for one process per machine (one per TPU, on a TPU VM); with
+  # compile-only devices there is nothing to share, and two compiles may run side by side.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(name: str) -> list[Any]:
+  """The compile-only devices of TPU slice ``name`` (e.g. ``v5e:2x2``), obtained without a TPU.
+
+  Raises:
+    LibtpuMissingError: libtpu is not installed (the message holds the pip command).
+    ValueError: naming the topology, if libtpu does not know it.
+  """
+  if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
+    raise LibtpuMissingError(f"compiling for a TPU slice needs the TPU compiler (libtpu), which is not installed. "
+                             f"Install it with: {install_command()}   (no TPU needed)")
+  _quiet_libtpu()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except RuntimeError as e:
+    if "TPU support not installed" in str(e):
+      raise LibtpuMissingError(f"JAX found no TPU compiler: {e}. Install it with: {install_command()}") from e
+    if "INVALID_ARGUMENT" not in str(e) and "NOT_FOUND" not in str(e):
+      raise
+    raise ValueError(f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
+                     f"v4:2x2x2, v6e:2x2): {e}") from e
+
+
+def chip_of(device: Any) -> Chip | None:
+  """The chip's figures for a device, or None for a device kind not in ``CHIPS``."""
+  return CHIPS.get(device.device_kind)
+
+
+def devices_per_chip(devices: Sequence[Any]) -> int:
+  """JAX devices per physical chip (2 where each TensorCore is a device, as on v4 without megacore)."""
+  coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
+  return max(1, len(devices) // len(coords)) if coords else 1
+
+
+# ---- compiling -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Compiled:
+  """The compiler's figures for one program, per device.
+
+  Attributes:
+    seconds: wall time of lower + compile.
+    argument/output/alias/temp/code bytes: ``memory_analysis()`` fields; ``alias`` is output memory
+      shared with donated arguments.
+    flops: ``cost_analysis()['flops']`` of one device's share (multiply-add = 2).
+    collectives: see ``hlo.collectives``.
+    executable: the compiled program (callable where its devices are real).
+  """
+  seconds: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float
+  collectives: dict[str, dict[str, int]]
+  executable: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def peak_bytes(self) -> int:
+    """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at once."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def cost_analysis(compiled: Any) -> dict[str, float]:
+  """``compiled.cost_analysis()`` as one dict (per device for a partitioned program)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+class DoesNotFitError(RuntimeError):
+  """The compiler refused the program: it needs more memory than the device has.
+
+  Attributes:
+    needed_bytes: what the compiler said the program needs, when its message says (else None).
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    m = _NEEDED.search(message)
+    self.needed_bytes = None if m is None else float(m[1]) * {"K": 2**10, "M": 2**20, "G": GIB}[m[2]]
+
+
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
+_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of")
+
+
+def compile_lowered(lower: Callable[[], Any]) -> Compiled:
+  """Lowers and compiles (``lower()`` returns a ``jax.stages.Lowered``) and reads its figures.
+
+  Raises:
+    DoesNotFitError: the compiler ran out of device memory for the program.
+  """
+  t0 = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # pylint: disable=broad-except  (XLA raises its runtime error type)
+    if _OUT_OF_MEMORY.search(str(e)):
+      raise DoesNotFitError(str(e)) from e
+    raise
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                  alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+                  code_bytes=mem.generated_code_size_in_bytes, flops=float(cost_analysis(compiled).get("flops", 0.0)),
+                  collectives=hlo.collectives(compiled.as_text()), executable=compiled)
+
+
+def abstract_train_batch(config: ml_collections.ConfigDict, batch_size: int, hw: tuple[int, int],
+                         sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train pipeline's batch (DESIGN.md section 2) as shapes: ``batch_size`` images of ``hw``."""
+  h, w = hw
+  m = config.dataset.max_boxes
+  shapes = {"image": ((batch_size, h, w, 3), np.float32), "pad_mask": ((batch_size, h, w), np.bool_),
+            "boxes": ((batch_size, m, 4), np.float32), "labels": ((batch_size, m), np.int32),
+            "box_valid": ((batch_size, m), np.bool_), "image_id": ((batch_size,), np.int64),
+            "orig_size": ((batch_size, 2), np.int32), "size": ((batch_size, 2), np.int32),
+            "valid": ((batch_size,), np.bool_)}
+  return {k: jax.ShapeDtypeStruct(s, jax.dtypes.canonicalize_dtype(d), sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def abstract_eval_batch(batch_size: int, hw: tuple[int, int],
+                        sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """What ``evaluation.gather_detections`` hands ``predict_batch``, as shapes."""
+  h, w = hw
+  shapes = {"image": ((batch_size, h, w, 3), np.float32), "pad_mask": ((batch_size, h, w), np.bool_),
+            "orig_size": ((batch_size, 2), np.int32), "valid": ((batch_size,), np.bool_),
+            "image_id": ((batch_size,), np.int32)}
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def _replicated_shapes(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class SliceCompiler:
+  """Compiles the run's train step and evaluation program for a mesh of (compile-only) devices."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[Any]):
+    if config.parallel != "jit":
+      logging.warning("config.parallel=%r: compiling the jit strategy (the same train_step)", config.parallel)
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        config.parallel = "jit"
+    self.config = config
+    self.mesh = sharding.make_mesh(devices)
+    # The schedule's steps per epoch only moves the LR drop: it changes no shape or op.
+    self.model, abstract_variables, create, self.par = loop.build_train_step(config, 1000, self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
+    self._variables = _replicated_shapes(abstract_variables, replicated)
+
+  @property
+  def devices(self) -> int:
+    return self.mesh.size
+
+  def train(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
+    """The train step for ``per_device_batch`` images of ``hw`` on each device."""
+    batch = abstract_train_batch(self.config, per_device_batch * self.devices, hw, self.par.batch_sharding)
+    return compile_lowered(lambda: self.par.lower(self._state, batch))
+
+  def eval(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
+    """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per device."""
+    batch = abstract_eval_batch(per_device_batch * self.devices, hw, sharding.batch_sharding(self.mesh))
+    k = evaluation.top_k(self.config)
+    return compile_lowered(lambda: evaluation.predict_batch.lower(self._variables, batch, model=self.model, k=k))
+
+
+def largest_fitting_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
+  """The largest n in [1, limit] with ``fits(n)``, for a monotone ``fits``: doubling, then bisection.
+
+  Returns 0 if even 1 does not fit.
+  """
+  if not fits(1):
+    return 0
+  good, bad = 1, None
+  while bad is None and good < limit:
+    trial = min(good * 2, limit)
+    if fits(trial):
+      good = trial
+    else:
+      bad = trial
+  if bad is None:
+    return good
+  while bad - good > 1:
+    mid = (good + bad) // 2
+    if fits(mid):
+      good = mid
+    else:
+      bad = mid
+  return good
+
+
+# ---- reporting -----------------------------------------------------------------------------
+
+def parse_size(text: str) -> tuple[int, int]:
+  """'800x1216' -> (800, 1216); ValueError naming the flag otherwise."""
+  m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+  if m is None or int(m[1]) < 1 or int(m[2]) < 1:
+    raise ValueError(f"--size={text!r}: expected HxW, e.g. 800x1216")
+  return int(m[1]), int(m[2])
+
+
+def _names_dataset(config: ml_collections.ConfigDict) -> bool:
+  ds = config.dataset
+  return bool(ds.buckets) or ds.source in ("synthetic", "tfds") or bool(ds.root) or bool(ds.train_ann)
+
+
+def default_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+  """The config's size buckets when it names a dataset (explicit ``dataset.buckets`` or the data's
+  own), else the original's largest training size rounded up to ``size_divisibility``."""
+  if _names_dataset(config):
+    if not config.dataset.buckets:
+      data.prepare_dataset(config)
+    return [tuple(int(v) for v in b) for b in data.buckets(config)]
+  return [tuple(int(v) for v in batching.round_up(np.array(ORIGINAL_LARGEST_SIZE), config.dataset.size_divisibility))]
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def estimated_images_per_s(chip: Chip | None, flops_per_image: float, utilization: float) -> float | None:
+  """ESTIMATE: images/s per chip if the step's FLOPs ran at ``utilization`` of the bf16 peak."""
+  if chip is None or flops_per_image <= 0:
+    return None
+  return chip.bf16_tflops * 1e12 * utilization / flops_per_image
+
+
+def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
+  """Table rows for one compiled program."""
+  fits = "unknown (chip capacity unknown)" if capacity_gib is None else (
+      "yes" if c.peak_bytes <= capacity_gib * GIB else "NO")
+  cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
+  rows = [f"  {what}: compile {c.seconds:.1f} s; per device: arguments {_gib(c.argument_bytes)} GiB, temporaries "
+          f"{_gib(c.temp_bytes)} GiB, outputs {_gib(c.output_bytes)} GiB (aliased to arguments "
+          f"{_gib(c.alias_bytes)}), code {_gib(c.code_bytes)}; peak {_gib(c.peak_bytes)} GiB of {cap} GiB: fits {fits}"]
+  if c.collectives:
+    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for op, v in sorted(c.collectives.items())]
+    rows.append(f"    collectives per device (static count, result bytes): {', '.join(parts)}")
+  else:
+    rows.append("    collectives: none")
+  return rows
+
+
+def summary_line(topology: str, devices: int, fits: bool, peak_gib: float, capacity_gib: float | None,
+                 train_gflop_per_image: float, eval_gmac_per_image: float | None) -> str:
+  """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=... train_gflop_per_image=...
+  eval_gmac_per_image=...`` ('unknown' where a figure is)."""
+  cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
+  ev = "skipped" if eval_gmac_per_image is None else f"{eval_gmac_per_image:.1f}"
+  return (f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} hbm_gib={peak_gib:.2f} "
+          f"hbm_capacity_gib={cap} train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}")
+
+
+def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[int, int]], *,
+        max_batch: bool = False, with_eval: bool = True, out: Callable[[str], None] = print) -> str:
+  """Compiles and reports for each size; returns the summary line (of the first size), also printed last.
+
+  Raises:
+    LibtpuMissingError, ValueError: no TPU compiler, an unknown topology, or a bad config.
+  """
+  devices = topology_devices(topology)
+  chip = chip_of(devices[0])
+  per_chip = devices_per_chip(devices)
+  capacity = None if chip is None else chip.hbm_gib / per_chip
+  processes = len({d.process_index for d in devices})
+  loop.validate_config(config, len(devices))
+  batch = config.per_device_batch_size
+  if config.global_batch_size > 0:
+    batch = config.global_batch_size // len(devices)
+  m = config.model
+  out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
+      f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else
+                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s"))
+  out(f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
+      f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
+      f"{config.eval_per_device_batch_size} images per device")
+  out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
+  compiler = SliceCompiler(config, devices)
+  summary = None
+  for hw in sizes:
+    out(f"size {hw[0]}x{hw[1]}:")
+    try:
+      train = compiler.train(batch, hw)
+    except DoesNotFitError as e:
+      train, needed_bytes = None, e.needed_bytes or float("nan")
+      needed = "" if e.needed_bytes is None else f" (the compiler: {_gib(e.needed_bytes)} GiB needed)"
+      out(f"  train step ({batch}/device): does NOT fit{needed}: {str(e).splitlines()[0][:300]}")
+    except Exception as e:  # pylint: disable=broad-except
+      if processes > 1:
+        raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
+                           f"process ({type(e).__name__}: {e}); try a one-host slice such as v5e:2x2") from e
+      raise
+    gflop = float("nan")
+    if train is not None:
+      out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
+      gflop = train.flops / batch / 1e9
+      est = [estimated_images_per_s(chip, train.flops / batch, u) for u in (1.0, 0.4)]
+      out(f"    train: {gflop:.1f} GFLOP per image per step"
+          + ("" if est[0] is None else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
+             f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"))
+    gmac = None
+    if with_eval:
+      ev = compiler.eval(config.eval_per_device_batch_size, hw)
+      out("\n".join(describe(ev, capacity, f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)")))
+      gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
+      out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
+    if max_batch and capacity is not None:
+      fit_cache: dict[int, bool] = {}
+
+      def fits(n: int) -> bool:
+        if n not in fit_cache:
+          try:
+            c = train if n == batch and train is not None else compiler.train(n, hw)
+            fit_cache[n], peak = c.peak_bytes <= capacity * GIB, f"peak {_gib(c.peak_bytes)} GiB"
+          except DoesNotFitError:
+            fit_cache[n], peak = False, "the compiler ran out of memory"
+          out(f"    max_batch: {n}/device {peak}: {'fits' if fit_cache[n] else 'does not fit'}")
+        return fit_cache[n]
+
+      out(f"    largest per-device train batch that fits: {largest_fitting_batch(fits)}")
+    elif max_batch:
+      out("    max_batch: skipped, the chip's capacity is unknown")
+    if summary is None:
+      fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
+      peak_bytes = train.peak_bytes if train is not None else needed_bytes
+      summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
+  out(summary)
+  return summary
+
+
+def _define_flags() -> dict[str, Any]:
+  """The command line's flags (defined only when run as a program, so importing defines none)."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.",
+                                                lock_config=True),
+      "topology": flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2."),
+      "size": flags.DEFINE_multi_string(
+          "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
+          "dataset, else the original's largest training size rounded up as the buckets are."),
+      "max_batch": flags.DEFINE_bool("max_batch", False, "Also search the largest per-device batch that fits "
+                                     "(doubling, then bisection; one compile per try)."),
+      "eval": flags.DEFINE_bool("eval", True, "Also compile the evaluation program (forward + post-processing)."),
+  }
+
+
+def main(argv: list[str], holders: dict[str, Any]) -> None:
+  """Flags -> ``run``; a missing TPU compiler or bad input exits with a one-line error."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = holders["config"].value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/r50.py")
+  jax.config.update("jax_platforms", "cpu")  # the host side runs on the CPU; the TPU is compile-only
+  logging.set_verbosity(logging.WARNING)
+  sizes_flag = holders["size"].value
+  try:
+    sizes = [parse_size(s) for s in sizes_flag] if sizes_flag else default_sizes(config)
+    run(config, holders["topology"].value, sizes, max_batch=holders["max_batch"].value,
+        with_eval=holders["eval"].value)
+  except (LibtpuMissingError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _holders = _define_flags()
+  app.run(lambda argv: main(argv, _holders))

@@ -1,0 +1,49 @@
+"""Reading a compiled XLA program's text: the collectives it runs and the bytes they move."""
+
+import re
+
+import numpy as np
+
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+                  "collective-broadcast", "ragged-all-to-all")
+_BYTES_PER_ELEMENT = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                      "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO result shape: an array ``f32[2,3]{1,0}`` or a tuple of them."""
+  total = 0.0
+  for m in _ARRAY.finditer(shape):
+    dims = [int(d) for d in m["dims"].split(",") if d]
+    size = _BYTES_PER_ELEMENT.get(m["dtype"], 1)  # f8 variants: 1 byte
+    total += size * (int(np.prod(dims)) if dims else 1)
+  return int(total)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Counts and result bytes of the collectives of an HLO module's text (``compiled.as_text()``).
+
+  A synchronous collective counts by its result; an asynchronous pair (``all-reduce-start`` /
+  ``all-reduce-done``) counts once, by the ``-done``'s result (the data it delivers). Each
+  instruction counts once, even inside a loop body (a static count).
+
+  Returns:
+    {op: {"count": n, "bytes": b}} for each collective present, e.g. ``all-reduce``.
+  """
+  found: dict[str, dict[str, int]] = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m is None:
+      continue
+    op = m["op"]
+    if op.endswith("-start"):
+      continue
+    base = op[:-len("-done")] if op.endswith("-done") else op
+    if base not in COLLECTIVE_OPS:
+      continue
+    entry = found.setdefault(base, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += shape_bytes(m["shape"])
+  return found

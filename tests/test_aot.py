@@ -1,0 +1,145 @@
+"""The ahead-of-time TPU compile tool (conddetr_jax.aot) and the papers' multiply-add counter."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conddetr_jax import aot, flops, hlo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Shapes and op spellings as XLA's TPU compiler prints them: a synchronous all-reduce of a tuple,
+# an asynchronous all-gather pair, a collective inside a loop body, and look-alikes that are not
+# collectives (a fusion whose name mentions all-reduce, a metadata string).
+_HLO = """\
+HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
+
+%body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %x = f32[16]{0} get-tuple-element(%p), index=1
+  %cp = f32[16]{0:T(128)} collective-permute(%x), channel_id=3, source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (s32[], f32[16]{0}) tuple(%i, %cp)
+}
+
+ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
+  %a = f32[4,8]{1,0:T(8,128)} parameter(0)
+  %b = bf16[1024]{0} parameter(1)
+  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)S(1)}, bf16[1024]{0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
+  %all-gather-start = (bf16[256]{0}, bf16[1024]{0}) all-gather-start(%c), channel_id=2, dimensions={0}
+  %all-gather-done = bf16[1024]{0} all-gather-done(%all-gather-start)
+  %fusion.all-reduce = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="all-reduce("}
+  ROOT %add.2 = f32[4,8]{1,0} add(%a, %fusion.all-reduce)
+}
+"""
+
+
+def test_collectives_are_counted_once_each_with_their_result_bytes():
+  found = hlo.collectives(_HLO)
+  assert found == {
+      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2},
+      "all-gather": {"count": 1, "bytes": 1024 * 2},  # the -done's result, not the start's tuple
+      "collective-permute": {"count": 1, "bytes": 16 * 4},
+  }
+
+
+def test_shape_bytes_reads_arrays_tuples_and_scalars():
+  assert hlo.shape_bytes("f32[2,3]{1,0:T(8,128)}") == 24
+  assert hlo.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
+
+
+@pytest.mark.parametrize("limit_fitting, expected", [(1, 1), (37, 37), (64, 64), (1000, 1000), (0, 0)])
+def test_largest_fitting_batch_finds_the_boundary(limit_fitting, expected):
+  tried = []
+
+  def fits(n):
+    tried.append(n)
+    return n <= limit_fitting
+
+  assert aot.largest_fitting_batch(fits, limit=1024) == expected
+  assert len(tried) <= 2 * 11 + 1  # doubling then bisection, not a linear scan
+
+
+def test_summary_line_fields():
+  line = aot.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
+  assert line == ("aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
+                  "train_gflop_per_image=550.0 eval_gmac_per_image=45.0")
+
+
+def test_bad_size_names_the_flag():
+  assert aot.parse_size("800x1216") == (800, 1216)
+  with pytest.raises(ValueError, match="--size='800'"):
+    aot.parse_size("800")
+
+
+def test_without_libtpu_the_error_says_which_pip_command_installs_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # as if the wheel were not installed
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  with pytest.raises(aot.LibtpuMissingError) as e:
+    aot.topology_devices("v5e:2x2")
+  assert f'pip install "jax[tpu]=={jax.__version__}"' in str(e.value)
+
+
+def test_macs_count_convolutions_and_matrix_products_only():
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 3, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((16, 5), jnp.float32)
+
+  def net(x, k, w):
+    y = jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.nn.softmax(jax.nn.relu(y) * 3.0)  # elementwise: not counted
+    return jax.jit(lambda a: jnp.einsum("bhwc,cd->bhwd", a, w))(y)  # nested call: counted
+
+  r = flops.macs(net, x, k, w)
+  assert r["conv"] == 2 * 4 * 4 * 16 * (3 * 3 * 3)
+  assert r["dot"] == 2 * 4 * 4 * 5 * 16
+  assert r["total"] == r["conv"] + r["dot"]
+
+
+def _libtpu_installed() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.slow
+def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
+  if not _libtpu_installed():
+    if os.environ.get("CI"):
+      pytest.fail("libtpu is missing: pip install -r requirements-test.txt")
+    pytest.skip(f"libtpu is not installed ({aot.install_command()})")
+  proc = subprocess.run(
+      [sys.executable, "-m", "conddetr_jax.aot", "--config=configs/test_tiny.py", "--topology=v5e:2x2",
+       "--size=64x64"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  fields = dict(kv.split("=", 1) for kv in last.split()[1:])
+  assert last.startswith("aot ") and fields["topology"] == "v5e:2x2" and fields["devices"] == "4"
+  assert fields["fits"] == "yes" and fields["hbm_capacity_gib"] == "16"
+  for key in ("hbm_gib", "train_gflop_per_image", "eval_gmac_per_image"):
+    assert float(fields[key]) > 0, last
+  # The replicated state's gradients are summed over the data axis: an all-reduce.
+  assert re.search(r"all-reduce x\d+", proc.stdout), proc.stdout
+  assert "ESTIMATE" in proc.stdout
+  assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
+
+
+def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up():
+  from configs import r50, test_tiny  # pylint: disable=g-import-not-at-top
+  assert aot.default_sizes(test_tiny.get_config()) == [(64, 64)]
+  assert aot.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
+
+
+def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_bytes():
+  def lower():
+    raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                       "hbm. Used 17.52G of 15.75G hbm. Exceeded hbm capacity by 1.77G.")
+
+  with pytest.raises(aot.DoesNotFitError) as e:
+    aot.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
+  assert e.value.needed_bytes == pytest.approx(17.52 * 2**30)
+  with pytest.raises(ValueError):  # other compile errors pass through unchanged
+    aot.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
