@@ -101,19 +101,27 @@ def test_macs_count_convolutions_and_matrix_products_only():
   assert r["total"] == r["conv"] + r["dot"]
 
 
-def _libtpu_installed() -> bool:
-  return importlib.util.find_spec("libtpu") is not None
+def _libtpu_env() -> dict[str, str] | None:
+  """The environment of a process that finds libtpu: this one's if it is installed here, else with
+  ``$CONDDETR_LIBTPU_PATH`` (where .ci/run installs it) on PYTHONPATH; None if neither has it."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return dict(os.environ)
+  folder = os.environ.get("CONDDETR_LIBTPU_PATH")
+  if folder and os.path.isdir(os.path.join(folder, "libtpu")):
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p))
+  return None
 
 
 @pytest.mark.slow
 def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
-  if not _libtpu_installed():
+  env = _libtpu_env()
+  if env is None:
     if os.environ.get("CI"):
-      pytest.fail("libtpu is missing: pip install -r requirements-test.txt")
-    pytest.skip(f"libtpu is not installed ({aot.install_command()})")
+      pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
+    pytest.skip(f"libtpu is not installed ({aot.install_command()}, or see requirements-tpu-compiler.txt)")
   proc = subprocess.run(
       [sys.executable, "-m", "conddetr_jax.aot", "--config=configs/test_tiny.py", "--topology=v5e:2x2",
-       "--size=64x64"], cwd=REPO, capture_output=True, text=True, timeout=900)
+       "--size=64x64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
   fields = dict(kv.split("=", 1) for kv in last.split()[1:])
