@@ -22,7 +22,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-import jax
+if __name__ == "__main__":  # run as a command: quiet TensorFlow's and XLA's C++ logs before they load
+  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_native_logs()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np
 from absl import app, flags, logging

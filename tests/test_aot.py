@@ -133,6 +133,7 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   assert re.search(r"all-reduce x\d+", proc.stdout), proc.stdout
   assert "ESTIMATE" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
+  assert "oneDNN" not in proc.stderr  # the command quiets TensorFlow's load-time notice too
 
 
 def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up():
