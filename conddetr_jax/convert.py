@@ -236,7 +236,7 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
 
 
 def load_into(state: StateDict, variables: Any, *, skip_class_head: bool = False,
-              allow_missing_prefixes: tuple[str, ...] = ()) -> Any:
+              allow_missing_prefixes: tuple[str, ...] = (), unused_prefixes: tuple[str, ...] = ()) -> Any:
   """Fill ``variables`` (a Flax tree with 'params' and 'batch_stats') from an original-layout dict.
 
   Args:
@@ -245,6 +245,8 @@ def load_into(state: StateDict, variables: Any, *, skip_class_head: bool = False
     skip_class_head: keep the initial class head when the checkpoint's class count differs.
     allow_missing_prefixes: original-key prefixes that may be absent (they keep their initial
       values), e.g. everything outside the backbone for a torchvision ImageNet checkpoint.
+    unused_prefixes: original-key prefixes the model has no place for and may skip, e.g. an ImageNet
+      ResNet's layer4 for a backbone that stops after layer3.
   Raises:
     CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches.
   """
@@ -272,7 +274,8 @@ def load_into(state: StateDict, variables: Any, *, skip_class_head: bool = False
       mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} -> {value.shape}, model {init_value.shape}")
       continue
     new[full_path] = jnp.asarray(value, dtype=init_value.dtype)
-  unexpected = sorted(k for k in state if k not in used and not _IGNORED.match(k))
+  unexpected = sorted(k for k in state
+                      if k not in used and not _IGNORED.match(k) and not k.startswith(unused_prefixes))
   if missing or unexpected or mismatched:
     lines = ["checkpoint does not match the model built from the config:"]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -311,6 +314,9 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   new_groups = config.model.get("num_groups", 1) > 1 and GROUP_QUERY_KEY not in state
   if new_groups:
     allow_missing += (GROUP_QUERY_KEY,)
+  # A backbone stopping after layer3 starts from the ImageNet ResNet's first three stages.
+  unused = ("backbone.0.body.layer4.",) if layout == "torchvision" and config.model.get("backbone_num_stages", 4) == 3 \
+      else ()
   if variables is None:
     # Only tensors the checkpoint lacks need computed initial values; for a full checkpoint
     # shapes suffice, which saves compiling the model's init (~20 s for R50 on a CPU).
@@ -318,7 +324,8 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
     keeps_init = layout == "torchvision" or new_groups or (
         skip and class_head is not None and class_head.shape[0] != config.model.num_classes)
     variables = init_variables(config, config.get("seed", 0), abstract=not keeps_init)
-  return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing)
+  return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing,
+                   unused_prefixes=unused)
 
 
 def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, config errors."""
+"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, three-stage backbones, config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision  # after tests/conftest.py declared the ops a CUDA torchvision wheel cannot load
 
 from configs import default
-from conddetr_jax import models
+from conddetr_jax import convert, models
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask
 
@@ -110,12 +111,13 @@ def test_mask_downsampling_matches_torch_nearest_interpolation(in_size, out_size
   np.testing.assert_array_equal(np.asarray(downsample_mask(jnp.asarray(mask), out_size)), expected)
 
 
-@pytest.mark.parametrize("backbone,dilation,stride,channels", [
-    ("resnet18", False, 32, 512), ("resnet34", False, 32, 512), ("resnet18", True, 16, 512),
-    ("resnet34", True, 16, 512),
-    ("resnet50", False, 32, 2048), ("resnet50", True, 16, 2048), ("resnet101", True, 16, 2048)])
-def test_backbone_output_stride_and_channels(backbone, dilation, stride, channels):
-  model = models.build_model(tiny_config(backbone=backbone, dilation=dilation))
+@pytest.mark.parametrize("backbone,dilation,stages,stride,channels", [
+    ("resnet18", False, 4, 32, 512), ("resnet34", False, 4, 32, 512), ("resnet18", True, 4, 16, 512),
+    ("resnet34", True, 4, 16, 512),
+    ("resnet50", False, 4, 32, 2048), ("resnet50", True, 4, 16, 2048), ("resnet101", True, 4, 16, 2048),
+    ("resnet18", False, 3, 16, 256), ("resnet18", True, 3, 8, 256), ("resnet50", False, 3, 16, 1024)])
+def test_backbone_output_stride_and_channels(backbone, dilation, stages, stride, channels):
+  model = models.build_model(tiny_config(backbone=backbone, dilation=dilation, backbone_num_stages=stages))
   images, pad_mask = _inputs(batch=1, h=97, w=130)  # not multiples of the stride: ceil division
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), images, pad_mask,
                                                          mutable=["params", "batch_stats", "intermediates"]))
@@ -138,6 +140,7 @@ def test_r50_has_the_originals_parameter_count():
     (dict(dtype="float16"), "config.model.dtype"),
     (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
     (dict(decoder="deformable"), "config.model.decoder"),
+    (dict(backbone_num_stages=2), "config.model.backbone_num_stages"),
     (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -184,6 +187,36 @@ def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
   expected = _torch_resnet18_dc5(variables, images)
   assert actual.shape == expected.shape == (1, 5, 6, 512)
   assert (expected > 0).mean() > 0.1  # not a dead network
+  np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.parametrize("arch,dilation", [("resnet18", False), ("resnet50", True)])
+def test_three_stage_backbone_is_torchvision_resnet_up_to_layer3(arch, dilation):
+  """A torchvision ImageNet-layout ResNet (layer4 and fc included) initialises a backbone that
+  stops after layer3, whose features are torchvision's layer3 output (dilated: layer3 with
+  replace_stride_with_dilation, stride 8)."""
+  torch.manual_seed(0)
+  resnet = getattr(torchvision.models, arch)(
+      weights=None, replace_stride_with_dilation=[False, dilation, False] if dilation else None).eval()
+  with torch.no_grad():  # random statistics, so every BatchNorm is visible in the output
+    for module in resnet.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 1.5)
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+  config = tiny_config(backbone=arch, dilation=dilation, backbone_num_stages=3)
+  variables = convert.from_torch({k: v.numpy() for k, v in resnet.state_dict().items()}, config)
+  images = np.random.default_rng(3).normal(size=(1, 72, 104, 3)).astype(np.float32)
+  actual = ResNet(arch, dilation, num_stages=3).apply(
+      {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}, images)
+  with torch.no_grad():
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
+      x = getattr(resnet, name)(x)
+  expected = x.permute(0, 2, 3, 1).numpy()
+  stride = 8 if dilation else 16
+  assert actual.shape == expected.shape == (1, -(-72 // stride), -(-104 // stride), 256 * (4 if arch == "resnet50" else 1))
   np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conddetr_jax.models.backbone import NORMS, RESNET_SPECS, is_frozen_backbone_param
+from conddetr_jax.models.backbone import NORMS, NUM_STAGES, RESNET_SPECS, is_frozen_backbone_param
 from conddetr_jax.models.detector import ConditionalDETR
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -20,6 +20,8 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     raise ValueError(f"config.model.backbone={m.backbone!r}: expected one of {sorted(RESNET_SPECS)}")
   if m.backbone_norm not in NORMS:
     raise ValueError(f"config.model.backbone_norm={m.backbone_norm!r}: expected one of {NORMS}")
+  if m.get("backbone_num_stages", 4) not in NUM_STAGES:
+    raise ValueError(f"config.model.backbone_num_stages={m.backbone_num_stages!r}: expected one of {NUM_STAGES}")
   if m.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
   if m.decoder not in _DECODERS:
@@ -31,6 +33,7 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     raise ValueError(f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}")
   return ConditionalDETR(backbone=m.backbone, dilation=m.dilation,
                          freeze_stem_and_layer1=m.freeze_stem_and_layer1, backbone_norm=m.backbone_norm,
+                         backbone_num_stages=m.get("backbone_num_stages", 4),
                          hidden_dim=m.hidden_dim, nheads=m.nheads,
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_groups=num_groups,

@@ -12,6 +12,10 @@ DC5 also works for ResNet-18/34, which torchvision refuses (its BasicBlock takes
 layer4 keeps stride 1, the first block's conv1 (which held the stride) dilation 1 and every other
 3x3 conv of the stage dilation 2, so each conv keeps its receptive field (timm's rule). Nothing in
 the math stops it, and it gives small images a finer feature map (the demo's).
+``num_stages=3`` stops after layer3 (features at stride 16 with layer3's channels, no layer4 compute;
+the "C4" feature of Faster R-CNN's R50-C4); with ``dilation`` the last stage kept is the dilated
+one, so ``num_stages=3, dilation=True`` gives stride 8. Neither is in the original, whose features
+are always layer4's; both exist for small images, where stride 32 leaves a few cells (the demo's).
 The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
 layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
 them because they come from ImageNet; a model trained from random weights must train them.
@@ -35,12 +39,8 @@ RESNET_SPECS = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 FROZEN_BN_EPS = 1e-5
 NORMS = ("frozen_bn", "group_norm")
+NUM_STAGES = (3, 4)  # stages after the stem: layer1..layer3, or layer1..layer4 (the original)
 GROUP_NORM_GROUPS = 32  # divides every stage width (64 ... 2048)
-
-
-def num_channels(name: str) -> int:
-  """Channels of the last stage's feature map: 512 for ResNet-18/34, 2048 for ResNet-50/101."""
-  return 512 if RESNET_SPECS[name][0] == "basic" else 2048
 
 
 class FrozenBatchNorm(nn.Module):
@@ -141,7 +141,8 @@ def _shortcut(block: _ResidualBlock, x: jax.Array) -> jax.Array:
 
 
 class ResNet(nn.Module):
-  """The ResNet body up to layer4, returning the stride-32 (DC5: stride-16) feature map.
+  """The ResNet body up to layer4 (``num_stages=4``, the original's) or layer3 (``num_stages=3``),
+  returning the last stage's feature map: stride 32 (DC5: 16), or 16 with 3 stages (dilated: 8).
 
   Submodule names mirror torchvision's keys: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` with
   ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``, ``downsample_bn``.
@@ -151,10 +152,11 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   freeze_stem_and_layer1: bool = True
   norm: str = "frozen_bn"
+  num_stages: int = 4
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """images: (B, H, W, 3) normalised -> features (B, ceil(H/32), ceil(W/32), C) (DC5: /16)."""
+    """images: (B, H, W, 3) normalised -> features (B, ceil(H/s), ceil(W/s), C), s the stride above."""
     if self.arch not in RESNET_SPECS:
       raise ValueError(f"config.model.backbone={self.arch!r} is not one of {sorted(RESNET_SPECS)}")
     kind, depths = RESNET_SPECS[self.arch]
@@ -167,10 +169,10 @@ class ResNet(nn.Module):
 
     in_features = 64
     dilation = 1
-    for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS, depths), start=1):
+    for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS[:self.num_stages], depths), start=1):
       stride = 1 if stage == 1 else 2
       previous_dilation = dilation
-      if stage == 4 and self.dilation:
+      if stage == self.num_stages and self.dilation:
         dilation, stride = dilation * stride, 1
       for i in range(depth):
         first = i == 0

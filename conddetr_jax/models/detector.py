@@ -44,6 +44,7 @@ class ConditionalDETR(nn.Module):
   dilation: bool = False
   freeze_stem_and_layer1: bool = True
   backbone_norm: str = "frozen_bn"
+  backbone_num_stages: int = 4
   hidden_dim: int = 256
   nheads: int = 8
   enc_layers: int = 6
@@ -64,7 +65,7 @@ class ConditionalDETR(nn.Module):
       raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
     d = self.hidden_dim
     features = ResNet(self.backbone, self.dilation, self.dtype, self.freeze_stem_and_layer1, self.backbone_norm,
-                      name="backbone")(images)
+                      self.backbone_num_stages, name="backbone")(images)
     batch, h, w, channels = features.shape
     mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
