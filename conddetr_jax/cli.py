@@ -50,7 +50,8 @@ def verbosity(argv: Sequence[str]) -> int:
 
 
 def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: bool = True) -> None:
-  """Silences TensorFlow's and XLA's C++ INFO and WARNING lines, unless ``-v 1`` or more is given.
+  """Silences TensorFlow's and XLA's C++ INFO and WARNING lines and TF's oneDNN notices, unless
+  ``-v 1`` or more is given.
 
   Must run before TensorFlow or JAX is imported (they read the variable once, when they load).
   A value the user exported is kept. ``load_tensorflow``: import TensorFlow now, with the
@@ -60,6 +61,10 @@ def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: boo
   if verbosity(sys.argv if argv is None else argv) >= 1:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TF's oneDNN ops print an ERROR-level line ("oneDNN supports DT_INT32 only on platforms with
+  # AVX-512") for the integer resize of data/pil_resample.py on most CPUs. The input pipeline has
+  # no matmul or conv for oneDNN to speed up, and integer results are exact either way.
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   if load_tensorflow:
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
