@@ -171,14 +171,16 @@ def test_each_new_batch_shape_announces_its_compile_and_its_time_is_left_out_of_
 
 # ------------------------------------------------------------------------------ ImageNet weights
 
-def test_a_frozen_batchnorm_backbone_without_init_from_warns(caplog):
+@pytest.mark.parametrize("backbone,url", [("resnet18", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+                                          ("resnet50", "https://download.pytorch.org/models/resnet50-0676ba61.pth")])
+def test_a_frozen_batchnorm_backbone_without_init_from_warns(caplog, backbone, url):
   config = test_tiny.get_config()
-  config.model.backbone = "resnet50"
+  config.model.backbone = backbone
   with caplog.at_level(std_logging.WARNING):
     assert loop.check_initial_weights(config)
   [warning] = [r.getMessage() for r in caplog.records if r.levelno == std_logging.WARNING]
   assert "RANDOM weights with frozen BatchNorm" in warning
-  assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in warning
+  assert f"Download {url} and add --config.init_from=/path/to/{url.rsplit('/', 1)[1]}" in warning
   assert "--config.init.allow_random_backbone=True" in warning
 
 

@@ -122,6 +122,8 @@ class _PreemptionWatch:
 
 # torchvision's ImageNet weights (IMAGENET1K_V1, the ones the original starts from), by backbone.
 IMAGENET_WEIGHTS_URL = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
@@ -143,7 +145,7 @@ def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
   if (config.model.backbone_norm != "frozen_bn" or config.init_from
       or config.init.get("allow_random_backbone", False)):
     return False
-  url = IMAGENET_WEIGHTS_URL.get(config.model.backbone, "https://download.pytorch.org/models/ (torchvision)")
+  url = IMAGENET_WEIGHTS_URL[config.model.backbone]
   logging.warning(
       "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone starts from "
       "RANDOM weights with frozen BatchNorm, and this run will not converge like the original, which starts "
