@@ -54,8 +54,9 @@ def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: 
   """The demo config with this decoder, Group DETR group count and seed, evaluated every
   ``eval_every`` steps."""
   config = demo.get_config()
-  config.model.decoder = decoder
-  config.model.num_groups = num_groups
+  # The study's model is the demo's first recipe, whatever the demo uses now: the whole ResNet-18 at
+  # stride 32, one query group unless --groups says otherwise.
+  config.model.update(decoder=decoder, num_groups=num_groups, backbone_num_stages=4, dilation=False)
   config.seed = seed
   config.total_steps = steps
   config.eval_every_steps = eval_every
