@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax import data, evaluation, hlo, sharding
+from conddetr_jax import batch_search, data, evaluation, hlo, sharding
 from conddetr_jax.data import batching
 from conddetr_jax.training import loop
 
@@ -165,16 +165,24 @@ class DoesNotFitError(RuntimeError):
 
   Attributes:
     needed_bytes: what the compiler said the program needs, when its message says (else None).
+    capacity_bytes: the memory the compiler said it may use (a little under the chip's nominal HBM:
+      15.75 GiB on a 16 GiB v5e), when its message says (else None).
   """
 
   def __init__(self, message: str):
     super().__init__(message)
     m = _NEEDED.search(message)
-    self.needed_bytes = None if m is None else float(m[1]) * {"K": 2**10, "M": 2**20, "G": GIB}[m[2]]
+    self.needed_bytes = None if m is None else _bytes(m[1], m[2])
+    self.capacity_bytes = None if m is None or m[3] is None else _bytes(m[3], m[4])
 
 
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
-_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of")
+# "Used 17.52G of 15.75G hbm"
+_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of(?:\s+([\d.]+)([KMG]))?")
+
+
+def _bytes(number: str, unit: str) -> float:
+  return float(number) * {"K": 2**10, "M": 2**20, "G": GIB}[unit]
 
 
 def compile_lowered(lower: Callable[[], Any]) -> Compiled:
@@ -258,29 +266,48 @@ class SliceCompiler:
     return compile_lowered(lambda: evaluation.predict_batch.lower(self._variables, batch, model=self.model, k=k))
 
 
-def largest_fitting_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
-  """The largest n in [1, limit] with ``fits(n)``, for a monotone ``fits``: doubling, then bisection.
+def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: batch_search.BatchTry,
+                     capacity_gib: float, out: Callable[[str], None], limit: int = 4096) -> int:
+  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and returned.
 
-  Returns 0 if even 1 does not fit.
+  Starts from the configured ``batch`` (already compiled: ``configured``), then lets
+  ``batch_search.largest_fitting_batch`` choose the batches to compile (a line through the measured
+  peaks predicts the answer; one compile confirms it fits, one that the next batch does not). Prints a
+  line per try as it ends (each is a compile of minutes), then the answer.
   """
-  if not fits(1):
-    return 0
-  good, bad = 1, None
-  while bad is None and good < limit:
-    trial = min(good * 2, limit)
-    if fits(trial):
-      good = trial
+  compiles = 0
+
+  def try_batch(n: int, why: str) -> batch_search.BatchTry:
+    nonlocal compiles
+    if n == batch:
+      result, seconds, why = configured, "", "the configured batch, compiled above"
     else:
-      bad = trial
-  if bad is None:
-    return good
-  while bad - good > 1:
-    mid = (good + bad) // 2
-    if fits(mid):
-      good = mid
+      compiles += 1
+      t0 = time.perf_counter()
+      try:
+        c = compiler.train(n, hw)
+        result = batch_search.BatchTry(c.peak_bytes <= capacity_gib * GIB, c.peak_bytes)
+      except DoesNotFitError as e:
+        result = batch_search.BatchTry(False, e.needed_bytes, e.capacity_bytes)
+      seconds = f" [compile {time.perf_counter() - t0:.0f} s]"
+    if result.peak_bytes is None:
+      peak = "the compiler ran out of memory"
+    elif result.fits or n == batch:
+      peak = f"peak {_gib(result.peak_bytes)} GiB"
     else:
-      bad = mid
-  return good
+      peak = f"needs {_gib(result.peak_bytes)} GiB"
+    out(f"    max_batch try {n}/device ({why}): {peak}: {'fits' if result.fits else 'does not fit'}{seconds}")
+    return result
+
+  best = batch_search.largest_fitting_batch(try_batch, capacity_gib * GIB, start=batch, limit=limit)
+  if best == 0:
+    verdict = "none (1 image per device does not fit)"
+  elif best == limit:
+    verdict = f"{best} (the search's cap; more may fit)"
+  else:
+    verdict = f"{best} ({best} fits, {best + 1} does not)"
+  out(f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} compiles")
+  return best
 
 
 # ---- reporting -----------------------------------------------------------------------------
@@ -373,10 +400,11 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   summary = None
   for hw in sizes:
     out(f"size {hw[0]}x{hw[1]}:")
+    needed_bytes = None  # what the compiler said the train step needs, when it refused it
     try:
       train = compiler.train(batch, hw)
     except DoesNotFitError as e:
-      train, needed_bytes = None, e.needed_bytes or float("nan")
+      train, needed_bytes = None, e.needed_bytes
       needed = "" if e.needed_bytes is None else f" (the compiler: {_gib(e.needed_bytes)} GiB needed)"
       out(f"  train step ({batch}/device): does NOT fit{needed}: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # pylint: disable=broad-except
@@ -399,24 +427,14 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
       gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:
-      fit_cache: dict[int, bool] = {}
-
-      def fits(n: int) -> bool:
-        if n not in fit_cache:
-          try:
-            c = train if n == batch and train is not None else compiler.train(n, hw)
-            fit_cache[n], peak = c.peak_bytes <= capacity * GIB, f"peak {_gib(c.peak_bytes)} GiB"
-          except DoesNotFitError:
-            fit_cache[n], peak = False, "the compiler ran out of memory"
-          out(f"    max_batch: {n}/device {peak}: {'fits' if fit_cache[n] else 'does not fit'}")
-        return fit_cache[n]
-
-      out(f"    largest per-device train batch that fits: {largest_fitting_batch(fits)}")
+      configured = batch_search.BatchTry(False, needed_bytes) if train is None else batch_search.BatchTry(
+          train.peak_bytes <= capacity * GIB, train.peak_bytes)
+      search_max_batch(compiler, hw, batch, configured, capacity, out)
     elif max_batch:
       out("    max_batch: skipped, the chip's capacity is unknown")
     if summary is None:
       fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
-      peak_bytes = train.peak_bytes if train is not None else needed_bytes
+      peak_bytes = train.peak_bytes if train is not None else (needed_bytes or float("nan"))
       summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
   out(summary)
   return summary
@@ -432,7 +450,8 @@ def _define_flags() -> dict[str, Any]:
           "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
           "dataset, else the original's largest training size rounded up as the buckets are."),
       "max_batch": flags.DEFINE_bool("max_batch", False, "Also search the largest per-device batch that fits "
-                                     "(doubling, then bisection; one compile per try)."),
+                                     "(one compile per try: a line through the measured peaks predicts it, compiles confirm it; "
+                                     "doubling and bisection where the peaks are not affine)."),
       "eval": flags.DEFINE_bool("eval", True, "Also compile the evaluation program (forward + post-processing)."),
   }
 

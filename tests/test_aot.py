@@ -53,18 +53,6 @@ def test_shape_bytes_reads_arrays_tuples_and_scalars():
   assert hlo.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
 
 
-@pytest.mark.parametrize("limit_fitting, expected", [(1, 1), (37, 37), (64, 64), (1000, 1000), (0, 0)])
-def test_largest_fitting_batch_finds_the_boundary(limit_fitting, expected):
-  tried = []
-
-  def fits(n):
-    tried.append(n)
-    return n <= limit_fitting
-
-  assert aot.largest_fitting_batch(fits, limit=1024) == expected
-  assert len(tried) <= 2 * 11 + 1  # doubling then bisection, not a linear scan
-
-
 def test_summary_line_fields():
   line = aot.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
   assert line == ("aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
@@ -150,5 +138,37 @@ def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_byt
   with pytest.raises(aot.DoesNotFitError) as e:
     aot.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
   assert e.value.needed_bytes == pytest.approx(17.52 * 2**30)
+  assert e.value.capacity_bytes == pytest.approx(15.75 * 2**30)
   with pytest.raises(ValueError):  # other compile errors pass through unchanged
     aot.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
+
+
+class _FakeSliceCompiler:
+  """Compiles nothing: a train step whose peak is 0.5 GiB + 0.8 GiB per image, refused above 15.75 GiB
+  with the TPU compiler's message."""
+
+  def __init__(self):
+    self.compiled = []
+
+  def train(self, n, hw):
+    self.compiled.append(n)
+    peak = (0.5 + 0.8 * n) * 2**30
+    if peak > 15.75 * 2**30:
+      raise aot.DoesNotFitError(f"RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used {peak / 2**30:.2f}G "
+                                "of 15.75G hbm. Exceeded hbm capacity by 1.00G.")
+    return aot.Compiled(seconds=1.0, argument_bytes=int(0.5 * 2**30), output_bytes=0, alias_bytes=0,
+                        temp_bytes=int(peak - 0.5 * 2**30), code_bytes=0, flops=1.0, collectives={})
+
+
+def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per_try():
+  compiler, lines = _FakeSliceCompiler(), []
+  configured = aot.batch_search.BatchTry(True, (0.5 + 0.8 * 2) * 2**30)
+  best = aot.search_max_batch(compiler, (800, 1216), 2, configured, 16, lines.append)
+  assert best == 19  # 0.5 + 0.8 * 19 = 15.7 GiB; 20 needs 16.5
+  assert compiler.compiled == [4, 19, 20] or len(compiler.compiled) <= 4, compiler.compiled
+  assert 19 in compiler.compiled and 20 in compiler.compiled and 2 not in compiler.compiled
+  assert lines[0].strip().startswith("max_batch try 2/device (the configured batch, compiled above): peak 2.10 GiB: fits")
+  assert any(line.strip().startswith("max_batch try 20/device") and "needs 16.50 GiB: does not fit" in line
+             for line in lines), lines
+  assert lines[-1].strip() == (f"largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); "
+                               f"{len(compiler.compiled)} compiles")
