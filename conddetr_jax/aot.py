@@ -163,22 +163,45 @@ def cost_analysis(compiled: Any) -> dict[str, float]:
 class DoesNotFitError(RuntimeError):
   """The compiler refused the program: it needs more memory than the device has.
 
+  The TPU compiler says why in one of two ways: "Used 17.52G of 15.75G hbm" (the whole program), or
+  "the total memory required for HLO temporaries (17.62G) exceeds available HBM (15.75G)" (its
+  temporaries alone, before the rest is counted).
+
   Attributes:
-    needed_bytes: what the compiler said the program needs, when its message says (else None).
+    needed_bytes: what the compiler said the whole program needs (else None).
+    temp_bytes: what it said the temporaries alone need, when that is all it said (else None).
     capacity_bytes: the memory the compiler said it may use (a little under the chip's nominal HBM:
       15.75 GiB on a 16 GiB v5e), when its message says (else None).
   """
 
   def __init__(self, message: str):
     super().__init__(message)
-    m = _NEEDED.search(message)
-    self.needed_bytes = None if m is None else _bytes(m[1], m[2])
-    self.capacity_bytes = None if m is None or m[3] is None else _bytes(m[3], m[4])
+    self.needed_bytes = self.temp_bytes = self.capacity_bytes = None
+    if m := _USED_OF.search(message):
+      self.needed_bytes, self.capacity_bytes = _bytes(m[1], m[2]), _bytes(m[3], m[4])
+    elif m := _TEMPORARIES_EXCEED.search(message):
+      self.temp_bytes, self.capacity_bytes = _bytes(m[1], m[2]), _bytes(m[3], m[4])
+
+  def describe_need(self) -> str:
+    """' (the compiler: 17.52 GiB needed)', or '' when its message gave no figure."""
+    if self.needed_bytes is not None:
+      return f" (the compiler: {_gib(self.needed_bytes)} GiB needed)"
+    if self.temp_bytes is not None:
+      return f" (the compiler: {_gib(self.temp_bytes)} GiB of temporaries alone needed)"
+    return ""
+
+  def peak_estimate(self, other_bytes: float) -> float | None:
+    """The program's peak by the compiler's figure: the whole program's need, or the temporaries'
+    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that fitted)."""
+    if self.needed_bytes is not None:
+      return self.needed_bytes
+    return None if self.temp_bytes is None else self.temp_bytes + other_bytes
 
 
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
-# "Used 17.52G of 15.75G hbm"
-_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of(?:\s+([\d.]+)([KMG]))?")
+_SIZE = r"([\d.]+)([KMG])"
+_USED_OF = re.compile(rf"[Uu]sed\s+{_SIZE}\s+of\s+{_SIZE}")
+_TEMPORARIES_EXCEED = re.compile(rf"temporaries\s+\({_SIZE}\)\s+exceeds\s+available\s+HBM\s+\({_SIZE}\)")
 
 
 def _bytes(number: str, unit: str) -> float:
@@ -266,36 +289,43 @@ class SliceCompiler:
     return compile_lowered(lambda: evaluation.predict_batch.lower(self._variables, batch, model=self.model, k=k))
 
 
-def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: batch_search.BatchTry,
+def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: Compiled | DoesNotFitError,
                      capacity_gib: float, out: Callable[[str], None], limit: int = 4096) -> int:
   """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and returned.
 
-  Starts from the configured ``batch`` (already compiled: ``configured``), then lets
-  ``batch_search.largest_fitting_batch`` choose the batches to compile (a line through the measured
-  peaks predicts the answer; one compile confirms it fits, one that the next batch does not). Prints a
-  line per try as it ends (each is a compile of minutes), then the answer.
+  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the compiler's
+  refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to compile (a line
+  through the measured peaks predicts the answer; one compile confirms that it fits, one that the next
+  batch does not). Prints a line per try as it ends (each is a compile of minutes), then the answer.
   """
   compiles = 0
+  other_bytes = 0.0  # a fitted compile's bytes besides temporaries, for refusals that name only those
+
+  def outcome(c: Compiled | DoesNotFitError) -> batch_search.BatchTry:
+    nonlocal other_bytes
+    if isinstance(c, DoesNotFitError):
+      return batch_search.BatchTry(False, c.peak_estimate(other_bytes), c.capacity_bytes)
+    other_bytes = c.peak_bytes - c.temp_bytes
+    return batch_search.BatchTry(c.peak_bytes <= capacity_gib * GIB, c.peak_bytes)
 
   def try_batch(n: int, why: str) -> batch_search.BatchTry:
     nonlocal compiles
     if n == batch:
-      result, seconds, why = configured, "", "the configured batch, compiled above"
+      result, seconds, why = outcome(configured), "", "the configured batch, compiled above"
     else:
       compiles += 1
       t0 = time.perf_counter()
       try:
-        c = compiler.train(n, hw)
-        result = batch_search.BatchTry(c.peak_bytes <= capacity_gib * GIB, c.peak_bytes)
+        result = outcome(compiler.train(n, hw))
       except DoesNotFitError as e:
-        result = batch_search.BatchTry(False, e.needed_bytes, e.capacity_bytes)
+        result = outcome(e)
       seconds = f" [compile {time.perf_counter() - t0:.0f} s]"
     if result.peak_bytes is None:
       peak = "the compiler ran out of memory"
-    elif result.fits or n == batch:
+    elif result.fits or result.capacity_bytes is None:
       peak = f"peak {_gib(result.peak_bytes)} GiB"
     else:
-      peak = f"needs {_gib(result.peak_bytes)} GiB"
+      peak = f"needs about {_gib(result.peak_bytes)} GiB of the compiler's {_gib(result.capacity_bytes)}"
     out(f"    max_batch try {n}/device ({why}): {peak}: {'fits' if result.fits else 'does not fit'}{seconds}")
     return result
 
@@ -400,13 +430,12 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   summary = None
   for hw in sizes:
     out(f"size {hw[0]}x{hw[1]}:")
-    needed_bytes = None  # what the compiler said the train step needs, when it refused it
+    refusal = None
     try:
       train = compiler.train(batch, hw)
     except DoesNotFitError as e:
-      train, needed_bytes = None, e.needed_bytes
-      needed = "" if e.needed_bytes is None else f" (the compiler: {_gib(e.needed_bytes)} GiB needed)"
-      out(f"  train step ({batch}/device): does NOT fit{needed}: {str(e).splitlines()[0][:300]}")
+      train, refusal = None, e
+      out(f"  train step ({batch}/device): does NOT fit{e.describe_need()}: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:
         raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
@@ -427,14 +456,12 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
       gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:
-      configured = batch_search.BatchTry(False, needed_bytes) if train is None else batch_search.BatchTry(
-          train.peak_bytes <= capacity * GIB, train.peak_bytes)
-      search_max_batch(compiler, hw, batch, configured, capacity, out)
+      search_max_batch(compiler, hw, batch, train or refusal, capacity, out)
     elif max_batch:
       out("    max_batch: skipped, the chip's capacity is unknown")
     if summary is None:
       fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
-      peak_bytes = train.peak_bytes if train is not None else (needed_bytes or float("nan"))
+      peak_bytes = train.peak_bytes if train is not None else (refusal.needed_bytes or float("nan"))
       summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
   out(summary)
   return summary

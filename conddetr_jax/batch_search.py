@@ -68,7 +68,7 @@ def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_by
   Args:
     try_batch: ``try_batch(n, why) -> BatchTry``; ``why`` says why ``n`` is tried (``START``, ``DOUBLING``,
       ``BISECTION``, or the prediction, e.g. "the line through the peaks at 2 and 4 reaches the capacity
-      at 19.4"), for the caller's log.
+      at 19.4", or "to confirm: ..." for the batch next to a predicted boundary), for the caller's log.
     capacity_bytes: the capacity the predictions aim at (``try_batch`` decides what fits); lowered to a
       capacity a try reports, or to the peak of a batch that did not fit.
     start: the first batch tried (e.g. one already compiled, which the caller answers from a cache).
@@ -110,7 +110,8 @@ def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_by
         at, n1, n2 = line
         # The crossing's floor should fit and the batch after it should not: try whichever is unknown.
         candidate = min(max(math.floor(at), good + 1), bad - 1)
-        why = f"the line through the peaks at {n1} and {n2} reaches the capacity at {at:.1f}"
+        line_says = f"the line through the peaks at {n1} and {n2} reaches the capacity at {at:.1f}"
+        why = line_says if candidate == math.floor(at) else f"to confirm: {line_says}"
     if candidate is None:
       if bad > limit:
         candidate, why = min(2 * good, limit), DOUBLING
