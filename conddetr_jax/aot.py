@@ -133,7 +133,7 @@ class Compiled:
     argument/output/alias/temp/code bytes: ``memory_analysis()`` fields; ``alias`` is output memory
       shared with donated arguments.
     flops: ``cost_analysis()['flops']`` of one device's share (multiply-add = 2).
-    collectives: see ``hlo.collectives``.
+    collectives: see ``hlo.collectives`` (count, bytes and bytes per element type of each kind).
     executable: the compiled program (callable where its devices are real).
   """
   seconds: float
@@ -143,7 +143,7 @@ class Compiled:
   temp_bytes: int
   code_bytes: int
   flops: float
-  collectives: dict[str, dict[str, int]]
+  collectives: dict[str, dict]
   executable: Any = dataclasses.field(default=None, repr=False)
 
   @property
@@ -385,8 +385,10 @@ def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
           f"{_gib(c.temp_bytes)} GiB, outputs {_gib(c.output_bytes)} GiB (aliased to arguments "
           f"{_gib(c.alias_bytes)}), code {_gib(c.code_bytes)}; peak {_gib(c.peak_bytes)} GiB of {cap} GiB: fits {fits}"]
   if c.collectives:
-    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for op, v in sorted(c.collectives.items())]
-    rows.append(f"    collectives per device (static count, result bytes): {', '.join(parts)}")
+    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB ("
+             + ", ".join(f"{t} {b / 2**20:.1f}" for t, b in sorted(v["bytes_by_dtype"].items(), key=lambda kv: -kv[1]))
+             + ")" for op, v in sorted(c.collectives.items())]
+    rows.append(f"    collectives per device (static count, result bytes by element type): {', '.join(parts)}")
   else:
     rows.append("    collectives: none")
   return rows

@@ -42,15 +42,17 @@ ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
 def test_collectives_are_counted_once_each_with_their_result_bytes():
   found = hlo.collectives(_HLO)
   assert found == {
-      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2},
-      "all-gather": {"count": 1, "bytes": 1024 * 2},  # the -done's result, not the start's tuple
-      "collective-permute": {"count": 1, "bytes": 16 * 4},
+      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2, "bytes_by_dtype": {"f32": 4 * 8 * 4, "bf16": 1024 * 2}},
+      # the -done's result, not the start's tuple
+      "all-gather": {"count": 1, "bytes": 1024 * 2, "bytes_by_dtype": {"bf16": 1024 * 2}},
+      "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
   }
 
 
 def test_shape_bytes_reads_arrays_tuples_and_scalars():
   assert hlo.shape_bytes("f32[2,3]{1,0:T(8,128)}") == 24
   assert hlo.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
+  assert hlo.shape_bytes_by_dtype("(bf16[10]{0}, f32[2], bf16[3,2])") == {"bf16": 32, "f32": 8}
 
 
 def test_summary_line_fields():
@@ -118,7 +120,7 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   for key in ("hbm_gib", "train_gflop_per_image", "eval_gmac_per_image"):
     assert float(fields[key]) > 0, last
   # The replicated state's gradients are summed over the data axis: an all-reduce.
-  assert re.search(r"all-reduce x\d+", proc.stdout), proc.stdout
+  assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), proc.stdout  # float32 gradients
   assert "ESTIMATE" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
   assert "oneDNN" not in proc.stderr  # the command quiets TensorFlow's load-time notice too
