@@ -58,7 +58,8 @@ def _line_through(points: dict[int, float], capacity: float, good: int, bad: int
   slope = (points[n2] - points[n1]) / (n2 - n1)
   if not slope > 0:  # flat or falling: no crossing to predict
     return None
-  return n1 + (capacity - points[n1]) / slope, n1, n2
+  at = n1 + (capacity - points[n1]) / slope
+  return (at, n1, n2) if math.isfinite(at) else None
 
 
 def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_bytes: float, *, start: int = 1,
