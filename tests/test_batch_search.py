@@ -124,7 +124,7 @@ def test_a_huge_capacity_stops_at_the_cap_in_few_tries():
   compiler = FakeCompiler(lambda n: 0.5 + 1e-6 * n, 95.0)
   assert largest_fitting_batch(compiler, 95.0, start=2, limit=512) == 512
   assert compiler.tried[512] is True and len(compiler.tried) <= 3
-  nearly_flat = FakeCompiler(lambda n: 1e-300 * n, 16.0)  # a line whose crossing overflows a float
+  nearly_flat = FakeCompiler(lambda n: 1e-310 * n, 16.0)  # a line whose crossing overflows a float
   assert largest_fitting_batch(nearly_flat, 16.0, start=1, limit=100) == 100
   flat = FakeCompiler(lambda n: 3.0, 16.0)  # a peak that does not grow: no line crosses, doubling does
   assert largest_fitting_batch(flat, 16.0, start=1, limit=100) == 100
