@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax import data, evaluation, hlo, sharding
+from conddetr_jax import batch_search, data, evaluation, hlo, sharding
 from conddetr_jax.data import batching
 from conddetr_jax.training import loop
 
@@ -133,7 +133,7 @@ class Compiled:
     argument/output/alias/temp/code bytes: ``memory_analysis()`` fields; ``alias`` is output memory
       shared with donated arguments.
     flops: ``cost_analysis()['flops']`` of one device's share (multiply-add = 2).
-    collectives: see ``hlo.collectives``.
+    collectives: see ``hlo.collectives`` (count, bytes and bytes per element type of each kind).
     executable: the compiled program (callable where its devices are real).
   """
   seconds: float
@@ -143,7 +143,7 @@ class Compiled:
   temp_bytes: int
   code_bytes: int
   flops: float
-  collectives: dict[str, dict[str, int]]
+  collectives: dict[str, dict]
   executable: Any = dataclasses.field(default=None, repr=False)
 
   @property
@@ -163,18 +163,49 @@ def cost_analysis(compiled: Any) -> dict[str, float]:
 class DoesNotFitError(RuntimeError):
   """The compiler refused the program: it needs more memory than the device has.
 
+  The TPU compiler says why in one of two ways: "Used 17.52G of 15.75G hbm" (the whole program), or
+  "the total memory required for HLO temporaries (17.62G) exceeds available HBM (15.75G)" (its
+  temporaries alone, before the rest is counted).
+
   Attributes:
-    needed_bytes: what the compiler said the program needs, when its message says (else None).
+    needed_bytes: what the compiler said the whole program needs (else None).
+    temp_bytes: what it said the temporaries alone need, when that is all it said (else None).
+    capacity_bytes: the memory the compiler said it may use (a little under the chip's nominal HBM:
+      15.75 GiB on a 16 GiB v5e), when its message says (else None).
   """
 
   def __init__(self, message: str):
     super().__init__(message)
-    m = _NEEDED.search(message)
-    self.needed_bytes = None if m is None else float(m[1]) * {"K": 2**10, "M": 2**20, "G": GIB}[m[2]]
+    self.needed_bytes = self.temp_bytes = self.capacity_bytes = None
+    if m := _USED_OF.search(message):
+      self.needed_bytes, self.capacity_bytes = _bytes(m[1], m[2]), _bytes(m[3], m[4])
+    elif m := _TEMPORARIES_EXCEED.search(message):
+      self.temp_bytes, self.capacity_bytes = _bytes(m[1], m[2]), _bytes(m[3], m[4])
+
+  def describe_need(self) -> str:
+    """' (the compiler: 17.52 GiB needed)', or '' when its message gave no figure."""
+    if self.needed_bytes is not None:
+      return f" (the compiler: {_gib(self.needed_bytes)} GiB needed)"
+    if self.temp_bytes is not None:
+      return f" (the compiler: {_gib(self.temp_bytes)} GiB of temporaries alone needed)"
+    return ""
+
+  def peak_estimate(self, other_bytes: float) -> float | None:
+    """The program's peak by the compiler's figure: the whole program's need, or the temporaries'
+    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that fitted)."""
+    if self.needed_bytes is not None:
+      return self.needed_bytes
+    return None if self.temp_bytes is None else self.temp_bytes + other_bytes
 
 
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
-_NEEDED = re.compile(r"[Uu]sed\s+([\d.]+)([KMG])\s+of")
+_SIZE = r"([\d.]+)([KMG])"
+_USED_OF = re.compile(rf"[Uu]sed\s+{_SIZE}\s+of\s+{_SIZE}")
+_TEMPORARIES_EXCEED = re.compile(rf"temporaries\s+\({_SIZE}\)\s+exceeds\s+available\s+HBM\s+\({_SIZE}\)")
+
+
+def _bytes(number: str, unit: str) -> float:
+  return float(number) * {"K": 2**10, "M": 2**20, "G": GIB}[unit]
 
 
 def compile_lowered(lower: Callable[[], Any]) -> Compiled:
@@ -258,29 +289,55 @@ class SliceCompiler:
     return compile_lowered(lambda: evaluation.predict_batch.lower(self._variables, batch, model=self.model, k=k))
 
 
-def largest_fitting_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
-  """The largest n in [1, limit] with ``fits(n)``, for a monotone ``fits``: doubling, then bisection.
+def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: Compiled | DoesNotFitError,
+                     capacity_gib: float, out: Callable[[str], None], limit: int = 4096) -> int:
+  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and returned.
 
-  Returns 0 if even 1 does not fit.
+  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the compiler's
+  refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to compile (a line
+  through the measured peaks predicts the answer; one compile confirms that it fits, one that the next
+  batch does not). Prints a line per try as it ends (each is a compile of minutes), then the answer.
   """
-  if not fits(1):
-    return 0
-  good, bad = 1, None
-  while bad is None and good < limit:
-    trial = min(good * 2, limit)
-    if fits(trial):
-      good = trial
+  compiles = 0
+  other_bytes = 0.0  # a fitted compile's bytes besides temporaries, for refusals that name only those
+
+  def outcome(c: Compiled | DoesNotFitError) -> batch_search.BatchTry:
+    nonlocal other_bytes
+    if isinstance(c, DoesNotFitError):
+      return batch_search.BatchTry(False, c.peak_estimate(other_bytes), c.capacity_bytes)
+    other_bytes = c.peak_bytes - c.temp_bytes
+    return batch_search.BatchTry(c.peak_bytes <= capacity_gib * GIB, c.peak_bytes)
+
+  def try_batch(n: int, why: str) -> batch_search.BatchTry:
+    nonlocal compiles
+    if n == batch:
+      result, seconds, why = outcome(configured), "", "the configured batch, compiled above"
     else:
-      bad = trial
-  if bad is None:
-    return good
-  while bad - good > 1:
-    mid = (good + bad) // 2
-    if fits(mid):
-      good = mid
+      compiles += 1
+      t0 = time.perf_counter()
+      try:
+        result = outcome(compiler.train(n, hw))
+      except DoesNotFitError as e:
+        result = outcome(e)
+      seconds = f" [compile {time.perf_counter() - t0:.0f} s]"
+    if result.peak_bytes is None:
+      peak = "the compiler ran out of memory"
+    elif result.fits or result.capacity_bytes is None:
+      peak = f"peak {_gib(result.peak_bytes)} GiB"
     else:
-      bad = mid
-  return good
+      peak = f"needs about {_gib(result.peak_bytes)} GiB of the compiler's {_gib(result.capacity_bytes)}"
+    out(f"    max_batch try {n}/device ({why}): {peak}: {'fits' if result.fits else 'does not fit'}{seconds}")
+    return result
+
+  best = batch_search.largest_fitting_batch(try_batch, capacity_gib * GIB, start=batch, limit=limit)
+  if best == 0:
+    verdict = "none (1 image per device does not fit)"
+  elif best == limit:
+    verdict = f"{best} (the search's cap; more may fit)"
+  else:
+    verdict = f"{best} ({best} fits, {best + 1} does not)"
+  out(f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} compiles")
+  return best
 
 
 # ---- reporting -----------------------------------------------------------------------------
@@ -328,8 +385,10 @@ def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
           f"{_gib(c.temp_bytes)} GiB, outputs {_gib(c.output_bytes)} GiB (aliased to arguments "
           f"{_gib(c.alias_bytes)}), code {_gib(c.code_bytes)}; peak {_gib(c.peak_bytes)} GiB of {cap} GiB: fits {fits}"]
   if c.collectives:
-    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for op, v in sorted(c.collectives.items())]
-    rows.append(f"    collectives per device (static count, result bytes): {', '.join(parts)}")
+    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB ("
+             + ", ".join(f"{t} {b / 2**20:.1f}" for t, b in sorted(v["bytes_by_dtype"].items(), key=lambda kv: -kv[1]))
+             + ")" for op, v in sorted(c.collectives.items())]
+    rows.append(f"    collectives per device (static count, result bytes by element type): {', '.join(parts)}")
   else:
     rows.append("    collectives: none")
   return rows
@@ -373,12 +432,12 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   summary = None
   for hw in sizes:
     out(f"size {hw[0]}x{hw[1]}:")
+    refusal = None
     try:
       train = compiler.train(batch, hw)
     except DoesNotFitError as e:
-      train, needed_bytes = None, e.needed_bytes or float("nan")
-      needed = "" if e.needed_bytes is None else f" (the compiler: {_gib(e.needed_bytes)} GiB needed)"
-      out(f"  train step ({batch}/device): does NOT fit{needed}: {str(e).splitlines()[0][:300]}")
+      train, refusal = None, e
+      out(f"  train step ({batch}/device): does NOT fit{e.describe_need()}: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:
         raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
@@ -399,24 +458,12 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
       gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:
-      fit_cache: dict[int, bool] = {}
-
-      def fits(n: int) -> bool:
-        if n not in fit_cache:
-          try:
-            c = train if n == batch and train is not None else compiler.train(n, hw)
-            fit_cache[n], peak = c.peak_bytes <= capacity * GIB, f"peak {_gib(c.peak_bytes)} GiB"
-          except DoesNotFitError:
-            fit_cache[n], peak = False, "the compiler ran out of memory"
-          out(f"    max_batch: {n}/device {peak}: {'fits' if fit_cache[n] else 'does not fit'}")
-        return fit_cache[n]
-
-      out(f"    largest per-device train batch that fits: {largest_fitting_batch(fits)}")
+      search_max_batch(compiler, hw, batch, train or refusal, capacity, out)
     elif max_batch:
       out("    max_batch: skipped, the chip's capacity is unknown")
     if summary is None:
       fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
-      peak_bytes = train.peak_bytes if train is not None else needed_bytes
+      peak_bytes = train.peak_bytes if train is not None else (refusal.needed_bytes or float("nan"))
       summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
   out(summary)
   return summary
@@ -432,7 +479,8 @@ def _define_flags() -> dict[str, Any]:
           "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
           "dataset, else the original's largest training size rounded up as the buckets are."),
       "max_batch": flags.DEFINE_bool("max_batch", False, "Also search the largest per-device batch that fits "
-                                     "(doubling, then bisection; one compile per try)."),
+                                     "(one compile per try: a line through the measured peaks predicts it, compiles confirm it; "
+                                     "doubling and bisection where the peaks are not affine)."),
       "eval": flags.DEFINE_bool("eval", True, "Also compile the evaluation program (forward + post-processing)."),
   }
 

@@ -12,17 +12,22 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P
 _ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
 
 
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO result shape: an array ``f32[2,3]{1,0}`` or a tuple of them."""
-  total = 0.0
+def shape_bytes_by_dtype(shape: str) -> dict[str, int]:
+  """Bytes of an HLO result shape per element type: ``(f32[2,3]{1,0}, bf16[4])`` -> {f32: 24, bf16: 8}."""
+  total: dict[str, float] = {}
   for m in _ARRAY.finditer(shape):
     dims = [int(d) for d in m["dims"].split(",") if d]
     size = _BYTES_PER_ELEMENT.get(m["dtype"], 1)  # f8 variants: 1 byte
-    total += size * (int(np.prod(dims)) if dims else 1)
-  return int(total)
+    total[m["dtype"]] = total.get(m["dtype"], 0) + size * (int(np.prod(dims)) if dims else 1)
+  return {dtype: int(b) for dtype, b in total.items()}
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO result shape: an array ``f32[2,3]{1,0}`` or a tuple of them."""
+  return sum(shape_bytes_by_dtype(shape).values())
+
+
+def collectives(hlo_text: str) -> dict[str, dict]:
   """Counts and result bytes of the collectives of an HLO module's text (``compiled.as_text()``).
 
   A synchronous collective counts by its result; an asynchronous pair (``all-reduce-start`` /
@@ -30,9 +35,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   instruction counts once, even inside a loop body (a static count).
 
   Returns:
-    {op: {"count": n, "bytes": b}} for each collective present, e.g. ``all-reduce``.
+    {op: {"count": n, "bytes": b, "bytes_by_dtype": {dtype: b}}} for each collective present, e.g.
+    ``all-reduce``; ``bytes_by_dtype`` says in which element types the data moves (e.g. whether
+    gradients are summed in bf16 or f32).
   """
-  found: dict[str, dict[str, int]] = {}
+  found: dict[str, dict] = {}
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if m is None:
@@ -43,7 +50,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     base = op[:-len("-done")] if op.endswith("-done") else op
     if base not in COLLECTIVE_OPS:
       continue
-    entry = found.setdefault(base, {"count": 0, "bytes": 0})
+    entry = found.setdefault(base, {"count": 0, "bytes": 0, "bytes_by_dtype": {}})
     entry["count"] += 1
-    entry["bytes"] += shape_bytes(m["shape"])
+    for dtype, b in shape_bytes_by_dtype(m["shape"]).items():
+      entry["bytes"] += b
+      entry["bytes_by_dtype"][dtype] = entry["bytes_by_dtype"].get(dtype, 0) + b
   return found

@@ -42,27 +42,17 @@ ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
 def test_collectives_are_counted_once_each_with_their_result_bytes():
   found = hlo.collectives(_HLO)
   assert found == {
-      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2},
-      "all-gather": {"count": 1, "bytes": 1024 * 2},  # the -done's result, not the start's tuple
-      "collective-permute": {"count": 1, "bytes": 16 * 4},
+      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2, "bytes_by_dtype": {"f32": 4 * 8 * 4, "bf16": 1024 * 2}},
+      # the -done's result, not the start's tuple
+      "all-gather": {"count": 1, "bytes": 1024 * 2, "bytes_by_dtype": {"bf16": 1024 * 2}},
+      "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
   }
 
 
 def test_shape_bytes_reads_arrays_tuples_and_scalars():
   assert hlo.shape_bytes("f32[2,3]{1,0:T(8,128)}") == 24
   assert hlo.shape_bytes("(bf16[10]{0}, pred[4]{0}, s32[])") == 20 + 4 + 4
-
-
-@pytest.mark.parametrize("limit_fitting, expected", [(1, 1), (37, 37), (64, 64), (1000, 1000), (0, 0)])
-def test_largest_fitting_batch_finds_the_boundary(limit_fitting, expected):
-  tried = []
-
-  def fits(n):
-    tried.append(n)
-    return n <= limit_fitting
-
-  assert aot.largest_fitting_batch(fits, limit=1024) == expected
-  assert len(tried) <= 2 * 11 + 1  # doubling then bisection, not a linear scan
+  assert hlo.shape_bytes_by_dtype("(bf16[10]{0}, f32[2], bf16[3,2])") == {"bf16": 32, "f32": 8}
 
 
 def test_summary_line_fields():
@@ -130,7 +120,7 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   for key in ("hbm_gib", "train_gflop_per_image", "eval_gmac_per_image"):
     assert float(fields[key]) > 0, last
   # The replicated state's gradients are summed over the data axis: an all-reduce.
-  assert re.search(r"all-reduce x\d+", proc.stdout), proc.stdout
+  assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), proc.stdout  # float32 gradients
   assert "ESTIMATE" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
   assert "oneDNN" not in proc.stderr  # the command quiets TensorFlow's load-time notice too
@@ -150,5 +140,51 @@ def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_byt
   with pytest.raises(aot.DoesNotFitError) as e:
     aot.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
   assert e.value.needed_bytes == pytest.approx(17.52 * 2**30)
+  assert e.value.capacity_bytes == pytest.approx(15.75 * 2**30)
   with pytest.raises(ValueError):  # other compile errors pass through unchanged
     aot.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
+
+
+def test_a_refusal_that_names_only_the_temporaries_is_read_too():
+  # libtpu 0.0.42.1's words for DC5-R50 at 3 images of 800x1216 per v5e chip.
+  e = aot.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                          "temporaries (17.62G) exceeds available HBM (15.75G).")
+  assert e.needed_bytes is None and e.temp_bytes == pytest.approx(17.62 * 2**30)
+  assert e.capacity_bytes == pytest.approx(15.75 * 2**30)
+  assert e.peak_estimate(0.5 * 2**30) == pytest.approx(18.12 * 2**30)
+  assert e.describe_need() == " (the compiler: 17.62 GiB of temporaries alone needed)"
+
+
+class _FakeSliceCompiler:
+  """Compiles nothing: a train step of 0.5 GiB of state and 0.8 GiB of temporaries per image, refused
+  (in libtpu's words) when its temporaries exceed 15.75 GiB."""
+
+  def __init__(self):
+    self.compiled = []
+
+  def train(self, n, hw):
+    self.compiled.append(n)
+    temp = 0.8 * n * 2**30
+    if temp > 15.75 * 2**30:
+      raise aot.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                                f"temporaries ({temp / 2**30:.2f}G) exceeds available HBM (15.75G).")
+    return aot.Compiled(seconds=1.0, argument_bytes=2**29, output_bytes=0, alias_bytes=0, temp_bytes=int(temp),
+                        code_bytes=0, flops=1.0, collectives={})
+
+
+def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per_try():
+  compiler, lines = _FakeSliceCompiler(), []
+  best = aot.search_max_batch(compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append)
+  # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's 15.75.
+  assert best == 19
+  assert compiler.compiled == [2, 4, 19, 20]  # the configured batch, doubling, the prediction, the next batch
+  assert [line.strip() for line in lines] == [
+      "max_batch try 2/device (the configured batch, compiled above): peak 2.10 GiB: fits",
+      "max_batch try 4/device (doubling): peak 3.70 GiB: fits [compile 0 s]",
+      "max_batch try 19/device (the line through the peaks at 2 and 4 reaches the capacity at 19.4): peak 15.70 GiB: "
+      "fits [compile 0 s]",
+      "max_batch try 20/device (to confirm: the line through the peaks at 4 and 19 reaches the capacity at 19.4): "
+      "needs about "
+      "16.50 GiB of the compiler's 15.75: does not fit [compile 0 s]",
+      "largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); 3 compiles",
+  ]
