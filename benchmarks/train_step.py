@@ -143,8 +143,8 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
   torch.set_num_threads(os.cpu_count())
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
   expansion = 1 if kind == "basic" else 4
-  resnet = ResNetConfig(layer_type=kind, depths=list(depths), hidden_sizes=[w * expansion for w in backbone_lib.STAGE_WIDTHS],
-                        out_features=["stage4"])
+  resnet = ResNetConfig(layer_type=kind, depths=list(depths), out_features=["stage4"],
+                        hidden_sizes=[w * expansion for w in backbone_lib.STAGE_WIDTHS])
   hf_config = ConditionalDetrConfig(
       backbone_config=resnet, num_labels=m.num_classes, num_queries=m.num_queries,
       d_model=m.hidden_dim, encoder_layers=m.enc_layers, decoder_layers=m.dec_layers,
@@ -155,7 +155,8 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
     for parent in list(model.model.backbone.modules()):
       for child_name, child in parent.named_children():
         if type(child).__name__ == "ConditionalDetrFrozenBatchNorm2d":
-          setattr(parent, child_name, torch.nn.GroupNorm(backbone_lib.GROUP_NORM_GROUPS, child.weight.numel(), eps=1e-5))
+          norm = torch.nn.GroupNorm(backbone_lib.GROUP_NORM_GROUPS, child.weight.numel(), eps=1e-5)
+          setattr(parent, child_name, norm)
   backbone, rest = [], []
   for name, p in model.named_parameters():
     if "backbone" in name:
