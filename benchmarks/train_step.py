@@ -140,7 +140,7 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
   if m.backbone not in backbone_lib.RESNET_SPECS or m.dilation:
     raise ValueError(f"the HF comparison is built for config.model.backbone in {sorted(backbone_lib.RESNET_SPECS)} "
                      f"without DC5, got {m.backbone!r} with dilation={m.dilation}")
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
   expansion = 1 if kind == "basic" else 4
   resnet = ResNetConfig(layer_type=kind, depths=list(depths), out_features=["stage4"],
