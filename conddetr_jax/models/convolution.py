@@ -4,10 +4,10 @@ A 1x1 convolution is a matrix product over the channel axis, but XLA:CPU runs th
 1x1 *convolution* as two more convolutions: the weight gradient contracts over batch and space,
 which it sets up by transposing both the activations and the output gradient to (C, H, W, B)
 copies first. Profiled on the R50 train step (2 x 384x512, 2 cores), those transposes and the
-convolutions behind them were a quarter of the step. As a ``dot_general`` the same contraction
-needs no copy (it contracts the leading axes in place), and the 1x1 convs' forward plus backward
-run 1.2-2.3x faster (docs/cpu-step.md). The result is the same sum in another order: equal to
-float32 rounding (tests/test_model.py checks it against ``lax.conv_general_dilated``).
+convolutions behind them were about 40% of the step's thread time. As one 2-D matrix product the
+same contraction needs no such copy, and the R50 step runs 1.45x faster (docs/cpu-step.md). The
+result is the same sum in another order: equal to float32 rounding (tests/test_backbone_ops.py
+checks output and gradients against PyTorch's conv2d).
 
 Pass ``conv_general_dilated`` to ``flax.linen.Conv``: parameters, names and initialisation stay
 those of ``nn.Conv``, so checkpoints do not change.

@@ -7,7 +7,7 @@ about a tenth of the step (docs/cpu-step.md). Here the pool is the maximum of it
 window taps, and the backward hands each output's gradient to the tap that won, found again from
 an int32 tap index saved in the forward. Ties go to the first maximum in row-major window order,
 as PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
-``nn.max_pool`` (tests/test_model.py checks both, ties included).
+``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties included).
 """
 
 import functools
