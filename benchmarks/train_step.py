@@ -8,7 +8,9 @@ Usage:
 Prints, in order: the machine; the step at --size (median after warm-up, compile time, XLA
 buffer sizes); images/s and memory at a COCO training bucket (--bucket, '' to skip) in each of
 --bucket_dtypes; Hugging Face's ConditionalDetr train step (PyTorch) on the same input and the
-ratio (--hf=auto: on CPU only). The last line is ``step_s=<median seconds>`` of the --size step.
+ratio (--hf=auto: on CPU only). With the HF step, the two alternate step by step (one JAX step, one
+PyTorch step, ...), so that on a shared machine both see the same load and the ratio stays fair.
+The last line is ``step_s=<median seconds>`` of the --size step.
 Each image gets 7 random boxes (COCO's mean) in max_boxes padded slots, as the pipeline pads them.
 
 With --variant (repeatable; comma-separated config overrides), it instead times the config and
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.synthetic import synthetic_batch
 from conddetr_jax import models
 from conddetr_jax import sharding
+from conddetr_jax.models import backbone as backbone_lib
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -85,24 +88,47 @@ def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, 
   return run, compile_s, memory
 
 
-def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> dict[str, float]:
-  """Median step time, compile time and the compiled step's buffer sizes, on all devices."""
+def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
+                  other_step: Any = None) -> tuple[dict[str, float], float | None]:
+  """Median step time, compile time and the compiled step's buffer sizes, on all devices; with
+  ``other_step`` (a blocking ``run()``, e.g. ``build_hf_step``'s), also its median seconds, the two
+  alternating step by step (else None)."""
   run, compile_s, memory = compile_jax_step(config, batch)
-  out = {"step_s": _timed(run, steps, warmup), "compile_s": compile_s}
+  if other_step is None:
+    step_s, other_s = _timed(run, steps, warmup), None
+  else:
+    step_s, other_s = _timed_alternating([run, other_step], steps, warmup)
+  out = {"step_s": step_s, "compile_s": compile_s}
   if memory is not None:
     out["temp_bytes"] = memory.temp_size_in_bytes
     out["state_bytes"] = memory.argument_size_in_bytes - sum(v.nbytes for v in batch.values())
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["device_peak_bytes"] = stats["peak_bytes_in_use"]
-  return out
+  return out, other_s
 
 
-def time_hf_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) -> float:
-  """Median seconds of HF ConditionalDetr's train step (loss with its matcher, backward, clip, AdamW).
+def _timed_alternating(fns: list, steps: int, warmup: int) -> list[float]:
+  """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed rounds,
+  then ``steps`` timed ones."""
+  times = [[] for _ in fns]
+  for round_index in range(warmup + steps):
+    for fn, record in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      if round_index >= warmup:
+        record.append(time.perf_counter() - t0)
+  return [statistics.median(record) for record in times]
 
-  Same sizes as ``config.model`` (ResNet-50 only: HF's own ResNet, so no timm/torchvision), the
-  original's trainable set (layer2-4 and the transformer) and optimiser groups.
+
+def build_hf_step(config, batch: dict[str, np.ndarray]):
+  """HF ConditionalDetr's train step (loss with its matcher, backward, clip, AdamW) as ``run()``.
+
+  Same sizes as ``config.model`` (HF's own ResNet-18/34/50/101, so no timm/torchvision, without
+  DC5), the same trainable set (layer2-4 and the transformer as the original, or the whole
+  backbone when ``freeze_stem_and_layer1`` is False) and optimiser groups. For
+  ``backbone_norm='group_norm'`` (the demo) HF's frozen BatchNorm layers become
+  ``torch.nn.GroupNorm`` with the same group count, so PyTorch does the same work.
   """
   import torch  # pylint: disable=g-import-not-at-top
   # Importing it declares the torchvision ops that PyPI's CUDA torchvision wheel fails to
@@ -111,20 +137,31 @@ def time_hf_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) 
   from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
   m = config.model
-  if m.backbone != "resnet50" or m.dilation:
-    raise ValueError("the HF comparison is built for config.model.backbone='resnet50' without DC5")
-  torch.set_num_threads(os.cpu_count())
+  if m.backbone not in backbone_lib.RESNET_SPECS or m.dilation:
+    raise ValueError(f"the HF comparison is built for config.model.backbone in {sorted(backbone_lib.RESNET_SPECS)} "
+                     f"without DC5, got {m.backbone!r} with dilation={m.dilation}")
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
+  kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
+  expansion = 1 if kind == "basic" else 4
+  resnet = ResNetConfig(layer_type=kind, depths=list(depths), out_features=["stage4"],
+                        hidden_sizes=[w * expansion for w in backbone_lib.STAGE_WIDTHS])
   hf_config = ConditionalDetrConfig(
-      backbone_config=ResNetConfig(out_features=["stage4"]), num_labels=m.num_classes, num_queries=m.num_queries,
+      backbone_config=resnet, num_labels=m.num_classes, num_queries=m.num_queries,
       d_model=m.hidden_dim, encoder_layers=m.enc_layers, decoder_layers=m.dec_layers,
       encoder_attention_heads=m.nheads, decoder_attention_heads=m.nheads, encoder_ffn_dim=m.dim_feedforward,
       decoder_ffn_dim=m.dim_feedforward, dropout=m.dropout, auxiliary_loss=m.aux_loss)
   model = ConditionalDetrForObjectDetection(hf_config).train()
+  if m.backbone_norm == "group_norm":
+    for parent in list(model.model.backbone.modules()):
+      for child_name, child in parent.named_children():
+        if type(child).__name__ == "ConditionalDetrFrozenBatchNorm2d":
+          norm = torch.nn.GroupNorm(backbone_lib.GROUP_NORM_GROUPS, child.weight.numel(), eps=1e-5)
+          setattr(parent, child_name, norm)
   backbone, rest = [], []
   for name, p in model.named_parameters():
     if "backbone" in name:
       # HF's own test ("stage.1" in name) never matches HF ResNet's "stages.1": train layer2-4 as the original.
-      p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+      p.requires_grad_(not m.freeze_stem_and_layer1 or any(f"stages.{i}." in name for i in (1, 2, 3)))
       if p.requires_grad:
         backbone.append(p)
     else:
@@ -145,7 +182,7 @@ def time_hf_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int) 
     torch.nn.utils.clip_grad_norm_(params, opt.clip_grad_norm)
     adamw.step()
 
-  return _timed(run, steps, warmup)
+  return run
 
 
 def with_overrides(config, text: str):
@@ -192,7 +229,8 @@ def main(argv: list[str]) -> None:
   print(f"device={jax.devices()[0].device_kind} x{jax.device_count()} backend={jax.default_backend()} "
         f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} backbone={config.model.backbone} "
         f"dtype={config.model.dtype} batch={_BATCH.value}", flush=True)
-  batch = synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes)
+  batch = synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes,
+                          num_classes=config.model.num_classes)
   if _VARIANTS.value:
     times = time_variants_round_robin(config, _VARIANTS.value, batch, _ROUNDS.value)
     base = statistics.median(times[0])
@@ -202,7 +240,9 @@ def main(argv: list[str]) -> None:
             f"{len(record)} rounds), {median / base:.2f}x the config's", flush=True)
     print(f"loadavg={os.getloadavg()[0]:.1f} after the rounds")
     return
-  main_step = time_jax_step(config, batch, _STEPS.value, _WARMUP.value)
+  with_hf = _HF.value == "yes" or (_HF.value == "auto" and jax.default_backend() == "cpu")
+  main_step, hf_s = time_jax_step(config, batch, _STEPS.value, _WARMUP.value,
+                                  build_hf_step(config, batch) if with_hf else None)
   print(f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} images/s "
         f"(compile {main_step['compile_s']:.1f}s); XLA temp buffers "
         f"{main_step.get('temp_bytes', 0) / _BATCH.value / 2**20:.0f} MiB/image, state "
@@ -210,19 +250,19 @@ def main(argv: list[str]) -> None:
 
   if _BUCKET.value:
     bh, bw = _hw(_BUCKET.value)
-    bucket_batch = synthetic_batch(_BATCH.value, bh, bw, config.dataset.max_boxes)
+    bucket_batch = synthetic_batch(_BATCH.value, bh, bw, config.dataset.max_boxes,
+                                   num_classes=config.model.num_classes)
     for dtype in _BUCKET_DTYPES.value:
       bucket_config = config.copy_and_resolve_references()
       bucket_config.model.dtype = dtype
-      r = time_jax_step(bucket_config, bucket_batch, max(1, _STEPS.value // 2), 1)
+      r, _ = time_jax_step(bucket_config, bucket_batch, max(1, _STEPS.value // 2), 1)
       peak = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if "device_peak_bytes" in r else ""
       print(f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step {r['step_s']:.3f}s); "
             f"XLA temp buffers {r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}", flush=True)
 
-  if _HF.value == "yes" or (_HF.value == "auto" and jax.default_backend() == "cpu"):
-    hf_s = time_hf_step(config, batch, _STEPS.value, _WARMUP.value)
+  if with_hf:
     print(f"hf-torch {h}x{w}: step {hf_s:.3f}s, {_BATCH.value / hf_s:.2f} images/s; "
-          f"jax/hf speed ratio {hf_s / main_step['step_s']:.2f}x", flush=True)
+          f"jax/hf speed ratio {hf_s / main_step['step_s']:.2f}x (steps alternated)", flush=True)
 
   print(f"step_s={main_step['step_s']:.4f}")
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from conddetr_jax.models import initializers
+from conddetr_jax.models import convolution, initializers, pooling
 
 # name -> (block type, blocks per stage)
 RESNET_SPECS = {
@@ -70,7 +70,8 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: 
   pad = dilation * (kernel // 2)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-                 kernel_init=initializers.resnet_conv_kernel, name=name)
+                 kernel_init=initializers.resnet_conv_kernel, conv_general_dilated=convolution.conv_general_dilated,
+                 name=name)
 
 
 def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) -> nn.Module:
@@ -165,7 +166,7 @@ class ResNet(nn.Module):
     x = images.astype(self.dtype)
     x = _conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
     x = nn.relu(_norm(self.norm, self.dtype, "bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool_3x3_stride2(x)
 
     in_features = 64
     dilation = 1

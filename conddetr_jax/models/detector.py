@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from conddetr_jax.models import initializers
+from conddetr_jax.models import convolution, initializers
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
 from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder
@@ -70,7 +70,8 @@ class ConditionalDETR(nn.Module):
     mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
     src = nn.Conv(d, (1, 1), dtype=self.dtype, kernel_init=initializers.torch_default_kernel,
-                  bias_init=initializers.torch_default_bias(channels), name="input_proj")(features)
+                  bias_init=initializers.torch_default_bias(channels),
+                  conv_general_dilated=convolution.conv_general_dilated, name="input_proj")(features)
     self.sow("intermediates", "backbone_features", features)
     self.sow("intermediates", "feature_mask", mask)
     self.sow("intermediates", "pos_embed", pos)
