@@ -21,7 +21,7 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 FLOORS = (
     ("building blocks", ("conddetr_jax", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
                          "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress",
-                         "conddetr_jax.hlo", "conddetr_jax.flops")),
+                         "conddetr_jax.hlo", "conddetr_jax.flops", "conddetr_jax.batch_search")),
     ("matching", ("conddetr_jax.matching",)),
     ("criterion and decoding", ("conddetr_jax.losses", "conddetr_jax.postprocess")),
     ("devices, weights and image files", ("conddetr_jax.sharding", "conddetr_jax.convert", "conddetr_jax.weights",
