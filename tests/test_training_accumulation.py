@@ -108,12 +108,16 @@ def test_accumulated_train_steps_clip_and_apply_the_whole_batch_update():
     np.testing.assert_allclose(metrics["grad_norm"], whole["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], whole["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["lr"], whole["lr"])
-  # Two AdamW updates, each moving a parameter by about lr; they agree to well under 1% of it.
+  # Two AdamW updates, each moving a parameter by about lr; they agree to within 5% of it. Not closer:
+  # AdamW scales each element's step to about lr whatever its gradient's size, so an element whose
+  # gradient nearly cancels carries its float32 rounding (which differs with the summation order:
+  # micro-batches, the 1x1 convs' matrix products) into its step at lr scale, up to ~1% measured.
+  # The gradients themselves are compared closely, against a plain-mean control, in the tests above.
   moved = max(float(np.abs(b - a).max()) for a, b in zip(jax.tree.leaves(initial.params),
                                                          jax.tree.leaves(whole_state.params)))
   assert moved > lr
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole_state.params)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * lr)
+    np.testing.assert_allclose(a, b, rtol=0, atol=5e-2 * lr)
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
