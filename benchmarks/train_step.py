@@ -137,9 +137,11 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
   from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
   m = config.model
-  if m.backbone not in backbone_lib.RESNET_SPECS or m.dilation:
+  if m.backbone not in backbone_lib.RESNET_SPECS or m.dilation or m.backbone_num_stages != 4:
     raise ValueError(f"the HF comparison is built for config.model.backbone in {sorted(backbone_lib.RESNET_SPECS)} "
-                     f"without DC5, got {m.backbone!r} with dilation={m.dilation}")
+                     f"with all 4 stages and without dilation, got {m.backbone!r} with "
+                     f"backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation} (for the demo add "
+                     "--config.model.backbone_num_stages=4 --config.model.dilation=False)")
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
   expansion = 1 if kind == "basic" else 4
