@@ -14,10 +14,10 @@ the original always starts from):
   learning rate: frozen BatchNorm holding init statistics normalises nothing, and the original
   freezes and slows the backbone only to preserve its ImageNet features (GroupNorm makes
   detectors train from scratch, He et al., "Rethinking ImageNet Pre-training", 2019);
-- the backbone stops after layer3, dilated (features at stride 8: 16x20 to 24x24 cells): at
-  stride 32 the 4x5 to 6x6 cells localise slowly. docs/demo-levers.md measures the options: after
-  1000 steps AP 0.12-0.13 at stride 8, 0.09-0.10 at stride 16, 0.043-0.047 at stride 32; stride 8
-  costs about twice the step time, and still fits the ten minutes;
+- the backbone stops after layer3 (features at stride 16: 8x10 to 12x12 cells, and no layer4
+  compute): at stride 32 the 4x5 to 6x6 cells localise slowly. docs/demo-levers.md measures the
+  options: after 1000 steps AP 0.09-0.10 at stride 16 (0.95x the stride-32 step time), 0.043-0.047
+  at stride 32; stride 8 (--config.model.dilation=True) gives 0.12-0.13 at about twice the time;
 - 50 queries for at most 6 objects per image: more reference points cover the small feature map,
   which shortens the early phase where matching is random;
 - learning rate 2e-4, dropped x0.1 after 3 epochs (750 steps).
@@ -29,10 +29,10 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The demo config: small images, ResNet-18 up to a dilated layer3 with GroupNorm, a 2+3-layer transformer, 50 queries."""
+  """The demo config: small images, ResNet-18 up to layer3 with GroupNorm, a 2+3-layer transformer, 50 queries."""
   config = default.get_config()
   config.model.update(backbone="resnet18", backbone_norm="group_norm", freeze_stem_and_layer1=False,
-                      backbone_num_stages=3, dilation=True,
+                      backbone_num_stages=3,
                       hidden_dim=256, nheads=8, enc_layers=2, dec_layers=3, dim_feedforward=1024, dropout=0.0,
                       num_queries=50, num_classes=10)
   # Images are 128-192 px: train and evaluate near that size (the original: 480-800 and 800).
