@@ -246,7 +246,7 @@ def load_into(state: StateDict, variables: Any, *, skip_class_head: bool = False
     allow_missing_prefixes: original-key prefixes that may be absent (they keep their initial
       values), e.g. everything outside the backbone for a torchvision ImageNet checkpoint.
     unused_prefixes: original-key prefixes the model has no place for and may skip, e.g. an ImageNet
-      ResNet's layer4 for a backbone that stops after layer3.
+      ResNet's layer4 for a backbone that stops after layer3 (layer3 and layer4 after layer2).
   Raises:
     CheckpointMismatchError listing missing keys, unexpected keys and shape mismatches.
   """
@@ -314,9 +314,10 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   new_groups = config.model.get("num_groups", 1) > 1 and GROUP_QUERY_KEY not in state
   if new_groups:
     allow_missing += (GROUP_QUERY_KEY,)
-  # A backbone stopping after layer3 starts from the ImageNet ResNet's first three stages.
-  unused = ("backbone.0.body.layer4.",) if layout == "torchvision" and config.model.get("backbone_num_stages", 4) == 3 \
-      else ()
+  # A backbone stopping after layer2 or layer3 starts from the ImageNet ResNet's first stages.
+  num_stages = config.model.get("backbone_num_stages", 4)
+  unused = tuple(f"backbone.0.body.layer{stage}." for stage in range(num_stages + 1, 5)) \
+      if layout == "torchvision" else ()
   if variables is None:
     # Only tensors the checkpoint lacks need computed initial values; for a full checkpoint
     # shapes suffice, which saves compiling the model's init (~20 s for R50 on a CPU).

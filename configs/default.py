@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
       dilation=False,           # DC5: dilation 2 and stride 1 in layer4
       freeze_stem_and_layer1=True,  # the original's (ImageNet init); False to train them from scratch
       backbone_norm="frozen_bn",  # the original's; group_norm to train the backbone from random weights
-      backbone_num_stages=4,    # the original's (layer4's features); 3 stops after layer3: stride 16, less compute
+      backbone_num_stages=4,    # the original's (layer4's features); 3 or 2 stop after layer3 or layer2: stride 16 or 8, less compute
       hidden_dim=256,
       nheads=8,
       enc_layers=6,

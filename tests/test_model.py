@@ -115,7 +115,8 @@ def test_mask_downsampling_matches_torch_nearest_interpolation(in_size, out_size
     ("resnet18", False, 4, 32, 512), ("resnet34", False, 4, 32, 512), ("resnet18", True, 4, 16, 512),
     ("resnet34", True, 4, 16, 512),
     ("resnet50", False, 4, 32, 2048), ("resnet50", True, 4, 16, 2048), ("resnet101", True, 4, 16, 2048),
-    ("resnet18", False, 3, 16, 256), ("resnet18", True, 3, 8, 256), ("resnet50", False, 3, 16, 1024)])
+    ("resnet18", False, 3, 16, 256), ("resnet18", True, 3, 8, 256), ("resnet50", False, 3, 16, 1024),
+    ("resnet18", False, 2, 8, 128), ("resnet50", False, 2, 8, 512)])
 def test_backbone_output_stride_and_channels(backbone, dilation, stages, stride, channels):
   model = models.build_model(tiny_config(backbone=backbone, dilation=dilation, backbone_num_stages=stages))
   images, pad_mask = _inputs(batch=1, h=97, w=130)  # not multiples of the stride: ceil division
@@ -140,7 +141,7 @@ def test_r50_has_the_originals_parameter_count():
     (dict(dtype="float16"), "config.model.dtype"),
     (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
     (dict(decoder="deformable"), "config.model.decoder"),
-    (dict(backbone_num_stages=2), "config.model.backbone_num_stages"),
+    (dict(backbone_num_stages=1), "config.model.backbone_num_stages"),
     (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -190,11 +191,11 @@ def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
   np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 
-@pytest.mark.parametrize("arch,dilation", [("resnet18", False), ("resnet50", True)])
-def test_three_stage_backbone_is_torchvision_resnet_up_to_layer3(arch, dilation):
+@pytest.mark.parametrize("arch,dilation,stages", [("resnet18", False, 3), ("resnet50", True, 3), ("resnet18", False, 2)])
+def test_shortened_backbone_is_torchvision_resnet_up_to_its_last_stage(arch, dilation, stages):
   """A torchvision ImageNet-layout ResNet (layer4 and fc included) initialises a backbone that
-  stops after layer3, whose features are torchvision's layer3 output (dilated: layer3 with
-  replace_stride_with_dilation, stride 8)."""
+  stops after layer3 or layer2, whose features are torchvision's output of that stage (dilated:
+  layer3 with replace_stride_with_dilation, stride 8)."""
   torch.manual_seed(0)
   resnet = getattr(torchvision.models, arch)(
       weights=None, replace_stride_with_dilation=[False, dilation, False] if dilation else None).eval()
@@ -205,18 +206,19 @@ def test_three_stage_backbone_is_torchvision_resnet_up_to_layer3(arch, dilation)
         module.running_var.uniform_(0.5, 1.5)
         module.weight.uniform_(0.5, 1.5)
         module.bias.uniform_(-0.5, 0.5)
-  config = tiny_config(backbone=arch, dilation=dilation, backbone_num_stages=3)
+  config = tiny_config(backbone=arch, dilation=dilation, backbone_num_stages=stages)
   variables = convert.from_torch({k: v.numpy() for k, v in resnet.state_dict().items()}, config)
   images = np.random.default_rng(3).normal(size=(1, 72, 104, 3)).astype(np.float32)
-  actual = ResNet(arch, dilation, num_stages=3).apply(
+  actual = ResNet(arch, dilation, num_stages=stages).apply(
       {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}, images)
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")[:4 + stages]:
       x = getattr(resnet, name)(x)
   expected = x.permute(0, 2, 3, 1).numpy()
-  stride = 8 if dilation else 16
-  assert actual.shape == expected.shape == (1, -(-72 // stride), -(-104 // stride), 256 * (4 if arch == "resnet50" else 1))
+  stride = 2 ** (stages + 1) // (2 if dilation else 1)
+  channels = 64 * 2 ** (stages - 1) * (4 if arch == "resnet50" else 1)
+  assert actual.shape == expected.shape == (1, -(-72 // stride), -(-104 // stride), channels)
   np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 

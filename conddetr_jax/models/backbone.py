@@ -13,8 +13,9 @@ layer4 keeps stride 1, the first block's conv1 (which held the stride) dilation 
 3x3 conv of the stage dilation 2, so each conv keeps its receptive field (timm's rule). Nothing in
 the math stops it, and it gives small images a finer feature map (the demo's).
 ``num_stages=3`` stops after layer3 (features at stride 16 with layer3's channels, no layer4 compute;
-the "C4" feature of Faster R-CNN's R50-C4); with ``dilation`` the last stage kept is the dilated
-one, so ``num_stages=3, dilation=True`` gives stride 8. Neither is in the original, whose features
+the "C4" feature of Faster R-CNN's R50-C4), ``num_stages=2`` after layer2 (stride 8, layer2's
+channels); with ``dilation`` the last stage kept is the dilated one, so ``num_stages=3,
+dilation=True`` gives stride 8 from layer3. None of these is in the original, whose features
 are always layer4's; both exist for small images, where stride 32 leaves a few cells (the demo's).
 The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
 layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
@@ -39,7 +40,7 @@ RESNET_SPECS = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 FROZEN_BN_EPS = 1e-5
 NORMS = ("frozen_bn", "group_norm")
-NUM_STAGES = (3, 4)  # stages after the stem: layer1..layer3, or layer1..layer4 (the original)
+NUM_STAGES = (2, 3, 4)  # stages after the stem: layer1..layer2, ..layer3, or ..layer4 (the original)
 GROUP_NORM_GROUPS = 32  # divides every stage width (64 ... 2048)
 
 
@@ -142,8 +143,9 @@ def _shortcut(block: _ResidualBlock, x: jax.Array) -> jax.Array:
 
 
 class ResNet(nn.Module):
-  """The ResNet body up to layer4 (``num_stages=4``, the original's) or layer3 (``num_stages=3``),
-  returning the last stage's feature map: stride 32 (DC5: 16), or 16 with 3 stages (dilated: 8).
+  """The ResNet body up to layer4 (``num_stages=4``, the original's), layer3 or layer2 (``num_stages``
+  3 or 2), returning the last stage's feature map: stride 32 (DC5: 16), 16 with 3 stages (dilated:
+  8), 8 with 2 stages (dilated: 4).
 
   Submodule names mirror torchvision's keys: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` with
   ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``, ``downsample_bn``.
