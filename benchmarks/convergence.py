@@ -12,6 +12,7 @@ as a second axis: every decoder trains once per group count.
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
       --override=per_device_batch_size=16                             # a GPU: a longer run
   python benchmarks/convergence.py --out=DIR --groups=1,5             # with and without Group DETR
+  python benchmarks/convergence.py --out=DIR --groups=1,5 --decoders=conditional   # Group DETR alone
 
 Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
 processes, one per core, and a last call with all the seeds writes the CSV and the plot
@@ -100,6 +101,13 @@ def variant_name(decoder: str, num_groups: int) -> str:
   return decoder if num_groups == 1 else f"{decoder}_groups{num_groups}"
 
 
+def baseline_variant(variants: list[tuple[str, int]]) -> str:
+  """The variant whose final AP the others race to: the DETR decoder with the first --groups value,
+  else (conditional decoder alone) the first --groups value's run."""
+  detr = [v for v in variants if v[0] == "detr"]
+  return variant_name(*(detr or variants)[0])
+
+
 def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
   """Mean AP per variant against step, with the min-max band over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -128,12 +136,16 @@ def main() -> None:
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
   parser.add_argument("--groups", default="1", help="comma-separated config.model.num_groups values (Group DETR)")
+  parser.add_argument("--decoders", default=",".join(DECODERS), help=f"comma-separated, of {DECODERS}")
   parser.add_argument("--override", action="append", default=[],
                       help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20")
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)  # the training loop's progress lines (loss, images/s, ETA)
   seeds = [int(s) for s in args.seeds.split(",")]
-  variants = [(decoder, int(k)) for k in args.groups.split(",") for decoder in DECODERS]
+  decoders = args.decoders.split(",")
+  if not decoders or not set(decoders) <= set(DECODERS):
+    parser.error(f"--decoders={args.decoders!r}: expected a comma-separated subset of {DECODERS}")
+  variants = [(decoder, int(k)) for k in args.groups.split(",") for decoder in DECODERS if decoder in decoders]
   os.makedirs(args.out, exist_ok=True)
 
   rows = []
@@ -163,7 +175,7 @@ def main() -> None:
   png_path = os.path.join(args.out, "convergence.png")
   plot(curves, steps, png_path)
 
-  baseline = variant_name(*variants[1])  # the DETR decoder with the first --groups value
+  baseline = baseline_variant(variants)
   target = curves[baseline].mean(0)[-1]
   print(f"\nmean AP over {len(seeds)} seeds at each evaluated step:")
   width = max(len(v) for v in curves)

@@ -78,3 +78,10 @@ def test_a_run_counts_as_finished_once_evaluated_at_the_last_step(tmp_path):
     f.write('{"step": 300, "AP": 0.2, "AP50": 0.4}\n')
   assert convergence.run_finished(str(tmp_path), 300)
   assert convergence.read_ap_curve(str(tmp_path)) == [(200, 0.1, 0.3), (300, 0.2, 0.4)]
+
+
+def test_the_baseline_is_the_detr_decoder_else_the_first_group_count():
+  both = [("conditional", 1), ("detr", 1), ("conditional", 5), ("detr", 5)]
+  assert convergence.baseline_variant(both) == "detr"
+  assert convergence.baseline_variant([("conditional", 1), ("conditional", 5)]) == "conditional"
+  assert convergence.baseline_variant([("conditional", 5), ("detr", 5)]) == "detr_groups5"
