@@ -118,7 +118,7 @@ def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
     decoder, _, groups = variant.partition("_groups")
     label = {"conditional": "Conditional DETR decoder", "detr": "DETR decoder"}[decoder]
     label += f", {groups} groups" if groups else ""
-    line, = ax.plot(steps, ap.mean(0), marker="o", label=f"{label} ({ap.shape[0]} seeds)")
+    line, = ax.plot(steps, ap.mean(0), marker="o", label=f"{label} ({ap.shape[0]} seed{'s' if ap.shape[0] > 1 else ''})")
     ax.fill_between(steps, ap.min(0), ap.max(0), color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step")
   ax.set_ylabel("COCO box AP (synthetic val)")
