@@ -184,14 +184,14 @@ def test_prepare_is_idempotent_and_refuses_other_parameters(config):
 
 
 def test_inspect_draws_the_batch_with_boxes(config, tmp_path):
-  from conddetr_jax.data import inspect  # pylint: disable=g-import-not-at-top  # absl flags at import
+  from conddetr_jax import inspect_batches  # pylint: disable=g-import-not-at-top  # absl flags at import
   batch = next(data.train_iterator(config, global_batch_size=4, process_index=0, process_count=1))
-  picture = inspect.render_batch(batch, data.category_names(config), columns=2)
+  picture = inspect_batches.render_batch(batch, data.category_names(config), columns=2)
   _, h, w, _ = batch["image"].shape
   assert picture.size == (2 * w, 2 * h)
   pixels = np.asarray(picture)
   cx, cy, bw, bh = batch["boxes"][0, 0] * np.tile(batch["size"][0][::-1], 2)
   x1, y1 = int(round(cx - bw / 2)), int(round(cy - bh / 2))
-  colour = inspect._colour(int(batch["labels"][0, 0]))  # pylint: disable=protected-access
+  colour = inspect_batches._colour(int(batch["labels"][0, 0]))  # pylint: disable=protected-access
   region = pixels[max(y1 - 1, 0):y1 + 2, max(x1 - 1, 0):x1 + 2].reshape(-1, 3)
   assert (region == colour).all(axis=1).any()  # the first box's outline is drawn at its corner

@@ -29,7 +29,7 @@ FLOORS = (
     ("evaluation", ("conddetr_jax.evaluation",)),
     ("training", ("conddetr_jax.training",)),
     ("running a trained model", ("conddetr_jax.checkpoint_eval", "conddetr_jax.prediction",
-                                 "conddetr_jax.find_images", "conddetr_jax.aot")),
+                                 "conddetr_jax.find_images", "conddetr_jax.inspect_batches", "conddetr_jax.aot")),
     ("entry points", ENTRY_POINTS),
 )
 

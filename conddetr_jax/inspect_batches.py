@@ -1,22 +1,25 @@
 """What the model sees: draws augmented training batches with their boxes and class names.
 
 Usage:
-  python -m conddetr_jax.data.inspect --config=configs/r50.py --config.dataset.root=/data/coco \
+  python -m conddetr_jax.inspect_batches --config=configs/r50.py --config.dataset.root=/data/coco \
       --out=batch.png [--batch_size=8] [--step=0] [--split=train]
 
 Padding (``pad_mask``) is drawn dark, each box in a colour of its class with its name.
 """
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-import numpy as np
-from PIL import Image
-from PIL import ImageDraw
+from conddetr_jax import cli
 
-from conddetr_jax.data import coco
-from conddetr_jax.data import pipeline
-from conddetr_jax.data import transforms
+cli.quiet_native_logs()  # before TensorFlow loads (the data package imports it)
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import ImageDraw  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from conddetr_jax.data import coco  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", "batch.png", "Output PNG.")
@@ -80,4 +83,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
