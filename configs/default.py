@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.1,
       num_queries=300,
       num_groups=1,             # Group DETR: K groups of num_queries train together; inference uses group 0
-      refine_reference_points=False,  # the original's; True: each decoder layer's reference is the last one's box centre
       num_classes=91,           # max category id + 1 (COCO: 91)
       aux_loss=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)

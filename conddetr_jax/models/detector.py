@@ -10,9 +10,16 @@ import jax.numpy as jnp
 from conddetr_jax.models import convolution, initializers
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
-from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder, inverse_sigmoid
+from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
+INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
+
+
+def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
+  """log(x / (1 - x)) with both terms clamped at eps, as the original."""
+  x = jnp.clip(x, 0.0, 1.0)
+  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
 
 
 class ConditionalDETR(nn.Module):
@@ -30,10 +37,6 @@ class ConditionalDETR(nn.Module):
   own. Under ``train=False`` only group 0 runs: outputs, cost and results are those of a 1-group
   model with the same weights, and the extra groups' embeddings just sit in the params.
 
-  ``refine_reference_points`` (not in the original): each decoder layer's reference point is the
-  box centre the layer before predicted (see ``ConditionalDecoder``), and its box is an offset from
-  that; the parameters are the same, so a checkpoint loads with either setting.
-
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
   """
@@ -50,7 +53,6 @@ class ConditionalDETR(nn.Module):
   dropout: float = 0.1
   num_queries: int = 300
   num_groups: int = 1
-  refine_reference_points: bool = False
   num_classes: int = 91
   aux_loss: bool = True
   decoder: str = "conditional"  # conditional | detr
@@ -88,27 +90,25 @@ class ConditionalDETR(nn.Module):
         query_embed, groups = jnp.concatenate([query_embed, extra]), self.num_groups
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch,) + query_embed.shape)
     decoder_args = (self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype)
-    # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
-    class_embed = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
-                           bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
-                           name="class_embed")
-    bbox_embed = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
-                     name="bbox_embed")
     if self.decoder == "detr":
       hidden = DetrDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
       offset = 0.0
     else:
-      hidden, references = ConditionalDecoder(*decoder_args, name="decoder")(
-          memory, mask, pos, query_pos, train, groups, bbox_embed if self.refine_reference_points else None)
-      # The box head predicts the centre as an offset from the layer's reference point, in logit space.
-      offset = jnp.concatenate([inverse_sigmoid(references), jnp.zeros_like(references)], axis=-1)
-      self.sow("intermediates", "reference_points", references[0])
-      self.sow("intermediates", "layer_reference_points", references)
+      hidden, reference = ConditionalDecoder(*decoder_args, name="decoder")(
+          memory, mask, pos, query_pos, train, groups)
+      # The box head predicts the centre as an offset from the reference point, in logit space.
+      offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
+      self.sow("intermediates", "reference_points", reference)
     self.sow("intermediates", "memory", memory)
     self.sow("intermediates", "decoder_hidden", hidden)
 
-    logits = class_embed(hidden)
-    boxes = jax.nn.sigmoid(bbox_embed(hidden) + offset)
+    # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
+    logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
+                      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
+                      name="class_embed")(hidden)
+    delta = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
+                name="bbox_embed")(hidden)
+    boxes = jax.nn.sigmoid(delta + offset)
 
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if self.aux_loss:

@@ -16,13 +16,6 @@ from conddetr_jax.models.attention import MultiHeadAttention
 from conddetr_jax.models.position import sine_embedding_of_points
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
-INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
-
-
-def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
-  """log(x / (1 - x)) with both terms clamped at eps, as the original."""
-  x = jnp.clip(x, 0.0, 1.0)
-  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
@@ -204,45 +197,32 @@ class ConditionalDecoderLayer(_LayerFields):
 class ConditionalDecoder(_StackFields):
   """The conditional decoder: reference points from query_pos, conditional spatial queries.
 
-  The reference point s = sigmoid(ref_point_head(query_pos)) is shared by all layers (the
-  original). Layer i's spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output
-  of layer i-1), where that output is *not* layer-normed (the original; HF's aux-loss path
-  normalises it).
-
-  Given a ``box_head`` (the detector's box MLP), the reference is refined from layer to layer
-  instead, as Deformable DETR's iterative box refinement and DAB-DETR do: layer i+1's reference is
-  the box centre that layer i predicts from its reference, sigmoid(box_head(h_i)[:2] +
-  inverse_sigmoid(s_i)), with the gradient stopped so that each layer learns its own offset.
+  The reference point s = sigmoid(ref_point_head(query_pos)) is shared by all layers. Layer i's
+  spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output of layer i-1), where
+  that output is *not* layer-normed (the original; HF's aux-loss path normalises it).
   """
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               train: bool, num_groups: int = 1,
-               box_head: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+               train: bool, num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d), ``num_groups`` groups of
-    queries (see ``attend_within_groups``); ``box_head`` maps hidden (B, Q, d) to box logits
-    (B, Q, 4) -> (hidden (num_layers, B, Q, d) float32 after the final LayerNorm, each layer's
-    reference (num_layers, B, Q, 2) float32)."""
+    queries (see ``attend_within_groups``) -> (hidden (num_layers, B, Q, d) float32 after the
+    final LayerNorm, reference (B, Q, 2) float32)."""
     d = self.d_model
     reference = jax.nn.sigmoid(
         MLP(d, 2, 2, self.dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
     query_scale = MLP(d, d, 2, self.dtype, name="query_scale")
     norm = layer_norm("norm")
+    sine = sine_embedding_of_points(reference, d // 2)
 
     output = jnp.zeros(query_pos.shape, jnp.float32)
-    hidden, references = [], []
+    hidden = []
     for i in range(self.num_layers):
-      if i == 0 or box_head is not None:
-        sine = sine_embedding_of_points(reference, d // 2)
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
       output = ConditionalDecoderLayer(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
           output, memory, memory_mask, pos, query_pos, query_sine_embed, train, num_groups)
       hidden.append(norm(output))
-      references.append(reference)
-      if box_head is not None:
-        centre = jax.nn.sigmoid(box_head(hidden[-1])[..., :2] + inverse_sigmoid(reference))
-        reference = jax.lax.stop_gradient(centre)
-    return jnp.stack(hidden), jnp.stack(references)
+    return jnp.stack(hidden), reference
 
 
 class DetrDecoderLayer(_LayerFields):
