@@ -37,6 +37,7 @@ StateDict = dict[str, np.ndarray]
 _IGNORED = re.compile(r"(.*num_batches_tracked$)|(^fc\.(weight|bias)$)")
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
 GROUP_QUERY_KEY = "group_query_embed.weight"
+DENSE_HEAD_PREFIXES = ("dense_class_embed.", "dense_bbox_embed.")  # config.model.dense_head
 
 
 class CheckpointMismatchError(ValueError):
@@ -314,6 +315,10 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   new_groups = config.model.get("num_groups", 1) > 1 and GROUP_QUERY_KEY not in state
   if new_groups:
     allow_missing += (GROUP_QUERY_KEY,)
+  # The dense auxiliary head is ours: a checkpoint without it (the original's) leaves it fresh.
+  new_dense_head = config.model.get("dense_head", False) and not any(k.startswith(DENSE_HEAD_PREFIXES) for k in state)
+  if new_dense_head:
+    allow_missing += DENSE_HEAD_PREFIXES
   # A backbone stopping after layer2 or layer3 starts from the ImageNet ResNet's first stages.
   num_stages = config.model.get("backbone_num_stages", 4)
   unused = tuple(f"backbone.0.body.layer{stage}." for stage in range(num_stages + 1, 5)) \
@@ -322,7 +327,7 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
     # Only tensors the checkpoint lacks need computed initial values; for a full checkpoint
     # shapes suffice, which saves compiling the model's init (~20 s for R50 on a CPU).
     class_head = state.get(CLASS_HEAD_KEYS[1])
-    keeps_init = layout == "torchvision" or new_groups or (
+    keeps_init = layout == "torchvision" or new_groups or new_dense_head or (
         skip and class_head is not None and class_head.shape[0] != config.model.num_classes)
     variables = init_variables(config, config.get("seed", 0), abstract=not keeps_init)
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing,

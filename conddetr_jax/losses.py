@@ -28,6 +28,10 @@ the targets on its own, and each group's terms are normalised by the same box co
 as one set: every group's loss is what a 1-group model computes on that group's
 outputs, and the returned terms are their sums over the groups. ``class_error`` and
 ``cardinality_error`` pool all groups.
+
+The dense auxiliary head (``config.model.dense_head``): when the outputs hold ``dense_outputs``,
+the terms of ``dense_losses`` are added, each with its decoder counterpart's weight times
+``config.loss.dense_weight``.
 """
 
 import jax
@@ -35,32 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from conddetr_jax import boxes as box_ops
-from conddetr_jax import matching
+from conddetr_jax import dense_losses, matching
+from conddetr_jax.focal import sigmoid_focal_loss
 
 _TERMS = ("loss_ce", "loss_bbox", "loss_giou")
-
-
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
-                       gamma: float = 2.0) -> jax.Array:
-  """Elementwise sigmoid focal loss (RetinaNet), unreduced.
-
-  Args:
-    logits: (...,) float logits.
-    targets: (...,) float in {0, 1}, same shape.
-    alpha: weight of positives (1 - alpha for negatives); no weighting if < 0.
-    gamma: focusing exponent.
-
-  Returns:
-    (...,) float32 loss.
-  """
-  prob = jax.nn.sigmoid(logits)
-  # Binary cross-entropy with logits, in its overflow-free form.
-  ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-  p_t = prob * targets + (1 - prob) * (1 - targets)
-  loss = ce * (1 - p_t) ** gamma
-  if alpha >= 0:
-    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-  return loss
 
 
 def num_boxes(box_valid: jax.Array, axis_name: str | None = None) -> jax.Array:
@@ -116,7 +98,8 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
 
   Returns:
     Dict of () float32: "loss" (the weighted total), the unweighted terms
-    loss_ce/loss_bbox/loss_giou and their ``_i`` auxiliary versions, "class_error"
+    loss_ce/loss_bbox/loss_giou, their ``_i`` auxiliary versions and (with the dense head) their
+    ``_dense`` versions, "class_error"
     (final layer) and "cardinality_error"/"cardinality_error_i".
   """
   logits, pred_boxes = _stack_layers(out)
@@ -174,5 +157,14 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
       losses[name + suffix] = values[layer]
     for name in _TERMS:
       total += weights[name] * losses[name + suffix]
+  if "dense_outputs" in out:
+    # The dense head's targets are the batch's own (not repeated per group).
+    dense = dense_losses.dense_losses(out["dense_outputs"], batch["boxes"].astype(jnp.float32),
+                                      batch["labels"].astype(jnp.int32), batch["box_valid"].astype(bool),
+                                      norm, config.loss)
+    dense_weight = config.loss.get("dense_weight", 1.0)
+    for name, value in dense.items():
+      losses[name] = value
+      total += dense_weight * weights[name.removesuffix("_dense")] * value
   losses["loss"] = total
   return losses

@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
       num_queries=300,
       num_groups=1,             # Group DETR: K groups of num_queries train together; inference uses group 0
       num_classes=91,           # max category id + 1 (COCO: 91)
+      dense_head=False,         # Co-DETR-style one-to-many head on the encoder's tokens (training only)
       aux_loss=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       decoder="conditional",    # conditional | detr (baseline for the convergence study)
@@ -54,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
       giou_weight=2.0,
       focal_alpha=0.25,
       focal_gamma=2.0,
+      dense_weight=1.0,         # the dense head's terms: the decoder's weights times this
   ))
 
   config.dataset = ml_collections.ConfigDict(dict(

@@ -72,3 +72,12 @@ def test_a_one_group_checkpoint_loads_into_a_group_detr_model_with_fresh_extra_g
   extra = variables["params"].pop("group_query_embed")
   assert extra.shape == (2 * 10, 256) and np.all(np.isfinite(extra)) and np.std(extra) > 0.5  # normal(1) init
   jax.tree_util.tree_map(np.testing.assert_array_equal, variables, one_group)  # the rest: the checkpoint's
+
+
+def test_a_checkpoint_without_the_dense_head_loads_into_a_model_with_a_fresh_one(original_state):
+  config = small_config()
+  config.model.dense_head = True
+  variables = convert.from_torch(original_state, config)
+  head = {name: variables["params"].pop(name) for name in ("dense_class_embed", "dense_bbox_embed")}
+  assert np.std(head["dense_class_embed"]["kernel"]) > 0 and np.all(head["dense_bbox_embed"]["layers_2"]["kernel"] == 0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, convert.from_torch(original_state, small_config()))

@@ -37,7 +37,7 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
                          hidden_dim=m.hidden_dim, nheads=m.nheads,
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_groups=num_groups,
-                         num_classes=m.num_classes,
+                         num_classes=m.num_classes, dense_head=m.get("dense_head", False),
                          aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
 
 

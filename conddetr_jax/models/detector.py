@@ -37,6 +37,14 @@ class ConditionalDETR(nn.Module):
   own. Under ``train=False`` only group 0 runs: outputs, cost and results are those of a 1-group
   model with the same weights, and the extra groups' embeddings just sit in the params.
 
+  A dense auxiliary head (``dense_head``; Co-DETR's one-to-many auxiliary heads, Zong et al., ICCV
+  2023, in their simplest form): under ``train=True`` the output also holds ``dense_outputs``, a
+  class and box prediction for every encoder token (boxes as offsets from the token's own centre,
+  the decoder's parametrisation with the token as its reference point), which the criterion
+  trains one-to-many against the targets whose boxes hold the token (``dense_losses``). It only
+  adds training signal to the encoder and backbone: under ``train=False`` it is not in the output
+  (XLA drops its computation), so inference cost and outputs are those of a model without it.
+
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
   """
@@ -54,6 +62,7 @@ class ConditionalDETR(nn.Module):
   num_queries: int = 300
   num_groups: int = 1
   num_classes: int = 91
+  dense_head: bool = False
   aux_loss: bool = True
   decoder: str = "conditional"  # conditional | detr
   dtype: Any = jnp.float32
@@ -113,4 +122,36 @@ class ConditionalDETR(nn.Module):
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if self.aux_loss:
       out["aux_outputs"] = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]
+    if self.dense_head:
+      # Built at init too (train=False), so its params exist; only training outputs carry it.
+      dense = self._dense_outputs(memory, mask.reshape(batch, h, w))
+      if train:
+        out["dense_outputs"] = dense
     return out
+
+  def _dense_outputs(self, memory: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """The dense head on the encoder's (B, h*w, d) memory; ``mask`` (B, h, w) True on padding."""
+    centres = token_centres(mask)
+    logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
+                      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
+                      name="dense_class_embed")(memory)
+    delta = MLP(self.hidden_dim, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
+                name="dense_bbox_embed")(memory)
+    offset = jnp.concatenate([inverse_sigmoid(centres), jnp.zeros_like(centres)], axis=-1)
+    return {"pred_logits": logits, "pred_boxes": jax.nn.sigmoid(delta + offset), "token_centres": centres,
+            "token_valid": ~mask.reshape(mask.shape[0], -1)}
+
+
+def token_centres(mask: jax.Array) -> jax.Array:
+  """(B, h*w, 2) float32: each feature cell's centre as (x, y) in [0, 1] of the unpadded image.
+
+  A cell's coordinate is (its index among the valid cells of its row or column + 0.5) / their
+  number, the extent the sine position embedding normalises by. Padding cells, which
+  ``token_valid`` masks out, get some value in [0, 1].
+  """
+  not_mask = (~mask).astype(jnp.float32)
+  y = jnp.cumsum(not_mask, axis=1)
+  x = jnp.cumsum(not_mask, axis=2)
+  y = (y - 0.5) / jnp.maximum(y[:, -1:, :], 1.0)
+  x = (x - 0.5) / jnp.maximum(x[:, :, -1:], 1.0)
+  return jnp.clip(jnp.stack([x, y], axis=-1), 0.0, 1.0).reshape(mask.shape[0], -1, 2)
