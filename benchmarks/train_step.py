@@ -29,13 +29,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from benchmarks.synthetic import synthetic_batch
-from conddetr_jax import models
+from conddetr_jax import cli, models
 from conddetr_jax import sharding
 from conddetr_jax.models import backbone as backbone_lib
 from conddetr_jax.training import optimizer, parallel
@@ -270,4 +270,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
