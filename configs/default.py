@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
       backbone="resnet50",      # resnet18 | resnet34 | resnet50 | resnet101
       dilation=False,           # DC5: dilation 2 and stride 1 in layer4
       freeze_stem_and_layer1=True,  # the original's (ImageNet init); False to train them from scratch
-      backbone_norm="frozen_bn",  # the original's; group_norm to train the backbone from random weights
+      backbone_norm="frozen_bn",  # the original's; group_norm (or group_norm_ws: with weight standardisation) to train from random weights
       backbone_num_stages=4,    # the original's (layer4's features); 3 or 2 stop after layer3 or layer2: stride 16 or 8, less compute
       hidden_dim=256,
       nheads=8,

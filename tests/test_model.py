@@ -83,6 +83,41 @@ def test_group_norm_backbone_trains_everything_and_starts_each_block_as_the_iden
   np.testing.assert_array_equal(backbone["bn1"]["scale"], 1.0)
 
 
+@pytest.mark.parametrize("norm", ["group_norm_ws", "group_norm"])
+def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
+  # Weight Standardization: each output channel's kernel is standardised before the conv, so a
+  # positive scale and an offset per output channel leave the features as they are; with plain
+  # GroupNorm (per group of channels, not per channel) they do not.
+  backbone = ResNet("resnet18", norm=norm, freeze_stem_and_layer1=False, num_stages=2)
+  images, _ = _inputs()
+  variables = backbone.init(jax.random.PRNGKey(0), images)
+  rng = np.random.default_rng(1)
+
+  def perturb(path, leaf):
+    if path[-1].key != "kernel":
+      return leaf
+    out_channels = leaf.shape[-1]
+    return leaf * rng.uniform(0.5, 2.0, out_channels) + rng.normal(0, 0.1, out_channels)
+
+  perturbed = jax.tree_util.tree_map_with_path(perturb, variables)
+  # A block's branch starts switched off (its last norm's scale is 0): switch them on to see the convs.
+  on = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.ones_like(leaf) if path[-2].key == "bn2" and path[-1].key == "scale" else leaf, tree)
+  before = backbone.apply(on(variables), images)
+  after = backbone.apply(on(perturbed), images)
+  if norm == "group_norm_ws":
+    np.testing.assert_allclose(after, before, atol=2e-4, rtol=1e-3)
+  else:
+    assert np.abs(np.asarray(after) - np.asarray(before)).max() > 0.1
+
+
+def test_weight_standardised_backbone_has_the_group_norm_params():
+  images, _ = _inputs()
+  shapes = {norm: jax.tree.map(jnp.shape, ResNet("resnet18", norm=norm, num_stages=3).init(
+      jax.random.PRNGKey(0), images)) for norm in ("group_norm", "group_norm_ws")}
+  assert shapes["group_norm"] == shapes["group_norm_ws"]
+
+
 def test_model_compiles_once_per_input_shape():
   model = models.build_model(tiny_config())
   images, pad_mask = _inputs()
