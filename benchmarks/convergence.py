@@ -56,8 +56,10 @@ def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: 
   ``eval_every`` steps."""
   config = demo.get_config()
   # The study's model is the demo's first recipe, whatever the demo uses now: the whole ResNet-18 at
-  # stride 32, one query group unless --groups says otherwise.
-  config.model.update(decoder=decoder, num_groups=num_groups, backbone_num_stages=4, dilation=False)
+  # stride 32 with plain GroupNorm, two encoder layers, no dense head, one query group unless
+  # --groups says otherwise.
+  config.model.update(decoder=decoder, num_groups=num_groups, backbone_num_stages=4, dilation=False,
+                      backbone_norm="group_norm", enc_layers=2, dense_head=False)
   config.seed = seed
   config.total_steps = steps
   config.eval_every_steps = eval_every

@@ -137,11 +137,14 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
   from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
   m = config.model
-  if m.backbone not in backbone_lib.RESNET_SPECS or m.dilation or m.backbone_num_stages != 4:
+  if (m.backbone not in backbone_lib.RESNET_SPECS or m.dilation or m.backbone_num_stages != 4
+      or m.backbone_norm == "group_norm_ws" or m.dense_head):
     raise ValueError(f"the HF comparison is built for config.model.backbone in {sorted(backbone_lib.RESNET_SPECS)} "
-                     f"with all 4 stages and without dilation, got {m.backbone!r} with "
-                     f"backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation} (for the demo add "
-                     "--config.model.backbone_num_stages=4 --config.model.dilation=False)")
+                     f"with all 4 stages, without dilation, weight standardisation or dense head, got {m.backbone!r} "
+                     f"with backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation}, "
+                     f"backbone_norm={m.backbone_norm}, dense_head={m.dense_head} (for the demo add "
+                     "--config.model.backbone_num_stages=4 --config.model.dilation=False "
+                     "--config.model.backbone_norm=group_norm --config.model.enc_layers=2 --config.model.dense_head=False)")
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
   expansion = 1 if kind == "basic" else 4
