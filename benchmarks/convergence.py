@@ -56,10 +56,12 @@ def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: 
   ``eval_every`` steps."""
   config = demo.get_config()
   # The study's model is the demo's first recipe, whatever the demo uses now: the whole ResNet-18 at
-  # stride 32 with plain GroupNorm, two encoder layers, no dense head, one query group unless
-  # --groups says otherwise.
+  # stride 32 with plain GroupNorm, two encoder layers with 1024-wide feed-forward blocks, 50
+  # queries, no dense head, one query group unless --groups says otherwise, evaluated at 128 px.
   config.model.update(decoder=decoder, num_groups=num_groups, backbone_num_stages=4, dilation=False,
-                      backbone_norm="group_norm", enc_layers=2, dense_head=False)
+                      backbone_norm="group_norm", enc_layers=2, dim_feedforward=1024, num_queries=50,
+                      dense_head=False)
+  config.dataset.eval_size = 128
   config.seed = seed
   config.total_steps = steps
   config.eval_every_steps = eval_every

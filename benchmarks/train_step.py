@@ -144,7 +144,9 @@ def build_hf_step(config, batch: dict[str, np.ndarray]):
                      f"with backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation}, "
                      f"backbone_norm={m.backbone_norm}, dense_head={m.dense_head} (for the demo add "
                      "--config.model.backbone_num_stages=4 --config.model.dilation=False "
-                     "--config.model.backbone_norm=group_norm --config.model.enc_layers=2 --config.model.dense_head=False)")
+                     "--config.model.backbone_norm=group_norm --config.model.enc_layers=2 --config.model.dense_head=False; "
+                     "--config.model.dim_feedforward=1024 --config.model.num_queries=50 for the stride-32 demo's model "
+                     "in full)")
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
   expansion = 1 if kind == "basic" else 4

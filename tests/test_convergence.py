@@ -65,9 +65,11 @@ def test_steps_to_reach_and_the_config_differ_only_in_the_decoder():
   assert conditional["model"]["num_queries"] == 12 and conditional["eval_every_steps"] == 100
   assert conditional["model"]["num_groups"] == 1  # whatever the demo's: the study sets it
   study_model = {key: conditional["model"][key] for key in
-                 ("backbone_num_stages", "dilation", "backbone_norm", "enc_layers", "dense_head")}
+                 ("backbone_num_stages", "dilation", "backbone_norm", "enc_layers", "dim_feedforward", "dense_head")}
   assert study_model == dict(backbone_num_stages=4, dilation=False, backbone_norm="group_norm", enc_layers=2,
-                             dense_head=False)  # likewise: the recipe the study measured
+                             dim_feedforward=1024, dense_head=False)  # likewise: the recipe the study measured
+  assert conditional["dataset"]["eval_size"] == 128
+  assert convergence.run_config("conditional", 1, 300, 100, []).model.num_queries == 50
   grouped = convergence.run_config("conditional", 1, 300, 100, [], num_groups=5)
   assert grouped.model.num_groups == 5 and convergence.variant_name("detr", 5) == "detr_groups5"
 
