@@ -28,6 +28,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _VARIABLE_COLLECTIONS = ("params", "batch_stats")
 _TRAIN_STATE_ITEM = "state"  # the item of a step folder that training/checkpoint.py saves the state in
 _ORBAX_METADATA = "_METADATA"  # present in every Orbax PyTree checkpoint folder
+_EMA_PARAMS = "ema_params"  # the train state's moving average of the weights (config.ema_decay > 0)
 
 
 def _latest_step_dir(directory: epath.Path) -> epath.Path | None:
@@ -87,7 +88,9 @@ def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.Confi
 def load_variables(config: ml_collections.ConfigDict, path: str,
                    sharding: jax.sharding.Sharding | None = None) -> tuple[Any, int | None]:
   """The model's ``{'params', 'batch_stats'}`` from a checkpoint (see the module docstring); a
-  model without frozen BatchNorm (``backbone_norm='group_norm'``) has no ``batch_stats``.
+  model without frozen BatchNorm (``backbone_norm='group_norm'``) has no ``batch_stats``. From a
+  training state that keeps a moving average of the weights (``config.ema_decay`` > 0), the
+  average is read as ``params`` unless ``config.evaluation.use_ema`` is False.
 
   Args:
     config: the run config; its model must be the checkpoint's (same backbone, sizes, classes).
@@ -113,12 +116,19 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         {k: abstract[k] for k in _VARIABLE_COLLECTIONS if k in abstract})
-  restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                   partial_restore=True)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    _check_fits(checkpointer.metadata(tree).item_metadata.tree, target, tree, config)
-    variables = checkpointer.restore(tree, args=restore)
-  logging.info("Restored the model's variables from %s", tree)
+    saved = checkpointer.metadata(tree).item_metadata.tree
+    # A training state that keeps a moving average of the weights: that average is the run's model.
+    # (A state without one saves ema_params as None.)
+    params_key = _EMA_PARAMS if saved.get(_EMA_PARAMS) is not None and config.evaluation.use_ema else "params"
+    _check_fits(dict(saved, params=saved[params_key]), target, tree, config)
+    item = {params_key if k == "params" else k: v for k, v in target.items()}
+    restore = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                     partial_restore=True)
+    restored = checkpointer.restore(tree, args=restore)
+  variables = {"params" if k == params_key else k: v for k, v in restored.items()}
+  logging.info("Restored the model's variables from %s%s", tree,
+               " (the moving average of the weights)" if params_key == _EMA_PARAMS else "")
   p = epath.Path(tree)
   return variables, int(p.parent.name) if p.name == _TRAIN_STATE_ITEM and p.parent.name.isdigit() else None
 

@@ -120,6 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0   # 0 = at the end of every epoch; < 0 = only at the end
   config.keep_checkpoints = 3
   config.skip_nonfinite = False
+  # > 0: keep an exponential moving average of the weights (decay min(ema_decay, (1+t)/(10+t)) at
+  # update t) and evaluate it instead of the raw weights (training/ema.py); not in the original.
+  config.ema_decay = 0.0
   config.rng_impl = "rbg"       # dropout PRNG: rbg (XLA's generator: fast to compile and run) | threefry2x32
 
   # Evaluation and drawn predictions (evaluation.py, eval.py, predict.py).
@@ -127,5 +130,6 @@ def get_config() -> ml_collections.ConfigDict:
       top_k=100,                # detections kept per image, as the original's PostProcess
       prediction_images=0,      # after training, draw the first N val images to <workdir>/predictions
       score_threshold=0.5,      # lowest score drawn on prediction images
+      use_ema=True,             # evaluate a run's weight average where it keeps one (ema_decay > 0)
   ))
   return config

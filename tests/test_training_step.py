@@ -33,9 +33,10 @@ def _batch(seed: int, batch: int = 2, hw: tuple[int, int] = (64, 64), max_boxes:
 class _Run:
   """A tiny model's state and jitted step on one device, counting how often the step is traced."""
 
-  def __init__(self, dtype: str = "float32", variables=None, **model_overrides):
+  def __init__(self, dtype: str = "float32", variables=None, ema_decay: float = 0.0, **model_overrides):
     self.config = test_tiny.get_config()
     self.config.model.update(dtype=dtype, **model_overrides)
+    self.config.ema_decay = ema_decay
     model = models.build_model(self.config)
     if variables is None:
       variables = models.init_variables(model, jax.random.PRNGKey(0))
@@ -48,8 +49,8 @@ class _Run:
       return step_lib.train_step(state, batch, model=model, tx=tx, config=self.config)
 
     self.par = parallel.JitParallel(counted_step, sharding.make_mesh(jax.devices()[:1]))
-    self.state = self.par.device_state(state_lib.create_train_state(variables, tx,
-                                                                    state_lib.dropout_key_data(self.config)))
+    self.state = self.par.device_state(state_lib.create_train_state(
+        variables, tx, state_lib.dropout_key_data(self.config), keep_ema=ema_decay > 0))
 
   def step(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     self.state, metrics = self.par.step(self.state, jax.device_put(batch, self.par.batch_sharding))
@@ -78,6 +79,7 @@ def test_step_trains_backbone_and_transformer_but_never_stem_layer1_or_batchnorm
 
   assert int(after.step) == int(before.step) + 1
   assert np.isfinite(metrics["loss"]) and metrics["finite"]
+  assert before.ema_params is None and after.ema_params is None  # config.ema_decay = 0: no average kept
   assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "class_error", "lr", "grad_norm"} <= set(metrics)
   np.testing.assert_allclose(metrics["lr"], 1e-4, rtol=1e-6)
   weighted = sum(w * metrics[k + s] for k, w in (("loss_ce", 2), ("loss_bbox", 5), ("loss_giou", 2)) for s in ("", "_0"))

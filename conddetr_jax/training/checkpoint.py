@@ -62,6 +62,10 @@ class Checkpointer:
                                                                        _META: ocp.args.JsonRestore()}))
     return restored[_STATE], restored[_META]
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The ``meta`` record of checkpoint ``step`` alone, without reading the state."""
+    return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""
     self._manager.wait_until_finished()

@@ -78,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   Raises:
     ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode or ``rng_impl``, a
       batch that does not split into ``grad_accum_steps`` micro-batches over the devices, or a
-      non-positive run length or interval.
+      non-positive run length or interval, or ``ema_decay`` outside [0, 1).
   """
   models.build_model(config)  # checks config.model.*
   if config.parallel not in parallel.PARALLEL_MODES:
@@ -89,6 +89,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   if config.total_steps <= 0 and config.num_epochs <= 0:
     raise ValueError(f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps}: "
                      "one of them must be > 0")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = no weight average)")
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[field] < 1:
       raise ValueError(f"config.{field}={config[field]}: must be >= 1")
@@ -166,6 +168,18 @@ def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, r
   return jax.jit(create, out_shardings=sharding)(variables)
 
 
+def _check_resumable(checkpointer: checkpoint.Checkpointer, step: int, config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError if checkpoint ``step`` keeps a weight average and the config does not, or
+  the other way round: the states differ, and a run cannot switch its average on or off midway."""
+  saved = bool(checkpointer.read_meta(step).get("ema", False))
+  if saved != (config.ema_decay > 0):
+    raise ValueError(
+        f"checkpoint {step} in {checkpointer.directory} was written {'with' if saved else 'without'} a moving "
+        f"average of the weights, and this run has config.ema_decay={config.ema_decay}: resume with "
+        f"{'an ema_decay > 0' if saved else 'ema_decay=0'}, or start in a new --workdir (--config.init_from="
+        f"{os.path.dirname(checkpointer.directory)} starts from its weights)")
+
+
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
   """Per-key means over the logging window (``lr`` is the last step's, the one just applied)."""
   host = jax.device_get(window)
@@ -196,7 +210,8 @@ def build_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, me
   abstract_variables = models.init_variables(model, jax.random.PRNGKey(config.seed), abstract=True)
   schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
   tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
-  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config))
+  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config),
+                             keep_ema=config.ema_decay > 0)
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
   return model, abstract_variables, create, parallel.make_parallel(config.parallel, step_fn, mesh)
 
@@ -246,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if latest is None:
     host_state = _initial_state(config, model, create, init_rng, replicated)
   else:
+    _check_resumable(checkpointer, latest, config)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(create, abstract_variables))
     host_state, meta = checkpointer.restore(latest, target)
@@ -278,13 +294,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if last_saved == step:
       return
     check_finite()
-    checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size})
+    checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size,
+                                                    "ema": config.ema_decay > 0})
     last_saved = step
 
   def evaluate(step: int) -> dict[str, float]:
-    results = evaluation.evaluate(config, model, par.host_state(state).variables, mesh, step=step)
+    variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
+    results = evaluation.evaluate(config, model, variables, mesh, step=step)
     writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
-    logging.info("eval at step %d: %s (all 12 in %s)", step, cli.format_metrics(results), metrics.METRICS_FILE)
+    of_average = " of the weights' moving average" if config.ema_decay > 0 and config.evaluation.use_ema else ""
+    logging.info("eval at step %d%s: %s (all 12 in %s)", step, of_average, cli.format_metrics(results),
+                 metrics.METRICS_FILE)
     return dict(results)
 
   train_scalars, eval_scalars = {}, {}
@@ -325,7 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       eval_scalars = evaluate(total_steps)
       if config.evaluation.prediction_images > 0:
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
-        prediction_paths = evaluation.write_prediction_images(config, model, par.host_state(state).variables,
+        variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
+        prediction_paths = evaluation.write_prediction_images(config, model, variables,
                                                               os.path.join(workdir, PREDICTIONS_DIR),
                                                               config.evaluation.prediction_images)
   finally:

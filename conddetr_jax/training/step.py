@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from conddetr_jax import losses
-from conddetr_jax.training import optimizer
+from conddetr_jax.training import ema, optimizer
 from conddetr_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -113,7 +113,8 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
                config: ml_collections.ConfigDict, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
   """Applies one optimiser update for ``batch``.
 
-  A non-finite loss or gradient norm leaves params and optimiser state untouched (the update is
+  A non-finite loss or gradient norm leaves params, optimiser state and the weights' moving
+  average (if kept, ``config.ema_decay`` > 0) untouched (the update is
   skipped on device, whatever ``config.skip_nonfinite`` says): the host decides from
   ``state.first_nonfinite_step`` whether to stop the run or go on. The step counter advances
   either way, so the data position stays that of the step.
@@ -150,10 +151,14 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = _select(finite, ema.update(ema_params, params, state.step, config.ema_decay), ema_params)
   new_state = state.replace(
       step=state.step + 1,
       params=_select(finite, params, state.params),
       opt_state=_select(finite, opt_state, state.opt_state),
+      ema_params=ema_params,
       nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
       first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
                                      state.first_nonfinite_step))
