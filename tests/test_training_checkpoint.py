@@ -6,6 +6,8 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
 from configs import default
 from conddetr_jax.training import checkpoint, optimizer
@@ -27,12 +29,15 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def make_state(seed: int, size: int = 1 << 24) -> state_lib.TrainState:
-  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a while."""
+def make_state(seed: int, size: int = 1 << 24, keep_ema: bool = False) -> state_lib.TrainState:
+  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a while;
+  with ``keep_ema``, its moving average is the tensor halved."""
   config = default.get_config()
   params = {"class_embed": {"kernel": np.random.default_rng(seed).normal(size=(size,)).astype(np.float32)}}
   tx = optimizer.build_optimizer(config, params, optimizer.learning_rate_schedule(config, 10))
-  state = state_lib.create_train_state({"params": params}, tx, state_lib.dropout_key_data(config))
+  state = state_lib.create_train_state({"params": params}, tx, state_lib.dropout_key_data(config), keep_ema)
+  if keep_ema:
+    state = state.replace(ema_params=jax.tree.map(lambda p: p / 2, params))
   return state.replace(step=np.int32(seed))
 
 
@@ -48,7 +53,7 @@ def test_round_trip_restores_every_leaf_and_the_meta_record(tmp_path):
   ckpt.wait()
   restored, meta = ckpt.restore(ckpt.latest_step(), _target(state))
   ckpt.close()
-  assert meta == {"step": 7, "global_batch_size": 4}
+  assert meta == {"step": 7, "global_batch_size": 4, "ema": False}
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
 
@@ -65,10 +70,46 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
   assert ckpt.latest_step() == 1
   expected = make_state(1)
   restored, meta = ckpt.restore(1, _target(expected))
-  assert meta == {"step": 1}
+  assert meta == {"step": 1, "ema": False}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(expected))
   ckpt.save(2, make_state(2, size=1000), {"step": 2})  # and the directory takes new checkpoints
   ckpt.wait()
   assert ckpt.latest_step() == 2
   ckpt.close()
   assert sorted(os.listdir(directory)) == ["1", "2"]  # the unfinished write was cleaned up
+
+
+def test_a_weight_average_round_trips_and_cannot_be_switched_on_or_off_at_a_resume(tmp_path):
+  with_ema, without = make_state(3, size=1000, keep_ema=True), make_state(4, size=1000)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=2, asynchronous=False)
+  try:
+    ckpt.save(3, with_ema, {"step": 3})
+    ckpt.save(4, without, {"step": 4})
+    restored, meta = ckpt.restore(3, _target(with_ema))
+    assert meta == {"step": 3, "ema": True}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(with_ema))
+    with pytest.raises(ValueError, match=r"checkpoint 3 in .* was written with a moving average of the weights, "
+                                         r"and this run keeps none: resume with config.ema_decay > 0"):
+      ckpt.restore(3, _target(without))
+    with pytest.raises(ValueError, match=r"checkpoint 4 in .* was written without a moving average of the "
+                                         r"weights, and this run keeps one: resume with config.ema_decay=0, or "
+                                         r"start in a new --workdir \(--config.init_from=.*\)"):
+      ckpt.restore(4, _target(with_ema))
+  finally:
+    ckpt.close()
+
+
+def test_a_checkpoint_written_before_weight_averages_existed_still_resumes(tmp_path):
+  # The layout of those checkpoints: the state's fields without ema_params, and no "ema" in meta.
+  state = make_state(5, size=1000)
+  fields = {name: value for name, value in vars(state).items() if name != "ema_params"}
+  with ocp.CheckpointManager(tmp_path, item_names=("state", "meta")) as manager:
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(fields),
+                                            meta=ocp.args.JsonSave({"step": 5, "global_batch_size": 4})))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
+  restored, meta = ckpt.restore(5, _target(state))
+  with pytest.raises(ValueError, match="written without a moving average of the weights"):
+    ckpt.restore(5, _target(make_state(5, size=1000, keep_ema=True)))
+  ckpt.close()
+  assert meta == {"step": 5, "global_batch_size": 4} and restored.ema_params is None
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))

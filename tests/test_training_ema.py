@@ -1,5 +1,6 @@
 """The moving average of the weights (config.ema_decay > 0): its update, skipped updates, the
-checkpoint it is read from, and resuming with the average switched on or off."""
+variables evaluated, and eval reading it from a checkpoint (checkpoints themselves:
+test_training_checkpoint.py)."""
 
 import jax
 import numpy as np
@@ -64,7 +65,7 @@ def saved(run, tmp_path_factory):
   """``run``'s state after two steps, checkpointed as train.py does."""
   workdir = tmp_path_factory.mktemp("ema_run")
   ckpt = checkpoint.Checkpointer(str(workdir / weights.CHECKPOINT_DIR), keep=1, asynchronous=False)
-  ckpt.save(2, run.states[2], {"step": 2, "global_batch_size": 2, "ema": True})
+  ckpt.save(2, run.states[2], {"step": 2, "global_batch_size": 2})
   ckpt.close()
   return workdir
 
@@ -78,25 +79,6 @@ def test_eval_reads_the_average_from_a_training_checkpoint_and_the_raw_weights_o
   config.evaluation.use_ema = False
   variables, _ = weights.load_variables(config, str(saved))
   jax.tree.map(np.testing.assert_array_equal, variables["params"], run.states[2].params)
-
-
-def test_resuming_refuses_to_switch_the_average_on_or_off(run, tmp_path):
-  config = run.config.copy_and_resolve_references()
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, asynchronous=False)
-  try:
-    ckpt.save(2, run.states[2], {"step": 2, "global_batch_size": 2, "ema": True})
-    ckpt.save(3, run.states[2].replace(ema_params=None), {"step": 3, "global_batch_size": 2})  # as before EMA existed
-    loop._check_resumable(ckpt, 2, config)  # pylint: disable=protected-access
-    with pytest.raises(ValueError, match="checkpoint 3 in .* was written without a moving average of the weights, "
-                                         "and this run has config.ema_decay=0.9: resume with ema_decay=0"):
-      loop._check_resumable(ckpt, 3, config)  # pylint: disable=protected-access
-    config.ema_decay = 0.0
-    loop._check_resumable(ckpt, 3, config)  # pylint: disable=protected-access
-    with pytest.raises(ValueError, match="checkpoint 2 in .* was written with a moving average of the weights, "
-                                         "and this run has config.ema_decay=0.0: resume with an ema_decay > 0"):
-      loop._check_resumable(ckpt, 2, config)  # pylint: disable=protected-access
-  finally:
-    ckpt.close()
 
 
 def test_ema_decay_outside_zero_to_one_is_refused():

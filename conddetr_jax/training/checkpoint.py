@@ -5,6 +5,7 @@ host) is done, so a process killed mid-write leaves only an unfinished temporary
 ``latest_step`` never sees it, and it is removed when the next run opens the directory.
 """
 
+import dataclasses
 import os
 from typing import Any
 
@@ -15,6 +16,7 @@ from conddetr_jax.training.state import TrainState
 
 _STATE = "state"
 _META = "meta"
+_EMA = "ema"  # the meta record's key saying whether the state keeps a moving average of the weights
 
 
 class Checkpointer:
@@ -41,14 +43,19 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
     """Starts writing ``state`` (replicated global arrays) and ``meta`` (JSON) as ``step``.
 
+    ``meta`` gains ``"ema"``: whether the state keeps a moving average of the weights.
     Returns once the arrays are copied off the devices; call ``wait`` to block until written.
     Every process must call it.
     """
+    meta = dict(meta, **{_EMA: state.ema_params is not None})
     self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                                          _META: ocp.args.JsonSave(meta)}), force=True)
 
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Reads checkpoint ``step`` into arrays shaped and sharded like ``target``.
+
+    Checkpoints written before the train state could keep a moving average of the weights (their
+    ``meta`` has no ``"ema"``) restore into a state without one.
 
     Args:
       step: a step from ``latest_step``.
@@ -56,11 +63,28 @@ class Checkpointer:
 
     Returns:
       The restored state and the ``meta`` record saved with it.
+
+    Raises:
+      ValueError: the checkpoint keeps a moving average of the weights and ``target`` does not,
+        or the other way round (a run cannot switch its average on or off midway).
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract),
-                                                                       _META: ocp.args.JsonRestore()}))
-    return restored[_STATE], restored[_META]
+    meta = self.read_meta(step)
+    saved_ema, wanted_ema = bool(meta.get(_EMA, False)), abstract.ema_params is not None
+    if saved_ema != wanted_ema:
+      raise ValueError(
+          f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a moving "
+          f"average of the weights, and this run {'keeps none' if saved_ema else 'keeps one'}: resume with "
+          f"{'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in a new --workdir "
+          f"(--config.init_from={os.path.dirname(self.directory)} starts from its weights)")
+    if _EMA in meta:
+      return self._restore_state(step, abstract), meta
+    fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract) if f.name != "ema_params"}
+    return TrainState(**self._restore_state(step, fields)), meta
+
+  def _restore_state(self, step: int, abstract: Any) -> Any:
+    """The ``state`` item of checkpoint ``step``, restored into ``abstract``'s structure."""
+    return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The ``meta`` record of checkpoint ``step`` alone, without reading the state."""

@@ -168,18 +168,6 @@ def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, r
   return jax.jit(create, out_shardings=sharding)(variables)
 
 
-def _check_resumable(checkpointer: checkpoint.Checkpointer, step: int, config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError if checkpoint ``step`` keeps a weight average and the config does not, or
-  the other way round: the states differ, and a run cannot switch its average on or off midway."""
-  saved = bool(checkpointer.read_meta(step).get("ema", False))
-  if saved != (config.ema_decay > 0):
-    raise ValueError(
-        f"checkpoint {step} in {checkpointer.directory} was written {'with' if saved else 'without'} a moving "
-        f"average of the weights, and this run has config.ema_decay={config.ema_decay}: resume with "
-        f"{'an ema_decay > 0' if saved else 'ema_decay=0'}, or start in a new --workdir (--config.init_from="
-        f"{os.path.dirname(checkpointer.directory)} starts from its weights)")
-
-
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
   """Per-key means over the logging window (``lr`` is the last step's, the one just applied)."""
   host = jax.device_get(window)
@@ -261,7 +249,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if latest is None:
     host_state = _initial_state(config, model, create, init_rng, replicated)
   else:
-    _check_resumable(checkpointer, latest, config)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           jax.eval_shape(create, abstract_variables))
     host_state, meta = checkpointer.restore(latest, target)
@@ -294,8 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if last_saved == step:
       return
     check_finite()
-    checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size,
-                                                    "ema": config.ema_decay > 0})
+    checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size})
     last_saved = step
 
   def evaluate(step: int) -> dict[str, float]:
