@@ -87,6 +87,22 @@ def test_one_group_is_the_model_and_criterion_without_the_field():
   shapes = [jax.tree.map(lambda x: x.shape, models.init_variables(models.build_model(c), jax.random.PRNGKey(0),
                                                                   abstract=True)) for c in (with_field, without)]
   assert shapes[0] == shapes[1] and "group_query_embed" not in shapes[0]["params"]
+  # The same training forward pass, dropout drawn from the same stream, in which every query
+  # attends to every other (one group of all queries): changing the last query changes the first.
+  images, pad_mask = _inputs()
+  variables = models.init_variables(models.build_model(with_field), jax.random.PRNGKey(0))
+  outputs = []
+  for config in (with_field, without):
+    config.model.dropout = 0.1
+    model = models.build_model(config)
+    outputs.append(jax.jit(lambda v, m=model: m.apply(v, images, pad_mask, train=True,
+                                                     rngs={"dropout": jax.random.PRNGKey(1)})))
+  out = outputs[0](variables)
+  jax.tree.map(np.testing.assert_array_equal, out, outputs[1](variables))
+  params = dict(variables["params"])
+  params["query_embed"] = params["query_embed"].at[-1].add(1.0)
+  perturbed = outputs[0]({**variables, "params": params})
+  assert np.abs(_all_layers(perturbed, "pred_logits") - _all_layers(out, "pred_logits"))[:, :, 0].max() > 1e-4
   logits, boxes, batch = test_losses._example()
   terms = []
   for config in (with_field, without):

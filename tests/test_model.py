@@ -285,3 +285,17 @@ def test_detr_baseline_decoder_shares_everything_but_the_decoder():
   assert {k: v for k, v in conditional.items() if k != "decoder"} == {k: v for k, v in detr.items() if k != "decoder"}
   assert "ref_point_head" in conditional["decoder"] and "ref_point_head" not in detr["decoder"]
   assert set(detr["decoder"]["layers_0"]) == {"self_attn", "multihead_attn", "ffn", "norm1", "norm2", "norm3"}
+
+
+def test_inverse_sigmoid_clamps_as_the_original_and_keeps_saturated_gradients_finite():
+  """A reference point at 0 or 1 (sigmoid saturates in float32) must give the original's clamped
+  logit, log(1e-5), and finite gradients: without the clamp it is -inf/+inf and NaN gradients."""
+  from conddetr_jax.models.detector import inverse_sigmoid
+  from tests import hf_reference
+
+  x = np.array([0.0, 1e-7, 0.3, 1.0 - 1e-7, 1.0, 1.5, -0.5], np.float32)
+  expected = hf_reference.inverse_sigmoid(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(inverse_sigmoid(jnp.asarray(x)), expected, rtol=1e-6)
+  assert np.isclose(expected[0], np.log(1e-5))  # the reference itself: the original's eps
+  gradients = jax.grad(lambda v: inverse_sigmoid(v).sum())(jnp.asarray(x))
+  assert np.all(np.isfinite(gradients)), gradients

@@ -168,7 +168,7 @@ def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) 
   took = time.time() - killed_at
   pair.kill()
   out = pair.output(survivor)
-  assert code == lost_host.EXIT_CODE, out[-5000:]
+  assert code == 75, out[-5000:]  # the README's documented exit code, not whatever the constant says
   assert took < STOP_BOUND_S, f"stopped {took:.0f} s after the SIGKILL"
   message = out[out.index("LOST HOST"):]
   assert f"process {survivor} of 2 is stopping" in message
