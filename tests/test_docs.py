@@ -1,0 +1,57 @@
+"""The README and docs/ as a user reads them: short enough to read, and every link leads somewhere."""
+
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))
+README_MAX_CHARS = 15_000  # a manual read in five minutes; measurements belong in docs/
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.M)
+_ANCHOR = re.compile(r'<a id="([^"]+)">')
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+  text = re.sub(r"[`*_]|\[|\]\([^)]*\)", "", heading).lower()
+  return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+  with open(path, encoding="utf-8") as f:
+    text = re.sub(r"```.*?```", "", f.read(), flags=re.S)  # no headings inside code blocks
+  return {_slug(h) for h in _HEADING.findall(text)} | set(_ANCHOR.findall(text))
+
+
+def test_readme_is_a_short_manual():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  assert len(text) <= README_MAX_CHARS, f"README.md has {len(text)} characters (at most {README_MAX_CHARS})"
+
+
+@pytest.mark.parametrize("document", ["README.md"] + DOCS)
+def test_every_relative_link_and_anchor_resolves(document):
+  path = os.path.join(REPO, document)
+  with open(path, encoding="utf-8") as f:
+    text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+  broken = []
+  for target in _LINK.findall(text):
+    if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+      continue
+    file_part, _, anchor = target.partition("#")
+    linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+    if not os.path.exists(linked):
+      broken.append(f"{target}: no file {os.path.relpath(linked, REPO)}")
+    elif anchor and linked.endswith(".md") and anchor not in _anchors(linked):
+      broken.append(f"{target}: no heading #{anchor} in {os.path.relpath(linked, REPO)}")
+  assert not broken, f"{document}: " + "; ".join(broken)
+
+
+def test_docs_index_names_every_document():
+  with open(os.path.join(REPO, "docs", "README.md"), encoding="utf-8") as f:
+    index = f.read()
+  missing = [d for d in DOCS if d != os.path.join("docs", "README.md") and f"]({os.path.basename(d)})" not in index]
+  assert not missing, f"docs/README.md does not name {missing}"
