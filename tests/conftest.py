@@ -1,9 +1,32 @@
-"""Test-wide setup: quiet TensorFlow, keep it off accelerators, and fix JAX to CPU float32."""
+"""Test-wide setup: quiet TensorFlow, keep it off accelerators, fix JAX to CPU float32, and share
+one persistent compilation cache between the tests and every process they start."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_a_compilation_cache() -> None:
+  """Points JAX's persistent compilation cache at one folder for this test run.
+
+  Set before JAX is imported, the variables reach the pytest process and, through the
+  environment, every train.py / eval.py / worker process a test starts: the tiny programs those
+  compile again and again are compiled once. The folder is new for each run (a clean clone
+  measures what CI pays) and removed at exit; a cache folder set by the caller is kept and used.
+  """
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    folder = tempfile.mkdtemp(prefix="conddetr-tests-xla-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_share_a_compilation_cache()
 
 
 def _stub_missing_torchvision_ops():

@@ -1,8 +1,8 @@
 """train.py end to end on the synthetic dataset: outputs, exact resume after SIGTERM and SIGKILL,
 non-finite losses, two processes, and config errors.
 
-Every run uses the same tiny config and shares one JAX compilation cache, so only the first run
-of each program compiles. Step losses are compared bit for bit: on CPU a run is deterministic.
+Every run uses the same tiny config and the test run's JAX compilation cache (tests/conftest.py),
+so only the first run of each program compiles. Step losses are compared bit for bit: on CPU a run is deterministic.
 """
 
 import json
@@ -54,10 +54,9 @@ class Runs:
   def __init__(self, root):
     self.root = root
     # No TF_CPP_MIN_LOG_LEVEL: train.py must quiet TensorFlow and XLA itself (checked on the reference).
+    # The compilation cache is the test run's (tests/conftest.py), shared with every other module.
     self.env = dict({k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, JAX_PLATFORMS="cpu",
-                    PYTHONPATH=REPO,
-                    JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                    PYTHONPATH=REPO)
     self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root / 'synthetic'}",
                   "--config.global_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
                   "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
