@@ -112,6 +112,11 @@ def test_train_resize_modes_differ_only_in_pixels(config):
   # pixel plus the half its window edge moved, over a window of at least crop_min_size source pixels.
   np.testing.assert_allclose(fast["boxes"], pil["boxes"], atol=1 / config.dataset.crop_min_size)
   assert 0 < np.abs(fast["image"] - pil["image"]).mean() < 0.1
+  # PIL's path resizes to 8 bits; the fast one resizes in float, so most of its values fall between.
+  def off_grey_levels(batch):
+    grey = (batch["image"][~batch["pad_mask"]] * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255
+    return np.mean(np.abs(grey - np.round(grey)) > 1e-3)
+  assert off_grey_levels(pil) == 0 and off_grey_levels(fast) > 0.5
 
 
 def test_an_unknown_train_resize_is_refused_naming_the_field(config):
