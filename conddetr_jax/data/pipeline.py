@@ -227,8 +227,9 @@ class _Loader:
     return {"image": tf.cond(index >= 0, read, blank), "candidate": candidate}
 
   def example(self, item: dict[str, tf.Tensor], slot: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Augments, normalises and pads one decoded item (``decode``) to its slot's bucket (see
-    DESIGN.md section 2)."""
+    """Augments and normalises one decoded item (``decode``); pads it to its slot's bucket if the
+    slot is the first of its batch (``make_dataset`` pads the others while batching), and its boxes
+    to ``max_boxes`` (see DESIGN.md section 2)."""
     bucket, valid, primary = slot["bucket"], slot["valid"], slot["candidates"][0, 0]
     index, geometry = item["candidate"][0], item["candidate"][1:]
     real = index >= 0
@@ -243,7 +244,7 @@ class _Loader:
       image, boxes, labels = transforms.apply_geometry(item["image"], boxes, labels, geometry)
       image = transforms.normalize_image(image)
     size = tf.shape(image)[:2]
-    pad = bucket - size
+    pad = tf.where(slot["first"], bucket - size, 0)
     image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
     pad_mask = tf.pad(tf.zeros(size, tf.bool), [[0, pad[0]], [0, pad[1]]], constant_values=True)
     num_boxes = tf.shape(boxes)[0]
@@ -272,8 +273,13 @@ def _slot_spec(num_candidates: int) -> dict[str, tf.TensorSpec]:
 
 def make_dataset(slots: tf.data.Dataset, loader: _Loader, local_batch_size: int,
                  ds: ml_collections.ConfigDict) -> tf.data.Dataset:
-  """Slots (dicts of ``candidates``, ``bucket``, ``valid``) -> batches of padded examples."""
+  """Slots (dicts of ``candidates``, ``bucket``, ``valid``) -> batches of padded examples.
+
+  The slots come in batches of ``local_batch_size`` (from the first), each batch's slots sharing
+  one bucket.
+  """
   parallel = tf.data.AUTOTUNE if ds.num_parallel_calls < 0 else ds.num_parallel_calls
+  slots = slots.enumerate().map(lambda i, slot: dict(slot, first=i % local_batch_size == 0))
 
   def first_readable(slot):
     items = tf.data.Dataset.from_tensor_slices(slot["candidates"]).map(lambda c: (loader.decode(c), slot))
@@ -283,7 +289,11 @@ def make_dataset(slots: tf.data.Dataset, loader: _Loader, local_batch_size: int,
   # parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
   data = slots.interleave(first_readable, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True)
   data = data.map(loader.example, num_parallel_calls=parallel, deterministic=True)
-  data = data.batch(local_batch_size).prefetch(ds.prefetch_batches)
+  # The first image of a batch comes padded to the bucket, so padded_batch pads the others to it as
+  # it copies them into the batch: one copy of each image where padding, then batching, made two.
+  padding = {k: tf.zeros([], spec.dtype) for k, spec in data.element_spec.items()}
+  padding["pad_mask"] = tf.constant(True)
+  data = data.padded_batch(local_batch_size, padding_values=padding).prefetch(ds.prefetch_batches)
   options = tf.data.Options()
   options.deterministic = True
   # One thread per op: tf.data already runs items in parallel, and splitting each small op over
