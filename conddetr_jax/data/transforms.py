@@ -203,8 +203,10 @@ def decode_image(contents: tf.Tensor) -> tf.Tensor:
 def decode_window(contents: tf.Tensor, window: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   """The pixels of one window of an encoded image, and the image's full size (to check it).
 
-  JPEGs decode only the window's blocks (``decode_and_crop_jpeg``, libjpeg's default IDCT: the
-  fast path's pixels need not be PIL's); other formats are decoded whole, then sliced.
+  JPEGs decode only the window's blocks (``decode_and_crop_jpeg``), with the accurate IDCT PIL uses
+  (measured no slower than the default fast one): PIL's pixels but for a few grey levels on the
+  window's edge, where chroma upsampling lacks the neighbours outside. Other formats are decoded
+  whole, then sliced.
 
   Args:
     contents: scalar string, the encoded bytes.
@@ -214,7 +216,8 @@ def decode_window(contents: tf.Tensor, window: tf.Tensor) -> tuple[tf.Tensor, tf
     InvalidArgumentError on corrupt data or a window outside the image.
   """
   def jpeg():
-    return tf.io.decode_and_crop_jpeg(contents, window, channels=3), tf.io.extract_jpeg_shape(contents)[:2]
+    return (tf.io.decode_and_crop_jpeg(contents, window, channels=3, dct_method="INTEGER_ACCURATE"),
+            tf.io.extract_jpeg_shape(contents)[:2])
 
   def other():
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
