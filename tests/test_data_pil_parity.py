@@ -161,3 +161,29 @@ def test_resize_equals_pil_on_many_shapes(size):
     ours = pil_resample.resize_bilinear(tf.constant(pixels), tf.constant([out_h, out_w])).numpy()
     pil = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.BILINEAR))
     np.testing.assert_array_equal(ours, pil, err_msg=f"{size} -> {(out_h, out_w)}")
+
+
+def test_fast_train_images_are_pils_single_resize_of_the_window_in_source_pixels(photo_dataset):
+  """train_resize="fast": the recipe's crop window taken back to the photo's pixels, resized once
+  in float, equals PIL's one bilinear resize of that window to a grey level (inside a 2-pixel
+  border, where PIL also reads pixels beyond the window and the fast path, which decodes only the
+  window, does not), whether the output grows or shrinks."""
+  del photo_dataset
+  photo = _photo()
+  sizes = np.array([[photo.height, photo.width]] * 8)
+  ds = default.get_config().dataset  # the original's crop; outputs that shrink and grow the 600x512 photo
+  ds.train_scales = (240, 800)
+  geometries = transforms.in_source_pixels(transforms.train_geometry(np.random.default_rng(3), sizes, ds), sizes)
+  crops = (geometries[:, 5] < photo.height) | (geometries[:, 6] < photo.width)
+  shrinks = (geometries[:, 7] < geometries[:, 5]) | (geometries[:, 8] < geometries[:, 6])
+  assert crops.any() and (~crops).any() and shrinks.any() and (~shrinks).any()
+  pixels = tf.constant(np.asarray(photo))
+  mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
+  for geometry in geometries:
+    flip, _, _, top, left, crop_h, crop_w, out_h, out_w = geometry
+    t, l, h, w = transforms.unflipped_window(tf.constant(geometry), photo.width).numpy()
+    ours = transforms.fast_train_image(pixels[t:t + h, l:l + w], tf.constant(geometry)).numpy()
+    image = photo.transpose(Image.FLIP_LEFT_RIGHT) if flip else photo
+    pil = np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h)))
+    grey = (ours * std + mean) * 255
+    np.testing.assert_allclose(grey[2:-2, 2:-2], pil[2:-2, 2:-2], atol=1.01, err_msg=str(geometry))

@@ -84,7 +84,11 @@ def test_an_epoch_shows_each_image_at_most_once(config):
   assert len(ids) == 40 and len(set(ids.tolist())) == 40
 
 
-def test_resume_at_any_step_gives_the_same_batches(config):
+@pytest.mark.parametrize("train_resize", transforms.TRAIN_RESIZE_MODES)
+def test_resume_at_any_step_gives_the_same_batches(config, train_resize):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dataset.train_resize = train_resize
+
   def run(start, n):
     return take(data.train_iterator(config, global_batch_size=8, start_step=start, process_index=0,
                                     process_count=1), n)
@@ -95,6 +99,31 @@ def test_resume_at_any_step_gives_the_same_batches(config):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_train_resize_modes_differ_only_in_pixels(config):
+  fast = next(data.train_iterator(config, global_batch_size=8, process_index=0, process_count=1))
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.dataset.train_resize = "pil"
+  pil = next(data.train_iterator(other, global_batch_size=8, process_index=0, process_count=1))
+  for key in ("image_id", "size", "pad_mask", "labels", "box_valid"):
+    np.testing.assert_array_equal(fast[key], pil[key])
+  # The fast path rounds each crop edge to a source pixel: a box coordinate moves by at most half a
+  # pixel plus the half its window edge moved, over a window of at least crop_min_size source pixels.
+  np.testing.assert_allclose(fast["boxes"], pil["boxes"], atol=1 / config.dataset.crop_min_size)
+  assert 0 < np.abs(fast["image"] - pil["image"]).mean() < 0.1
+  # PIL's path resizes to 8 bits; the fast one resizes in float, so most of its values fall between.
+  def off_grey_levels(batch):
+    grey = (batch["image"][~batch["pad_mask"]] * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255
+    return np.mean(np.abs(grey - np.round(grey)) > 1e-3)
+  assert off_grey_levels(pil) == 0 and off_grey_levels(fast) > 0.5
+
+
+def test_an_unknown_train_resize_is_refused_naming_the_field(config):
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.dataset.train_resize = "bilinear"
+  with pytest.raises(ValueError, match=r"^config.dataset.train_resize='bilinear': expected one of \('fast', 'pil'\)$"):
+    data.train_iterator(other, global_batch_size=8, process_index=0, process_count=1)
 
 
 def test_order_depends_on_the_seed_and_the_epoch(config):

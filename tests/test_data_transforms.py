@@ -108,14 +108,29 @@ def test_limit_output_size_shrinks_only_oversized_outputs():
   np.testing.assert_array_equal(out[:, 7:], [[1333, 298], [800, 1066]])
 
 
-def test_boxes_through_flip_resize_crop_resize_match_hand_computed_values():
+def transform(mode: str, image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor
+              ) -> tuple[np.ndarray, tf.Tensor, tf.Tensor]:
+  """One geometry applied as ``config.dataset.train_resize=mode`` applies it: the output in grey
+  levels (the fast path's normalised floats mapped back), its boxes and labels."""
+  if mode == "pil":
+    out, boxes, labels = transforms.apply_geometry(image, boxes, labels, geometry)
+    return out.numpy().astype(np.float64), boxes, labels
+  source = transforms.in_source_pixels(geometry.numpy()[None], np.array([image.shape[:2]]))[0]
+  t, l, h, w = transforms.unflipped_window(tf.constant(source), image.shape[1]).numpy()
+  out = transforms.fast_train_image(image[t:t + h, l:l + w], tf.constant(source)).numpy()
+  boxes, labels = transforms.geometry_boxes(boxes, labels, tf.constant(source), tf.constant(source[1:3]))
+  return (out * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255, boxes, labels
+
+
+@pytest.mark.parametrize("mode", transforms.TRAIN_RESIZE_MODES)
+def test_boxes_through_flip_resize_crop_resize_match_hand_computed_values(mode):
   image = tf.zeros([100, 200, 3], tf.uint8)
   boxes = tf.constant([[10., 20., 50., 60.],      # survives the crop
                        [100., 80., 120., 100.]])  # ends up left of the crop window: dropped
   labels = tf.constant([3, 7], tf.int32)
   # flip; resize to (50, 100); crop top=5 left=80 h=40 w=20; resize to (80, 40).
   geometry = tf.constant([1, 50, 100, 5, 80, 40, 20, 80, 40], tf.int32)
-  out_image, out_boxes, out_labels = transforms.apply_geometry(image, boxes, labels, geometry)
+  out_image, out_boxes, out_labels = transform(mode, image, boxes, labels, geometry)
   assert out_image.shape == (80, 40, 3)
   # Box 1: flip -> [150, 20, 190, 60]; x0.5 -> [75, 10, 95, 30]; crop -> [0, 5, 15, 25]; x2 -> [0, 10, 30, 50].
   np.testing.assert_allclose(out_boxes.numpy(), [[0., 10., 30., 50.]], atol=1e-5)
@@ -137,16 +152,67 @@ def test_individual_box_ops():
   np.testing.assert_array_equal(keep.numpy(), [True, False, True])
 
 
-def test_flip_mirrors_pixels_and_boxes_together():
+@pytest.mark.parametrize("mode", transforms.TRAIN_RESIZE_MODES)
+def test_flip_mirrors_pixels_and_boxes_together(mode):
   pixels = np.zeros((20, 30, 3), np.uint8)
   pixels[5:10, 2:8] = 255  # a white box at x in [2, 8), y in [5, 10)
   geometry = tf.constant([1, 20, 30, 0, 0, 20, 30, 20, 30], tf.int32)
-  image, boxes, _ = transforms.apply_geometry(tf.constant(pixels), tf.constant([[2., 5., 8., 10.]]),
-                                              tf.constant([1]), geometry)
+  image, boxes, _ = transform(mode, tf.constant(pixels), tf.constant([[2., 5., 8., 10.]]), tf.constant([1]),
+                              geometry)
+  image = np.round(image)  # the fast path's floats: grey levels to float32 rounding
   x1, y1, x2, y2 = boxes.numpy()[0].astype(int)
   np.testing.assert_array_equal((x1, y1, x2, y2), (22, 5, 28, 10))
-  inside = image.numpy()[y1:y2, x1:x2]
-  assert (inside == 255).all() and image.numpy().sum() == inside.sum()
+  inside = image[y1:y2, x1:x2]
+  assert (inside == 255).all() and image.sum() == inside.sum()
+
+
+def test_in_source_pixels_takes_the_crop_window_back_through_the_first_resize():
+  geometry = np.array([[1, 50, 100, 5, 80, 40, 20, 80, 40],     # the crop branch at half size
+                       [0, 30, 40, 1, 3, 20, 21, 60, 63],       # 1/3.5 size: edges rounded
+                       [1, 70, 140, 0, 0, 70, 140, 70, 140]])   # the plain branch: the whole image
+  sizes = np.array([[100, 200], [105, 140], [100, 200]])
+  np.testing.assert_array_equal(transforms.in_source_pixels(geometry, sizes), [
+      [1, 100, 200, 10, 160, 80, 40, 80, 40],
+      [0, 105, 140, 4, 10, 70, 74, 60, 63],  # rows [3.5, 73.5) -> [4, 74); columns [10.5, 84) -> [10, 84)
+      [1, 100, 200, 0, 0, 100, 200, 70, 140]])
+  # The fast path decodes the window of the unflipped image.
+  np.testing.assert_array_equal(transforms.unflipped_window(tf.constant([1, 100, 200, 10, 160, 80, 40, 80, 40]),
+                                                            tf.constant(200)).numpy(), [10, 0, 80, 40])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_window_is_the_window_of_pils_pixels(fmt):
+  pixels = np.random.default_rng(0).integers(0, 256, size=(40, 56, 3)).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, fmt)
+  window, hw = transforms.decode_window(tf.constant(buffer.getvalue()), tf.constant([3, 17, 21, 30]))
+  with Image.open(buffer) as image:
+    pil = np.asarray(image.convert("RGB"))[3:24, 17:47]
+  assert window.shape == (21, 30, 3)
+  # A JPEG window's 2-pixel edge may differ: chroma upsampling there lacks the pixels outside.
+  np.testing.assert_array_equal(window.numpy()[2:-2, 2:-2], pil[2:-2, 2:-2])
+  np.testing.assert_array_equal(hw.numpy(), [40, 56])
+
+
+def test_fast_path_pixels_stay_where_its_boxes_say():
+  """A white rectangle through random geometries of both branches: on the fast path, the bright
+  pixels of the output fill the transformed box to the pixel."""
+  pixels = np.zeros((120, 160, 3), np.uint8)
+  pixels[30:70, 50:110] = 255
+  box = tf.constant([[50., 30., 110., 70.]])
+  ds = _dataset_config(train_scales=(96, 128, 160), crop_resize_scales=(90, 120), crop_min_size=40,
+                       crop_max_size=100, train_max_size=400)
+  geometries = transforms.train_geometry(np.random.default_rng(5), np.array([[120, 160]] * 12), ds)
+  assert (geometries[:, 0] == 1).any() and (geometries[:, 5] < geometries[:, 1]).any()
+  for geometry in geometries:
+    image, boxes, _ = transform("fast", tf.constant(pixels), box, tf.constant([1]), tf.constant(geometry))
+    bright = np.argwhere(image[..., 0] > 127.5)
+    if not len(boxes):
+      assert not len(bright), geometry
+      continue
+    x1, y1, x2, y2 = boxes.numpy()[0]
+    np.testing.assert_allclose([*bright.min(0), *(bright.max(0) + 1)], [y1, x1, y2, x2], atol=0.5,
+                               err_msg=str(geometry))
 
 
 def test_resize_is_identity_when_the_size_is_unchanged():

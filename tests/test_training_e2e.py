@@ -261,6 +261,7 @@ def test_accumulation_counts_optimiser_updates_and_resumes_at_one(runs, referenc
     ("model.backbone", "resnet7", ValueError, "config.model.backbone='resnet7'"),
     ("parallel", "pjit", ValueError, "config.parallel='pjit'"),
     ("per_device_batch_size", 0, ValueError, "config.per_device_batch_size=0"),
+    ("dataset.train_resize", "bilinear", ValueError, "config.dataset.train_resize='bilinear': expected one of"),
     ("dataset.root", "/nonexistent", FileNotFoundError, "config.dataset (source='coco', root='/nonexistent')"),
 ])
 def test_config_errors_fail_before_anything_compiles_naming_the_field(tmp_path, field, value, error, message):

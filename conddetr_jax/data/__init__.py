@@ -4,6 +4,7 @@ Public API (see each function's docstring):
   prepare_dataset, num_classes, category_names, annotation_path      (coco.py: sources)
   train_steps_per_epoch, train_iterator, eval_iterator, eval_steps    (pipeline.py)
   to_global_arrays, prefetch_to_device                                (device.py)
+  check_train_resize                                                  (transforms.py)
 Batches are dicts of numpy arrays as in DESIGN.md section 2.
 """
 
@@ -20,3 +21,4 @@ from conddetr_jax.data.pipeline import eval_iterator
 from conddetr_jax.data.pipeline import eval_steps
 from conddetr_jax.data.pipeline import train_iterator
 from conddetr_jax.data.pipeline import train_steps_per_epoch
+from conddetr_jax.data.transforms import check_train_resize

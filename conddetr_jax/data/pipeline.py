@@ -136,6 +136,8 @@ def train_epoch_plan(config: ml_collections.ConfigDict, split: coco.Split, bucke
   order = rng.permutation(len(split))
   geometry = transforms.limit_output_size(transforms.train_geometry(rng, split.sizes[order], ds),
                                           _max_side(ds))
+  if ds.train_resize == "fast":
+    geometry = transforms.in_source_pixels(geometry, split.sizes[order])
   out = geometry[:, 7:9]
   batches, batch_buckets = batching.group_batches(out, bucket_hw, global_batch_size)
   if len(batches[-1]) < global_batch_size:  # drop_last, as the original's train sampler
@@ -186,10 +188,16 @@ def local_plan(plan: dict[str, np.ndarray], global_batch_size: int, process_inde
 # ----------------------------------------------------------------------------------- tf.data
 
 class _Loader:
-  """TF functions that turn a plan slot into a padded example (constants captured once)."""
+  """TF functions that turn a plan slot into a padded example (constants captured once).
 
-  def __init__(self, split: coco.Split, max_boxes: int):
+  ``fast``: the plan's geometries are in source pixels (``transforms.in_source_pixels``); only
+  their windows are decoded, and resized in float (``transforms.fast_train_image``). Otherwise
+  the whole image is decoded and transformed PIL-exactly.
+  """
+
+  def __init__(self, split: coco.Split, max_boxes: int, fast: bool):
     self.max_boxes = max_boxes
+    self.fast = fast
     self.paths = tf.constant([split.path(i) for i in range(len(split))])
     self.sizes = tf.constant(split.sizes, tf.int32)
     self.image_ids = tf.constant(split.image_ids, tf.int64)
@@ -198,32 +206,45 @@ class _Loader:
     self.labels = tf.constant(split.labels, tf.int32)
 
   def decode(self, candidate: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Reads and decodes one candidate; fails (to be skipped) if the file is missing, corrupt, or
-    not of the size the json says (its boxes would not match)."""
+    """Reads and decodes one candidate (``fast``: its window only); fails (to be skipped) if the
+    file is missing, corrupt, or not of the size the json says (its boxes would not match)."""
     index = candidate[0]
 
     def read():
-      image = transforms.decode_image(tf.io.read_file(self.paths[index]))
-      tf.debugging.assert_equal(tf.shape(image)[:2], self.sizes[index],
-                                message="decoded image size differs from the json's (height, width)")
+      contents = tf.io.read_file(self.paths[index])
+      if self.fast:
+        image, hw = transforms.decode_window(contents, transforms.unflipped_window(candidate[1:],
+                                                                                   self.sizes[index][1]))
+      else:
+        image = transforms.decode_image(contents)
+        hw = tf.shape(image)[:2]
+      tf.debugging.assert_equal(hw, self.sizes[index], message="decoded image size differs from the json's "
+                                "(height, width)")
       return image
 
-    blank = lambda: tf.zeros(tf.stack([candidate[2], candidate[3], 3]), tf.uint8)
+    # A sentinel's geometry keeps the blank image whole: its window is all of it.
+    blank = lambda: tf.zeros(tf.stack([candidate[6], candidate[7], 3]), tf.uint8)
     return {"image": tf.cond(index >= 0, read, blank), "candidate": candidate}
 
-  def example(self, item: dict[str, tf.Tensor], bucket: tf.Tensor, valid: tf.Tensor, primary: tf.Tensor
-              ) -> dict[str, tf.Tensor]:
-    """Augments, normalises and pads one decoded item to ``bucket`` (see DESIGN.md section 2)."""
+  def example(self, item: dict[str, tf.Tensor], slot: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Augments and normalises one decoded item (``decode``); pads it to its slot's bucket if the
+    slot is the first of its batch (``make_dataset`` pads the others while batching), and its boxes
+    to ``max_boxes`` (see DESIGN.md section 2)."""
+    bucket, valid, primary = slot["bucket"], slot["valid"], slot["candidates"][0, 0]
     index, geometry = item["candidate"][0], item["candidate"][1:]
     real = index >= 0
     safe = tf.maximum(index, 0)
     start = tf.where(real, self.box_start[safe], 0)
     stop = tf.where(real, self.box_start[safe + 1], 0)
-    image, boxes, labels = transforms.apply_geometry(item["image"], self.boxes[start:stop],
-                                                     self.labels[start:stop], geometry)
-    image = transforms.normalize_image(image)
+    boxes, labels = self.boxes[start:stop], self.labels[start:stop]
+    if self.fast:
+      image = transforms.fast_train_image(item["image"], geometry)
+      boxes, labels = transforms.geometry_boxes(boxes, labels, geometry, geometry[1:3])
+    else:
+      image, boxes, labels = transforms.apply_geometry(item["image"], boxes, labels, geometry)
+      image = transforms.normalize_image(image)
     size = tf.shape(image)[:2]
-    pad = bucket - size
+    pad = tf.where(slot["first"], bucket - size, 0)
     image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
     pad_mask = tf.pad(tf.zeros(size, tf.bool), [[0, pad[0]], [0, pad[1]]], constant_values=True)
     num_boxes = tf.shape(boxes)[0]
@@ -252,19 +273,32 @@ def _slot_spec(num_candidates: int) -> dict[str, tf.TensorSpec]:
 
 def make_dataset(slots: tf.data.Dataset, loader: _Loader, local_batch_size: int,
                  ds: ml_collections.ConfigDict) -> tf.data.Dataset:
-  """Slots (dicts of ``candidates``, ``bucket``, ``valid``) -> batches of padded examples."""
+  """Slots (dicts of ``candidates``, ``bucket``, ``valid``) -> batches of padded examples.
+
+  The slots come in batches of ``local_batch_size`` (from the first), each batch's slots sharing
+  one bucket.
+  """
   parallel = tf.data.AUTOTUNE if ds.num_parallel_calls < 0 else ds.num_parallel_calls
+  slots = slots.enumerate().map(lambda i, slot: dict(slot, first=i % local_batch_size == 0))
 
   def first_readable(slot):
-    items = tf.data.Dataset.from_tensor_slices(slot["candidates"]).map(loader.decode)
-    item = items.ignore_errors().take(1)
-    return item.map(lambda x: loader.example(x, slot["bucket"], slot["valid"], slot["candidates"][0, 0]))
+    items = tf.data.Dataset.from_tensor_slices(slot["candidates"]).map(lambda c: (loader.decode(c), slot))
+    return items.ignore_errors().take(1)
 
-  data = slots.interleave(first_readable, cycle_length=parallel, num_parallel_calls=parallel,
-                          deterministic=True)
-  data = data.batch(local_batch_size).prefetch(ds.prefetch_batches)
+  # Only the decode runs in each slot's own small dataset (what ignore_errors needs); the rest is one
+  # parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
+  data = slots.interleave(first_readable, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True)
+  data = data.map(loader.example, num_parallel_calls=parallel, deterministic=True)
+  # The first image of a batch comes padded to the bucket, so padded_batch pads the others to it as
+  # it copies them into the batch: one copy of each image where padding, then batching, made two.
+  padding = {k: tf.zeros([], spec.dtype) for k, spec in data.element_spec.items()}
+  padding["pad_mask"] = tf.constant(True)
+  data = data.padded_batch(local_batch_size, padding_values=padding).prefetch(ds.prefetch_batches)
   options = tf.data.Options()
   options.deterministic = True
+  # One thread per op: tf.data already runs items in parallel, and splitting each small op over
+  # threads costs more in hand-offs than it gains (measured: docs/input-speed.md).
+  options.threading.max_intra_op_parallelism = 1
   return data.with_options(options)
 
 
@@ -341,6 +375,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
   would. Each batch is a dict of numpy arrays (see DESIGN.md section 2) with a leading axis of
   global_batch_size // process_count, all padded to one bucket shape (H, W).
   """
+  transforms.check_train_resize(config.dataset)
   _hide_accelerators_from_tf()
   pi, pc = _process(process_index, process_count)
   split = coco.load_split(config, "train")
@@ -358,7 +393,8 @@ def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
       yield {k: v[skip:] for k, v in plan.items()}
 
   slots = tf.data.Dataset.from_generator(epochs, output_signature=_slot_spec(num_candidates)).unbatch()
-  dataset = make_dataset(slots, _Loader(split, config.dataset.max_boxes), local, config.dataset)
+  fast = config.dataset.train_resize == "fast"
+  dataset = make_dataset(slots, _Loader(split, config.dataset.max_boxes, fast), local, config.dataset)
   return DataIterator(dataset, split, skip_bad=not config.dataset.strict, what="training")
 
 
@@ -378,7 +414,7 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
   plan = local_plan(eval_plan(config, data, eval_buckets(config, data), global_batch_size), global_batch_size,
                     pi, pc)
   slots = tf.data.Dataset.from_tensor_slices(plan)
-  dataset = make_dataset(slots, _Loader(data, config.dataset.max_boxes), global_batch_size // pc,
+  dataset = make_dataset(slots, _Loader(data, config.dataset.max_boxes, fast=False), global_batch_size // pc,
                          config.dataset)
   return DataIterator(dataset, data, skip_bad=False, what="evaluation")
 

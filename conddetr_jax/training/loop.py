@@ -78,9 +78,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   Raises:
     ValueError: an unknown backbone or dtype, an unknown ``parallel`` mode or ``rng_impl``, a
       batch that does not split into ``grad_accum_steps`` micro-batches over the devices, or a
-      non-positive run length or interval, or ``ema_decay`` outside [0, 1).
+      non-positive run length or interval, or ``ema_decay`` outside [0, 1), or an unknown
+      ``dataset.train_resize``.
   """
   models.build_model(config)  # checks config.model.*
+  data.check_train_resize(config.dataset)
   if config.parallel not in parallel.PARALLEL_MODES:
     raise ValueError(f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}")
   global_batch_size(config, device_count)
