@@ -80,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
       buckets=(),               # () = derived from the train images' sizes; or ((h, w), ...)
       num_buckets=8,            # padded shapes when derived (each is one compiled program)
       eval_num_buckets=0,       # > 0: evaluation gets its own, finer buckets (see data/pipeline.py)
-      synthetic_num_train=1000,  # source=synthetic: written under root (default ~/.cache/conddetr_jax)
+      # source=synthetic: generated shapes, which read none of the paths above (naming one is an error)
+      synthetic_dir="",         # where they are written ('' = a folder under ~/.cache/conddetr_jax)
+      synthetic_num_train=1000,
       synthetic_num_val=200,
       synthetic_image_size=(128, 192),  # (min, max) height and width
       synthetic_object_size=(0.15, 0.45),  # (min, max) object side / the image's shorter side

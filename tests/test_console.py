@@ -207,7 +207,7 @@ def test_remote_paths_are_named_instead_of_becoming_local_folders(tmp_path):
   config = test_tiny.get_config()
   with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run': remote paths are not supported"):
     loop.train_and_evaluate(config, "gs://bucket/run")
-  config.dataset.root = "s3://bucket/coco"
+  config.dataset.update(source="coco", root="s3://bucket/coco")
   with pytest.raises(ValueError, match=r"config.dataset.root='s3://bucket/coco': remote paths"):
     data.prepare_dataset(config)
   with pytest.raises(ValueError, match=r"--out='gs://bucket/preds'"):
@@ -253,6 +253,6 @@ def test_train_names_a_wrong_dataset_root_once(tmp_path):
 
 def test_find_images_prints_the_first_val_files_without_knowing_the_cache_folder(tmp_path):
   config = test_tiny.get_config()
-  config.dataset.root = str(tmp_path)
+  config.dataset.synthetic_dir = str(tmp_path)
   assert find_images.image_paths(config, "val", 2) == [str(tmp_path / "val2017" / f"{i:012d}.jpg") for i in (1, 2)]
   assert all(os.path.isfile(p) for p in find_images.image_paths(config, "train", 3))

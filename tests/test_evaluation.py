@@ -30,7 +30,7 @@ def tiny_config(root: str) -> ml_collections.ConfigDict:
   """The tiny model on 7 synthetic val images (64-96 px, resized to fit the one 64x64 bucket), in
   batches of 3: the last batch holds one image and two blanks."""
   config = test_tiny.get_config()
-  config.dataset.update(root=root, synthetic_num_val=7)
+  config.dataset.update(synthetic_dir=root, synthetic_num_val=7)
   config.eval_per_device_batch_size = 3
   return config
 
@@ -254,7 +254,7 @@ def test_two_processes_of_two_devices_give_the_single_device_numbers(config, mod
   port = str(20000 + os.getpid() % 20000)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.root,
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.synthetic_dir,
                              str(tmp_path / f"multi{i}.json")], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]

@@ -58,8 +58,8 @@ class Runs:
                     PYTHONPATH=REPO,
                     JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root / 'synthetic'}",
-                  "--config.global_batch_size=4", "--config.grad_accum_steps=1", f"--config.total_steps={TOTAL_STEPS}",
+    self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.synthetic_dir={root / 'synthetic'}",
+                  "--config.global_batch_size=4", "--config.per_device_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
                   "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
 
   def start(self, workdir, *extra, poison_step=None, env=None) -> subprocess.Popen:
