@@ -30,7 +30,7 @@ docs/demo-levers.md measures each of these against the others.
 
 import ml_collections
 
-from configs import default
+from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

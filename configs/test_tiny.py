@@ -6,7 +6,7 @@ Trains a few steps in well under a minute on a CPU; the numbers mean nothing.
 
 import ml_collections
 
-from configs import default
+from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
