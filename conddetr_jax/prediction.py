@@ -6,7 +6,6 @@ from typing import Any, Sequence
 
 from absl import logging
 import flax
-import jax
 import ml_collections
 
 from conddetr_jax import data
@@ -86,9 +85,8 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
   os.makedirs(out_dir, exist_ok=True)
   records = []
   for path, stem, loaded in zip(paths, _output_stems(paths), images):
-    batch = {"image": loaded.image, "pad_mask": loaded.pad_mask, "orig_size": loaded.orig_size}
-    dets = jax.device_get(evaluation.predict_batch(variables, batch, model=model, k=evaluation.top_k(config)))
-    scores, labels, boxes = dets["scores"][0], dets["labels"][0], dets["boxes"][0]
+    dets = evaluation.detect_image(variables, loaded, model=model, k=evaluation.top_k(config))
+    scores, labels, boxes = dets["scores"], dets["labels"], dets["boxes"]
     png = os.path.join(out_dir, f"{stem}.png")
     visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
                                   scale=visualize.enlargement(*loaded.pixels.shape[:2]))

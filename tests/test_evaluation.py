@@ -20,6 +20,7 @@ from configs import test_tiny
 from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import models
+from conddetr_jax import prediction
 from conddetr_jax import visualize
 from conddetr_jax import sharding
 
@@ -191,6 +192,28 @@ def test_prediction_images_are_the_val_files_drawn_as_predict_draws_them(config,
     scale = 512 // max(h, w)  # the file's own pixels, enlarged to about 512 px, as predict.py
     with Image.open(path) as png:
       assert png.format == "PNG" and png.size == (w * scale, h * scale)
+
+
+def test_prediction_images_detect_and_draw_each_image_as_predict_py_does(config, tmp_path, monkeypatch):
+  # Evaluation batches pad an image to its size bucket, which moves scores slightly; the drawings
+  # must show predict.py's detections of the file instead, so both go through detect_image.
+  seen = []
+
+  def fake_detect(variables, loaded, *, model, k):
+    del variables, model
+    seen.append(loaded.image.shape)
+    h, w = loaded.orig_size[0]
+    boxes = np.tile(np.array([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h]], np.float32), (k, 1))
+    return {"scores": np.linspace(0.9, 0.1, k, dtype=np.float32), "labels": np.arange(k) % 3 + 1, "boxes": boxes}
+
+  monkeypatch.setattr(evaluation, "detect_image", fake_detect)
+  [drawn] = evaluation.write_prediction_images(config, None, {}, str(tmp_path / "train"), 1)
+  val_file = os.path.join(config.dataset.synthetic_dir, "val2017", os.path.basename(drawn).replace(".png", ".jpg"))
+  [record] = prediction.predict_files(config, None, {}, [val_file], str(tmp_path / "predict"),
+                                      config.evaluation.score_threshold)
+  assert len(seen) == 2 and seen[0] == seen[1]  # one image, padded only to size_divisibility, both times
+  with open(drawn, "rb") as a, open(record["png"], "rb") as b:
+    assert a.read() == b.read()
 
 
 def test_draw_detections_draws_only_boxes_above_the_threshold():
