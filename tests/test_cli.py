@@ -21,6 +21,7 @@ from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import image_files
 from conddetr_jax import models
+from conddetr_jax import prediction
 from conddetr_jax import weights
 from conddetr_jax.training import checkpoint
 from conddetr_jax.training import optimizer
@@ -252,3 +253,12 @@ def test_image_files_are_resized_as_in_evaluation_and_padded(setup, tmp_path):
   assert not loaded.pad_mask[0, :43, :64].any() and loaded.pad_mask[0, 43:].all()
   np.testing.assert_allclose(loaded.image[0, :43], 0.0, atol=0.02)
   assert (loaded.image[0, 43:] == 0).all()
+
+
+def test_predict_names_the_best_score_and_a_threshold_that_shows_it_when_nothing_passes():
+  record = {"file": "/img/a.jpg", "png": "/out/a.png", "best_score": 0.4812, "detections": []}
+  assert prediction.describe_record(record, 0.5) == (
+      "/img/a.jpg: no detection scores >= 0.5 (the best scores 0.481); try --threshold=0.4")
+  record.update(detections=[{"score": 0.6}, {"score": 0.55}], best_score=0.6)
+  assert prediction.describe_record(record, 0.5) == "/img/a.jpg: 2 detections -> /out/a.png"
+  assert [prediction.suggested_threshold(s) for s in (0.031, 0.9, 0.0)] == [0.03, 0.9, 0.0]
