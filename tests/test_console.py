@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -57,12 +58,17 @@ def test_an_unknown_field_without_a_close_name_lists_the_group():
 
 def test_a_field_below_a_value_is_named():
   assert parse_error(TINY, "--workdir=w", "--config.seed.x=1") == (
-      "error: --config.seed.x: config.seed is a int, it has no field 'x'")
+      "error: --config.seed.x: config.seed is an integer, it has no field 'x'")
 
 
 def test_a_value_of_the_wrong_type_names_the_field_and_the_expected_type():
   message = parse_error(TINY, "--workdir=w", "--config.total_steps=1.5")
-  assert message.startswith("error: --config.total_steps=1.5: expected a int like the default 8 (")
+  assert message.startswith("error: --config.total_steps=1.5: expected an integer like the default 8 (")
+
+
+def test_types_are_named_with_their_article():
+  assert [cli.type_phrase(v) for v in (8, 0.1, "r50", True, (1, 2), [], ml_collections.ConfigDict())] == [
+      "an integer", "a number", "a string", "a boolean", "a tuple", "a list", "a ConfigDict"]
 
 
 def test_a_missing_config_file_and_a_missing_flag_are_one_line():
