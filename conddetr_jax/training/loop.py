@@ -310,7 +310,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         window_start = time.time()  # evaluation time is not training throughput
     else:
       save(total_steps)
-      eval_scalars = evaluate(total_steps)
+      # Every process reads the record: the workdir is shared, as its checkpoints need it to be, so
+      # all skip the (collective) evaluation together.
+      recorded = metrics.recorded_evaluation(workdir, total_steps) if start_step == total_steps else None
+      if recorded is None:
+        eval_scalars = evaluate(total_steps)
+      else:
+        eval_scalars = recorded
+        logging.info("the run is finished and step %d was evaluated already: %s (%s; eval.py evaluates it "
+                     "again)", total_steps, cli.format_metrics(recorded), metrics.METRICS_FILE)
       if config.evaluation.prediction_images > 0:
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
         variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
