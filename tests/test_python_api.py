@@ -1,8 +1,8 @@
 """The Python API: ``conddetr_jax.load_detector(config, checkpoint)`` and ``detector(images)``, whose
 boxes are predict.py's, in the images' own pixels."""
 
-import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,8 +61,13 @@ def test_load_detector_takes_a_config_name_file_or_dict_and_names_unknown_ones(c
   assert inference.get_config(config) is config
   with pytest.raises(ValueError, match=r"config 'r5O': expected one of r50, r50_dc5, .* or a config file \(.py\)"):
     conddetr_jax.load_detector("r5O", checkpoint)
-  with pytest.raises(ValueError, match="does not fit the model of this config"):
+  with pytest.raises(ValueError, match="does not fit the model of this config") as error:
     conddetr_jax.load_detector("demo", checkpoint)
+  message = str(error.value)
+  count = int(re.search(r"; (\d+) tensors differ:", message)[1])
+  listed = message.split("tensors differ:\n")[1].splitlines()
+  assert len(listed) == 12 and listed[10] == f"  ... and {count - 10} more"
+  assert listed[11] == "It fits the model of configs/test_tiny.py."
 
 
 def test_importing_the_package_loads_neither_jax_nor_tensorflow():
