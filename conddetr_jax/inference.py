@@ -17,13 +17,12 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from conddetr_jax import configs
 from conddetr_jax import evaluation
 from conddetr_jax import image_files
 from conddetr_jax import models
 from conddetr_jax import prediction
 from conddetr_jax import weights
-
-CONFIG_NAMES = ("r50", "r50_dc5", "r101", "r101_dc5", "demo", "test_tiny")
 
 # One image: a file path, a PIL image, or (h, w, 3) uint8 RGB pixels.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -43,7 +42,7 @@ class Detections(NamedTuple):
 
 
 def get_config(config: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A run config from a name of ``CONFIG_NAMES`` (the package's configs/), a config file's path, or
+  """A run config from a name of ``configs.NAMES`` (the package's configs/), a config file's path, or
   a ``ConfigDict`` (returned as is).
 
   Raises:
@@ -51,10 +50,10 @@ def get_config(config: str | ml_collections.ConfigDict) -> ml_collections.Config
   """
   if isinstance(config, ml_collections.ConfigDict):
     return config
-  if config in CONFIG_NAMES:
+  if config in configs.NAMES:
     return importlib.import_module(f"conddetr_jax.configs.{config}").get_config()
   if not (config.endswith(".py") and os.path.isfile(config)):
-    raise ValueError(f"config {config!r}: expected one of {', '.join(CONFIG_NAMES)} or a config file (.py)")
+    raise ValueError(f"config {config!r}: expected one of {', '.join(configs.NAMES)} or a config file (.py)")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(config))[0], config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
