@@ -22,6 +22,7 @@ from conddetr_jax import evaluation
 from conddetr_jax import image_files
 from conddetr_jax import models
 from conddetr_jax import prediction
+from conddetr_jax import visualize
 from conddetr_jax import weights
 
 # One image: a file path, a PIL image, or (h, w, 3) uint8 RGB pixels.
@@ -69,7 +70,7 @@ class Detector:
   Attributes:
     config: the run config the model was built from.
     class_names: category id -> name (the dataset's json when at hand, else COCO's for a 91-class
-      model, else empty).
+      model, else empty); ``label_name`` names any label.
     threshold: the lowest score returned.
   """
 
@@ -80,6 +81,10 @@ class Detector:
     self.class_names = prediction.class_names(config)
     self._model = models.build_model(config)
     self._variables = variables
+
+  def label_name(self, label: int) -> str:
+    """The class name of a category id (``class <id>`` when the dataset names none), as drawn."""
+    return visualize.class_name(int(label), self.class_names)
 
   def _detect(self, image: ImageLike) -> Detections:
     if isinstance(image, (str, os.PathLike)):
