@@ -34,7 +34,6 @@ from ml_collections import config_flags
 
 from conddetr_jax import batch_search, data, evaluation, hlo, sharding
 from conddetr_jax.data import batching
-from conddetr_jax.training import batch as batch_lib
 from conddetr_jax.training import loop
 
 GIB = 2**30
@@ -417,18 +416,20 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   per_chip = devices_per_chip(devices)
   capacity = None if chip is None else chip.hbm_gib / per_chip
   processes = len({d.process_index for d in devices})
+  # The question asked is whether per_device_batch_size images per device fit, whatever global batch
+  # a training run of the config keeps (training/batch.py accumulates micro-batches of at most that
+  # many): the step is compiled for exactly that many, without accumulation, which adds only one
+  # gradient-sized buffer.
+  config = config.copy_and_resolve_references()
+  config.global_batch_size, config.grad_accum_steps = 0, 1
   loop.validate_config(config, len(devices))
-  plan = batch_lib.plan_batch(config, len(devices))
-  # Compiled per micro-batch, the unit of a device's memory (accumulating K of them adds one
-  # gradient-sized buffer), so that --max_batch may try any batch.
-  config = batch_lib.resolved(config, dataclasses.replace(plan, accum_steps=1))
-  batch = plan.per_device
+  batch = config.per_device_batch_size
   m = config.model
   out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
       f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else
                                        f"{chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s"))
   out(f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
-      f"({plan.describe()}), state replicated, batch split over 'data'; eval: "
+      f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
       f"{config.eval_per_device_batch_size} images per device")
   out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
   compiler = SliceCompiler(config, devices)
