@@ -40,7 +40,7 @@ def main(argv):
   records = prediction.predict_files(config, models.build_model(config), variables, images, _OUT.value,
                                      _THRESHOLD.value)
   for record in records:
-    print(f"{record['file']}: {len(record['detections'])} detections -> {record['png']}")
+    print(prediction.describe_record(record, _THRESHOLD.value))
   cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
                     {"drawings": os.path.join(_OUT.value, "*.png"),
                      "detections": os.path.join(_OUT.value, evaluation.DETECTIONS_FILE)})

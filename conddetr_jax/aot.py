@@ -416,10 +416,14 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   per_chip = devices_per_chip(devices)
   capacity = None if chip is None else chip.hbm_gib / per_chip
   processes = len({d.process_index for d in devices})
+  # The question asked is whether per_device_batch_size images per device fit, whatever global batch
+  # a training run of the config keeps (training/batch.py accumulates micro-batches of at most that
+  # many): the step is compiled for exactly that many, without accumulation, which adds only one
+  # gradient-sized buffer.
+  config = config.copy_and_resolve_references()
+  config.global_batch_size, config.grad_accum_steps = 0, 1
   loop.validate_config(config, len(devices))
   batch = config.per_device_batch_size
-  if config.global_batch_size > 0:
-    batch = config.global_batch_size // len(devices)
   m = config.model
   out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
       f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else

@@ -117,6 +117,18 @@ def _field_names(group: Any) -> list[str]:
   return sorted(group.keys()) if hasattr(group, "keys") else []
 
 
+_TYPE_PHRASES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def type_phrase(value: Any) -> str:
+  """``value``'s type with its article, as a sentence says it: "an integer", "a tuple", "an OrderedDict"."""
+  kind = type(value)
+  if kind in _TYPE_PHRASES:
+    return _TYPE_PHRASES[kind]
+  name = kind.__name__
+  return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def describe_unknown_field(config: Any, path: str, flag_name: str = "config") -> str | None:
   """Why ``--{flag_name}.{path}`` names no field of ``config``, with the closest existing name.
 
@@ -128,7 +140,7 @@ def describe_unknown_field(config: Any, path: str, flag_name: str = "config") ->
   for key in path.split("."):
     names = _field_names(node)
     if not names:
-      return f"--{flag_name}.{path}: {walked} is a {type(node).__name__}, it has no field {key!r}"
+      return f"--{flag_name}.{path}: {walked} is {type_phrase(node)}, it has no field {key!r}"
     if key not in names:
       close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
       hint = f"did you mean {close[0]}?" if close else f"its fields are {', '.join(names)}"
@@ -187,7 +199,7 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
         current = config
         for key in path.split("."):
           current = current[key]
-        return (f"--{config_flag}.{path}={value}: expected a {type(current).__name__} like the default "
+        return (f"--{config_flag}.{path}={value}: expected {type_phrase(current)} like the default "
                 f"{current!r} ({bad_value[1].strip()})")
   message = str(error).strip()
   if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr

@@ -29,6 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
+from conddetr_jax import image_files
 from conddetr_jax import postprocess
 from conddetr_jax import progress
 from conddetr_jax import sharding
@@ -245,14 +246,30 @@ def _to_host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def detect_image(variables: Any, loaded: image_files.LoadedImage, *, model: flax.linen.Module,
+                 k: int) -> dict[str, np.ndarray]:
+  """The detections of one prepared image (``image_files``), padded only to ``size_divisibility``.
+
+  predict.py, the Python API and the drawings after training all detect through here, so that one
+  image gets one answer: batched evaluation pads it to its size bucket instead, which can move
+  scores slightly (GroupNorm backbones normalise over the padding too).
+
+  Returns:
+    ``scores`` (k,) decreasing, ``labels`` (k,), ``boxes`` (k, 4) xyxy in the image's own pixels.
+  """
+  batch = {"image": loaded.image, "pad_mask": loaded.pad_mask, "orig_size": loaded.orig_size}
+  dets = jax.device_get(predict_batch(variables, batch, model=model, k=k))
+  return {name: np.asarray(dets[name][0]) for name in ("scores", "labels", "boxes")}
+
+
 def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
                             out_dir: str, num_images: int, *, split: str = "val") -> list[str]:
-  """Draws the detections of ``num_images`` images of ``split`` to ``out_dir/<file name>.png``: the
-  first ones in evaluation order (by id within each size bucket).
+  """Draws the detections of the first ``num_images`` images of ``split`` (by id) to
+  ``out_dir/<file name>.png``, as predict.py draws them: the same detections (``detect_image``) and
+  drawing (``visualize``), with those scoring at least ``config.evaluation.score_threshold``.
 
   Call it on every process (it gathers ``variables`` to the hosts); process 0 runs the model on
-  its first local device and writes the files. Each image file is drawn as predict.py draws it
-  (``visualize``), with the detections scoring at least ``config.evaluation.score_threshold``.
+  its first local device and writes the files.
 
   Returns:
     The paths written (empty on processes other than 0).
@@ -262,21 +279,14 @@ def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen
     return []
   variables = jax.device_put(variables, jax.local_devices()[0])
   names = data.category_names(config)
-  batch_size = max(1, config.eval_per_device_batch_size)
-  threshold = config.evaluation.score_threshold
-  paths = []
   images = coco.load_split(config, split)
-  for batch in data.eval_iterator(config, global_batch_size=batch_size, split=split,
-                                  process_index=0, process_count=1):
-    # Boxes in the pixels of the image file, which is the one drawn.
-    inputs = {"image": batch["image"], "pad_mask": batch["pad_mask"], "orig_size": batch["orig_size"]}
-    dets = jax.device_get(predict_batch(variables, inputs, model=model, k=top_k(config)))
-    for i in np.flatnonzero(batch["valid"]):
-      source = images.path(int(np.searchsorted(images.image_ids, batch["image_id"][i])))  # ids are sorted
-      path = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".png")
-      visualize.save_detections_png(path, visualize.read_rgb(source), dets["boxes"][i], dets["scores"][i],
-                                    dets["labels"][i], names, threshold)
-      paths.append(path)
-      if len(paths) == num_images:
-        return paths
+  paths = []
+  for i in range(min(num_images, len(images))):
+    source = images.path(i)
+    loaded = image_files.load_image(source, config)
+    dets = detect_image(variables, loaded, model=model, k=top_k(config))
+    path = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".png")
+    visualize.save_detections_png(path, loaded.pixels, dets["boxes"], dets["scores"], dets["labels"], names,
+                                  config.evaluation.score_threshold)
+    paths.append(path)
   return paths

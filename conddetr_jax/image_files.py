@@ -33,8 +33,8 @@ class LoadedImage:
   orig_size: np.ndarray
 
 
-def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
-  """Reads an image file of any format PIL knows and prepares it as the evaluation does.
+def read_image(path: str) -> np.ndarray:
+  """An image file of any format PIL knows, as (h, w, 3) uint8 RGB with its EXIF orientation applied.
 
   Raises:
     FileNotFoundError: no such file.
@@ -45,9 +45,16 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
   try:
     with Image.open(path) as f:
       # Phone photos store their rotation in EXIF: apply it, so boxes match what viewers show.
-      pil = ImageOps.exif_transpose(f).convert("RGB")
+      return np.asarray(ImageOps.exif_transpose(f).convert("RGB"), np.uint8)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def prepare_image(pixels: np.ndarray, config: ml_collections.ConfigDict) -> LoadedImage:
+  """(h, w, 3) uint8 RGB pixels prepared as the evaluation does: resized (shorter side ``eval_size``,
+  longer at most ``eval_max_size``, PIL bilinear), ImageNet-normalised, padded to a multiple of
+  ``size_divisibility``."""
+  pil = Image.fromarray(pixels)
   ds = config.dataset
   h, w = pil.height, pil.width
   out_h, out_w = (int(v[0]) for v in transforms.resized_size(np.array([h]), np.array([w]), ds.eval_size,
@@ -60,5 +67,14 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
   image[0, :out_h, :out_w] = normalised
   pad_mask = np.ones((1, pad_h, pad_w), bool)
   pad_mask[0, :out_h, :out_w] = False
-  return LoadedImage(pixels=np.asarray(pil, np.uint8), image=image, pad_mask=pad_mask,
-                     orig_size=np.array([[h, w]], np.int32))
+  return LoadedImage(pixels=pixels, image=image, pad_mask=pad_mask, orig_size=np.array([[h, w]], np.int32))
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
+  """Reads an image file (``read_image``) and prepares it as the evaluation does (``prepare_image``).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not a readable image (the message names it).
+  """
+  return prepare_image(read_image(path), config)

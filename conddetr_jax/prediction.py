@@ -1,12 +1,12 @@
 """predict.py's library: detections on image files, drawn into PNGs and listed in detections.json."""
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
 from absl import logging
 import flax
-import jax
 import ml_collections
 
 from conddetr_jax import data
@@ -76,9 +76,9 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     threshold: lowest score kept (in the PNGs and the json).
 
   Returns:
-    One record per image, as written to the json: ``{"file", "png", "width", "height",
+    One record per image, as written to the json: ``{"file", "png", "width", "height", "best_score",
     "detections": [{"label", "name", "score", "box_xyxy"}, ...]}`` (boxes in the file's pixels,
-    sorted by decreasing score).
+    sorted by decreasing score; ``best_score``: the highest score, kept or not).
   """
   files.require_local_path(out_dir, "--out")
   images = [image_files.load_image(p, config) for p in paths]
@@ -86,9 +86,8 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
   os.makedirs(out_dir, exist_ok=True)
   records = []
   for path, stem, loaded in zip(paths, _output_stems(paths), images):
-    batch = {"image": loaded.image, "pad_mask": loaded.pad_mask, "orig_size": loaded.orig_size}
-    dets = jax.device_get(evaluation.predict_batch(variables, batch, model=model, k=evaluation.top_k(config)))
-    scores, labels, boxes = dets["scores"][0], dets["labels"][0], dets["boxes"][0]
+    dets = evaluation.detect_image(variables, loaded, model=model, k=evaluation.top_k(config))
+    scores, labels, boxes = dets["scores"], dets["labels"], dets["boxes"]
     png = os.path.join(out_dir, f"{stem}.png")
     visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
                                   scale=visualize.enlargement(*loaded.pixels.shape[:2]))
@@ -96,6 +95,7 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     records.append({
         "file": os.path.abspath(path), "png": os.path.abspath(png),
         "height": int(loaded.orig_size[0, 0]), "width": int(loaded.orig_size[0, 1]),
+        "best_score": float(scores[0]) if len(scores) else 0.0,
         "detections": [{"label": int(c), "name": visualize.class_name(c, names),
                         "score": float(s), "box_xyxy": [float(v) for v in b]}
                        for c, s, b in zip(labels[keep], scores[keep], boxes[keep])],
@@ -103,3 +103,21 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
   with open(os.path.join(out_dir, evaluation.DETECTIONS_FILE), "w") as f:
     json.dump(records, f, indent=1)
   return records
+
+
+def suggested_threshold(best_score: float) -> float:
+  """A ``--threshold`` that keeps the best detection: its score rounded down to one significant
+  digit (0.48 -> 0.4, 0.031 -> 0.03)."""
+  if best_score <= 0:
+    return 0.0
+  step = 10.0 ** math.floor(math.log10(best_score))
+  return round(math.floor(best_score / step) * step, 10)
+
+
+def describe_record(record: dict[str, Any], threshold: float) -> str:
+  """predict.py's line for one image: its detections and drawing, or, when none scores
+  ``threshold``, the best score and a ``--threshold`` that would show it."""
+  if record["detections"]:
+    return f"{record['file']}: {len(record['detections'])} detections -> {record['png']}"
+  return (f"{record['file']}: no detection scores >= {threshold:g} (the best scores {record['best_score']:.3f}); "
+          f"try --threshold={suggested_threshold(record['best_score']):g}")

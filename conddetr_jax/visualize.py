@@ -96,10 +96,3 @@ def save_detections_png(path: str, image: np.ndarray, boxes: np.ndarray, scores:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   scale = enlargement(*image.shape[:2]) if scale is None else scale
   draw_detections(image, boxes, scores, labels, class_names, threshold, scale).save(path, format="PNG")
-
-
-def read_rgb(path: str) -> np.ndarray:
-  """(H, W, 3) uint8 pixels of an image file as stored (no EXIF rotation: as the input pipeline
-  decodes it, so that its boxes fit)."""
-  with Image.open(path) as f:
-    return np.asarray(f.convert("RGB"), np.uint8)

@@ -10,6 +10,7 @@ only the model's ``{'params', 'batch_stats'}``, from a checkpoint that is one of
   ``convert.from_torch``.
 """
 
+import importlib
 import os
 from typing import Any
 
@@ -68,21 +69,51 @@ def resolve_orbax_checkpoint(path: str) -> str:
       f"or a PyTorch/HF file ({', '.join(TORCH_SUFFIXES)})")
 
 
+MAX_LISTED_DIFFERENCES = 10
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'collection/module/.../name' -> shape of every array of ``tree``."""
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def matching_configs(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+  """The repository's configs (``configs.NAMES``) whose model has exactly these tensors.
+
+  Each candidate's model is traced, not run (a few seconds each on a CPU): only worth it once a
+  checkpoint has failed to fit. Configs differing only in what holds no weights (DC5's dilation)
+  all match.
+  """
+  from conddetr_jax import configs  # pylint: disable=import-outside-toplevel  # only on this error path
+  found = []
+  for name in configs.NAMES:
+    config = importlib.import_module(f"conddetr_jax.configs.{name}").get_config()
+    abstract = models.init_variables(models.build_model(config), jax.random.PRNGKey(0), abstract=True)
+    if _shapes({c: abstract[c] for c in _VARIABLE_COLLECTIONS if c in abstract}) == shapes:
+      found.append(name)
+  return found
+
+
 def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming the tensors that differ between a checkpoint and the model."""
-  have = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
-      {c: saved.get(c, {}) for c in _VARIABLE_COLLECTIONS}, sep="/").items()}
-  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(target, sep="/").items()}
+  """Raises a ValueError naming the tensors that differ between a checkpoint and the model, and the
+  repository's configs the checkpoint fits, if any."""
+  have = _shapes({c: saved[c] for c in _VARIABLE_COLLECTIONS if saved.get(c)})
+  want = _shapes(target)
   problems = [f"{k}: checkpoint {have[k]}, model {want[k]}" for k in sorted(want.keys() & have.keys())
               if have[k] != want[k]]
   problems += [f"{k}: not in the checkpoint" for k in sorted(want.keys() - have.keys())]
   problems += [f"{k}: not in the model" for k in sorted(have.keys() - want.keys())]
   if problems:
     m = config.model
+    listed = problems[:MAX_LISTED_DIFFERENCES]
+    if len(problems) > len(listed):
+      listed.append(f"... and {len(problems) - len(listed)} more")
+    fits = matching_configs(have)
+    hint = f"\nIt fits the model of {' and of '.join(f'configs/{name}.py' for name in fits)}." if fits else ""
     raise ValueError(
         f"the checkpoint {tree} does not fit the model of this config (backbone {m.backbone}, hidden_dim "
         f"{m.hidden_dim}, {m.enc_layers}+{m.dec_layers} layers, num_queries {m.num_queries}, num_classes "
-        f"{m.num_classes}); {len(problems)} tensors differ:\n  " + "\n  ".join(problems[:10]))
+        f"{m.num_classes}); {len(problems)} tensors differ:\n  " + "\n  ".join(listed) + hint)
 
 
 def load_variables(config: ml_collections.ConfigDict, path: str,

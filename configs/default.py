@@ -82,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
       buckets=(),               # () = derived from the train images' sizes; or ((h, w), ...)
       num_buckets=8,            # padded shapes when derived (each is one compiled program)
       eval_num_buckets=0,       # > 0: evaluation gets its own, finer buckets (see data/pipeline.py)
-      synthetic_num_train=1000,  # source=synthetic: written under root (default ~/.cache/conddetr_jax)
+      # source=synthetic: generated shapes, which read none of the paths above (naming one is an error)
+      synthetic_dir="",         # where they are written ('' = a folder under ~/.cache/conddetr_jax)
+      synthetic_num_train=1000,
       synthetic_num_val=200,
       synthetic_image_size=(128, 192),  # (min, max) height and width
       synthetic_object_size=(0.15, 0.45),  # (min, max) object side / the image's shorter side
@@ -107,13 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 50
   config.lr_drop_epoch = 40
   config.total_steps = -1       # > 0 overrides num_epochs
-  # Global batch = per_device_batch_size x devices x grad_accum_steps; the original's is 16 (2 x 8
-  # GPUs): on 1 GPU, per_device_batch_size=2 and grad_accum_steps=8 keep it.
-  config.per_device_batch_size = 2
-  config.global_batch_size = 0  # > 0 overrides it (must be divisible by devices x grad_accum_steps)
+  # The global batch (images per update) is fixed: 16, the original's (2 per GPU x 8 GPUs), which its
+  # learning rates were set for. On any device count the run keeps it, each device taking micro-batches
+  # of at most per_device_batch_size images and accumulating the rest (1 device: 2 x 8 accumulation
+  # steps; 8 devices: 2 x 1), or stops naming the numbers to set (training/batch.py).
+  config.global_batch_size = 16  # 0: per_device_batch_size x devices x grad_accum_steps (grows with devices)
+  config.per_device_batch_size = 2  # the largest micro-batch per device (memory), or the batch if the above is 0
   # Micro-batches per update: gradients of K micro-batches are accumulated (memory of one), then
   # clipped and applied once, equal to one K-times-larger batch's (box-count normalised over it).
-  config.grad_accum_steps = 1
+  # 0 = derived from the global batch as above.
+  config.grad_accum_steps = 0
   config.eval_per_device_batch_size = 2
   config.parallel = "jit"       # jit (Mesh + shardings) | pmap
 

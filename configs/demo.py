@@ -30,7 +30,7 @@ docs/demo-levers.md measures each of these against the others.
 
 import ml_collections
 
-from configs import default
+from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       train_max_size=192, crop_resize_scales=(160,), crop_min_size=112, crop_max_size=160,
       eval_size=160, eval_max_size=192, size_divisibility=32, num_buckets=2, max_boxes=10)
   config.optimizer.update(lr=2e-4, backbone_lr_mult=1.0)
+  config.global_batch_size = 0  # not a recipe of the original: the batch grows with the devices
   config.per_device_batch_size = 4
   config.eval_per_device_batch_size = 8
   config.total_steps = 1000

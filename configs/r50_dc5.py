@@ -8,7 +8,7 @@ Command (from torchvision's ImageNet weights, as the original; a plain download,
 
 import ml_collections
 
-from configs import default
+from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ Trains a few steps in well under a minute on a CPU; the numbers mean nothing.
 
 import ml_collections
 
-from configs import default
+from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
       train_scales=(48, 56, 64), train_max_size=64, crop_resize_scales=(48, 64), crop_min_size=32,
       crop_max_size=48, eval_size=64, eval_max_size=64, size_divisibility=32, buckets=((64, 64),),
       max_boxes=8, num_parallel_calls=1)
+  config.global_batch_size = 0  # not a recipe of the original: the batch grows with the devices
   config.per_device_batch_size = 2
   config.eval_per_device_batch_size = 4
   config.total_steps = 8

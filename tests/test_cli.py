@@ -21,6 +21,7 @@ from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import image_files
 from conddetr_jax import models
+from conddetr_jax import prediction
 from conddetr_jax import weights
 from conddetr_jax.training import checkpoint
 from conddetr_jax.training import optimizer
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
   """A tiny synthetic dataset, and a training workdir whose latest checkpoint is step 5."""
   root = str(tmp_path_factory.mktemp("synthetic"))
   config = test_tiny.get_config()
-  config.dataset.update(root=root, synthetic_num_val=6)
+  config.dataset.update(synthetic_dir=root, synthetic_num_val=6)
   data.prepare_dataset(config)
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(3))
@@ -52,7 +53,7 @@ def setup(tmp_path_factory):
   for step in (2, STEP):
     checkpointer.save(step, state.replace(step=np.int32(step)), {"step": step})
   checkpointer.close()
-  flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root}", "--config.dataset.synthetic_num_val=6"]
+  flags = ["--config=configs/test_tiny.py", f"--config.dataset.synthetic_dir={root}", "--config.dataset.synthetic_num_val=6"]
   return config, model, variables, str(workdir), flags
 
 
@@ -76,7 +77,7 @@ def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
   _, _, _, workdir, flags = setup
   photo = tmp_path / "photo.png"
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 110, 4), np.uint8), "RGBA").save(photo)
-  val_image = os.path.join(setup[0].dataset.root, "val2017", "000000000001.jpg")
+  val_image = os.path.join(setup[0].dataset.synthetic_dir, "val2017", "000000000001.jpg")
   out = tmp_path / "out"
   proc = run("predict.py", *flags, f"--checkpoint={workdir}/checkpoints/{STEP}", f"--out={out}",
              "--threshold=0.0", str(photo), val_image)
@@ -177,10 +178,10 @@ def test_dataset_root_without_annotations_is_named(setup, tmp_path):
 def test_missing_val_image_is_named(setup, tmp_path):
   config, _, _, workdir, _ = setup
   root = tmp_path / "broken"
-  shutil.copytree(config.dataset.root, root)
+  shutil.copytree(config.dataset.synthetic_dir, root)
   os.remove(root / "val2017" / "000000000004.jpg")
   config = ml_collections.ConfigDict(config.to_dict())
-  config.dataset.root = str(root)
+  config.dataset.update(source="coco", root=str(root))
   with pytest.raises(data.BadImageError, match="val2017/000000000004.jpg"):
     checkpoint_eval.evaluate_checkpoint(config, workdir, str(tmp_path / "out"))
 
@@ -252,3 +253,12 @@ def test_image_files_are_resized_as_in_evaluation_and_padded(setup, tmp_path):
   assert not loaded.pad_mask[0, :43, :64].any() and loaded.pad_mask[0, 43:].all()
   np.testing.assert_allclose(loaded.image[0, :43], 0.0, atol=0.02)
   assert (loaded.image[0, 43:] == 0).all()
+
+
+def test_predict_names_the_best_score_and_a_threshold_that_shows_it_when_nothing_passes():
+  record = {"file": "/img/a.jpg", "png": "/out/a.png", "best_score": 0.4812, "detections": []}
+  assert prediction.describe_record(record, 0.5) == (
+      "/img/a.jpg: no detection scores >= 0.5 (the best scores 0.481); try --threshold=0.4")
+  record.update(detections=[{"score": 0.6}, {"score": 0.55}], best_score=0.6)
+  assert prediction.describe_record(record, 0.5) == "/img/a.jpg: 2 detections -> /out/a.png"
+  assert [prediction.suggested_threshold(s) for s in (0.031, 0.9, 0.0)] == [0.03, 0.9, 0.0]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -57,12 +58,17 @@ def test_an_unknown_field_without_a_close_name_lists_the_group():
 
 def test_a_field_below_a_value_is_named():
   assert parse_error(TINY, "--workdir=w", "--config.seed.x=1") == (
-      "error: --config.seed.x: config.seed is a int, it has no field 'x'")
+      "error: --config.seed.x: config.seed is an integer, it has no field 'x'")
 
 
 def test_a_value_of_the_wrong_type_names_the_field_and_the_expected_type():
   message = parse_error(TINY, "--workdir=w", "--config.total_steps=1.5")
-  assert message.startswith("error: --config.total_steps=1.5: expected a int like the default 8 (")
+  assert message.startswith("error: --config.total_steps=1.5: expected an integer like the default 8 (")
+
+
+def test_types_are_named_with_their_article():
+  assert [cli.type_phrase(v) for v in (8, 0.1, "r50", True, (1, 2), [], ml_collections.ConfigDict())] == [
+      "an integer", "a number", "a string", "a boolean", "a tuple", "a list", "a ConfigDict"]
 
 
 def test_a_missing_config_file_and_a_missing_flag_are_one_line():
@@ -207,7 +213,7 @@ def test_remote_paths_are_named_instead_of_becoming_local_folders(tmp_path):
   config = test_tiny.get_config()
   with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run': remote paths are not supported"):
     loop.train_and_evaluate(config, "gs://bucket/run")
-  config.dataset.root = "s3://bucket/coco"
+  config.dataset.update(source="coco", root="s3://bucket/coco")
   with pytest.raises(ValueError, match=r"config.dataset.root='s3://bucket/coco': remote paths"):
     data.prepare_dataset(config)
   with pytest.raises(ValueError, match=r"--out='gs://bucket/preds'"):
@@ -253,6 +259,6 @@ def test_train_names_a_wrong_dataset_root_once(tmp_path):
 
 def test_find_images_prints_the_first_val_files_without_knowing_the_cache_folder(tmp_path):
   config = test_tiny.get_config()
-  config.dataset.root = str(tmp_path)
+  config.dataset.synthetic_dir = str(tmp_path)
   assert find_images.image_paths(config, "val", 2) == [str(tmp_path / "val2017" / f"{i:012d}.jpg") for i in (1, 2)]
   assert all(os.path.isfile(p) for p in find_images.image_paths(config, "train", 3))

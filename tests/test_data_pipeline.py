@@ -18,7 +18,7 @@ def small_config(root: str, **dataset) -> ml_collections.ConfigDict:
   """The default config shrunk to tiny images (every size comes from here)."""
   config = default.get_config()
   config.dataset.update(dict(
-      source="synthetic", root=root, synthetic_num_train=40, synthetic_num_val=23,
+      source="synthetic", synthetic_dir=root, synthetic_num_train=40, synthetic_num_val=23,
       synthetic_image_size=(48, 80), train_scales=(32, 40, 48), train_max_size=64,
       crop_resize_scales=(36, 44), crop_min_size=24, crop_max_size=40, eval_size=48, eval_max_size=64,
       size_divisibility=16, num_buckets=4, num_parallel_calls=2))
@@ -184,7 +184,7 @@ def test_train_and_eval_share_the_bucket_set(config):
 
 
 def test_eval_num_buckets_pads_each_image_only_to_the_size_divisibility(config):
-  fine = small_config(config.dataset.root, eval_num_buckets=1000)
+  fine = small_config(config.dataset.synthetic_dir, eval_num_buckets=1000)
   split = coco.load_split(fine, "val")
   out = transforms.eval_geometry(split.sizes, fine.dataset)[:, 7:9]
   own = -(-out // 16) * 16  # each image's size rounded up to size_divisibility
@@ -194,12 +194,12 @@ def test_eval_num_buckets_pads_each_image_only_to_the_size_divisibility(config):
     assert tuple(batch["image"].shape[1:3]) == tuple(own[index])
   np.testing.assert_array_equal(pipeline.eval_buckets(config, split), data.buckets(config))  # 0: shared
   # A bounded number: at most eval_num_buckets shapes (+ the envelope square), every image fits.
-  few = pipeline.eval_buckets(small_config(config.dataset.root, eval_num_buckets=2), split)
+  few = pipeline.eval_buckets(small_config(config.dataset.synthetic_dir, eval_num_buckets=2), split)
   assert len(few) <= 2 and (batching.assign_buckets(out, few) >= 0).all()
 
 
 def test_explicit_buckets_are_used_with_their_envelope(tmp_path, config):
-  explicit = small_config(config.dataset.root, buckets=((48, 64), (64, 48)))
+  explicit = small_config(config.dataset.synthetic_dir, buckets=((48, 64), (64, 48)))
   np.testing.assert_array_equal(pipeline.buckets(explicit), [[48, 64], [64, 48], [64, 64]])
   for batch in take(data.train_iterator(explicit, global_batch_size=4, process_index=0, process_count=1), 4):
     assert list(batch["image"].shape[1:3]) in [[48, 64], [64, 48], [64, 64]]
@@ -207,7 +207,7 @@ def test_explicit_buckets_are_used_with_their_envelope(tmp_path, config):
 
 def test_prepare_is_idempotent_and_refuses_other_parameters(config):
   data.prepare_dataset(config)  # already there: nothing to do
-  other = small_config(config.dataset.root, synthetic_num_train=41)
+  other = small_config(config.dataset.synthetic_dir, synthetic_num_train=41)
   with pytest.raises(ValueError, match="already holds"):
     data.prepare_dataset(other)
 

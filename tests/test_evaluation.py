@@ -20,6 +20,7 @@ from configs import test_tiny
 from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import models
+from conddetr_jax import prediction
 from conddetr_jax import visualize
 from conddetr_jax import sharding
 
@@ -30,7 +31,7 @@ def tiny_config(root: str) -> ml_collections.ConfigDict:
   """The tiny model on 7 synthetic val images (64-96 px, resized to fit the one 64x64 bucket), in
   batches of 3: the last batch holds one image and two blanks."""
   config = test_tiny.get_config()
-  config.dataset.update(root=root, synthetic_num_val=7)
+  config.dataset.update(synthetic_dir=root, synthetic_num_val=7)
   config.eval_per_device_batch_size = 3
   return config
 
@@ -193,6 +194,28 @@ def test_prediction_images_are_the_val_files_drawn_as_predict_draws_them(config,
       assert png.format == "PNG" and png.size == (w * scale, h * scale)
 
 
+def test_prediction_images_detect_and_draw_each_image_as_predict_py_does(config, tmp_path, monkeypatch):
+  # Evaluation batches pad an image to its size bucket, which moves scores slightly; the drawings
+  # must show predict.py's detections of the file instead, so both go through detect_image.
+  seen = []
+
+  def fake_detect(variables, loaded, *, model, k):
+    del variables, model
+    seen.append(loaded.image.shape)
+    h, w = loaded.orig_size[0]
+    boxes = np.tile(np.array([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h]], np.float32), (k, 1))
+    return {"scores": np.linspace(0.9, 0.1, k, dtype=np.float32), "labels": np.arange(k) % 3 + 1, "boxes": boxes}
+
+  monkeypatch.setattr(evaluation, "detect_image", fake_detect)
+  [drawn] = evaluation.write_prediction_images(config, None, {}, str(tmp_path / "train"), 1)
+  val_file = os.path.join(config.dataset.synthetic_dir, "val2017", os.path.basename(drawn).replace(".png", ".jpg"))
+  [record] = prediction.predict_files(config, None, {}, [val_file], str(tmp_path / "predict"),
+                                      config.evaluation.score_threshold)
+  assert len(seen) == 2 and seen[0] == seen[1]  # one image, padded only to size_divisibility, both times
+  with open(drawn, "rb") as a, open(record["png"], "rb") as b:
+    assert a.read() == b.read()
+
+
 def test_draw_detections_draws_only_boxes_above_the_threshold():
   image = np.zeros((80, 100, 3), np.uint8)
   boxes = np.array([[10.0, 50.0, 30.0, 70.0], [60.0, 5.0, 90.0, 20.0]])
@@ -254,7 +277,7 @@ def test_two_processes_of_two_devices_give_the_single_device_numbers(config, mod
   port = str(20000 + os.getpid() % 20000)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.root,
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.synthetic_dir,
                              str(tmp_path / f"multi{i}.json")], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]

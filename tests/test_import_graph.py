@@ -19,7 +19,7 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 
 # Lowest floor first. A name covers the module or package of that name and everything inside it.
 FLOORS = (
-    ("building blocks", ("conddetr_jax", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
+    ("building blocks", ("conddetr_jax.configs", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
                          "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress",
                          "conddetr_jax.hlo", "conddetr_jax.flops", "conddetr_jax.batch_search",
                          "conddetr_jax.focal")),
@@ -31,14 +31,17 @@ FLOORS = (
     ("training", ("conddetr_jax.training",)),
     ("running a trained model", ("conddetr_jax.checkpoint_eval", "conddetr_jax.prediction",
                                  "conddetr_jax.find_images", "conddetr_jax.inspect_batches", "conddetr_jax.aot")),
-    ("entry points", ENTRY_POINTS),
+    # The package's root re-exports the Python API (imported on first use).
+    ("the Python API", ("conddetr_jax", "conddetr_jax.inference")),
+    # The installed commands: the scripts, linked into the package, and their launchers.
+    ("entry points", ENTRY_POINTS + ("conddetr_jax.commands",)),
 )
 
 
 def module_files(repo: str = REPO) -> dict[str, str]:
   """Dotted module name -> file, for the package's modules and the entry-point scripts."""
   files = {name: os.path.join(repo, f"{name}.py") for name in ENTRY_POINTS}
-  for folder, _, names in os.walk(os.path.join(repo, PACKAGE)):
+  for folder, _, names in os.walk(os.path.join(repo, PACKAGE), followlinks=True):  # configs/ is linked in
     for name in names:
       if name.endswith(".py"):
         parts = os.path.relpath(os.path.join(folder, name), repo)[:-len(".py")].split(os.sep)

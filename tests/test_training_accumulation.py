@@ -12,6 +12,7 @@ import pytest
 from configs import test_tiny
 from conddetr_jax import models
 from conddetr_jax import sharding
+from conddetr_jax.training import batch as batch_lib
 from conddetr_jax.training import loop, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -125,7 +126,7 @@ def test_accumulated_train_steps_clip_and_apply_the_whole_batch_update():
      r"config.global_batch_size=8 is not divisible by the number of devices \(1\) x config.grad_accum_steps \(3\)"),
     (dict(global_batch_size=16, grad_accum_steps=2), 3,
      r"config.global_batch_size=16 is not divisible by the number of devices \(3\) x config.grad_accum_steps \(2\)"),
-    (dict(grad_accum_steps=0), 1, r"config.grad_accum_steps=0: must be >= 1"),
+    (dict(grad_accum_steps=-1), 1, r"config.grad_accum_steps=-1: must be >= 1, or 0 to derive it"),
 ])
 def test_a_batch_that_does_not_split_into_micro_batches_over_the_devices_is_an_error(overrides, devices, message):
   config = test_tiny.get_config()
@@ -137,9 +138,9 @@ def test_a_batch_that_does_not_split_into_micro_batches_over_the_devices_is_an_e
 def test_global_batch_counts_devices_and_micro_batches():
   config = test_tiny.get_config()
   config.update(per_device_batch_size=2, grad_accum_steps=8)
-  assert loop.global_batch_size(config, device_count=1) == 16  # the original's 2 x 8 GPUs, on one
+  assert batch_lib.plan_batch(config, device_count=1).global_batch == 16  # the original's 2 x 8 GPUs, on one
   config.update(global_batch_size=16, grad_accum_steps=3)
   with pytest.raises(ValueError):
-    loop.global_batch_size(config, device_count=1)
+    batch_lib.plan_batch(config, device_count=1)
   config.update(grad_accum_steps=4)
-  assert loop.global_batch_size(config, device_count=2) == 16  # 2 per device x 2 devices x 4
+  assert batch_lib.plan_batch(config, device_count=2).global_batch == 16  # 2 per device x 2 devices x 4

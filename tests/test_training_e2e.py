@@ -57,8 +57,8 @@ class Runs:
     # The compilation cache is the test run's (tests/conftest.py), shared with every other module.
     self.env = dict({k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, JAX_PLATFORMS="cpu",
                     PYTHONPATH=REPO)
-    self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.root={root / 'synthetic'}",
-                  "--config.global_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
+    self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.synthetic_dir={root / 'synthetic'}",
+                  "--config.global_batch_size=4", "--config.per_device_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
                   "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
 
   def start(self, workdir, *extra, poison_step=None, env=None) -> subprocess.Popen:
@@ -134,6 +134,21 @@ def test_train_py_writes_metrics_tensorboard_checkpoints_and_evaluates_at_the_en
   assert f"Trained step {TOTAL_STEPS}/{TOTAL_STEPS}" in output and f"checkpoints: {workdir}/checkpoints" in output
   assert "Unable to initialize backend" not in output and "oneDNN" not in output and "orbax" not in output
   assert not re.search(r"^[IWEF]\d{4} ", output, re.MULTILINE), output  # no C++ log lines (glog format)
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_keeps_one_evaluation_record_per_step(runs, reference, tmp_path):
+  workdir = tmp_path / "finished"
+  shutil.copytree(reference[0], workdir)
+  before = _records(workdir)
+  config = test_tiny.get_config()  # the reference's flags
+  config.dataset.synthetic_dir = str(runs.root / "synthetic")
+  config.update(global_batch_size=4, per_device_batch_size=4, total_steps=TOTAL_STEPS, checkpoint_every_steps=3,
+                keep_checkpoints=10, log_every_steps=1)
+  result = loop.train_and_evaluate(config, str(workdir))
+  assert _records(workdir) == before  # nothing appended: no second AP record for the last step
+  (recorded,) = [r for r in before if "AP" in r]
+  assert result.eval_metrics == {k: v for k, v in recorded.items() if k not in ("step", "epoch")}
 
 
 @pytest.mark.slow
@@ -279,6 +294,6 @@ def test_config_errors_fail_before_anything_compiles_naming_the_field(tmp_path, 
 def test_global_batch_must_split_over_the_devices():
   config = test_tiny.get_config()
   config.global_batch_size = 12
-  with pytest.raises(ValueError, match=r"config.global_batch_size=12 is not divisible by the number of devices \(8\)"):
+  with pytest.raises(ValueError, match=r"config.global_batch_size=12 does not split over 8 devices"):
     loop.validate_config(config, device_count=8)
   loop.validate_config(config, device_count=4)

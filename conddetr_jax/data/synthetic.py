@@ -211,7 +211,7 @@ def write_dataset(root: str, num_train: int, num_val: int, scenes: Scenes = Scen
     if existing == params:
       return False
     raise ValueError(f"{root} already holds a synthetic dataset with parameters {existing}, not {params}; "
-                     "choose another config.dataset.root or delete it.")
+                     "choose another config.dataset.synthetic_dir or delete it.")
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
   _write_split(root, "train", 0, num_train, scenes, seed)
   _write_split(root, "val", 1, num_val, scenes, seed)

@@ -22,6 +22,7 @@ from absl import logging
 from conddetr_jax import cli, data, evaluation, models, progress, weights
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.data import files
+from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
 from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -50,28 +51,6 @@ class TrainResult:
   prediction_images: list[str] = dataclasses.field(default_factory=list)
 
 
-def global_batch_size(config: ml_collections.ConfigDict, device_count: int) -> int:
-  """Images per optimiser update: ``config.global_batch_size`` if > 0, else
-  ``per_device_batch_size`` x devices x ``grad_accum_steps``; checked.
-
-  Raises:
-    ValueError: naming the field, if the batch is empty, ``grad_accum_steps`` < 1, or the batch
-      does not split into ``grad_accum_steps`` micro-batches over ``device_count`` devices.
-  """
-  accum = config.grad_accum_steps
-  if accum < 1:
-    raise ValueError(f"config.grad_accum_steps={accum}: must be >= 1")
-  if config.global_batch_size > 0:
-    if config.global_batch_size % (device_count * accum):
-      raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by the "
-                       f"number of devices ({device_count}) x config.grad_accum_steps ({accum}): each "
-                       "device takes an equal share of every micro-batch")
-    return config.global_batch_size
-  if config.per_device_batch_size < 1:
-    raise ValueError(f"config.per_device_batch_size={config.per_device_batch_size}: must be >= 1")
-  return config.per_device_batch_size * device_count * accum
-
-
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Fails fast, before any data is read or anything compiles, naming the offending field.
 
@@ -85,7 +64,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   data.check_train_resize(config.dataset)
   if config.parallel not in parallel.PARALLEL_MODES:
     raise ValueError(f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}")
-  global_batch_size(config, device_count)
+  batch_lib.plan_batch(config, device_count)
   if config.rng_impl not in RNG_IMPLS:
     raise ValueError(f"config.rng_impl={config.rng_impl!r}: expected one of {RNG_IMPLS}")
   if config.total_steps <= 0 and config.num_epochs <= 0:
@@ -227,7 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   files.require_local_path(workdir, "--workdir")
   validate_config(config, jax.device_count())
-  batch_size = global_batch_size(config, jax.device_count())
+  plan = batch_lib.plan_batch(config, jax.device_count())
+  config = batch_lib.resolved(config, plan)  # the step reads the derived grad_accum_steps
+  batch_size = plan.global_batch
   data.prepare_dataset(config)
   dataset_classes = data.num_classes(config)
   if dataset_classes > config.model.num_classes:
@@ -235,10 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      f"max category id + 1 ({dataset_classes})")
   steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
   total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
-  logging.info("global batch %d = %d per device x %d devices (%d processes) x %d accumulation steps; "
-               "%d updates per epoch, %d updates", batch_size,
-               batch_size // (jax.device_count() * config.grad_accum_steps), jax.device_count(),
-               jax.process_count(), config.grad_accum_steps, steps_per_epoch, total_steps)
+  logging.info("%s (%d processes); %d updates per epoch, %d updates", plan.describe(), jax.process_count(),
+               steps_per_epoch, total_steps)
+  departure = batch_lib.departure_from_recipe(config, plan)
+  if departure:
+    logging.info("%s", departure)
 
   check_initial_weights(config)
   init_rng = jax.random.PRNGKey(config.seed)
@@ -330,7 +312,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         window_start = time.time()  # evaluation time is not training throughput
     else:
       save(total_steps)
-      eval_scalars = evaluate(total_steps)
+      # Every process reads the record: the workdir is shared, as its checkpoints need it to be, so
+      # all skip the (collective) evaluation together.
+      recorded = metrics.recorded_evaluation(workdir, total_steps) if start_step == total_steps else None
+      if recorded is None:
+        eval_scalars = evaluate(total_steps)
+      else:
+        eval_scalars = recorded
+        logging.info("the run is finished and step %d was evaluated already: %s (%s; eval.py evaluates it "
+                     "again)", total_steps, cli.format_metrics(recorded), metrics.METRICS_FILE)
       if config.evaluation.prediction_images > 0:
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
         variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)

@@ -51,6 +51,27 @@ class MetricWriter:
       self._events.close()
 
 
+def recorded_evaluation(workdir: str, step: int) -> dict[str, float] | None:
+  """The COCO metrics ``metrics.jsonl`` holds for ``step`` (the last such record), or None.
+
+  A rerun of a finished run finds its final evaluation here instead of appending a second record
+  for the same step.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  found = None
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a crash mid-write
+        continue
+      if record.get("step") == step and "AP" in record:
+        found = {k: v for k, v in record.items() if k not in ("step", "epoch")}
+  return found
+
+
 def format_eta(seconds: float) -> str:
   """``h:mm:ss`` for a duration in seconds."""
   seconds = max(int(seconds), 0)

@@ -79,14 +79,15 @@ def gradients(params: Any, batch: Batch, loss_fn: LossFn, rng: jax.Array, accum_
     batch: the global batch under jit, one device's part under pmap; B divisible by ``accum_steps``.
     loss_fn: ``loss_fn(params, batch, dropout_rng) -> (loss, metrics)`` (``set_loss_fn``).
     rng: the dropout key of this step (micro-batch k uses ``fold_in(rng, k)`` when K > 1).
-    accum_steps: K, the number of micro-batches.
+    accum_steps: K, the number of micro-batches; 0 (a config's "derive it", when the step runs outside
+      ``train_and_evaluate``, which resolves it: training/batch.py) means one, as 1 does.
     axis_name: the pmap axis (box counts are summed over it), or None under jit.
 
   Returns:
     The gradients (the tree of ``params``) and the metrics, before any ``pmean``.
   """
   grad_fn = jax.grad(loss_fn, has_aux=True)
-  if accum_steps == 1:
+  if accum_steps <= 1:
     return grad_fn(params, batch, rng)
 
   def accumulate(carry, indexed_micro_batch):
