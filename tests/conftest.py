@@ -75,3 +75,15 @@ def _stub_missing_torchvision_ops():
 
 
 _TORCHVISION_OPS_STUB = _stub_missing_torchvision_ops()
+
+
+# The modules that take longest, longest first: pytest-xdist hands whole modules to its two
+# processes in collection order, so starting these first keeps both busy to the end.
+_SLOWEST_MODULES = ("test_multihost_faults.py", "test_training_e2e.py", "test_model.py", "test_data_pipeline.py",
+                    "test_cli.py", "test_parity.py", "test_hf_reference.py", "test_console.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the slowest modules first (see _SLOWEST_MODULES); the rest keep their order."""
+  rank = {name: i for i, name in enumerate(_SLOWEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
