@@ -177,7 +177,10 @@ def test_r50_has_the_originals_parameter_count():
     (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
     (dict(decoder="deformable"), "config.model.decoder"),
     (dict(backbone_num_stages=1), "config.model.backbone_num_stages"),
-    (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
+    (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim"),
+    (dict(attention="flash"), "config.model.attention"),
+    (dict(remat="full"), "config.model.remat"),
+    (dict(attention_block_size=0), "config.model.attention_block_size")])
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     models.build_model(tiny_config(**overrides))
