@@ -31,6 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
       aux_loss=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       decoder="conditional",    # conditional | detr (baseline for the convergence study)
+      # Memory of the transformer's attention (docs/accelerators.md): dense (the original's) |
+      # blockwise (keys in blocks of attention_block_size with a running softmax: memory linear
+      # in the token count; the same results, attention-dropout masks drawn per block).
+      attention="dense",
+      attention_block_size=512,
+      remat="none",             # what transformer layers recompute in the backward pass: none | attention | layer
   ))
 
   # Initial weights: '' (ImageNet-free random init), the original's .pth, a torchvision

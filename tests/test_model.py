@@ -35,7 +35,7 @@ def _variables_and_gradients(config):
   """The model's initial variables and the gradient of a loss touching every output."""
   model = models.build_model(config)
   images, pad_mask = _inputs()
-  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, pad_mask)
 
   def loss(params):
     out = model.apply({**variables, "params": params}, images, pad_mask)
@@ -90,7 +90,7 @@ def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
   # GroupNorm (per group of channels, not per channel) they do not.
   backbone = ResNet("resnet18", norm=norm, freeze_stem_and_layer1=False, num_stages=2)
   images, _ = _inputs()
-  variables = backbone.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(backbone.init)(jax.random.PRNGKey(0), images)
   rng = np.random.default_rng(1)
 
   def perturb(path, leaf):
@@ -113,15 +113,16 @@ def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
 
 def test_weight_standardised_backbone_has_the_group_norm_params():
   images, _ = _inputs()
-  shapes = {norm: jax.tree.map(jnp.shape, ResNet("resnet18", norm=norm, num_stages=3).init(
-      jax.random.PRNGKey(0), images)) for norm in ("group_norm", "group_norm_ws")}
+  shapes = {norm: jax.tree.map(jnp.shape, jax.eval_shape(ResNet("resnet18", norm=norm, num_stages=3).init,
+                                                        jax.random.PRNGKey(0), images))
+            for norm in ("group_norm", "group_norm_ws")}
   assert shapes["group_norm"] == shapes["group_norm_ws"]
 
 
 def test_model_compiles_once_per_input_shape():
   model = models.build_model(tiny_config())
   images, pad_mask = _inputs()
-  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, pad_mask)
   traces = []
 
   @jax.jit
@@ -177,7 +178,10 @@ def test_r50_has_the_originals_parameter_count():
     (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
     (dict(decoder="deformable"), "config.model.decoder"),
     (dict(backbone_num_stages=1), "config.model.backbone_num_stages"),
-    (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim")])
+    (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim"),
+    (dict(attention="flash"), "config.model.attention"),
+    (dict(remat="full"), "config.model.remat"),
+    (dict(attention_block_size=0), "config.model.attention_block_size")])
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     models.build_model(tiny_config(**overrides))
@@ -213,7 +217,7 @@ def _torch_resnet18_dc5(variables, images: np.ndarray) -> np.ndarray:
 def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
   model = ResNet("resnet18", dilation=True)
   images = np.random.default_rng(2).normal(size=(1, 80, 96, 3)).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(0), images)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
   # Random frozen statistics, so every BatchNorm is visible in the output.
   leaves, treedef = jax.tree.flatten(variables["batch_stats"])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
@@ -261,7 +265,7 @@ def test_bfloat16_runs_without_nan_and_keeps_float32_params_and_outputs():
   config = tiny_config(dtype="bfloat16")
   model = models.build_model(config)
   images, pad_mask = _inputs()
-  variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, pad_mask)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
   out = model.apply(variables, images, pad_mask)
   assert out["pred_logits"].dtype == jnp.float32 and out["pred_boxes"].dtype == jnp.float32
@@ -275,7 +279,7 @@ def test_detr_baseline_decoder_shares_everything_but_the_decoder():
   shapes = {}
   for decoder in ("conditional", "detr"):
     model = models.build_model(tiny_config(decoder=decoder))
-    variables = model.init(jax.random.PRNGKey(0), images, pad_mask)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, pad_mask)
     out = model.apply(variables, images, pad_mask)
     assert out["pred_logits"].shape == (2, 8, 5) and out["pred_boxes"].shape == (2, 8, 4)
     assert len(out["aux_outputs"]) == 1

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from conddetr_jax.models.attention import IMPLEMENTATIONS
 from conddetr_jax.models.backbone import NORMS, NUM_STAGES, RESNET_SPECS, is_frozen_backbone_param
 from conddetr_jax.models.detector import ConditionalDETR
+from conddetr_jax.models.transformer import REMAT
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _DECODERS = ("conditional", "detr")
@@ -26,6 +28,14 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
   if m.decoder not in _DECODERS:
     raise ValueError(f"config.model.decoder={m.decoder!r}: expected one of {_DECODERS}")
+  attention, remat = m.get("attention", "dense"), m.get("remat", "none")
+  if attention not in IMPLEMENTATIONS:
+    raise ValueError(f"config.model.attention={attention!r}: expected one of {IMPLEMENTATIONS}")
+  if remat not in REMAT:
+    raise ValueError(f"config.model.remat={remat!r}: expected one of {REMAT}")
+  block_size = m.get("attention_block_size", 512)
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"config.model.attention_block_size={block_size!r}: expected an integer >= 1")
   num_groups = m.get("num_groups", 1)
   if not isinstance(num_groups, int) or num_groups < 1:
     raise ValueError(f"config.model.num_groups={num_groups!r}: expected an integer >= 1")
@@ -38,7 +48,8 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_groups=num_groups,
                          num_classes=m.num_classes, dense_head=m.get("dense_head", False),
-                         aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype])
+                         aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype],
+                         attention=attention, attention_block_size=block_size, remat=remat)
 
 
 def init_variables(model: ConditionalDETR, rng: jax.Array, *, abstract: bool = False) -> Any:

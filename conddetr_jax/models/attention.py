@@ -4,6 +4,15 @@ Conditional DETR projects queries, keys and values outside the attention (conten
 separately), and its cross-attention has query/key width 2*d but value width d. This module is
 the remaining part: split heads, scaled dot product, key padding mask, softmax in float32,
 attention dropout, merge heads, output projection.
+
+Two implementations of the scaled dot product (``MultiHeadAttention.implementation``):
+- ``dense``: the original's, materialising the (B, heads, Lq, Lk) logits, weights and dropout mask
+  (and keeping them for the backward pass);
+- ``blockwise``: ``blockwise_attention``, a scan over blocks of keys with a running softmax
+  (Rabe & Staats, "Self-attention does not need O(n^2) memory", 2021; the forward of
+  FlashAttention), whose memory grows with Lq * block_size instead of Lq * Lk, forward and backward.
+Both handle query/key and value widths that differ (the decoder's cross-attention: 64 and 32 per
+head), so every attention of the model can use either.
 """
 
 from typing import Any
@@ -14,12 +23,98 @@ import jax.numpy as jnp
 
 from conddetr_jax.models import initializers
 
+IMPLEMENTATIONS = ("dense", "blockwise")
+
+
+def block_keep_mask(rng: jax.Array, block: jax.Array | int, shape: tuple[int, ...], rate: float) -> jax.Array:
+  """The attention-dropout keep mask (True = kept, probability 1 - rate) of key block ``block``.
+
+  Each block draws from its own key ``fold_in(rng, block)``, so a block's mask can be drawn (and
+  redrawn identically in the backward pass) without the others. ``shape`` is (B, heads, Lq,
+  block_size).
+  """
+  return jax.random.bernoulli(jax.random.fold_in(rng, block), 1.0 - rate, shape)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_mask: jax.Array | None,
+                        block_size: int, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None
+                        ) -> jax.Array:
+  """softmax(q k^T) v over blocks of ``block_size`` keys, with a running max and sum in float32.
+
+  Equal to the dense attention (``where(mask, finfo.min, logits)``, softmax, dropout of the
+  normalised weights, times v): for the keys of block j the unnormalised weights are
+  p = exp(s - m_j), m_j the running row max; the output accumulates sum(keep * p / (1 - rate) * v)
+  and the normaliser sum(p) (the *undropped* weights), both rescaled by exp(m_old - m_new) when
+  the max grows, and divides at the end. Dropping p before normalising by the undropped sum is
+  dropping the normalised weights (keep * p / L = keep * (p / L)), so given the same keep masks the
+  result is the dense one up to rounding. Keys beyond Lk (the last block's padding) get weight 0;
+  a query whose keys are all masked gets the dense path's uniform weights over its Lk keys.
+
+  Each scan step is checkpointed: the backward pass recomputes a block's logits and dropout mask
+  from the step's inputs, so neither the forward nor the backward holds more than one
+  (B, heads, Lq, block_size) block of weights.
+
+  Args:
+    q: (B, Lq, heads, Dqk), already scaled.
+    k: (B, Lk, heads, Dqk).
+    v: (B, Lk, heads, Dv).
+    key_padding_mask: (B, Lk) True on padding, or None.
+    block_size: keys per block (the last block is padded).
+    dropout_rate: attention dropout on the normalised weights (0 = none).
+    dropout_rng: the PRNG key of the masks (``block_keep_mask``); needed when dropout_rate > 0.
+
+  Returns:
+    (B, Lq, heads, Dv) in v's dtype.
+  """
+  batch, len_q, heads, _ = q.shape
+  len_k, d_v = k.shape[1], v.shape[-1]
+  block = min(block_size, len_k)
+  num_blocks = -(-len_k // block)
+  extra = num_blocks * block - len_k
+  if key_padding_mask is None:
+    key_padding_mask = jnp.zeros((batch, len_k), bool)
+
+  def blocks(x: jax.Array) -> jax.Array:  # (B, Lk, ...) -> (num_blocks, B, block, ...)
+    x = jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((batch, num_blocks, block) + x.shape[2:]), 1, 0)
+
+  # Keys past Lk are excluded outright (-inf), unlike padded keys (finfo.min, as the dense path).
+  outside = (jnp.arange(num_blocks * block) >= len_k).reshape(num_blocks, block)
+
+  def step(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[jax.Array, ...]
+           ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+    row_max, row_sum, acc = carry  # (B, h, Lq), (B, h, Lq), (B, h, Lq, Dv), float32
+    index, k_j, v_j, padded_j, outside_j = xs
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_j, preferred_element_type=jnp.float32)
+    s = jnp.where(padded_j[:, None, None, :], jnp.finfo(jnp.float32).min, s)
+    s = jnp.where(outside_j, -jnp.inf, s)
+    new_max = jnp.maximum(row_max, s.max(axis=-1))
+    rescale = jnp.exp(row_max - new_max)
+    p = jnp.exp(s - new_max[..., None])
+    row_sum = row_sum * rescale + p.sum(axis=-1)
+    if dropout_rate > 0.0:
+      keep = block_keep_mask(dropout_rng, index, p.shape, dropout_rate)
+      p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+    acc = acc * rescale[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_j,
+                                                 preferred_element_type=jnp.float32)
+    return (new_max, row_sum, acc), None
+
+  init = (jnp.full((batch, heads, len_q), -jnp.inf, jnp.float32), jnp.zeros((batch, heads, len_q), jnp.float32),
+          jnp.zeros((batch, heads, len_q, d_v), jnp.float32))
+  xs = (jnp.arange(num_blocks), blocks(k), blocks(v), blocks(key_padding_mask), outside)
+  (_, row_sum, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, xs)
+  return jnp.moveaxis(acc / row_sum[..., None], 1, 2).astype(v.dtype)
+
 
 class MultiHeadAttention(nn.Module):
   """Attention over pre-projected q, k, v with an output projection ``out_proj`` (d_v -> d_v).
 
   The scale is ``(d_qk / num_heads) ** -0.5`` as in the original (head dim 64 in the decoder's
   cross-attention, whose queries are [content, spatial] concatenations, and 32 elsewhere).
+  ``implementation`` is one of ``IMPLEMENTATIONS`` (module docstring); ``block_size`` the keys per
+  block of ``blockwise``. The two draw their attention-dropout masks differently (one draw of the
+  whole (B, heads, Lq, Lk) mask, as the original, or one per key block), with the same
+  distribution.
   """
   num_heads: int
   dropout: float = 0.0
@@ -27,6 +122,8 @@ class MultiHeadAttention(nn.Module):
   # nn.MultiheadAttention, used by the encoder and the DETR baseline decoder.
   in_proj: bool = False
   dtype: Any = jnp.float32
+  implementation: str = "dense"
+  block_size: int = 512
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
@@ -49,12 +146,19 @@ class MultiHeadAttention(nn.Module):
     q = query.reshape(batch, len_q, h, d_qk // h) * (d_qk // h) ** -0.5
     k = key.reshape(batch, key.shape[1], h, d_qk // h)
     v = value.reshape(batch, value.shape[1], h, d_v // h)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if key_padding_mask is not None:
-      logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, len_q, d_v)
+    if self.implementation == "blockwise":
+      dropping = train and self.dropout > 0.0
+      out = blockwise_attention(q, k, v, key_padding_mask, self.block_size,
+                                self.dropout if dropping else 0.0,
+                                self.make_rng("dropout") if dropping else None)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      if key_padding_mask is not None:
+        logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+      weights = jax.nn.softmax(logits, axis=-1)
+      weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = out.reshape(batch, len_q, d_v)
     # The original's out_proj: xavier weight (Transformer._reset_parameters), zero bias.
     return nn.Dense(d_v, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
                     bias_init=nn.initializers.zeros, name="out_proj")(out)

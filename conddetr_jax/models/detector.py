@@ -66,6 +66,9 @@ class ConditionalDETR(nn.Module):
   aux_loss: bool = True
   decoder: str = "conditional"  # conditional | detr
   dtype: Any = jnp.float32
+  attention: str = "dense"  # attention.IMPLEMENTATIONS, for every attention of the transformer
+  attention_block_size: int = 512  # keys per block of the blockwise attention
+  remat: str = "none"  # transformer.REMAT: what the transformer layers recompute in the backward pass
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -88,8 +91,9 @@ class ConditionalDETR(nn.Module):
 
     src, pos, mask = src.reshape(batch, h * w, d), pos.reshape(batch, h * w, d), mask.reshape(batch, h * w)
     pos = pos.astype(self.dtype)
-    memory = Encoder(self.enc_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype,
-                     name="encoder")(src, pos, mask, train)
+    stack_args = (d, self.nheads, self.dim_feedforward, self.dropout, self.dtype, self.attention,
+                  self.attention_block_size, self.remat)
+    memory = Encoder(self.enc_layers, *stack_args, name="encoder")(src, pos, mask, train)
     query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, d))
     groups = 1
     if self.num_groups > 1:
@@ -98,12 +102,11 @@ class ConditionalDETR(nn.Module):
       if train:
         query_embed, groups = jnp.concatenate([query_embed, extra]), self.num_groups
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch,) + query_embed.shape)
-    decoder_args = (self.dec_layers, d, self.nheads, self.dim_feedforward, self.dropout, self.dtype)
     if self.decoder == "detr":
-      hidden = DetrDecoder(*decoder_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
+      hidden = DetrDecoder(self.dec_layers, *stack_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(*decoder_args, name="decoder")(
+      hidden, reference = ConditionalDecoder(self.dec_layers, *stack_args, name="decoder")(
           memory, mask, pos, query_pos, train, groups)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)

@@ -16,6 +16,8 @@ from conddetr_jax.models.attention import MultiHeadAttention
 from conddetr_jax.models.position import sine_embedding_of_points
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
+# What a layer's backward pass recomputes instead of keeping from the forward (``remat_layer``).
+REMAT = ("none", "attention", "layer")
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
@@ -95,13 +97,40 @@ def attend_within_groups(attention: nn.Module, query: jax.Array, key: jax.Array,
   return out.reshape(batch, length, out.shape[-1])
 
 
+def remat_layer(layer_cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+  """``layer_cls`` whose backward pass recomputes (``remat``, one of ``REMAT``):
+
+  - ``none``: nothing; the forward's activations are kept (the original's program);
+  - ``attention``: everything but the outputs of the projections and feed-forward matmuls
+    (``dots_with_no_batch_dims_saveable``): the attention logits, weights, dropout masks and
+    outputs (the batched matmuls), the normalisations and activations, i.e. all that grows with
+    the square of the token count, at the cost of a second pass through the attention;
+  - ``layer``: the whole layer from its inputs (only the inputs are kept).
+
+  Parameter names and dropout masks are those of ``layer_cls``: the recomputation draws the same
+  masks from the same keys. ``static_argnums`` are the Python arguments of ``__call__`` (train,
+  num_groups), counting ``self`` as 0.
+  """
+  if remat == "none":
+    return layer_cls
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "attention" else None
+  return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums)
+
+
 class _LayerFields(nn.Module):
-  """Sizes every transformer layer takes."""
+  """Sizes every transformer layer takes, and the attention implementation of its attentions."""
   d_model: int
   nhead: int
   dim_feedforward: int
   dropout: float
   dtype: Any = jnp.float32
+  attention: str = "dense"  # see attention.IMPLEMENTATIONS
+  attention_block_size: int = 512
+
+  def attend(self, name: str, in_proj: bool = False) -> MultiHeadAttention:
+    """The layer's attention submodule ``name`` (see ``MultiHeadAttention``)."""
+    return MultiHeadAttention(self.nhead, self.dropout, in_proj=in_proj, dtype=self.dtype,
+                              implementation=self.attention, block_size=self.attention_block_size, name=name)
 
 
 class _StackFields(nn.Module):
@@ -112,10 +141,14 @@ class _StackFields(nn.Module):
   dim_feedforward: int
   dropout: float
   dtype: Any = jnp.float32
+  attention: str = "dense"
+  attention_block_size: int = 512
+  remat: str = "none"  # see REMAT
 
   def layer_args(self) -> tuple:
     """Positional arguments of a ``_LayerFields`` layer of this stack."""
-    return (self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype)
+    return (self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype, self.attention,
+            self.attention_block_size)
 
 
 class EncoderLayer(_LayerFields):
@@ -126,8 +159,7 @@ class EncoderLayer(_LayerFields):
     """src, pos (B, L, d); mask (B, L) True on padding -> (B, L, d)."""
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     q = k = src + pos
-    src2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
-                              name="self_attn")(q, k, src, mask, train)
+    src2 = self.attend("self_attn", in_proj=True)(q, k, src, mask, train)
     src = layer_norm("norm1")(src + drop(src2))
     src2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(src, train)
     return layer_norm("norm2")(src + drop(src2))
@@ -139,8 +171,9 @@ class Encoder(_StackFields):
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
     """src, pos (B, L, d); mask (B, L) -> memory (B, L, d)."""
+    layer_cls = remat_layer(EncoderLayer, self.remat, static_argnums=(4,))
     for i in range(self.num_layers):
-      src = EncoderLayer(*self.layer_args(), name=f"layers_{i}")(src, pos, mask, train)
+      src = layer_cls(*self.layer_args(), name=f"layers_{i}")(src, pos, mask, train)
     return src
 
 
@@ -168,8 +201,7 @@ class ConditionalDecoderLayer(_LayerFields):
     q = proj("sa_qcontent_proj")(tgt) + proj("sa_qpos_proj")(query_pos)
     k = proj("sa_kcontent_proj")(tgt) + proj("sa_kpos_proj")(query_pos)
     v = proj("sa_v_proj")(tgt)
-    tgt2 = attend_within_groups(MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="self_attn"),
-                                q, k, v, num_groups, train)
+    tgt2 = attend_within_groups(self.attend("self_attn"), q, k, v, num_groups, train)
     tgt = layer_norm("norm1")(tgt + drop(tgt2))
 
     q_content = proj("ca_qcontent_proj")(tgt)
@@ -188,7 +220,7 @@ class ConditionalDecoderLayer(_LayerFields):
 
     q = per_head_concat(q_content, q_sine)
     k = per_head_concat(k_content, k_pos)
-    tgt2 = MultiHeadAttention(h, self.dropout, dtype=self.dtype, name="cross_attn")(q, k, v, memory_mask, train)
+    tgt2 = self.attend("cross_attn")(q, k, v, memory_mask, train)
     tgt = layer_norm("norm2")(tgt + drop(tgt2))
     tgt2 = FeedForward(d, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
     return layer_norm("norm3")(tgt + drop(tgt2))
@@ -217,9 +249,10 @@ class ConditionalDecoder(_StackFields):
 
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
+    layer_cls = remat_layer(ConditionalDecoderLayer, self.remat, static_argnums=(7, 8))
     for i in range(self.num_layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
-      output = ConditionalDecoderLayer(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
+      output = layer_cls(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
           output, memory, memory_mask, pos, query_pos, query_sine_embed, train, num_groups)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
@@ -240,11 +273,9 @@ class DetrDecoderLayer(_LayerFields):
     queries are ``num_groups`` groups (see ``attend_within_groups``)."""
     drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
     q = k = tgt + query_pos
-    self_attn = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype, name="self_attn")
-    tgt2 = attend_within_groups(self_attn, q, k, tgt, num_groups, train)
+    tgt2 = attend_within_groups(self.attend("self_attn", in_proj=True), q, k, tgt, num_groups, train)
     tgt = layer_norm("norm1")(tgt + drop(tgt2))
-    tgt2 = MultiHeadAttention(self.nhead, self.dropout, in_proj=True, dtype=self.dtype,
-                              name="multihead_attn")(tgt + query_pos, memory + pos, memory, memory_mask, train)
+    tgt2 = self.attend("multihead_attn", in_proj=True)(tgt + query_pos, memory + pos, memory, memory_mask, train)
     tgt = layer_norm("norm2")(tgt + drop(tgt2))
     tgt2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
     return layer_norm("norm3")(tgt + drop(tgt2))
@@ -261,8 +292,9 @@ class DetrDecoder(_StackFields):
     norm = layer_norm("norm")
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
+    layer_cls = remat_layer(DetrDecoderLayer, self.remat, static_argnums=(6, 7))
     for i in range(self.num_layers):
-      output = DetrDecoderLayer(*self.layer_args(), name=f"layers_{i}")(
+      output = layer_cls(*self.layer_args(), name=f"layers_{i}")(
           output, memory, memory_mask, pos, query_pos, train, num_groups)
       hidden.append(norm(output))
     return jnp.stack(hidden)
