@@ -144,6 +144,28 @@ def gpu_install_command() -> str:
           f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler")
 
 
+def gpu_compiler_options() -> dict[str, Any]:
+  """``GPU_COMPILER_OPTIONS``, and the CUDA folder of the installed nvidia-cuda-nvcc-cu12 wheel (its
+  ptxas and libdevice). XLA would otherwise take the first ptxas it finds on the PATH or in
+  /usr/local/cuda, which may be another CUDA's: CUDA 13's refuses to compile for a V100."""
+  options = dict(GPU_COMPILER_OPTIONS)
+  try:
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+  except ModuleNotFoundError:
+    spec = None
+  if spec is not None and spec.submodule_search_locations:
+    options["xla_gpu_cuda_data_dir"] = list(spec.submodule_search_locations)[0]
+  return options
+
+
+def gpu_compiler_importable() -> bool:
+  """Whether this process can import the GPU compiler's JAX plugin (without importing it)."""
+  try:
+    return importlib.util.find_spec(_GPU_PLUGIN) is not None
+  except ModuleNotFoundError:  # not even the plugins' namespace package is installed
+    return False
+
+
 def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
   """Compile-only devices of ``topology`` (e.g. 8 H100s), obtained without a GPU.
 
@@ -155,7 +177,7 @@ def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
   folder = os.environ.get(GPU_COMPILER_PATH_VAR)
   if folder and os.path.isdir(folder) and folder not in sys.path:
     sys.path.append(folder)
-  if importlib.util.find_spec(_GPU_PLUGIN) is None:
+  if not gpu_compiler_importable():
     raise CompilerMissingError("compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
                                f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
                                f"{gpu_install_command()}   (no GPU needed)")
@@ -372,7 +394,7 @@ class SliceCompiler:
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
     self._variables = _replicated_shapes(abstract_variables, replicated)
     self.gpu = is_gpu(devices[0])
-    self._options = GPU_COMPILER_OPTIONS if self.gpu else None
+    self._options = gpu_compiler_options() if self.gpu else None
 
   @property
   def devices(self) -> int:
@@ -560,7 +582,9 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   m = config.model
   out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
       f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else
-                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s"))
+                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, " + (
+                                           "no bf16 tensor cores" if chip.bf16_tflops is None else
+                                           f"{chip.bf16_tflops:g} bf16 TFLOP/s")))
   out(f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
       f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
       f"{config.eval_per_device_batch_size} images per device")

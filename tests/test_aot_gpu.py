@@ -1,6 +1,5 @@
 """The ahead-of-time compile tool (conddetr_jax.aot) for NVIDIA GPU nodes, on a machine without a GPU."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -38,7 +37,7 @@ def test_each_gpu_is_described_completely_and_found_again_by_its_driver_name():
 
 
 def test_without_the_gpu_compiler_the_error_says_how_to_install_it(monkeypatch):
-  monkeypatch.setitem(sys.modules, "jax_plugins.xla_cuda12", None)  # as if the wheel were not installed
+  monkeypatch.setitem(sys.modules, "jax_plugins", None)  # as if no JAX plugin were installed
   monkeypatch.delenv(aot.GPU_COMPILER_PATH_VAR, raising=False)
   with pytest.raises(aot.CompilerMissingError) as e:
     aot.devices_of("h100:8")
@@ -76,8 +75,7 @@ def _gpu_compiler_env() -> dict[str, str] | None:
   """This process's environment if it finds the GPU compiler (installed here, or in
   ``$CONDDETR_GPU_COMPILER_PATH``, where .ci/run installs it); None otherwise."""
   folder = os.environ.get(aot.GPU_COMPILER_PATH_VAR)
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None or (
-      folder and os.path.isdir(os.path.join(folder, "jax_plugins", "xla_cuda12"))):
+  if aot.gpu_compiler_importable() or (folder and os.path.isdir(os.path.join(folder, "jax_plugins", "xla_cuda12"))):
     return dict(os.environ)
   return None
 
