@@ -4,6 +4,7 @@ Usage (on the machine with the accelerator; all devices JAX sees are used, data 
   python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216] [--dtypes=bfloat16,float32]
       [--batches=2,4,8] [--steps=5] [--budget_s=300] [--out=accelerator.json]
   python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, a few minutes
+      [--hf=yes]                                # ... with the PyTorch side too, on the CPU
 
 For each size, dtype and per-device batch (the sweep stops growing a batch at the first failure,
 e.g. out of memory): the train step (training.loop.build_train_step, as train.py runs it) is
@@ -13,9 +14,14 @@ PEAK_TFLOPS table; float32 runs are held against the same bf16 peak; unknown dev
 Then, per size and dtype, the evaluation program (forward + post-processing) at the largest batch
 that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
 layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
-share of the step. New configurations are not started once ``--budget_s`` has passed (the default
-leaves the 8-minute window of a lent device room for start-up). Writes one JSON file and prints a
-table; the last line is ``accelerator best_images_per_s=<x> ...``.
+share of the step. With ``--hf`` (default: on a GPU), per size and dtype, Hugging Face
+transformers' PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same
+sizes, trainable set and optimizer; HF's own ResNet, no DC5) on one device at ``--hf_batch`` images,
+bfloat16 as ``torch.autocast`` and float32 with TF32 allowed (as XLA's default precision allows it on
+a GPU), and the ratio of JAX's images/s per device to PyTorch's. New configurations are not started
+once ``--budget_s`` has passed (the default leaves the 8-minute window of a lent device room for
+start-up). Writes one JSON file and prints a table; the last line is
+``accelerator best_images_per_s=<x> ...`` (with ``jax_over_hf=<ratio per dtype>`` when timed).
 """
 
 import dataclasses
@@ -36,6 +42,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from benchmarks.synthetic import synthetic_batch
+from benchmarks.hf_step import build_hf_step
 from conddetr_jax import aot, evaluation, matching, models, sharding
 from conddetr_jax.training import loop
 
@@ -52,6 +59,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per configuration (median
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _BUDGET = flags.DEFINE_float("budget_s", 300.0, "Start no new configuration after this many seconds.")
 _OUT = flags.DEFINE_string("out", "accelerator.json", "Where the JSON results go.")
+_HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Also time HF's PyTorch train step (auto: on a GPU).")
+_HF_BATCH = flags.DEFINE_integer("hf_batch", 2, "Images per step for the PyTorch side (one device), and the JAX "
+                                 "per-device batch it is compared with (the original's recipe: 2 per GPU).")
 
 
 def peak_tflops(device: Any) -> float | None:
@@ -141,6 +151,27 @@ def matcher_seconds(config: Any, global_batch: int, solver: str, steps: int) -> 
   return _median_seconds(lambda: fn(*args), steps, 1)
 
 
+def hf_train(config: Any, hw: tuple[int, int], batch: int, steps: int, warmup: int) -> dict[str, Any]:
+  """HF's PyTorch train step of ``config`` (its ``model.dtype`` picks autocast bf16 or float32) on one
+  device: PyTorch's CUDA device where JAX runs on a GPU, else the CPU. Median seconds and images/s."""
+  import torch  # pylint: disable=g-import-not-at-top
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  if device == "cuda":
+    if not torch.cuda.is_available():
+      raise RuntimeError(f"torch {torch.__version__} sees no CUDA GPU (a CPU-only build?)")
+    # XLA's default precision lets float32 matrix products and convolutions use TF32 on a GPU; so does this.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  host = synthetic_batch(batch, *hw, config.dataset.max_boxes, num_classes=config.model.num_classes)
+  t0 = time.perf_counter()
+  run = build_hf_step(config, host, device=device, autocast_bf16=config.model.dtype == "bfloat16")
+  build_s = time.perf_counter() - t0
+  s = _median_seconds(run, steps, warmup)
+  return {"device": device, "batch": batch, "build_s": build_s, "step_s": s, "images_per_s": batch / s,
+          "torch": torch.__version__, "precision": "autocast bfloat16" if config.model.dtype == "bfloat16" else
+          "float32 (TF32 allowed)" if device == "cuda" else "float32"}
+
+
 def _row(*cells: Any) -> str:
   return " ".join(f"{c:>12}" if not isinstance(c, float) else f"{c:12.3f}" for c in cells)
 
@@ -163,7 +194,8 @@ def main(argv: list[str]) -> None:
       "jax": jax.__version__, "backbone": config.model.backbone, "dc5": bool(config.model.dilation),
       "peak_bf16_tflops_per_device": peak,
       "peak_note": "dense bf16 vendor peak; float32 runs are compared with it too" if peak else "unknown device",
-      "train": [], "eval": [], "matcher": [], "skipped": []}
+      "train": [], "eval": [], "matcher": [], "hf": [], "skipped": []}
+  with_hf = _HF.value == "yes" or (_HF.value == "auto" and jax.default_backend() == "gpu")
   print(f"device={devices[0].device_kind} x{len(devices)} backend={jax.default_backend()} "
         f"peak_bf16={peak or 'unknown'} TFLOP/s/device config={config.model.backbone}"
         f"{' DC5' if config.model.dilation else ''}", flush=True)
@@ -208,6 +240,22 @@ def main(argv: list[str]) -> None:
             report["matcher"].append({"per_device_batch": b, "solver": solver, "seconds": s,
                                       "share_of_step": s / r["step_s"], "step_of": f"{size} {dtype}"})
             print(f"    matcher {solver}: {s * 1e3:.1f} ms = {100 * s / r['step_s']:.1f}% of the step", flush=True)
+      jax_at_hf_batch = next((t for t in report["train"] if t.get("size") == size and t.get("dtype") == dtype
+                              and t["per_device_batch"] == _HF_BATCH.value and "error" not in t), None)
+      if with_hf and not over_budget(f"{size} {dtype} hf"):
+        try:
+          h = hf_train(run_config, hw, _HF_BATCH.value, steps, _WARMUP.value)
+        except Exception as e:  # pylint: disable=broad-except  (no CUDA torch, DC5, out of memory: said, not fatal)
+          h = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        h = {"size": size, "dtype": dtype, **h}
+        if "error" not in h and jax_at_hf_batch is not None:
+          h["jax_images_per_s_per_device"] = jax_at_hf_batch["images_per_s"] / len(devices)
+          h["jax_over_hf"] = h["jax_images_per_s_per_device"] / h["images_per_s"]
+        report["hf"].append(h)
+        print(f"    hf-torch {size} {dtype} batch {_HF_BATCH.value} on one {h.get('device', 'device')}: " + (
+            h["error"] if "error" in h else f"{h['images_per_s']:.2f} images/s ({h['precision']}); JAX/PyTorch per "
+            f"device: " + (f"{h['jax_over_hf']:.2f}x" if "jax_over_hf" in h else
+                           f"n/a (JAX did not run {_HF_BATCH.value}/device)")), flush=True)
       if largest is not None and not over_budget(f"{size} {dtype} eval"):
         e = bench.eval(largest)
         report["eval"].append({"size": size, "dtype": dtype, **e})
@@ -220,8 +268,9 @@ def main(argv: list[str]) -> None:
   best = max(ok, key=lambda t: t["images_per_s"]) if ok else None
   mfus = [t["mfu"] for t in ok if t.get("mfu") is not None]
   print(f"wrote {_OUT.value}; skipped for the time budget: {report['skipped'] or 'nothing'}")
+  ratios = "".join(f" jax_over_hf_{h['dtype']}={h['jax_over_hf']:.2f}" for h in report["hf"] if "jax_over_hf" in h)
   print(f"accelerator best_images_per_s={best['images_per_s'] if best else 0:.2f} "
-        f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} wall_s={report['wall_s']:.0f}")
+        f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} wall_s={report['wall_s']:.0f}{ratios}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Will it fit? Compiles the train step and the evaluation program for a TPU slice, on any machine.
+"""Will it fit? Compiles the train step and the evaluation program for a TPU slice or GPU node, on any machine.
 
   python -m conddetr_jax.aot --config=configs/r50.py --topology=v5e:2x2 [--size=800x1216 ...]
       [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval]
+  python -m conddetr_jax.aot --config=configs/r50.py --topology=h100:8   # or h200, a100-80g, a100-40g,
+      # v100-16g, v100-32g; gpu:N (N H100s); h100:2x8 (2 hosts of 8)
 
-Needs the TPU compiler (``pip install "jax[tpu]==<installed jax version>"``), no TPU. The train step
+Needs the TPU compiler (``pip install "jax[tpu]==<installed jax version>"``) or the GPU compiler
+(requirements-gpu-compiler.txt, installed into a folder of its own named by
+``$CONDDETR_GPU_COMPILER_PATH``), no TPU or GPU. The train step
 is the one ``train.py`` runs (``training.loop.build_train_step``: the ``jit`` strategy, the state
 replicated and the batch split over a ``data`` mesh axis of all the slice's devices); evaluation is
 ``evaluation.predict_batch`` (forward + post-processing) at ``eval_per_device_batch_size``. For each
@@ -11,7 +15,8 @@ size it prints the compiler's own figures: compile seconds, per-device memory ag
 HBM, FLOPs per image (XLA's convention: a multiply-add is 2 FLOPs; elementwise ops count too), the
 collectives of the compiled program, and an ESTIMATE of images/s per chip at 100% and 40% of the
 chip's bf16 peak (an estimate from FLOPs, never a measurement). The last line is one summary for
-scripts (see ``summary_line``).
+scripts (see ``summary_line``). The GPU compiler gives no cost analysis: for a GPU the FLOPs are the
+project's counter (``flops.py``: 2 x the multiply-adds of convolutions and matrix products only).
 """
 
 import dataclasses
@@ -32,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax import batch_search, data, evaluation, hlo, sharding
+from conddetr_jax import batch_search, data, evaluation, flops, gpu_targets, hlo, sharding
 from conddetr_jax.data import batching
 from conddetr_jax.training import loop
 
@@ -44,10 +49,11 @@ ORIGINAL_LARGEST_SIZE = (800, 1216)
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """A TPU generation: ``name`` as in topology names, HBM per chip, dense bf16 peak per chip."""
+  """A TPU generation or GPU: ``name`` as in topology names, HBM per chip, dense bf16 peak per chip
+  (None: no bf16 tensor cores, as on a V100)."""
   name: str
   hbm_gib: float
-  bf16_tflops: float
+  bf16_tflops: float | None
 
 
 # device_kind -> chip; public figures per chip (Cloud TPU documentation).
@@ -61,8 +67,29 @@ CHIPS = {
     "TPU v6e": Chip("v6e", 32, 918),
 }
 
-class LibtpuMissingError(RuntimeError):
+class CompilerMissingError(RuntimeError):
+  """The compiler for the named topology is not installed (the message says how to install it)."""
+
+
+class LibtpuMissingError(CompilerMissingError):
   """The TPU compiler (the ``libtpu`` wheel) is not installed."""
+
+
+class GpuCompileError(RuntimeError):
+  """The GPU compiler refused a program for a reason other than memory (one line: see ``compile_error_line``)."""
+
+
+# Where .ci/run and the README install the GPU compiler: a folder of its own, kept off the test
+# environment's path (a CUDA plugin on it would make every JAX process look for a GPU).
+GPU_COMPILER_PATH_VAR = "CONDDETR_GPU_COMPILER_PATH"
+# The GPU compiler's JAX plugin (jax-cuda12-pjrt): CUDA 12, because CUDA 13's ptxas no longer
+# compiles for compute capability 7.0 (the V100).
+_GPU_PLUGIN = "jax_plugins.xla_cuda12"
+# Compile options for every GPU program. Without a GPU there is no autotuning, and XLA's Triton GEMM
+# emitter must then pick tile sizes by its heuristics, which fail for some of the model's matrix
+# products ("Couldn't find output tile sizes that satisfy hlo: %dot ... out_proj"); with it off, every
+# dot is a cuBLAS call, as XLA also falls back to when autotuning finds no better Triton tiling.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def install_command() -> str:
@@ -111,8 +138,78 @@ def topology_devices(name: str) -> list[Any]:
                      f"v4:2x2x2, v6e:2x2): {e}") from e
 
 
+def gpu_install_command() -> str:
+  """The commands that install the GPU compiler into a folder of its own and point the tool at it."""
+  return (f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
+          f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler")
+
+
+def gpu_compiler_options() -> dict[str, Any]:
+  """``GPU_COMPILER_OPTIONS``, and the CUDA folder of the installed nvidia-cuda-nvcc-cu12 wheel (its
+  ptxas and libdevice). XLA would otherwise take the first ptxas it finds on the PATH or in
+  /usr/local/cuda, which may be another CUDA's: CUDA 13's refuses to compile for a V100."""
+  options = dict(GPU_COMPILER_OPTIONS)
+  try:
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+  except ModuleNotFoundError:
+    spec = None
+  if spec is not None and spec.submodule_search_locations:
+    options["xla_gpu_cuda_data_dir"] = list(spec.submodule_search_locations)[0]
+  return options
+
+
+def gpu_compiler_importable() -> bool:
+  """Whether this process can import the GPU compiler's JAX plugin (without importing it)."""
+  try:
+    return importlib.util.find_spec(_GPU_PLUGIN) is not None
+  except ModuleNotFoundError:  # not even the plugins' namespace package is installed
+    return False
+
+
+def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
+  """Compile-only devices of ``topology`` (e.g. 8 H100s), obtained without a GPU.
+
+  Must run before JAX has started its backends in this process: JAX looks for plugins once.
+
+  Raises:
+    CompilerMissingError: the GPU compiler is neither importable nor in ``$CONDDETR_GPU_COMPILER_PATH``.
+  """
+  folder = os.environ.get(GPU_COMPILER_PATH_VAR)
+  if folder and os.path.isdir(folder) and folder not in sys.path:
+    sys.path.append(folder)
+  if not gpu_compiler_importable():
+    raise CompilerMissingError("compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
+                               f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
+                               f"{gpu_install_command()}   (no GPU needed)")
+  # The plugin checks the CUDA runtime libraries' versions when it loads: none are installed (none
+  # are needed to compile), and the host side runs on the CPU.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", target_config=topology.gpu.target_config(),
+                                        topology=topology.topology_string)
+  except NotImplementedError as e:  # JAX registered its plugins before the folder was on the path
+    raise CompilerMissingError(f"JAX started without the GPU compiler ({e}): put {folder or 'its folder'} on "
+                               "PYTHONPATH before JAX starts") from e
+  return list(desc.devices)
+
+
+def devices_of(name: str) -> list[Any]:
+  """The compile-only devices of a GPU node (``h100:8``, ``gpu:4``, ``h100:2x8``) or TPU slice (``v5e:2x2``)."""
+  gpu = gpu_targets.parse_topology(name)
+  return topology_devices(name) if gpu is None else gpu_devices(gpu)
+
+
+def is_gpu(device: Any) -> bool:
+  """Whether ``device`` (compile-only or real) is an NVIDIA GPU."""
+  return device.platform in ("gpu", "cuda")
+
+
 def chip_of(device: Any) -> Chip | None:
-  """The chip's figures for a device, or None for a device kind not in ``CHIPS``."""
+  """The chip's figures for a device, or None for a device kind not in ``CHIPS`` nor ``gpu_targets.GPUS``."""
+  gpu = gpu_targets.by_device_kind(device.device_kind)
+  if gpu is not None:
+    return Chip(gpu.name, gpu.memory_gib, gpu.bf16_tflops)
   return CHIPS.get(device.device_kind)
 
 
@@ -208,15 +305,39 @@ def _bytes(number: str, unit: str) -> float:
   return float(number) * {"K": 2**10, "M": 2**20, "G": GIB}[unit]
 
 
-def compile_lowered(lower: Callable[[], Any]) -> Compiled:
+_INSTRUCTION = re.compile(r"%([\w.-]+) = [^=]*?\b([a-z][a-z-]*)\(")
+_CUSTOM_CALL_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+
+
+def compile_error_line(message: str) -> str:
+  """One line out of an XLA compile error (often hundreds of lines of HLO): the error's first
+  sentence, the HLO instruction it names with its op (and custom-call target), and the JAX
+  operation that made it (its ``op_name`` metadata, the model's module path)."""
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  head = lines[0] if lines else "unknown error"
+  head = head if len(head) <= 240 else head[:240] + "..."
+  where = []
+  if m := _INSTRUCTION.search(message):
+    where.append(f"instruction %{m[1]} ({m[2]})")
+  if m := _CUSTOM_CALL_TARGET.search(message):
+    where.append(f"custom call {m[1]}")
+  if m := _OP_NAME.search(message):
+    where.append(f"from JAX op {m[1]}")
+  return head.split(" hlo: ")[0].rstrip(":; ") + (f" [at {'; '.join(where)}]" if where else "")
+
+
+def compile_lowered(lower: Callable[[], Any], compiler_options: dict[str, Any] | None = None) -> Compiled:
   """Lowers and compiles (``lower()`` returns a ``jax.stages.Lowered``) and reads its figures.
+
+  ``compiler_options``: XLA options for this compile (e.g. ``GPU_COMPILER_OPTIONS``).
 
   Raises:
     DoesNotFitError: the compiler ran out of device memory for the program.
   """
   t0 = time.perf_counter()
   try:
-    compiled = lower().compile()
+    compiled = lower().compile(compiler_options) if compiler_options else lower().compile()
   except Exception as e:  # pylint: disable=broad-except  (XLA raises its runtime error type)
     if _OUT_OF_MEMORY.search(str(e)):
       raise DoesNotFitError(str(e)) from e
@@ -272,21 +393,54 @@ class SliceCompiler:
     replicated = sharding.replicated(self.mesh)
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
     self._variables = _replicated_shapes(abstract_variables, replicated)
+    self.gpu = is_gpu(devices[0])
+    self._options = gpu_compiler_options() if self.gpu else None
 
   @property
   def devices(self) -> int:
     return self.mesh.size
 
+  def _train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
+    return self._state, abstract_train_batch(self.config, per_device_batch * self.devices, hw, self.par.batch_sharding)
+
+  def _eval_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
+    return self._variables, abstract_eval_batch(per_device_batch * self.devices, hw, sharding.batch_sharding(self.mesh))
+
+  def _compile(self, lower: Callable[[], Any]) -> Compiled:
+    try:
+      return compile_lowered(lower, self._options)
+    except DoesNotFitError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (XLA raises its runtime error type)
+      if not self.gpu:
+        raise
+      raise GpuCompileError(f"the GPU compiler failed: {compile_error_line(str(e))}") from e
+
   def train(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
-    """The train step for ``per_device_batch`` images of ``hw`` on each device."""
-    batch = abstract_train_batch(self.config, per_device_batch * self.devices, hw, self.par.batch_sharding)
-    return compile_lowered(lambda: self.par.lower(self._state, batch))
+    """The train step for ``per_device_batch`` images of ``hw`` on each device.
+
+    Raises:
+      DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed otherwise.
+    """
+    state, batch = self._train_args(per_device_batch, hw)
+    return self._compile(lambda: self.par.lower(state, batch))
 
   def eval(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
     """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per device."""
-    batch = abstract_eval_batch(per_device_batch * self.devices, hw, sharding.batch_sharding(self.mesh))
+    variables, batch = self._eval_args(per_device_batch, hw)
     k = evaluation.top_k(self.config)
-    return compile_lowered(lambda: evaluation.predict_batch.lower(self._variables, batch, model=self.model, k=k))
+    return self._compile(lambda: evaluation.predict_batch.lower(variables, batch, model=self.model, k=k))
+
+  def train_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
+    """Multiply-adds of one train step per image by the project's counter (``flops.macs``: convolutions
+    and matrix products of the forward, backward and matcher; nothing else): traced, not compiled."""
+    return flops.macs(self.par.step, *self._train_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
+
+  def eval_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
+    """``train_macs_per_image`` for the evaluation program."""
+    k = evaluation.top_k(self.config)
+    predict = lambda v, b: evaluation.predict_batch(v, b, model=self.model, k=k)
+    return flops.macs(predict, *self._eval_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
 
 
 def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: Compiled | DoesNotFitError,
@@ -371,7 +525,7 @@ def _gib(n: float) -> str:
 
 def estimated_images_per_s(chip: Chip | None, flops_per_image: float, utilization: float) -> float | None:
   """ESTIMATE: images/s per chip if the step's FLOPs ran at ``utilization`` of the bf16 peak."""
-  if chip is None or flops_per_image <= 0:
+  if chip is None or chip.bf16_tflops is None or flops_per_image <= 0:
     return None
   return chip.bf16_tflops * 1e12 * utilization / flops_per_image
 
@@ -409,9 +563,10 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   """Compiles and reports for each size; returns the summary line (of the first size), also printed last.
 
   Raises:
-    LibtpuMissingError, ValueError: no TPU compiler, an unknown topology, or a bad config.
+    CompilerMissingError, ValueError: no TPU or GPU compiler, an unknown topology, or a bad config.
+    GpuCompileError: a GPU compile failed for a reason other than memory.
   """
-  devices = topology_devices(topology)
+  devices = devices_of(topology)
   chip = chip_of(devices[0])
   per_chip = devices_per_chip(devices)
   capacity = None if chip is None else chip.hbm_gib / per_chip
@@ -427,12 +582,22 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   m = config.model
   out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
       f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else
-                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, {chip.bf16_tflops:g} bf16 TFLOP/s"))
+                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, " + (
+                                           "no bf16 tensor cores" if chip.bf16_tflops is None else
+                                           f"{chip.bf16_tflops:g} bf16 TFLOP/s")))
   out(f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
       f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
       f"{config.eval_per_device_batch_size} images per device")
-  out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
   compiler = SliceCompiler(config, devices)
+  if compiler.gpu:
+    out("FLOPs are the project's counter (conddetr_jax/flops.py: 2 x the multiply-adds of convolutions and matrix "
+        "products only; the GPU compiler gives no cost analysis); GMAC = GFLOP / 2.")
+    out("Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix product a cuBLAS call "
+        "(xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without scratch space; a GPU's autotuned program "
+        "may choose Triton fusions and convolution algorithms with workspace. JAX itself takes 75% of a GPU's memory "
+        "unless XLA_PYTHON_CLIENT_MEM_FRACTION says more.")
+  else:
+    out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
   summary = None
   for hw in sizes:
     out(f"size {hw[0]}x{hw[1]}:")
@@ -445,13 +610,14 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:
         raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
-                           f"process ({type(e).__name__}: {e}); try a one-host slice such as v5e:2x2") from e
+                           f"process ({type(e).__name__}: {e}); try one host, such as v5e:2x2 or h100:8") from e
       raise
     gflop = float("nan")
     if train is not None:
       out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
-      gflop = train.flops / batch / 1e9
-      est = [estimated_images_per_s(chip, train.flops / batch, u) for u in (1.0, 0.4)]
+      flops_per_image = 2 * compiler.train_macs_per_image(batch, hw) if compiler.gpu else train.flops / batch
+      gflop = flops_per_image / 1e9
+      est = [estimated_images_per_s(chip, flops_per_image, u) for u in (1.0, 0.4)]
       out(f"    train: {gflop:.1f} GFLOP per image per step"
           + ("" if est[0] is None else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
              f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"))
@@ -459,7 +625,8 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
     if with_eval:
       ev = compiler.eval(config.eval_per_device_batch_size, hw)
       out("\n".join(describe(ev, capacity, f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)")))
-      gmac = ev.flops / 2 / config.eval_per_device_batch_size / 1e9
+      gmac = (compiler.eval_macs_per_image(config.eval_per_device_batch_size, hw) if compiler.gpu
+              else ev.flops / 2 / config.eval_per_device_batch_size) / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:
       search_max_batch(compiler, hw, batch, train or refusal, capacity, out)
@@ -478,7 +645,9 @@ def _define_flags() -> dict[str, Any]:
   return {
       "config": config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.",
                                                 lock_config=True),
-      "topology": flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2."),
+      "topology": flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2; "
+                                      "or GPU node: <gpu>:<count> or <gpu>:<hosts>x<count>, <gpu> one of "
+                                      + ", ".join(gpu_targets.GPUS) + " or gpu (= h100), e.g. h100:8, h100:2x8."),
       "size": flags.DEFINE_multi_string(
           "size", None, "HxW of the padded batch (repeatable). Default: the config's size buckets when it names a "
           "dataset, else the original's largest training size rounded up as the buckets are."),
@@ -490,20 +659,20 @@ def _define_flags() -> dict[str, Any]:
 
 
 def main(argv: list[str], holders: dict[str, Any]) -> None:
-  """Flags -> ``run``; a missing TPU compiler or bad input exits with a one-line error."""
+  """Flags -> ``run``; a missing compiler, a failed GPU compile or bad input exits with a one-line error."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = holders["config"].value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/r50.py")
-  jax.config.update("jax_platforms", "cpu")  # the host side runs on the CPU; the TPU is compile-only
+  jax.config.update("jax_platforms", "cpu")  # the host side runs on the CPU; the TPU or GPU is compile-only
   logging.set_verbosity(logging.WARNING)
   sizes_flag = holders["size"].value
   try:
     sizes = [parse_size(s) for s in sizes_flag] if sizes_flag else default_sizes(config)
     run(config, holders["topology"].value, sizes, max_batch=holders["max_batch"].value,
         with_eval=holders["eval"].value)
-  except (LibtpuMissingError, ValueError) as e:
+  except (CompilerMissingError, GpuCompileError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

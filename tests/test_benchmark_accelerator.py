@@ -1,4 +1,5 @@
-"""benchmarks/accelerator.py runs end to end on the CPU with tiny shapes and writes its JSON."""
+"""benchmarks/accelerator.py runs end to end on the CPU with tiny shapes and writes its JSON, the
+PyTorch (HF transformers) side by side included."""
 
 import json
 import os
@@ -14,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   out = tmp_path / "acc.json"
   proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--tiny", "--dtypes=float32", "--batches=1",
-                         "--steps=1", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         "--steps=1", "--hf=yes", "--hf_batch=1",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -24,4 +26,8 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   assert {m["solver"] for m in report["matcher"]} == {"hungarian", "scipy"}
   assert all(m["seconds"] > 0 for m in report["matcher"])
   assert report["eval"][0]["images_per_s"] > 0
-  assert proc.stdout.strip().splitlines()[-1].startswith("accelerator best_images_per_s=")
+  (hf,) = report["hf"]  # PyTorch's step at the same batch, on the CPU here (on a GPU there)
+  assert hf["device"] == "cpu" and hf["batch"] == 1 and hf["images_per_s"] > 0
+  assert hf["jax_over_hf"] == pytest.approx(train["images_per_s"] / hf["images_per_s"])
+  last = proc.stdout.strip().splitlines()[-1]
+  assert last.startswith("accelerator best_images_per_s=") and f"jax_over_hf_float32={hf['jax_over_hf']:.2f}" in last

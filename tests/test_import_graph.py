@@ -22,7 +22,7 @@ FLOORS = (
     ("building blocks", ("conddetr_jax.configs", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
                          "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress",
                          "conddetr_jax.hlo", "conddetr_jax.flops", "conddetr_jax.batch_search",
-                         "conddetr_jax.focal")),
+                         "conddetr_jax.gpu_targets", "conddetr_jax.focal")),
     ("matching", ("conddetr_jax.matching",)),
     ("criterion and decoding", ("conddetr_jax.losses", "conddetr_jax.dense_losses", "conddetr_jax.postprocess")),
     ("devices, weights and image files", ("conddetr_jax.sharding", "conddetr_jax.convert", "conddetr_jax.weights",
