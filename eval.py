@@ -9,8 +9,6 @@ Prints pycocotools' summary, writes ``DIR/detections.json`` (COCO results format
 metrics to ``DIR/metrics.jsonl``.
 """
 
-import os
-
 from conddetr_jax import cli
 
 cli.quiet_native_logs()  # before TensorFlow and JAX load
@@ -21,6 +19,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from conddetr_jax import checkpoint_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -43,8 +42,8 @@ def main(argv):
     print(f"COCO bbox, {result.num_images} {_SPLIT.value} images, checkpoint {_CHECKPOINT.value}:")
     print(result.summary, end="")
     cli.print_summary(f"Evaluated {result.num_images} {_SPLIT.value} images",
-                      {"detections": os.path.join(_WORKDIR.value, evaluation.DETECTIONS_FILE),
-                       "metrics": os.path.join(_WORKDIR.value, metrics.METRICS_FILE)}, result.metrics)
+                      {"detections": storage.join(_WORKDIR.value, evaluation.DETECTIONS_FILE),
+                       "metrics": storage.join(_WORKDIR.value, metrics.METRICS_FILE)}, result.metrics)
 
 
 if __name__ == "__main__":

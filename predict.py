@@ -7,8 +7,6 @@ PATH is anything eval.py accepts. Class names come from the dataset's json when 
 else COCO's for a 91-class model.
 """
 
-import os
-
 from conddetr_jax import cli
 
 cli.quiet_native_logs()  # before TensorFlow and JAX load
@@ -21,6 +19,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import prediction  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
@@ -42,8 +41,8 @@ def main(argv):
   for record in records:
     print(prediction.describe_record(record, _THRESHOLD.value))
   cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
-                    {"drawings": os.path.join(_OUT.value, "*.png"),
-                     "detections": os.path.join(_OUT.value, evaluation.DETECTIONS_FILE)})
+                    {"drawings": storage.join(_OUT.value, "*.png"),
+                     "detections": storage.join(_OUT.value, evaluation.DETECTIONS_FILE)})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Multi-host: see the README ("Many devices: GPUs, TPUs, clusters"); the flags bel
 clusters that SLURM does not describe.
 """
 
-import os
 import signal
 import sys
 
@@ -17,6 +16,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-im
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed, lost_host, loop, metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -45,16 +45,16 @@ def main(argv: list[str]) -> None:
                                heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value, shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # one host reports progress
-  with lost_host.report_lost_host(os.path.join(_WORKDIR.value, weights.CHECKPOINT_DIR), _HEARTBEAT_TIMEOUT.value):
+  with lost_host.report_lost_host(storage.join(_WORKDIR.value, weights.CHECKPOINT_DIR), _HEARTBEAT_TIMEOUT.value):
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     workdir = _WORKDIR.value
-    predictions = os.path.join(workdir, loop.PREDICTIONS_DIR)
+    predictions = storage.join(workdir, loop.PREDICTIONS_DIR)
     cli.print_summary(
         f"{'Stopped (SIGTERM) at' if result.preempted else 'Trained'} step {result.step}/{result.total_steps}",
-        {"checkpoints": os.path.join(workdir, weights.CHECKPOINT_DIR),
-         "metrics": os.path.join(workdir, metrics.METRICS_FILE),
-         "TensorBoard": os.path.join(workdir, metrics.TENSORBOARD_DIR),
+        {"checkpoints": storage.join(workdir, weights.CHECKPOINT_DIR),
+         "metrics": storage.join(workdir, metrics.METRICS_FILE),
+         "TensorBoard": storage.join(workdir, metrics.TENSORBOARD_DIR),
          "predictions": f"{predictions}/*.png ({len(result.prediction_images)} files)"
                         if result.prediction_images else None},
         result.eval_metrics)

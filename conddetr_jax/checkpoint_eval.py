@@ -10,8 +10,8 @@ from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import models
 from conddetr_jax import sharding
+from conddetr_jax import storage
 from conddetr_jax import weights
-from conddetr_jax.data import files
 from conddetr_jax.training import metrics as metrics_lib
 
 
@@ -28,15 +28,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, work
     ValueError: the checkpoint does not fit the config's model.
     data.BadImageError: an image of the split is missing or unreadable (named).
   """
-  files.require_local_path(workdir, "--workdir")
+  storage.check_reachable(workdir, "--workdir")
+  storage.check_reachable(checkpoint, "--checkpoint")
   data.prepare_dataset(config)
   mesh = sharding.make_mesh()
   model = models.build_model(config)
   variables, step = weights.load_variables(config, checkpoint, sharding.replicated(mesh))
   result = evaluation.run_evaluation(config, model, variables, mesh, split=split,
-                                     detections_path=os.path.join(workdir, evaluation.DETECTIONS_FILE))
+                                     detections_path=os.fspath(storage.path(workdir) / evaluation.DETECTIONS_FILE))
   if jax.process_index() == 0:
-    record = {"step": step, "checkpoint": os.path.abspath(checkpoint), "split": split, **result.metrics}
-    with open(os.path.join(workdir, metrics_lib.METRICS_FILE), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    record = {"step": step, "checkpoint": storage.display(checkpoint), "split": split, **result.metrics}
+    storage.append_text(storage.path(workdir) / metrics_lib.METRICS_FILE, json.dumps(record) + "\n")
   return result

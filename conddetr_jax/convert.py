@@ -20,6 +20,7 @@ writes an Orbax checkpoint of the variables that eval.py and ``config.init_from`
 """
 
 import argparse
+import io
 import logging
 import os
 import re
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from conddetr_jax import storage
 
 StateDict = dict[str, np.ndarray]
 
@@ -47,7 +50,8 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------- reading files
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, source: Any) -> Any:
+  """``torch.load`` of ``source`` (``path`` or its bytes), for messages named ``path``."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -55,7 +59,7 @@ def _torch_load(path: str) -> Any:
                       ".safetensors files load without it") from e
   # The original saves its argparse.Namespace next to the weights; allow just that class.
   with torch.serialization.safe_globals([argparse.Namespace]):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> StateDict:
@@ -67,13 +71,15 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -
     raw = path_or_state_dict
   else:
     path = os.fspath(path_or_state_dict)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
       raise FileNotFoundError(f"checkpoint file not found: {path}")
+    # A file in a bucket is read whole into memory (the readers take bytes); a local one by name.
+    contents = storage.read_bytes(path) if storage.is_remote(path) else None
     if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-      raw = load_file(path)
+      from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
+      raw = safetensors_np.load_file(path) if contents is None else safetensors_np.load(contents)
     else:
-      raw = _torch_load(path)
+      raw = _torch_load(path, path if contents is None else io.BytesIO(contents))
   if "model" in raw and isinstance(raw["model"], Mapping):
     raw = raw["model"]
   elif "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
@@ -338,11 +344,11 @@ def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:
   """Writes ``{'params', 'batch_stats'}`` as an Orbax checkpoint that eval.py, predict.py and
   ``config.init_from`` restore. Refuses to overwrite an existing folder."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(path):
+  path = storage.display(out_dir)
+  if storage.path(path).exists():
     raise FileExistsError(f"{path} exists; choose a new --out folder")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(path, {k: variables[k] for k in ("params", "batch_stats") if k in variables})
+    checkpointer.save(storage.path(path), {k: variables[k] for k in ("params", "batch_stats") if k in variables})
   return path
 
 

@@ -33,6 +33,7 @@ from conddetr_jax import image_files
 from conddetr_jax import postprocess
 from conddetr_jax import progress
 from conddetr_jax import sharding
+from conddetr_jax import storage
 from conddetr_jax import visualize
 from conddetr_jax.data import coco
 
@@ -120,8 +121,10 @@ def coco_metrics(ann_path: str, results: list[dict[str, Any]], image_ids: Sequen
   Raises:
     ValueError: the evaluated images are not exactly the json's images.
   """
+  gt = COCO()  # filled from the json's text: pycocotools opens local files only
+  gt.dataset = json.loads(storage.read_bytes(ann_path))
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-    gt = COCO(ann_path)
+    gt.createIndex()
   expected, got = set(gt.getImgIds()), set(int(i) for i in image_ids)
   if expected != got:
     raise ValueError(f"evaluated {len(got)} images but {ann_path} lists {len(expected)}: "
@@ -215,9 +218,7 @@ def run_evaluation(config: ml_collections.ConfigDict, model: flax.linen.Module, 
   if jax.process_index() == 0:
     results = to_coco_results(dets["image_id"], dets["scores"], dets["labels"], dets["boxes"])
     if detections_path:
-      os.makedirs(os.path.dirname(os.path.abspath(detections_path)), exist_ok=True)
-      with open(detections_path, "w") as f:
-        json.dump(results, f)
+      storage.write_bytes(detections_path, json.dumps(results).encode())
     metrics, summary = coco_metrics(data.annotation_path(config, split), results, dets["image_id"])
     stats = np.array([metrics[name] for name in METRIC_NAMES], np.float64)
   # Sent as the float64 bits (JAX arrays are 32-bit by default), so every process gets the exact values.
@@ -263,7 +264,7 @@ def detect_image(variables: Any, loaded: image_files.LoadedImage, *, model: flax
 
 
 def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
-                            out_dir: str, num_images: int, *, split: str = "val") -> list[str]:
+                            out_dir: "str | os.PathLike[str]", num_images: int, *, split: str = "val") -> list[str]:
   """Draws the detections of the first ``num_images`` images of ``split`` (by id) to
   ``out_dir/<file name>.png``, as predict.py draws them: the same detections (``detect_image``) and
   drawing (``visualize``), with those scoring at least ``config.evaluation.score_threshold``.
@@ -285,7 +286,7 @@ def write_prediction_images(config: ml_collections.ConfigDict, model: flax.linen
     source = images.path(i)
     loaded = image_files.load_image(source, config)
     dets = detect_image(variables, loaded, model=model, k=top_k(config))
-    path = os.path.join(out_dir, os.path.splitext(os.path.basename(source))[0] + ".png")
+    path = os.fspath(storage.path(out_dir) / (os.path.splitext(os.path.basename(source))[0] + ".png"))
     visualize.save_detections_png(path, loaded.pixels, dets["boxes"], dets["scores"], dets["labels"], names,
                                   config.evaluation.score_threshold)
     paths.append(path)

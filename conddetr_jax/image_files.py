@@ -6,12 +6,13 @@ of ``size_divisibility``.
 """
 
 import dataclasses
-import os
+import io
 
 import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
+from conddetr_jax import storage
 from conddetr_jax.data import batching
 from conddetr_jax.data import transforms
 
@@ -40,10 +41,11 @@ def read_image(path: str) -> np.ndarray:
     FileNotFoundError: no such file.
     ValueError: the file is not a readable image (the message names it).
   """
-  if not os.path.isfile(path):
+  storage.check_reachable(path, "image")
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"image not found: {path}")
   try:
-    with Image.open(path) as f:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as f:
       # Phone photos store their rotation in EXIF: apply it, so boxes match what viewers show.
       return np.asarray(ImageOps.exif_transpose(f).convert("RGB"), np.uint8)
   except (OSError, ValueError, Image.DecompressionBombError) as e:

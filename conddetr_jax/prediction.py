@@ -12,8 +12,8 @@ import ml_collections
 from conddetr_jax import data
 from conddetr_jax import evaluation
 from conddetr_jax import image_files
+from conddetr_jax import storage
 from conddetr_jax import visualize
-from conddetr_jax.data import files
 
 # COCO 2017's 80 category ids (of 1..90) and names: predict.py labels COCO models with them when no
 # dataset json is at hand.
@@ -80,28 +80,28 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     "detections": [{"label", "name", "score", "box_xyxy"}, ...]}`` (boxes in the file's pixels,
     sorted by decreasing score; ``best_score``: the highest score, kept or not).
   """
-  files.require_local_path(out_dir, "--out")
+  storage.check_reachable(out_dir, "--out")
   images = [image_files.load_image(p, config) for p in paths]
   names = class_names(config)
-  os.makedirs(out_dir, exist_ok=True)
+  out = storage.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   records = []
   for path, stem, loaded in zip(paths, _output_stems(paths), images):
     dets = evaluation.detect_image(variables, loaded, model=model, k=evaluation.top_k(config))
     scores, labels, boxes = dets["scores"], dets["labels"], dets["boxes"]
-    png = os.path.join(out_dir, f"{stem}.png")
+    png = os.fspath(out / f"{stem}.png")
     visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
                                   scale=visualize.enlargement(*loaded.pixels.shape[:2]))
     keep = scores >= threshold
     records.append({
-        "file": os.path.abspath(path), "png": os.path.abspath(png),
+        "file": storage.display(path), "png": storage.display(png),
         "height": int(loaded.orig_size[0, 0]), "width": int(loaded.orig_size[0, 1]),
         "best_score": float(scores[0]) if len(scores) else 0.0,
         "detections": [{"label": int(c), "name": visualize.class_name(c, names),
                         "score": float(s), "box_xyxy": [float(v) for v in b]}
                        for c, s, b in zip(labels[keep], scores[keep], boxes[keep])],
     })
-  with open(os.path.join(out_dir, evaluation.DETECTIONS_FILE), "w") as f:
-    json.dump(records, f, indent=1)
+  storage.write_bytes(out / evaluation.DETECTIONS_FILE, json.dumps(records, indent=1).encode())
   return records
 
 

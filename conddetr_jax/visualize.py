@@ -6,11 +6,12 @@ predict.py (``prediction.predict_files``): the image file's own pixels, small im
 clipped; the detections' json keeps the model's boxes, as the original's PostProcess does.
 """
 
-import os
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from conddetr_jax import storage
 
 # Distinct, saturated colours; a label always gets the same one.
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -91,8 +92,8 @@ def caption_origin(x0: float, y0: float, text_width: int, text_height: int, heig
 
 def save_detections_png(path: str, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                         class_names: Mapping[int, str], threshold: float = 0.5, scale: int | None = None) -> None:
-  """Writes ``draw_detections(...)`` to ``path`` as PNG, creating its folder (arguments as there;
-  ``scale`` defaults to ``enlargement`` of the image's size)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes ``draw_detections(...)`` to ``path`` (local or a URL) as PNG, creating its folder
+  (arguments as there; ``scale`` defaults to ``enlargement`` of the image's size)."""
   scale = enlargement(*image.shape[:2]) if scale is None else scale
-  draw_detections(image, boxes, scores, labels, class_names, threshold, scale).save(path, format="PNG")
+  drawing = draw_detections(image, boxes, scores, labels, class_names, threshold, scale)
+  storage.save_figure(path, lambda buffer: drawing.save(buffer, format="PNG"))

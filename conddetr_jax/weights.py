@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from conddetr_jax import convert
 from conddetr_jax import models
+from conddetr_jax import storage
 
 CHECKPOINT_DIR = "checkpoints"  # a training workdir's folder of step checkpoints
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -52,7 +53,7 @@ def resolve_orbax_checkpoint(path: str) -> str:
   Raises:
     FileNotFoundError: nothing at ``path`` or no checkpoint in it (the message says what was expected).
   """
-  p = epath.Path(path)
+  p = storage.path(path)
   if not p.exists():
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if (p / CHECKPOINT_DIR).is_dir():  # a workdir
@@ -136,7 +137,8 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
     FileNotFoundError: nothing at ``path``, or no checkpoint there.
     ValueError: the checkpoint does not fit the config's model (the message says how).
   """
-  if os.path.isfile(path) or path.endswith(TORCH_SUFFIXES):
+  storage.check_reachable(path, "checkpoint")
+  if path.endswith(TORCH_SUFFIXES) or storage.path(path).is_file():
     if not path.endswith(TORCH_SUFFIXES):
       raise ValueError(f"{path} is a file but not a PyTorch/HF checkpoint ({', '.join(TORCH_SUFFIXES)}); "
                        "Orbax checkpoints are folders")
@@ -160,7 +162,7 @@ def load_variables(config: ml_collections.ConfigDict, path: str,
   variables = {"params" if k == params_key else k: v for k, v in restored.items()}
   logging.info("Restored the model's variables from %s%s", tree,
                " (the moving average of the weights)" if params_key == _EMA_PARAMS else "")
-  p = epath.Path(tree)
+  p = storage.path(tree)
   return variables, int(p.parent.name) if p.name == _TRAIN_STATE_ITEM and p.parent.name.isdigit() else None
 
 
@@ -171,7 +173,7 @@ def load_initial_weights(path: str, config: ml_collections.ConfigDict, variables
   tensors keep ``variables``' values, HF weights); a folder is an Orbax checkpoint (a training
   workdir, one of its steps, or ``python -m conddetr_jax.convert``'s output).
   """
-  if os.path.isdir(path):
+  if storage.path(path).is_dir():
     loaded, _ = load_variables(config, path)
     return loaded
   return convert.from_torch(path, config, variables=variables)

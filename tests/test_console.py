@@ -209,18 +209,6 @@ def test_a_missing_init_from_is_named():
     loop.check_initial_weights(config)
 
 
-def test_remote_paths_are_named_instead_of_becoming_local_folders(tmp_path):
-  config = test_tiny.get_config()
-  with pytest.raises(ValueError, match=r"--workdir='gs://bucket/run': remote paths are not supported"):
-    loop.train_and_evaluate(config, "gs://bucket/run")
-  config.dataset.update(source="coco", root="s3://bucket/coco")
-  with pytest.raises(ValueError, match=r"config.dataset.root='s3://bucket/coco': remote paths"):
-    data.prepare_dataset(config)
-  with pytest.raises(ValueError, match=r"--out='gs://bucket/preds'"):
-    prediction.predict_files(config, None, None, [], "gs://bucket/preds", 0.5)
-  assert not os.path.exists("gs:")  # nothing was written under a folder named after the scheme
-
-
 # ----------------------------------------------------------------------- every entry point, end to end
 
 def run(*args: str) -> subprocess.CompletedProcess:

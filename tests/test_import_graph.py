@@ -19,7 +19,7 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 
 # Lowest floor first. A name covers the module or package of that name and everything inside it.
 FLOORS = (
-    ("building blocks", ("conddetr_jax.configs", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
+    ("building blocks", ("conddetr_jax.configs", "conddetr_jax.storage", "conddetr_jax.boxes", "conddetr_jax.models", "conddetr_jax.data",
                          "conddetr_jax.visualize", "conddetr_jax.cli", "conddetr_jax.progress",
                          "conddetr_jax.hlo", "conddetr_jax.flops", "conddetr_jax.batch_search",
                          "conddetr_jax.gpu_targets", "conddetr_jax.focal")),

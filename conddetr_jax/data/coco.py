@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from conddetr_jax import storage
 from conddetr_jax.data import files
 from conddetr_jax.data import synthetic
 
@@ -69,7 +70,7 @@ class Split:
 
   def path(self, index: int) -> str:
     """The image file of item ``index``."""
-    return os.path.join(self.image_dir, str(self.file_names[index]))
+    return storage.join(self.image_dir, str(self.file_names[index]))
 
 
 def synthetic_scenes(config: ml_collections.ConfigDict) -> synthetic.Scenes:
@@ -115,10 +116,12 @@ def _root(config: ml_collections.ConfigDict) -> str:
     if ds.synthetic_dir:
       files.require_local_path(ds.synthetic_dir, "config.dataset.synthetic_dir")
     return ds.synthetic_dir or default_generated_root(config)
-  if ds.root:
-    files.require_local_path(ds.root, "config.dataset.root")
   if ds.source == "tfds":
+    if ds.root:  # the export writes there
+      files.require_local_path(ds.root, "config.dataset.root (source='tfds')")
     return ds.root or default_generated_root(config)
+  if ds.root:
+    storage.check_reachable(ds.root, "config.dataset.root")
   if ds.source != "coco":
     raise ValueError(f"config.dataset.source={ds.source!r}: expected coco, synthetic or tfds")
   return ds.root
@@ -140,17 +143,20 @@ def resolve_split(config: ml_collections.ConfigDict, split: str) -> tuple[str, s
     if not (ann and images):
       raise ValueError(f"config.dataset.{split}_ann and config.dataset.{split}_images must be given together "
                        f"(got {ann!r} and {images!r}).\n{EXPECTED_LAYOUT}")
+    storage.check_reachable(ann, f"config.dataset.{split}_ann")
+    storage.check_reachable(images, f"config.dataset.{split}_images")
   else:
     root = _root(config)
     if not root:
       raise ValueError(f"config.dataset.root is empty.\n{EXPECTED_LAYOUT}")
-    ann = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    images = os.path.join(root, f"{split}2017")
-    if not os.path.isdir(images) and os.path.isdir(os.path.join(root, "images", f"{split}2017")):
-      images = os.path.join(root, "images", f"{split}2017")
-  if not os.path.isfile(ann):
+    ann = storage.join(root, "annotations", f"instances_{split}2017.json")
+    images = storage.join(root, f"{split}2017")
+    alternative = storage.join(root, "images", f"{split}2017")
+    if not storage.path(images).is_dir() and storage.path(alternative).is_dir():
+      images = alternative
+  if not storage.path(ann).is_file():
     raise FileNotFoundError(f"Annotation file not found: {ann}\n{EXPECTED_LAYOUT}")
-  if not os.path.isdir(images):
+  if not storage.path(images).is_dir():
     raise FileNotFoundError(f"Image folder not found: {images}\n{EXPECTED_LAYOUT}")
   return ann, images
 
@@ -162,15 +168,15 @@ def annotation_path(config: ml_collections.ConfigDict, split: str) -> str:
 
 def _missing_files(image_dir: str, file_names: list[str]) -> np.ndarray:
   """(N,) bool: which files do not exist. One directory listing instead of N stat calls."""
-  present = set(os.listdir(image_dir))
-  return np.array([(not os.path.exists(os.path.join(image_dir, f))) if os.sep in f else f not in present
+  present = set(storage.listdir(image_dir))
+  return np.array([(not storage.path(storage.join(image_dir, f)).exists()) if os.sep in f else f not in present
                    for f in file_names], bool)
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
   """(h, w) from the file header, or None if unreadable."""
   try:
-    with Image.open(path) as im:
+    with storage.path(path).open("rb") as f, Image.open(f) as im:
       return im.height, im.width
   except (OSError, ValueError):
     return None
@@ -192,7 +198,7 @@ def parse_annotations(content: dict, ann_path: str, image_dir: str) -> Split:
     if im.get("height") and im.get("width"):
       sizes[i] = im["height"], im["width"]
     else:
-      size = None if missing[i] else _image_size(os.path.join(image_dir, file_names[i]))
+      size = None if missing[i] else _image_size(storage.join(image_dir, file_names[i]))
       if size is None:
         unknown.append(i)
       else:
@@ -230,9 +236,9 @@ def parse_annotations(content: dict, ann_path: str, image_dir: str) -> Split:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(ann_path: str, image_dir: str, mtime_ns: int) -> Split:
-  del mtime_ns  # part of the cache key only: a rewritten json is read again
-  with open(ann_path) as f:
+def _load_cached(ann_path: str, image_dir: str, version: float) -> Split:
+  del version  # part of the cache key only: a rewritten json is read again
+  with storage.path(ann_path).open() as f:
     try:
       content = json.load(f)
     except json.JSONDecodeError as e:
@@ -252,7 +258,7 @@ def _load_cached(ann_path: str, image_dir: str, mtime_ns: int) -> Split:
 def load_split(config: ml_collections.ConfigDict, split: str) -> Split:
   """The annotations of ``split`` (parsed once per process, then cached)."""
   ann, images = resolve_split(config, split)
-  return _load_cached(ann, images, os.stat(ann).st_mtime_ns)
+  return _load_cached(ann, images, storage.version(ann))
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> None:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from conddetr_jax import storage
 from conddetr_jax.data import batching
 from conddetr_jax.data import coco
 from conddetr_jax.data import transforms
@@ -187,6 +188,19 @@ def local_plan(plan: dict[str, np.ndarray], global_batch_size: int, process_inde
 
 # ----------------------------------------------------------------------------------- tf.data
 
+def read_file(path: tf.Tensor, remote: bool) -> tf.Tensor:
+  """The bytes of the file ``path`` (a scalar string), as ``tf.io.read_file``.
+
+  ``remote`` (the dataset is in a bucket): read by gcsfs (``storage``) rather than by TensorFlow's
+  GCS file system, which cannot be pointed at an emulator, so the tests exercise the reads that
+  training makes; docs/cloud-storage.md has the measured cost. Local files keep TensorFlow's read.
+  """
+  if not remote:
+    return tf.io.read_file(path)
+  contents = tf.numpy_function(storage.read_bytes, [path], tf.string, stateful=False)
+  return tf.ensure_shape(contents, [])
+
+
 class _Loader:
   """TF functions that turn a plan slot into a padded example (constants captured once).
 
@@ -199,6 +213,7 @@ class _Loader:
     self.max_boxes = max_boxes
     self.fast = fast
     self.paths = tf.constant([split.path(i) for i in range(len(split))])
+    self.remote = storage.is_remote(split.image_dir)
     self.sizes = tf.constant(split.sizes, tf.int32)
     self.image_ids = tf.constant(split.image_ids, tf.int64)
     self.box_start = tf.constant(split.box_start, tf.int64)
@@ -211,7 +226,7 @@ class _Loader:
     index = candidate[0]
 
     def read():
-      contents = tf.io.read_file(self.paths[index])
+      contents = read_file(self.paths[index], self.remote)
       if self.fast:
         image, hw = transforms.decode_window(contents, transforms.unflipped_window(candidate[1:],
                                                                                    self.sizes[index][1]))
@@ -322,7 +337,8 @@ class DataIterator:
     if self._split.missing[index]:
       return "file does not exist"
     try:
-      image = transforms.decode_image(tf.io.read_file(self._split.path(index)))
+      image = transforms.decode_image(read_file(tf.constant(self._split.path(index)),
+                                                storage.is_remote(self._split.image_dir)))
     except (tf.errors.OpError, OSError) as e:
       return f"{type(e).__name__}: {getattr(e, 'message', str(e)).splitlines()[0]}"
     if tuple(image.shape[:2]) != tuple(self._split.sizes[index]):

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from conddetr_jax import storage
 from conddetr_jax.training.state import TrainState
 
 _STATE = "state"
@@ -22,18 +23,18 @@ _EMA = "ema"  # the meta record's key saying whether the state keeps a moving av
 class Checkpointer:
   """Saves and restores ``TrainState`` plus a small JSON record of the run's data position."""
 
-  def __init__(self, directory: str, keep: int, *, asynchronous: bool = True):
+  def __init__(self, directory: "str | os.PathLike[str]", keep: int, *, asynchronous: bool = True):
     """Opens (creating it if needed) the checkpoint directory.
 
     Args:
-      directory: where step directories go, e.g. ``<workdir>/checkpoints``.
+      directory: where step directories go, e.g. ``<workdir>/checkpoints``, local or ``gs://``.
       keep: how many of the latest checkpoints to keep (older ones are deleted).
       asynchronous: write in a background thread; the train loop only waits for the copy of
         the arrays to host memory.
     """
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=asynchronous)
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.path(storage.display(directory))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
 
   def latest_step(self) -> int | None:
@@ -76,7 +77,7 @@ class Checkpointer:
           f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a moving "
           f"average of the weights, and this run {'keeps none' if saved_ema else 'keeps one'}: resume with "
           f"{'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in a new --workdir "
-          f"(--config.init_from={os.path.dirname(self.directory)} starts from its weights)")
+          f"(--config.init_from={self.directory.parent} starts from its weights)")
     if _EMA in meta:
       return self._restore_state(step, abstract), meta
     fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract) if f.name != "ema_params"}

@@ -13,15 +13,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from etils import epath
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from conddetr_jax import cli, data, evaluation, models, progress, weights
+from conddetr_jax import cli, data, evaluation, models, progress, storage, weights
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
-from conddetr_jax.data import files
 from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
 from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
 from conddetr_jax.training import state as state_lib
@@ -123,7 +121,9 @@ def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
   Raises:
     FileNotFoundError: ``config.init_from`` names nothing.
   """
-  if config.init_from and not epath.Path(config.init_from).exists():
+  if config.init_from:
+    storage.check_reachable(config.init_from, "config.init_from")
+  if config.init_from and not storage.path(config.init_from).exists():
     raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such file or folder")
   if (config.model.backbone_norm != "frozen_bn" or config.init_from
       or config.init.get("allow_random_backbone", False)):
@@ -204,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     FloatingPointError: a non-finite loss or gradient, unless ``config.skip_nonfinite``; the
       message names the step, and the last checkpoint written before it is left intact.
   """
-  files.require_local_path(workdir, "--workdir")
+  storage.check_reachable(workdir, "--workdir")
   validate_config(config, jax.device_count())
   plan = batch_lib.plan_batch(config, jax.device_count())
   config = batch_lib.resolved(config, plan)  # the step reads the derived grad_accum_steps
@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   replicated = sharding_lib.replicated(mesh)
   model, abstract_variables, create, par = build_train_step(config, steps_per_epoch, mesh)
 
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, weights.CHECKPOINT_DIR), config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(storage.path(workdir) / weights.CHECKPOINT_DIR, config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is None:
     host_state = _initial_state(config, model, create, init_rng, replicated)
@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
         variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
         prediction_paths = evaluation.write_prediction_images(config, model, variables,
-                                                              os.path.join(workdir, PREDICTIONS_DIR),
+                                                              storage.path(workdir) / PREDICTIONS_DIR,
                                                               config.evaluation.prediction_images)
   finally:
     preemption.close()

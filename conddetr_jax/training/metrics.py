@@ -1,17 +1,22 @@
 """Metric outputs of a run: ``<workdir>/metrics.jsonl``, TensorBoard event files, console lines.
 
 Only process 0 writes; the other processes get a writer that does nothing, so the loop calls it
-unconditionally.
+unconditionally. A workdir in a bucket gets the same files: objects cannot be appended to, so both
+are rewritten whole after each record (a full COCO run's are a few MB at the end).
 """
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Mapping
 
 from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from conddetr_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -21,23 +26,48 @@ class MetricWriter:
   """Appends one JSON object per call to ``metrics.jsonl`` and the same scalars to TensorBoard."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    """Opens the outputs under ``workdir`` when ``enabled`` (process 0); else every call is a no-op."""
+    """Opens the outputs under ``workdir`` (local or a URL) when ``enabled`` (process 0); else every
+    call is a no-op."""
     self._enabled = enabled
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-    self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    self._workdir = storage.path(workdir)
+    self._remote = storage.is_remote(workdir)
+    self._workdir.mkdir(parents=True, exist_ok=True)
+    if self._remote:
+      # TensorBoard's writer goes through TensorFlow's file system, which cannot be pointed at an
+      # emulator: it writes a local file that ``_upload`` copies to the bucket.
+      self._staging = tempfile.mkdtemp(prefix="conddetr-tensorboard-")
+      self._events = EventFileWriter(self._staging)
+      jsonl = self._workdir / METRICS_FILE
+      self._lines = jsonl.read_text(encoding="utf-8") if jsonl.exists() else ""
+    else:
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+      self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Records ``{"step": step, **scalars}``; values must be Python numbers."""
     if not self._enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": step, **scalars}) + "\n"
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, simple_value=float(value))
                                          for name, value in scalars.items()])
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    if self._remote:
+      self._lines += line
+      self._upload()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+
+  def _upload(self) -> None:
+    """Remote workdir: writes metrics.jsonl and the TensorBoard event file whole to the bucket."""
+    storage.write_bytes(self._workdir / METRICS_FILE, self._lines.encode())
+    self._events.flush()
+    local = self._events.get_logdir()
+    for name in os.listdir(local):
+      with open(os.path.join(local, name), "rb") as f:
+        storage.write_bytes(self._workdir / TENSORBOARD_DIR / name, f.read())
 
   def flush(self) -> None:
     """Pushes buffered TensorBoard events to disk."""
@@ -46,7 +76,13 @@ class MetricWriter:
 
   def close(self) -> None:
     """Flushes and closes the outputs."""
-    if self._enabled:
+    if not self._enabled:
+      return
+    if self._remote:
+      self._upload()
+      self._events.close()
+      shutil.rmtree(self._staging, ignore_errors=True)
+    else:
       self._jsonl.close()
       self._events.close()
 
@@ -57,11 +93,11 @@ def recorded_evaluation(workdir: str, step: int) -> dict[str, float] | None:
   A rerun of a finished run finds its final evaluation here instead of appending a second record
   for the same step.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / METRICS_FILE
+  if not path.exists():
     return None
   found = None
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line in f:
       try:
         record = json.loads(line)

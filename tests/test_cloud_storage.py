@@ -1,0 +1,144 @@
+"""gs:// for the workdir, checkpoints and dataset, against a GCS emulator on 127.0.0.1.
+
+The emulator (gcp-storage-emulator, in memory) is started once for the module and stopped after.
+Clients are pointed at it the way each documents: ``STORAGE_EMULATOR_HOST`` (gcsfs, behind epath)
+and ``TENSORSTORE_GCS_HTTP_URL`` (TensorStore, behind Orbax's arrays). """
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test_tiny
+from conddetr_jax import data, storage
+from conddetr_jax.data import coco
+from conddetr_jax.training import checkpoint, loop, metrics
+from tests.test_training_checkpoint import _target, make_state
+
+BUCKET = "conddetr-test"
+TOTAL_STEPS = 12
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  """``http://127.0.0.1:PORT`` of a fresh in-memory GCS emulator holding bucket ``BUCKET``; the
+  environment points every client at it for the module's tests."""
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+                           f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.time() + 60
+    while True:
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+      except OSError:
+        if proc.poll() is not None or time.time() > deadline:
+          raise RuntimeError(f"the GCS emulator did not start (exit code {proc.poll()})") from None
+        time.sleep(0.1)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setenv("STORAGE_EMULATOR_HOST", url)
+      mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+      yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _tiny_config(synthetic_dir, root: str | None = None):
+  """test_tiny with test_training_e2e's flags; ``root``: read that COCO-format copy instead."""
+  config = test_tiny.get_config()
+  config.dataset.synthetic_dir = str(synthetic_dir)
+  config.update(global_batch_size=4, per_device_batch_size=4, total_steps=TOTAL_STEPS, checkpoint_every_steps=6,
+                keep_checkpoints=10, log_every_steps=1)
+  if root:
+    config.dataset.update(source="coco", root=root, synthetic_dir="")
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset(emulator, tmp_path_factory):
+  """(local synthetic dataset folder, its copy in the bucket)."""
+  local = tmp_path_factory.mktemp("cloud") / "synthetic"
+  data.prepare_dataset(_tiny_config(local))
+  remote = f"gs://{BUCKET}/data"
+  for folder, _, names in os.walk(local):
+    for name in names:
+      if name.endswith(".json") or name.endswith(".jpg"):
+        with open(os.path.join(folder, name), "rb") as f:
+          storage.write_bytes(storage.join(remote, os.path.relpath(os.path.join(folder, name), local)), f.read())
+  return local, remote
+
+
+def _records(workdir: str) -> list[dict]:
+  path = storage.path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_dataset_read_from_a_bucket_gives_the_batches_read_from_disk(dataset):
+  local, remote = dataset
+  split = coco.load_split(_tiny_config(local, remote), "train")
+  assert split.image_dir == f"{remote}/train2017" and not split.missing.any()
+  batches = [next(data.train_iterator(_tiny_config(local, root), global_batch_size=4, start_step=5))
+             for root in (str(local), remote)]
+  assert batches[0].keys() == batches[1].keys()
+  for key in batches[0]:
+    np.testing.assert_array_equal(batches[0][key], batches[1][key], err_msg=key)
+
+
+def test_checkpoints_in_a_bucket_round_trip_and_resume_at_the_latest_complete_step(emulator):
+  directory = f"gs://{BUCKET}/run/checkpoints"
+  first = checkpoint.Checkpointer(directory, keep=2)
+  for step in (3, 6):
+    first.save(step, make_state(step, size=1000), {"step": step})
+  first.close()
+  again = checkpoint.Checkpointer(directory, keep=2)
+  assert again.latest_step() == 6 and str(again.directory) == directory
+  expected = make_state(6, size=1000)
+  state, meta = again.restore(6, _target(expected))
+  again.close()
+  assert meta["step"] == 6
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_metrics_in_a_bucket_are_appended_across_runs_with_tensorboard_events(emulator):
+  workdir = f"gs://{BUCKET}/metrics-run"
+  for step in (1, 2):  # two runs of one workdir, as a resumed run appends
+    writer = metrics.MetricWriter(workdir)
+    writer.write(step, {"loss": 1.0 / step})
+    writer.close()
+  assert _records(workdir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+  assert metrics.recorded_evaluation(workdir, 2) is None
+  assert len(list((storage.path(workdir) / "tensorboard").iterdir())) == 2  # one event file per run
+
+
+def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and_the_setting(dataset, monkeypatch):
+  local, remote = dataset
+  with pytest.raises(OSError) as missing:
+    loop.train_and_evaluate(_tiny_config(local, remote), "gs://no-such-bucket/run")
+  assert str(missing.value) == ("--workdir='gs://no-such-bucket/run': bucket 'no-such-bucket' does not exist (using "
+                                f"STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']}, "
+                                f"TENSORSTORE_GCS_HTTP_URL={os.environ['TENSORSTORE_GCS_HTTP_URL']})")
+  closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", closed)
+  start = time.time()
+  with pytest.raises(OSError, match=r"^config.dataset.root='gs://conddetr-test/data': no answer from the storage "
+                     rf"service within 2 s \(using STORAGE_EMULATOR_HOST={closed}, ") as unreachable:
+    storage.check_reachable(remote, "config.dataset.root", timeout_s=2)
+  assert time.time() - start < 10 and "\n" not in str(unreachable.value)
+  assert not os.path.exists("gs:")  # nothing was written under a local folder named after the scheme
