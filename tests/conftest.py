@@ -78,7 +78,9 @@ _TORCHVISION_OPS_STUB = _stub_missing_torchvision_ops()
 
 
 # The modules that take longest, longest first: pytest-xdist hands whole modules to its two
-# processes in collection order, so starting these first keeps both busy to the end.
+# processes in collection order (pytest.ini's --no-loadscope-reorder: by default it hands out the
+# modules with the most tests first, which left the two slowest, of few tests, to run last while
+# the other process idled), so starting these first keeps both busy to the end.
 _SLOWEST_MODULES = ("test_multihost_faults.py", "test_training_e2e.py", "test_model.py", "test_data_pipeline.py",
                     "test_cli.py", "test_parity.py", "test_hf_reference.py", "test_console.py")
 
