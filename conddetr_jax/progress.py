@@ -34,33 +34,49 @@ class Progress:
 
 
 class CompileAnnouncer:
-  """Wraps a step function: before it compiles for a new image shape, logs that it does (the
-  first step of each shape is slow), and after, how long it took.
+  """Runs a step compiled ahead for each new image shape, logging that it compiles (the first step
+  of each shape is slow) and how long it took.
+
+  Compiling ahead, rather than on the first call, lets ``synchronize`` run between compiling and
+  the first run: on several processes the step's collectives must start together (on CPU, a gloo
+  collective whose processes arrive more than 30 s apart fails), and one process can compile for
+  much longer than another (a compilation cache hit on one, a loaded host).
 
   ``take_compile_seconds`` hands the caller the compile time spent since its last call, to leave
   it out of the step time that throughput and ETA are computed from.
   """
 
-  def __init__(self, step: Callable[..., Any], what: str = "train step",
-               clock: Callable[[], float] = time.perf_counter):
-    """``step(state, batch)``: a jitted step whose ``batch['image']`` is (..., H, W, 3)."""
-    self._step, self._what, self._clock = step, what, clock
+  def __init__(self, step: Callable[..., Any], compile_step: Callable[[Any, dict[str, Any]], None],
+               what: str = "train step", clock: Callable[[], float] = time.perf_counter,
+               synchronize: Callable[[str], None] = lambda name: None):
+    """
+    Args:
+      step: ``step(state, batch)``, a jitted step; ``batch['image']`` is (..., H, W, 3).
+      compile_step: ``compile_step(state, batch)`` compiles ``step`` for these shapes without
+        running it; the next ``step`` call on them runs that program.
+      what: the step's name in the log lines.
+      clock: seconds (a test passes a fake one).
+      synchronize: called with a name unique to the shape after each compile, before the first
+        run; e.g. a barrier of all processes.
+    """
+    self._step, self._compile_step, self._what, self._clock = step, compile_step, what, clock
+    self._synchronize = synchronize
     self._seen: set[tuple[int, int]] = set()
     self._compile_s = 0.0
 
   def __call__(self, state: Any, batch: dict[str, Any]) -> Any:
-    """``step(state, batch)``; the call returns once compiled and dispatched (execution is async)."""
+    """``step(state, batch)``; the call returns once dispatched (execution is async)."""
     hw = tuple(int(d) for d in batch["image"].shape[-3:-1])
-    if hw in self._seen:
-      return self._step(state, batch)
-    logging.info("compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw)
-    start = self._clock()
-    out = self._step(state, batch)
-    seconds = self._clock() - start
-    self._seen.add(hw)
-    self._compile_s += seconds
-    logging.info("compiled the %s for %dx%d in %.1f s", self._what, *hw, seconds)
-    return out
+    if hw not in self._seen:
+      logging.info("compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw)
+      start = self._clock()
+      self._compile_step(state, batch)
+      self._seen.add(hw)
+      seconds = self._clock() - start
+      self._compile_s += seconds
+      logging.info("compiled the %s for %dx%d in %.1f s", self._what, *hw, seconds)
+      self._synchronize(f"{self._what} {hw[0]}x{hw[1]}".replace(" ", "_"))
+    return self._step(state, batch)
 
   def take_compile_seconds(self) -> float:
     """Seconds spent compiling since the last call (then reset to 0)."""

@@ -152,21 +152,30 @@ def test_progress_logs_every_period_and_at_the_end(caplog):
                                 "evaluating: 4/5 batches (22 s)", "evaluating: 5/5 batches (23 s)"]
 
 
-def test_each_new_batch_shape_announces_its_compile_and_its_time_is_left_out_of_step_time(caplog):
+def test_each_new_batch_shape_is_compiled_once_announced_and_synchronized_before_its_first_run(caplog):
   clock = FakeClock()
-  calls = []
+  events = []
+
+  def compile_step(state, batch):
+    events.append(("compile", batch["image"].shape[1:3]))
+    clock.now += 30.0  # compiling takes 30 s, a step 1 s
 
   def step(state, batch):
-    calls.append(batch["image"].shape)
-    clock.now += 30.0 if len(calls) in (1, 3) else 1.0  # compiling takes 30 s, a step 1 s
+    events.append(("run", batch["image"].shape[1:3]))
+    clock.now += 1.0
     return state + 1
 
-  announced = progress.CompileAnnouncer(step, clock=clock)
+  announced = progress.CompileAnnouncer(step, compile_step, clock=clock,
+                                        synchronize=lambda name: events.append(("synchronize", name)))
   state = 0
   with caplog.at_level(std_logging.INFO):
     for hw in ((64, 96), (64, 96), (96, 64), (64, 96)):
       state = announced(state, {"image": np.zeros((2, *hw, 3))})
-  assert state == 4 and len(calls) == 4
+  assert state == 4
+  assert events == [("compile", (64, 96)), ("synchronize", "train_step_64x96"), ("run", (64, 96)),
+                    ("run", (64, 96)),
+                    ("compile", (96, 64)), ("synchronize", "train_step_96x64"), ("run", (96, 64)),
+                    ("run", (64, 96))]
   assert info_lines(caplog) == [
       "compiling the train step for 64x96 images (the first step of each batch shape)...",
       "compiled the train step for 64x96 in 30.0 s",

@@ -6,6 +6,9 @@
   checkpoint, "rerun the same command on every host") within the heartbeat timeout and exits 75;
   a restart resumes from that checkpoint with the uninterrupted losses.
 - config.parallel='pmap' across the two processes logs the jit run's losses (dropout off).
+- A process held back for longer than gloo's 30 s collective timeout (here: stopped while it
+  initialises and compiles, as a loaded host is slow) does not fail the run: every process
+  compiles the step, then waits for the others, before the first collective (the reference run).
 
 All runs share one uninterrupted reference run, the tiny config and a compilation cache.
 """
@@ -29,13 +32,15 @@ HEARTBEAT_TIMEOUT_S = 15
 # our reporting, with a wide margin for a CPU shared with other test runs.
 STOP_BOUND_S = HEARTBEAT_TIMEOUT_S + 75
 SIGTERM_EXIT = 128 + signal.SIGTERM
+# Longer than the 30 s after which a gloo collective fails when a process is missing from it.
+HOLD_BACK_S = 45
 _LAUNCHES = itertools.count()
 
 
 class Pair:
   """The two processes of one multi-host train.py run, their output going to files."""
 
-  def __init__(self, runs: Runs, workdir, *extra: str):
+  def __init__(self, runs: Runs, workdir, *extra: str, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S):
     self.workdir = workdir
     address = f"127.0.0.1:{_free_port()}"
     env = dict(runs.env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -47,7 +52,7 @@ class Pair:
         self.procs.append(subprocess.Popen(
             [sys.executable, "train.py", *runs.flags, f"--workdir={workdir}", "--config.model.dropout=0.0",
              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-             f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}", *extra],
+             f"--heartbeat_timeout_s={heartbeat_timeout_s}", *extra],
             cwd=runs.env["PYTHONPATH"], env=env, stdout=out, stderr=subprocess.STDOUT))
 
   def output(self, i: int) -> str:
@@ -64,15 +69,27 @@ class Pair:
   def finish(self) -> list[int]:
     return [self.wait(i) for i in range(2)]
 
-  def wait_for_step(self, step: int, after: int = 0) -> None:
-    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
+  def _wait_until(self, done, what: str) -> None:
+    """Polls ``done()`` until true; fails, naming ``what``, if a process ends first or in 600 s."""
     deadline = time.time() + 600
-    while not any(r["step"] >= step for r in _train_records(self.workdir)[after:]):
+    while not done():
       ended = [p.poll() for p in self.procs]
       if any(code is not None for code in ended) or time.time() > deadline:
         self.kill()
-        raise AssertionError(f"no step {step} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}")
+        raise AssertionError(f"no {what} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}")
       time.sleep(0.05)
+
+  def wait_for_step(self, step: int, after: int = 0) -> None:
+    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
+    self._wait_until(lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}")
+
+  def hold_back(self, i: int, seconds: float, once_logged: str) -> None:
+    """Stops process ``i`` for ``seconds`` as soon as process 0 has logged ``once_logged``, so that
+    process 0 runs that much ahead of it."""
+    self._wait_until(lambda: once_logged in self.output(0), repr(once_logged))
+    self.procs[i].send_signal(signal.SIGSTOP)
+    time.sleep(seconds)
+    self.procs[i].send_signal(signal.SIGCONT)
 
   def kill(self) -> None:
     for p in self.procs:
@@ -88,8 +105,14 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(runs):
-  """The uninterrupted two-process jit run: step -> loss."""
-  pair = Pair(runs, runs.root / "reference")
+  """The uninterrupted two-process jit run: step -> loss.
+
+  Process 1 is held back after the last barrier of the set-up (Orbax's, as the checkpoint manager
+  starts), while both initialise the model and compile the step: process 0 must wait for it
+  before the step's first collective.
+  """
+  pair = Pair(runs, runs.root / "reference", heartbeat_timeout_s=HOLD_BACK_S + 60)
+  pair.hold_back(1, HOLD_BACK_S, once_logged="initialising the model")
   assert pair.finish() == [0, 0], pair.output(0)[-5000:] + pair.output(1)[-5000:]
   train = _train_records(pair.workdir)
   assert [r["step"] for r in train] == list(range(1, TOTAL_STEPS + 1))

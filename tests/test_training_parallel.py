@@ -1,5 +1,5 @@
 """One step on 8 CPU devices, jit-sharded, and pmap with 2 accumulated micro-batches, equals the
-same global batch on one device.
+same global batch on one device; a step compiled ahead (``compile``) is not compiled again when run.
 
 The device count must be set before JAX starts, so the steps run in a subprocess.
 """
@@ -16,6 +16,7 @@ SCRIPT = """
 import sys
 import jax
 import numpy as np
+from jax._src import monitoring
 from configs import test_tiny
 from conddetr_jax import models
 from conddetr_jax import sharding
@@ -44,6 +45,10 @@ batch = {"image": rng.normal(size=(16, 64, 64, 3)).astype(np.float32), "pad_mask
          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (16, 8)).astype(np.int32),
          "box_valid": box_valid}
 
+compiles = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **kwargs: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+    else None)
 out = {}
 # pmap: 2 images per device, as 2 micro-batches of 1 (their box counts, 16 and 8, summed over devices).
 for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.devices()[:1], 1),
@@ -51,7 +56,11 @@ for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.device
                                         ("pmap", parallel.PmapParallel, jax.devices(), 2)):
   par = cls(step_fns[accum_steps], sharding.make_mesh(devices))
   device_batch = jax.device_put(par.host_batch(batch), par.batch_sharding)
-  state, metrics = par.step(par.device_state(initial), device_batch)
+  state = par.device_state(initial)
+  par.compile(state, device_batch)
+  compiled = len(compiles)
+  state, metrics = par.step(state, device_batch)
+  out[name + "_compiles_in_first_step"] = len(compiles) - compiled
   out[name + "_devices"] = len(device_batch["image"].sharding.device_set)
   out[name + "_loss"] = jax.device_get(par.local(metrics))["loss"]
   for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(par.host_state(state).params)):
@@ -72,6 +81,7 @@ def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_a
   out = dict(np.load(tmp_path / "out.npz"))
 
   assert [int(out[f"{n}_devices"]) for n in ("one", "jit", "pmap")] == [1, 8, 8]
+  assert [int(out[f"{n}_compiles_in_first_step"]) for n in ("one", "jit", "pmap")] == [0, 0, 0]
   np.testing.assert_allclose(out["jit_loss"], out["one_loss"], rtol=1e-5)
   np.testing.assert_allclose(out["pmap_loss"], out["one_loss"], rtol=1e-5)
   param_keys = [k[len("one"):] for k in out if k.startswith("one[")]

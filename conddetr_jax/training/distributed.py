@@ -14,7 +14,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 
 
 def _env_int(name: str) -> int:
@@ -38,6 +38,20 @@ def wants_distributed() -> bool:
 
 HEARTBEAT_TIMEOUT_S = 100
 SHUTDOWN_TIMEOUT_S = 120
+_ORBAX_DISTRIBUTED_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def _orbax_barriers_through_the_coordination_service() -> None:
+  """Makes Orbax wait for the other processes the way ``wait_for_all_processes`` does.
+
+  By default Orbax's barriers (on creating a checkpoint manager, around each save) are device
+  collectives, one device per process: on CPU a gloo collective fails when its processes arrive
+  more than 30 s apart, which set-up work on a loaded host exceeds. Its flag routes them through
+  JAX's coordination service instead (5 minute timeout). Set only when absl has parsed the flags
+  (train.py and eval.py do); an Orbax without the flag keeps its own barriers.
+  """
+  if _ORBAX_DISTRIBUTED_BARRIER_FLAG in flags.FLAGS and flags.FLAGS.is_parsed():
+    flags.FLAGS[_ORBAX_DISTRIBUTED_BARRIER_FLAG].value = True
 
 
 def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -65,6 +79,7 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,
                              shutdown_timeout_seconds=shutdown_timeout_s)
+  _orbax_barriers_through_the_coordination_service()
   logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True

@@ -282,9 +282,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batches = data.prefetch_to_device(
       map(par.host_batch, data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)),
       par.batch_sharding)
-  train_step = progress.CompileAnnouncer(par.step)
+  # Every process compiles each batch shape's step, then waits for the others before its first run:
+  # the steps' collectives must start together. One announcer per train(), so each name is new.
+  train_step = progress.CompileAnnouncer(
+      par.step, par.compile,
+      synchronize=lambda name: distributed.wait_for_all_processes(f"conddetr_jax_compiled_{name}"))
   prediction_paths = []
-  distributed.wait_for_all_processes("conddetr_jax_train_loop_start")  # the steps' collectives start together
   window, window_start = [], time.time()
   try:
     for step in range(start_step + 1, total_steps + 1):

@@ -28,7 +28,27 @@ PARALLEL_MODES = ("jit", "pmap")
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
-class JitParallel:
+class _Parallel:
+  """What both strategies share: ``self._step``, the step jitted or pmapped for their layout."""
+
+  _step: Any
+
+  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update; ``state`` is donated. Metrics are replicated scalars under jit and have a
+    leading local-device axis under pmap (``local`` takes it off)."""
+    return self._step(state, batch)
+
+  def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> None:
+    """Compiles the step for the shapes of ``state`` and ``batch`` without running it.
+
+    The next ``step`` on those shapes runs the program compiled here: JAX keeps it with the
+    jitted function (pmap's too, a jit of a shard_map). Calling the compiled object instead would
+    not work for pmap on several processes, which JAX's ``lower`` leaves to global shapes.
+    """
+    self._step.lower(state, batch).compile()
+
+
+class JitParallel(_Parallel):
   """``jax.jit`` of the step over a sharded global batch; the state lives replicated."""
 
   def __init__(self, step_fn: StepFn, mesh: Mesh):
@@ -51,10 +71,6 @@ class JitParallel:
     """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global batch."""
     return batch
 
-  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update; ``state`` is donated. Metrics are replicated scalars."""
-    return self._step(state, batch)
-
   def lower(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
     """The step lowered for these shapes, e.g. to read its compiled memory use."""
     return self._step.lower(state, batch)
@@ -64,7 +80,7 @@ class JitParallel:
     return tree
 
 
-class PmapParallel:
+class PmapParallel(_Parallel):
   """``jax.pmap`` of the step over this process's devices, collectives over all processes."""
 
   def __init__(self, step_fn: StepFn, mesh: Mesh):
@@ -92,10 +108,6 @@ class PmapParallel:
     """This process's slice (B_local, ...) -> (local devices, B_local / local devices, ...)."""
     n = len(self._local_devices)
     return {k: np.reshape(v, (n, -1) + np.shape(v)[1:]) for k, v in batch.items()}
-
-  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update; ``state`` is donated. Metrics have a leading local-device axis."""
-    return self._step(state, batch)
 
   def local(self, tree: Any) -> Any:
     """A step output (metrics, a state field) without the per-device axis: the first device's
