@@ -1,6 +1,7 @@
 """gs:// for the workdir, checkpoints and dataset, against a GCS emulator on 127.0.0.1.
 
-The emulator (gcp-storage-emulator, in memory) is started once for the module and stopped after.
+The emulator (gcp-storage-emulator in memory, with tests/gcs_emulator.py's fix) is started once for
+the module and stopped after.
 Clients are pointed at it the way each documents: ``STORAGE_EMULATOR_HOST`` (gcsfs, behind epath)
 and ``TENSORSTORE_GCS_HTTP_URL`` (TensorStore, behind Orbax's arrays). """
 
@@ -21,6 +22,7 @@ from conddetr_jax.data import coco
 from conddetr_jax.training import checkpoint, loop, metrics
 from tests.test_training_checkpoint import _target, make_state
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "conddetr-test"
 TOTAL_STEPS = 12
 
@@ -36,9 +38,9 @@ def emulator():
   """``http://127.0.0.1:PORT`` of a fresh in-memory GCS emulator holding bucket ``BUCKET``; the
   environment points every client at it for the module's tests."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                           f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # gcp-storage-emulator with the generation headers TensorStore needs (tests/gcs_emulator.py).
+  proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={BUCKET}"],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 60
