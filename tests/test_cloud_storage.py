@@ -7,6 +7,7 @@ and ``TENSORSTORE_GCS_HTTP_URL`` (TensorStore, behind Orbax's arrays). """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import data, storage
+from conddetr_jax import checkpoint_eval, data, storage
 from conddetr_jax.data import coco
 from conddetr_jax.training import checkpoint, loop, metrics
 from tests.test_training_checkpoint import _target, make_state
@@ -25,6 +26,7 @@ from tests.test_training_checkpoint import _target, make_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "conddetr-test"
 TOTAL_STEPS = 12
+RUN_STEPS = 4  # the train_and_evaluate runs': stopped after step 2, checkpoints at 2, 3 and 4
 
 
 def _free_port() -> int:
@@ -91,6 +93,47 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _run_config(local, root: str):
+  """The train_and_evaluate runs' config: ``RUN_STEPS`` steps on the COCO-format copy at ``root``."""
+  config = _tiny_config(local, root)
+  config.update(total_steps=RUN_STEPS, checkpoint_every_steps=3)
+  return config
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+  """A run in a local workdir, on the dataset on disk: (its TrainResult, its metrics records)."""
+  local, _ = dataset
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = loop.train_and_evaluate(_run_config(local, str(local)), workdir)
+  return result, _records(workdir)
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(dataset):
+  """The same run with its workdir and dataset in the bucket, sent SIGTERM during step 2 and run
+  again: (the workdir, the stopped run's result, its records, the resumed run's result)."""
+  local, remote = dataset
+  workdir = f"gs://{BUCKET}/resumed"
+  log_progress = metrics.log_progress
+
+  def sigterm_after_step_1(step, *args):
+    log_progress(step, *args)
+    if step == 1:  # the loop notices it after step 2, saves step 2 and returns
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(metrics, "log_progress", sigterm_after_step_1)
+    stopped = loop.train_and_evaluate(_run_config(local, remote), workdir)
+  stopped_records = _records(workdir)
+  resumed = loop.train_and_evaluate(_run_config(local, remote), workdir)
+  return workdir, stopped, stopped_records, resumed
+
+
 def test_the_dataset_read_from_a_bucket_gives_the_batches_read_from_disk(dataset):
   local, remote = dataset
   split = coco.load_split(_tiny_config(local, remote), "train")
@@ -144,3 +187,32 @@ def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and
     storage.check_reachable(remote, "config.dataset.root", timeout_s=2)
   assert time.time() - start < 10 and "\n" not in str(unreachable.value)
   assert not os.path.exists("gs:")  # nothing was written under a local folder named after the scheme
+
+
+def test_a_run_in_a_bucket_stopped_by_sigterm_resumes_with_the_losses_of_an_uninterrupted_run(
+    uninterrupted, stopped_and_resumed):
+  expected_result, expected_records = uninterrupted
+  workdir, stopped, stopped_records, resumed = stopped_and_resumed
+  # What the stop left in the bucket: checkpoint 2 and the records of steps 1 and 2, uploaded.
+  assert stopped.preempted and stopped.step == 2 and not stopped.eval_metrics
+  assert [r["step"] for r in stopped_records] == [1, 2]
+  assert not resumed.preempted and resumed.step == RUN_STEPS
+  assert sorted(storage.listdir(storage.join(workdir, "checkpoints"))) == ["2", "3", "4"]
+  # Losses, gradients, learning rates and the final evaluation, bit for bit (JSON keeps every bit
+  # of a float); only the throughput differs.
+  assert _without_timing(_records(workdir)) == _without_timing(expected_records)
+  assert [r["step"] for r in expected_records] == [1, 2, 3, 4, 4]  # four steps, then the evaluation
+  assert resumed.eval_metrics == expected_result.eval_metrics
+  assert (storage.path(workdir) / "tensorboard").exists()
+
+
+def test_eval_of_a_checkpoint_in_a_bucket_writes_its_metrics_and_detections_to_the_bucket(
+    dataset, stopped_and_resumed):
+  local, remote = dataset
+  run, _, _, resumed = stopped_and_resumed
+  workdir = f"gs://{BUCKET}/eval"
+  result = checkpoint_eval.evaluate_checkpoint(_run_config(local, remote), run, workdir)
+  assert result.metrics == resumed.eval_metrics  # the run's own final evaluation of step 4
+  assert _records(workdir) == [{"step": RUN_STEPS, "checkpoint": run, "split": "val", **result.metrics}]
+  detections = json.loads((storage.path(workdir) / "detections.json").read_text())
+  assert detections and {d["image_id"] for d in detections} <= set(range(1, 9))
