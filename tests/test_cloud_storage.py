@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import checkpoint_eval, data, storage
+from conddetr_jax import checkpoint_eval, data, models, prediction, storage, weights
 from conddetr_jax.data import coco
 from conddetr_jax.training import checkpoint, loop, metrics
 from tests.test_training_checkpoint import _target, make_state
@@ -106,11 +106,12 @@ def _without_timing(records: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(dataset, tmp_path_factory):
-  """A run in a local workdir, on the dataset on disk: (its TrainResult, its metrics records)."""
+  """A run in a local workdir, on the dataset on disk: (its TrainResult, its metrics records, the
+  workdir)."""
   local, _ = dataset
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   result = loop.train_and_evaluate(_run_config(local, str(local)), workdir)
-  return result, _records(workdir)
+  return result, _records(workdir), workdir
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and
 
 def test_a_run_in_a_bucket_stopped_by_sigterm_resumes_with_the_losses_of_an_uninterrupted_run(
     uninterrupted, stopped_and_resumed):
-  expected_result, expected_records = uninterrupted
+  expected_result, expected_records, _ = uninterrupted
   workdir, stopped, stopped_records, resumed = stopped_and_resumed
   # What the stop left in the bucket: checkpoint 2 and the records of steps 1 and 2, uploaded.
   assert stopped.preempted and stopped.step == 2 and not stopped.eval_metrics
@@ -216,3 +217,29 @@ def test_eval_of_a_checkpoint_in_a_bucket_writes_its_metrics_and_detections_to_t
   assert _records(workdir) == [{"step": RUN_STEPS, "checkpoint": run, "split": "val", **result.metrics}]
   detections = json.loads((storage.path(workdir) / "detections.json").read_text())
   assert detections and {d["image_id"] for d in detections} <= set(range(1, 9))
+
+
+def test_init_from_a_bucket_and_predict_from_and_to_a_bucket_match_local_paths(
+    dataset, tmp_path, uninterrupted, stopped_and_resumed):
+  local, remote = dataset
+  config = _run_config(local, remote)
+  run = stopped_and_resumed[0]
+  # config.init_from: the bucket's run and the local one ended with the same weights, bit for bit.
+  from_bucket = weights.load_initial_weights(run, config, None)
+  from_disk = weights.load_initial_weights(uninterrupted[2], config, None)
+  for got, want in zip(jax.tree.leaves(from_bucket), jax.tree.leaves(from_disk), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # predict.py: an image in the bucket, drawn into a --out in the bucket, as from and to disk.
+  model = models.build_model(config)
+  name = sorted(os.listdir(local / "val2017"))[0]
+  out = f"gs://{BUCKET}/predictions"
+  remote_records = prediction.predict_files(config, model, from_bucket, [f"{remote}/val2017/{name}"], out, 0.0)
+  local_records = prediction.predict_files(config, model, from_disk, [str(local / "val2017" / name)],
+                                           str(tmp_path), 0.0)
+  assert json.loads((storage.path(out) / "detections.json").read_text()) == remote_records
+  assert remote_records[0]["png"] == f"{out}/{os.path.splitext(name)[0]}.png"
+  assert (storage.path(out) / f"{os.path.splitext(name)[0]}.png").read_bytes() == (
+      tmp_path / f"{os.path.splitext(name)[0]}.png").read_bytes()
+  assert [{k: v for k, v in r.items() if k not in ("file", "png")} for r in remote_records] == (
+      [{k: v for k, v in r.items() if k not in ("file", "png")} for r in local_records])
+  assert remote_records[0]["detections"]  # threshold 0: every kept detection is compared
