@@ -173,6 +173,21 @@ def test_metrics_in_a_bucket_are_appended_across_runs_with_tensorboard_events(em
   assert len(list((storage.path(workdir) / "tensorboard").iterdir())) == 2  # one event file per run
 
 
+def test_metrics_in_a_bucket_are_uploaded_at_most_every_interval_and_on_flush(emulator):
+  workdir = f"gs://{BUCKET}/throttled-run"
+  writer = metrics.MetricWriter(workdir, upload_every_s=3600)
+  writer.write(1, {"loss": 1.0})
+  writer.write(2, {"loss": 0.5})
+  assert _records(workdir) == []  # within the interval: buffered
+  writer.flush()  # as the loop does at each checkpoint
+  assert _records(workdir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+  writer.close()
+  eager = metrics.MetricWriter(workdir, upload_every_s=0)
+  eager.write(3, {"loss": 0.25})
+  assert _records(workdir)[-1] == {"step": 3, "loss": 0.25}  # the interval has passed: uploaded by write
+  eager.close()
+
+
 def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and_the_setting(dataset, monkeypatch):
   local, remote = dataset
   with pytest.raises(OSError) as missing:
