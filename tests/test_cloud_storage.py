@@ -26,7 +26,7 @@ from tests.test_training_checkpoint import _target, make_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "conddetr-test"
 TOTAL_STEPS = 12
-RUN_STEPS = 4  # the train_and_evaluate runs': stopped after step 2, checkpoints at 2, 3 and 4
+RUN_STEPS = 3  # the train_and_evaluate runs': stopped after step 2 (checkpoint 2), resumed to 3
 
 
 def _free_port() -> int:
@@ -213,11 +213,11 @@ def test_a_run_in_a_bucket_stopped_by_sigterm_resumes_with_the_losses_of_an_unin
   assert stopped.preempted and stopped.step == 2 and not stopped.eval_metrics
   assert [r["step"] for r in stopped_records] == [1, 2]
   assert not resumed.preempted and resumed.step == RUN_STEPS
-  assert sorted(storage.listdir(storage.join(workdir, "checkpoints"))) == ["2", "3", "4"]
+  assert sorted(storage.listdir(storage.join(workdir, "checkpoints"))) == ["2", "3"]
   # Losses, gradients, learning rates and the final evaluation, bit for bit (JSON keeps every bit
   # of a float); only the throughput differs.
   assert _without_timing(_records(workdir)) == _without_timing(expected_records)
-  assert [r["step"] for r in expected_records] == [1, 2, 3, 4, 4]  # four steps, then the evaluation
+  assert [r["step"] for r in expected_records] == [1, 2, 3, 3]  # three steps, then the evaluation
   assert resumed.eval_metrics == expected_result.eval_metrics
   assert (storage.path(workdir) / "tensorboard").exists()
 
@@ -228,7 +228,7 @@ def test_eval_of_a_checkpoint_in_a_bucket_writes_its_metrics_and_detections_to_t
   run, _, _, resumed = stopped_and_resumed
   workdir = f"gs://{BUCKET}/eval"
   result = checkpoint_eval.evaluate_checkpoint(_run_config(local, remote), run, workdir)
-  assert result.metrics == resumed.eval_metrics  # the run's own final evaluation of step 4
+  assert result.metrics == resumed.eval_metrics  # the run's own final evaluation of its last step
   assert _records(workdir) == [{"step": RUN_STEPS, "checkpoint": run, "split": "val", **result.metrics}]
   detections = json.loads((storage.path(workdir) / "detections.json").read_text())
   assert detections and {d["image_id"] for d in detections} <= set(range(1, 9))
