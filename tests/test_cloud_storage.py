@@ -234,27 +234,31 @@ def test_eval_of_a_checkpoint_in_a_bucket_writes_its_metrics_and_detections_to_t
   assert detections and {d["image_id"] for d in detections} <= set(range(1, 9))
 
 
-def test_init_from_a_bucket_and_predict_from_and_to_a_bucket_match_local_paths(
-    dataset, tmp_path, uninterrupted, stopped_and_resumed):
+def test_init_from_a_run_in_a_bucket_gives_the_weights_of_the_same_run_on_disk(
+    dataset, uninterrupted, stopped_and_resumed):
   local, remote = dataset
   config = _run_config(local, remote)
-  run = stopped_and_resumed[0]
-  # config.init_from: the bucket's run and the local one ended with the same weights, bit for bit.
-  from_bucket = weights.load_initial_weights(run, config, None)
+  # The bucket's run and the local one ended with the same weights, bit for bit.
+  from_bucket = weights.load_initial_weights(stopped_and_resumed[0], config, None)
   from_disk = weights.load_initial_weights(uninterrupted[2], config, None)
   for got, want in zip(jax.tree.leaves(from_bucket), jax.tree.leaves(from_disk), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  # predict.py: an image in the bucket, drawn into a --out in the bucket, as from and to disk.
+
+
+def test_predict_from_a_bucket_to_a_bucket_writes_what_local_paths_give(dataset, tmp_path, stopped_and_resumed):
+  local, remote = dataset
+  config = _run_config(local, remote)
+  variables, _ = weights.load_variables(config, stopped_and_resumed[0])
   model = models.build_model(config)
   name = sorted(os.listdir(local / "val2017"))[0]
+  stem = os.path.splitext(name)[0]
   out = f"gs://{BUCKET}/predictions"
-  remote_records = prediction.predict_files(config, model, from_bucket, [f"{remote}/val2017/{name}"], out, 0.0)
-  local_records = prediction.predict_files(config, model, from_disk, [str(local / "val2017" / name)],
+  remote_records = prediction.predict_files(config, model, variables, [f"{remote}/val2017/{name}"], out, 0.0)
+  local_records = prediction.predict_files(config, model, variables, [str(local / "val2017" / name)],
                                            str(tmp_path), 0.0)
   assert json.loads((storage.path(out) / "detections.json").read_text()) == remote_records
-  assert remote_records[0]["png"] == f"{out}/{os.path.splitext(name)[0]}.png"
-  assert (storage.path(out) / f"{os.path.splitext(name)[0]}.png").read_bytes() == (
-      tmp_path / f"{os.path.splitext(name)[0]}.png").read_bytes()
+  assert remote_records[0]["file"] == f"{remote}/val2017/{name}" and remote_records[0]["png"] == f"{out}/{stem}.png"
+  assert (storage.path(out) / f"{stem}.png").read_bytes() == (tmp_path / f"{stem}.png").read_bytes()
   assert [{k: v for k, v in r.items() if k not in ("file", "png")} for r in remote_records] == (
       [{k: v for k, v in r.items() if k not in ("file", "png")} for r in local_records])
   assert remote_records[0]["detections"]  # threshold 0: every kept detection is compared
