@@ -1,11 +1,13 @@
 """gs:// for the workdir, checkpoints and dataset, against a GCS emulator on 127.0.0.1.
 
-The emulator (gcp-storage-emulator, in memory) is started once for the module and stopped after.
+The emulator (gcp-storage-emulator in memory, with tests/gcs_emulator.py's fix) is started once for
+the module and stopped after.
 Clients are pointed at it the way each documents: ``STORAGE_EMULATOR_HOST`` (gcsfs, behind epath)
 and ``TENSORSTORE_GCS_HTTP_URL`` (TensorStore, behind Orbax's arrays). """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,13 +18,15 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import data, storage
+from conddetr_jax import checkpoint_eval, data, models, prediction, storage, weights
 from conddetr_jax.data import coco
 from conddetr_jax.training import checkpoint, loop, metrics
 from tests.test_training_checkpoint import _target, make_state
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "conddetr-test"
 TOTAL_STEPS = 12
+RUN_STEPS = 3  # the train_and_evaluate runs': stopped after step 2 (checkpoint 2), resumed to 3
 
 
 def _free_port() -> int:
@@ -36,9 +40,9 @@ def emulator():
   """``http://127.0.0.1:PORT`` of a fresh in-memory GCS emulator holding bucket ``BUCKET``; the
   environment points every client at it for the module's tests."""
   port = _free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                           f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # gcp-storage-emulator with the generation headers TensorStore needs (tests/gcs_emulator.py).
+  proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={BUCKET}"],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 60
@@ -89,6 +93,48 @@ def _records(workdir: str) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _run_config(local, root: str):
+  """The train_and_evaluate runs' config: ``RUN_STEPS`` steps on the COCO-format copy at ``root``."""
+  config = _tiny_config(local, root)
+  config.update(total_steps=RUN_STEPS, checkpoint_every_steps=3)
+  return config
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+  """A run in a local workdir, on the dataset on disk: (its TrainResult, its metrics records, the
+  workdir)."""
+  local, _ = dataset
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = loop.train_and_evaluate(_run_config(local, str(local)), workdir)
+  return result, _records(workdir), workdir
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(dataset):
+  """The same run with its workdir and dataset in the bucket, sent SIGTERM during step 2 and run
+  again: (the workdir, the stopped run's result, its records, the resumed run's result)."""
+  local, remote = dataset
+  workdir = f"gs://{BUCKET}/resumed"
+  log_progress = metrics.log_progress
+
+  def sigterm_after_step_1(step, *args):
+    log_progress(step, *args)
+    if step == 1:  # the loop notices it after step 2, saves step 2 and returns
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(metrics, "log_progress", sigterm_after_step_1)
+    stopped = loop.train_and_evaluate(_run_config(local, remote), workdir)
+  stopped_records = _records(workdir)
+  resumed = loop.train_and_evaluate(_run_config(local, remote), workdir)
+  return workdir, stopped, stopped_records, resumed
+
+
 def test_the_dataset_read_from_a_bucket_gives_the_batches_read_from_disk(dataset):
   local, remote = dataset
   split = coco.load_split(_tiny_config(local, remote), "train")
@@ -127,6 +173,21 @@ def test_metrics_in_a_bucket_are_appended_across_runs_with_tensorboard_events(em
   assert len(list((storage.path(workdir) / "tensorboard").iterdir())) == 2  # one event file per run
 
 
+def test_metrics_in_a_bucket_are_uploaded_at_most_every_interval_and_on_flush(emulator):
+  workdir = f"gs://{BUCKET}/throttled-run"
+  writer = metrics.MetricWriter(workdir, upload_every_s=3600)
+  writer.write(1, {"loss": 1.0})
+  writer.write(2, {"loss": 0.5})
+  assert _records(workdir) == []  # within the interval: buffered
+  writer.flush()  # as the loop does at each checkpoint
+  assert _records(workdir) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+  writer.close()
+  eager = metrics.MetricWriter(workdir, upload_every_s=0)
+  eager.write(3, {"loss": 0.25})
+  assert _records(workdir)[-1] == {"step": 3, "loss": 0.25}  # the interval has passed: uploaded by write
+  eager.close()
+
+
 def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and_the_setting(dataset, monkeypatch):
   local, remote = dataset
   with pytest.raises(OSError) as missing:
@@ -142,3 +203,62 @@ def test_a_missing_or_unreachable_bucket_is_a_one_line_error_naming_the_path_and
     storage.check_reachable(remote, "config.dataset.root", timeout_s=2)
   assert time.time() - start < 10 and "\n" not in str(unreachable.value)
   assert not os.path.exists("gs:")  # nothing was written under a local folder named after the scheme
+
+
+def test_a_run_in_a_bucket_stopped_by_sigterm_resumes_with_the_losses_of_an_uninterrupted_run(
+    uninterrupted, stopped_and_resumed):
+  expected_result, expected_records, _ = uninterrupted
+  workdir, stopped, stopped_records, resumed = stopped_and_resumed
+  # What the stop left in the bucket: checkpoint 2 and the records of steps 1 and 2, uploaded.
+  assert stopped.preempted and stopped.step == 2 and not stopped.eval_metrics
+  assert [r["step"] for r in stopped_records] == [1, 2]
+  assert not resumed.preempted and resumed.step == RUN_STEPS
+  assert sorted(storage.listdir(storage.join(workdir, "checkpoints"))) == ["2", "3"]
+  # Losses, gradients, learning rates and the final evaluation, bit for bit (JSON keeps every bit
+  # of a float); only the throughput differs.
+  assert _without_timing(_records(workdir)) == _without_timing(expected_records)
+  assert [r["step"] for r in expected_records] == [1, 2, 3, 3]  # three steps, then the evaluation
+  assert resumed.eval_metrics == expected_result.eval_metrics
+  assert (storage.path(workdir) / "tensorboard").exists()
+
+
+def test_eval_of_a_checkpoint_in_a_bucket_writes_its_metrics_and_detections_to_the_bucket(
+    dataset, stopped_and_resumed):
+  local, remote = dataset
+  run, _, _, resumed = stopped_and_resumed
+  workdir = f"gs://{BUCKET}/eval"
+  result = checkpoint_eval.evaluate_checkpoint(_run_config(local, remote), run, workdir)
+  assert result.metrics == resumed.eval_metrics  # the run's own final evaluation of its last step
+  assert _records(workdir) == [{"step": RUN_STEPS, "checkpoint": run, "split": "val", **result.metrics}]
+  detections = json.loads((storage.path(workdir) / "detections.json").read_text())
+  assert detections and {d["image_id"] for d in detections} <= set(range(1, 9))
+
+
+def test_init_from_a_run_in_a_bucket_gives_the_weights_of_the_same_run_on_disk(
+    dataset, uninterrupted, stopped_and_resumed):
+  local, remote = dataset
+  config = _run_config(local, remote)
+  # The bucket's run and the local one ended with the same weights, bit for bit.
+  from_bucket = weights.load_initial_weights(stopped_and_resumed[0], config, None)
+  from_disk = weights.load_initial_weights(uninterrupted[2], config, None)
+  for got, want in zip(jax.tree.leaves(from_bucket), jax.tree.leaves(from_disk), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_predict_from_a_bucket_to_a_bucket_writes_what_local_paths_give(dataset, tmp_path, stopped_and_resumed):
+  local, remote = dataset
+  config = _run_config(local, remote)
+  variables, _ = weights.load_variables(config, stopped_and_resumed[0])
+  model = models.build_model(config)
+  name = sorted(os.listdir(local / "val2017"))[0]
+  stem = os.path.splitext(name)[0]
+  out = f"gs://{BUCKET}/predictions"
+  remote_records = prediction.predict_files(config, model, variables, [f"{remote}/val2017/{name}"], out, 0.0)
+  local_records = prediction.predict_files(config, model, variables, [str(local / "val2017" / name)],
+                                           str(tmp_path), 0.0)
+  assert json.loads((storage.path(out) / "detections.json").read_text()) == remote_records
+  assert remote_records[0]["file"] == f"{remote}/val2017/{name}" and remote_records[0]["png"] == f"{out}/{stem}.png"
+  assert (storage.path(out) / f"{stem}.png").read_bytes() == (tmp_path / f"{stem}.png").read_bytes()
+  assert [{k: v for k, v in r.items() if k not in ("file", "png")} for r in remote_records] == (
+      [{k: v for k, v in r.items() if k not in ("file", "png")} for r in local_records])
+  assert remote_records[0]["detections"]  # threshold 0: every kept detection is compared

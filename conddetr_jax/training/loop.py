@@ -267,11 +267,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     check_finite()
     checkpointer.save(step, par.host_state(state), {"step": step, "global_batch_size": batch_size})
     last_saved = step
+    writer.flush()  # a workdir in a bucket: the records a resume will not log again are uploaded
 
   def evaluate(step: int) -> dict[str, float]:
     variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
     results = evaluation.evaluate(config, model, variables, mesh, step=step)
     writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
+    writer.flush()  # not left to the next upload: an evaluation is rare and costly to redo
     of_average = " of the weights' moving average" if config.ema_decay > 0 and config.evaluation.use_ema else ""
     logging.info("eval at step %d%s: %s (all 12 in %s)", step, of_average, cli.format_metrics(results),
                  metrics.METRICS_FILE)

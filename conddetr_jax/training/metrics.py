@@ -2,7 +2,10 @@
 
 Only process 0 writes; the other processes get a writer that does nothing, so the loop calls it
 unconditionally. A workdir in a bucket gets the same files: objects cannot be appended to, so both
-are rewritten whole after each record (a full COCO run's are a few MB at the end).
+are rewritten whole (a full COCO run's are a few MB at the end), at most every ``UPLOAD_EVERY_S``
+and on ``flush`` and ``close``. The loop flushes at every checkpoint and evaluation, so a run killed
+in a bucket loses only the records of steps after its last checkpoint, which the resumed run
+logs again.
 """
 
 import json
@@ -20,15 +23,21 @@ from conddetr_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# How often a workdir in a bucket gets its metrics rewritten. Each upload rewrites both files whole
+# (a round trip of a few MB late in a run, in the step loop), and Cloud Storage accepts about one
+# write per second to one object name.
+UPLOAD_EVERY_S = 30.0
 
 
 class MetricWriter:
   """Appends one JSON object per call to ``metrics.jsonl`` and the same scalars to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, upload_every_s: float = UPLOAD_EVERY_S):
     """Opens the outputs under ``workdir`` (local or a URL) when ``enabled`` (process 0); else every
-    call is a no-op."""
+    call is a no-op. ``upload_every_s``: a URL's files are rewritten at most this often by ``write``
+    (``flush`` and ``close`` always rewrite them)."""
     self._enabled = enabled
+    self._upload_every_s = upload_every_s
     if not enabled:
       return
     self._workdir = storage.path(workdir)
@@ -41,6 +50,7 @@ class MetricWriter:
       self._events = EventFileWriter(self._staging)
       jsonl = self._workdir / METRICS_FILE
       self._lines = jsonl.read_text(encoding="utf-8") if jsonl.exists() else ""
+      self._uploaded_at = time.monotonic()
     else:
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
       self._events = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
@@ -55,7 +65,8 @@ class MetricWriter:
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
     if self._remote:
       self._lines += line
-      self._upload()
+      if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+        self._upload()
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
@@ -68,10 +79,15 @@ class MetricWriter:
     for name in os.listdir(local):
       with open(os.path.join(local, name), "rb") as f:
         storage.write_bytes(self._workdir / TENSORBOARD_DIR / name, f.read())
+    self._uploaded_at = time.monotonic()
 
   def flush(self) -> None:
-    """Pushes buffered TensorBoard events to disk."""
-    if self._enabled:
+    """Makes every record so far durable: on disk, or rewritten in the bucket."""
+    if not self._enabled:
+      return
+    if self._remote:
+      self._upload()
+    else:
       self._events.flush()
 
   def close(self) -> None:
