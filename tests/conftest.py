@@ -29,8 +29,9 @@ def _share_a_compilation_cache() -> None:
 _share_a_compilation_cache()
 
 # The suite's time is mostly XLA:CPU compiling many small programs once each. At LLVM's
-# optimisation level 0 they compile about twice as fast (measured: docs/testing.md); the same HLO
-# runs, with the same library convolutions and matrix products. Processes that set XLA_FLAGS
+# optimisation level 0 they compile about 1.5x as fast, and run about 3x slower
+# (benchmarks/xla_cpu_opt_level.py; docs/testing.md); the same HLO runs, with the same library
+# convolutions and matrix products. Processes that set XLA_FLAGS
 # themselves (several CPU devices) keep theirs.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
