@@ -33,8 +33,9 @@ _share_a_compilation_cache()
 # (benchmarks/xla_cpu_opt_level.py; docs/testing.md); the same HLO runs, with the same library
 # convolutions and matrix products. Processes that set XLA_FLAGS
 # themselves (several CPU devices) keep theirs.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAG).strip()
 
 
 def _stub_missing_torchvision_ops():

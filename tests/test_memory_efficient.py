@@ -121,14 +121,23 @@ def test_tiny_model_is_the_same_with_remat_and_with_blockwise_attention():
   _assert_same(blockwise_eval, dense_eval)
 
 
+def _r50_two_layer_config():
+  """configs/r50.py with 2 encoder and 2 decoder layers: each setting acts layer by layer, and two
+  of each cover a layer fed by another and the decoder's first layer, which differs from the rest."""
+  config = r50.get_config()
+  config.model.enc_layers = config.model.dec_layers = 2
+  return config
+
+
 @pytest.mark.slow
 def test_r50_is_the_same_with_remat_and_with_blockwise_attention():
   # 128x160 images: 4x5 tokens in blocks of 8 (three, the last padded); 300 queries, whose
-  # self-attention is one block; the full transformer (256 wide, 8 heads, 6 + 6 layers).
+  # self-attention is one block; the recipe's widths (256 wide, 8 heads, 2048 feed-forward).
   images = jax.random.normal(jax.random.key(2), (1, 128, 160, 3))
   pad_mask = jnp.zeros((1, 128, 160), bool).at[0, 96:].set(True)
-  dense_train, attention_train, dense_eval, blockwise_eval = _outputs_and_gradients(r50.get_config, images, pad_mask, [
-      (dict(), True), (dict(remat="attention"), True), (dict(), False),
-      (dict(attention="blockwise", attention_block_size=8, remat="layer"), False)])
+  settings = [(dict(), True), (dict(remat="attention"), True), (dict(), False),
+              (dict(attention="blockwise", attention_block_size=8, remat="layer"), False)]
+  dense_train, attention_train, dense_eval, blockwise_eval = _outputs_and_gradients(
+      _r50_two_layer_config, images, pad_mask, settings)
   _assert_same(attention_train, dense_train)
   _assert_same(blockwise_eval, dense_eval)

@@ -69,7 +69,7 @@ class Pair:
   def finish(self) -> list[int]:
     return [self.wait(i) for i in range(2)]
 
-  def _wait_until(self, done, what: str) -> None:
+  def wait_until(self, done, what: str) -> None:
     """Polls ``done()`` until true; fails, naming ``what``, if a process ends first or in 600 s."""
     deadline = time.time() + 600
     while not done():
@@ -81,12 +81,12 @@ class Pair:
 
   def wait_for_step(self, step: int, after: int = 0) -> None:
     """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
-    self._wait_until(lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}")
+    self.wait_until(lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}")
 
   def hold_back(self, i: int, seconds: float, once_logged: str) -> None:
     """Stops process ``i`` for ``seconds`` as soon as process 0 has logged ``once_logged``, so that
     process 0 runs that much ahead of it."""
-    self._wait_until(lambda: once_logged in self.output(0), repr(once_logged))
+    self.wait_until(lambda: once_logged in self.output(0), repr(once_logged))
     self.procs[i].send_signal(signal.SIGSTOP)
     time.sleep(seconds)
     self.procs[i].send_signal(signal.SIGCONT)
@@ -121,6 +121,14 @@ def reference(runs):
 
 def _latest_checkpoint(workdir) -> int | None:
   return checkpoint.Checkpointer(str(workdir / "checkpoints"), 10).latest_step()
+
+
+def _finished_checkpoint_steps(workdir) -> list[int]:
+  """Steps whose save has finished, read while a run may be saving: Orbax renames a step's
+  temporary folder to the bare step number once it is complete (opening a Checkpointer here would
+  remove the temporary folder of a save in progress)."""
+  folder = workdir / "checkpoints"
+  return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
 
 
 def _saved_step(output: str) -> int:
@@ -179,11 +187,15 @@ def test_pmap_over_two_processes_stopped_by_sigterm_to_both_logs_the_losses_of_j
                              rtol=1e-5)
 
 
-def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) -> str:
-  """SIGKILLs process ``victim`` once ``after_step`` is logged; checks how the other one stops."""
+def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int, checkpointed: int = 0) -> str:
+  """SIGKILLs process ``victim`` once ``after_step`` is logged and a checkpoint of step
+  ``checkpointed`` or later is complete (saves finish in the background, behind the steps);
+  checks how the other one stops."""
   seen = len(_train_records(workdir))
   pair = Pair(runs, workdir)
   pair.wait_for_step(after_step, after=seen)
+  pair.wait_until(lambda: max(_finished_checkpoint_steps(workdir), default=0) >= checkpointed,
+                  f"checkpoint {checkpointed}")
   pair.procs[victim].kill()
   killed_at = time.time()
   survivor = 1 - victim
@@ -206,7 +218,7 @@ def test_sigkill_of_one_process_stops_the_other_with_a_short_message_and_a_resta
     runs, reference, tmp_path):
   workdir = tmp_path / "kill"
   # Process 1 lost: process 0's coordination service notices the missing heartbeats.
-  out = _kill_and_check_survivor(runs, workdir, victim=1, after_step=4)
+  out = _kill_and_check_survivor(runs, workdir, victim=1, after_step=4, checkpointed=3)
   assert "another process of the run was lost" in out
   assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*1\s", out)  # JAX's line, naming it
   resume = _latest_checkpoint(workdir)
