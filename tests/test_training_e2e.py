@@ -25,6 +25,7 @@ from tests import conftest
 from conddetr_jax.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVERY_PROCESS_CACHES = os.path.join(REPO, "tests", "every_process_caches.py")
 TOTAL_STEPS = 10
 # Poisons the images of one step, then runs train.py's main (argv as for train.py).
 POISON = """
@@ -66,8 +67,14 @@ class Runs:
                   "--config.global_batch_size=4", "--config.per_device_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
                   "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
 
-  def start(self, workdir, *extra, poison_step=None, env=None) -> subprocess.Popen:
-    head = [sys.executable, "-c", POISON, str(poison_step)] if poison_step else [sys.executable, "train.py"]
+  def start(self, workdir, *extra, poison_step=None, env=None, every_process_caches=False) -> subprocess.Popen:
+    """``every_process_caches``: for one process of a multi-process run (tests/every_process_caches.py)."""
+    if poison_step:
+      head = [sys.executable, "-c", POISON, str(poison_step)]
+    elif every_process_caches:
+      head = [sys.executable, EVERY_PROCESS_CACHES, "train.py"]
+    else:
+      head = [sys.executable, "train.py"]
     return subprocess.Popen(head + self.flags + [f"--workdir={workdir}", *extra], cwd=REPO,
                             env=dict(self.env, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -245,7 +252,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, reference
   workdir = tmp_path / "multihost"
   address = f"127.0.0.1:{_free_port()}"
   procs = [runs.start(workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-                      "--config.total_steps=3")
+                      "--config.total_steps=3", every_process_caches=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0] + outputs[1]
