@@ -11,6 +11,7 @@ lets a later launch of process 1 read them. Only the cache's filling changes, no
 clusters keep JAX's rule (one writer; their hosts share keys).
 """
 
+import os
 import runpy
 import sys
 
@@ -46,4 +47,5 @@ if __name__ == "__main__":
   cli.quiet_native_logs()  # what the script does first, before JAX loads here
   let_every_process_write_the_cache()
   sys.argv = sys.argv[1:]
+  sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as if the script were run itself
   runpy.run_path(sys.argv[0], run_name="__main__")
