@@ -51,7 +51,8 @@ PEAK_TFLOPS = {"NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312,
                **{kind: chip.bf16_tflops for kind, chip in aot.CHIPS.items()}}
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model config.")
-_TINY = flags.DEFINE_bool("tiny", False, "CPU smoke run: configs/test_tiny.py at 64x64, batches 1,2, 2 steps.")
+_TINY = flags.DEFINE_bool("tiny", False, "CPU smoke run: configs/test_tiny.py with the whole ResNet-18, at 64x64, "
+                          "batches 1,2, 2 steps.")
 _SIZES = flags.DEFINE_list("sizes", ["800x1216"], "HxW padded batch shapes (size buckets).")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes.")
 _BATCHES = flags.DEFINE_list("batches", ["2", "4", "8"], "Per-device batch sweep (ascending).")
@@ -184,6 +185,7 @@ def main(argv: list[str]) -> None:
   if _TINY.value:
     from configs import test_tiny  # pylint: disable=g-import-not-at-top
     config, sizes, batches, steps = test_tiny.get_config(), ["64x64"], [1, 2], min(steps, 2)
+    config.model.backbone_num_stages = 4  # the whole ResNet-18, which HF's model (--hf) can mirror
     if _BATCHES.present:
       batches = [int(b) for b in _BATCHES.value]
   devices = jax.devices()

@@ -31,11 +31,16 @@ _share_a_compilation_cache()
 # The suite's time is mostly XLA:CPU compiling many small programs once each. At LLVM's
 # optimisation level 0 they compile about 1.5x as fast, and run about 3x slower
 # (benchmarks/xla_cpu_opt_level.py; docs/testing.md); the same HLO runs, with the same library
-# convolutions and matrix products. Processes that set XLA_FLAGS
-# themselves (several CPU devices) keep theirs.
+# convolutions and matrix products. The train.py runs compile at level 0 too: test_tiny's step is
+# small enough that its ten steps cost less than compiling at level 2 would (docs/testing.md).
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAG).strip()
+
+
+def cpu_devices_xla_flags(count: int) -> str:
+  """XLA_FLAGS for a process the tests start with ``count`` CPU devices (compiling at level 0)."""
+  return f"--xla_force_host_platform_device_count={count} {FAST_COMPILE_FLAG}"
 
 
 def _stub_missing_torchvision_ops():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conddetr_jax import data
+from tests import conftest
 from tests.test_data_pipeline import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def test_two_processes_assemble_the_same_global_batches_as_one(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.cpu_devices_xla_flags(4),
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(pid), root], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

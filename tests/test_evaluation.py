@@ -23,6 +23,7 @@ from conddetr_jax import models
 from conddetr_jax import prediction
 from conddetr_jax import visualize
 from conddetr_jax import sharding
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -275,7 +276,7 @@ def test_two_processes_of_two_devices_give_the_single_device_numbers(config, mod
   single = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(),
                                      detections_path=str(tmp_path / "single.json"))
   port = str(20000 + os.getpid() % 20000)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=conftest.cpu_devices_xla_flags(2), JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO)
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, port, str(i), config.dataset.synthetic_dir,
                              str(tmp_path / f"multi{i}.json")], env=env, cwd=REPO,

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conddetr_jax.training import checkpoint, lost_host
+from tests import conftest
 from tests.test_training_e2e import EVERY_PROCESS_CACHES, TOTAL_STEPS, Runs, _free_port, _records, _train_records
 
 # Short, so a lost host is noticed quickly here; generous against false alarms on a loaded machine.
@@ -43,7 +44,7 @@ class Pair:
   def __init__(self, runs: Runs, workdir, *extra: str, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S):
     self.workdir = workdir
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(runs.env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(runs.env, XLA_FLAGS=conftest.cpu_devices_xla_flags(2))
     launch = next(_LAUNCHES)
     self.logs = [f"{workdir}.{launch}.{i}.log" for i in range(2)]
     self.procs = []

@@ -21,7 +21,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test_tiny
-from tests import conftest
 from conddetr_jax.training import checkpoint, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,13 +55,10 @@ class Runs:
   def __init__(self, root):
     self.root = root
     # No TF_CPP_MIN_LOG_LEVEL: train.py must quiet TensorFlow and XLA itself (checked on the reference).
-    # The compilation cache is the test run's (tests/conftest.py), shared with every other module.
-    # XLA's default LLVM level, not the suite's level 0 (tests/conftest.py): a run's ten steps then
-    # take about a third of the time, which outweighs compiling slower what the cache lacks (a
-    # 10-step test_tiny run: 48 s instead of 60 with a cold cache, 27 s instead of 37 with a warm one).
-    xla_flags = os.environ.get("XLA_FLAGS", "").replace(conftest.FAST_COMPILE_FLAG, "")
+    # The compilation cache and XLA_FLAGS (LLVM level 0) are the test run's (tests/conftest.py),
+    # shared with every other module.
     self.env = dict({k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, JAX_PLATFORMS="cpu",
-                    PYTHONPATH=REPO, XLA_FLAGS=xla_flags)
+                    PYTHONPATH=REPO)
     self.flags = ["--config=configs/test_tiny.py", f"--config.dataset.synthetic_dir={root / 'synthetic'}",
                   "--config.global_batch_size=4", "--config.per_device_batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
                   "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=10", "--config.log_every_steps=1"]
