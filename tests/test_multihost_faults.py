@@ -230,3 +230,17 @@ def test_lost_host_message_names_the_lost_process_the_checkpoint_and_what_to_do(
   assert "another process of the run was lost" in other_gone and "process 0 was lost" not in other_gone
   assert "no complete checkpoint yet in /runs/a/checkpoints" in other_gone
   assert len(other_gone.strip().splitlines()) == 3
+
+
+def test_every_process_of_a_test_run_writes_the_compilation_cache_as_process_0_would(monkeypatch):
+  # The multi-host runs above start train.py through tests/every_process_caches.py; should JAX
+  # rename what it wraps, this fails rather than the suite silently compiling twice as much.
+  from jax._src import compiler, distributed  # pylint: disable=g-import-not-at-top
+  from tests import every_process_caches  # pylint: disable=g-import-not-at-top
+  writers = []
+  monkeypatch.setattr(compiler, "_cache_write", lambda *args, **kwargs: writers.append(
+      distributed.global_state.process_id))
+  monkeypatch.setattr(distributed.global_state, "process_id", 1)
+  every_process_caches.let_every_process_write_the_cache()
+  compiler._cache_write("key", 1.0, "jit_step", None, None, [])  # pylint: disable=protected-access
+  assert writers == [0] and distributed.global_state.process_id == 1
