@@ -17,8 +17,8 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conddetr_jax import checkpoint_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.evaluation import checkpoint_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -42,7 +42,7 @@ def main(argv):
     print(f"COCO bbox, {result.num_images} {_SPLIT.value} images, checkpoint {_CHECKPOINT.value}:")
     print(result.summary, end="")
     cli.print_summary(f"Evaluated {result.num_images} {_SPLIT.value} images",
-                      {"detections": storage.join(_WORKDIR.value, evaluation.DETECTIONS_FILE),
+                      {"detections": storage.join(_WORKDIR.value, coco_eval.DETECTIONS_FILE),
                        "metrics": storage.join(_WORKDIR.value, metrics.METRICS_FILE)}, result.metrics)
 
 

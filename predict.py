@@ -16,11 +16,11 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import prediction  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.inference import prediction  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.checkpoints import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
@@ -42,7 +42,7 @@ def main(argv):
     print(prediction.describe_record(record, _THRESHOLD.value))
   cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
                     {"drawings": storage.join(_OUT.value, "*.png"),
-                     "detections": storage.join(_OUT.value, evaluation.DETECTIONS_FILE)})
+                     "detections": storage.join(_OUT.value, coco_eval.DETECTIONS_FILE)})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wron
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conddetr_jax import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conddetr_jax.checkpoints import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import distributed, lost_host, loop, metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)

@@ -43,12 +43,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from benchmarks.synthetic import synthetic_batch
 from benchmarks.hf_step import build_hf_step
-from conddetr_jax import aot, evaluation, matching, models, sharding
+from conddetr_jax import models, sharding
+from conddetr_jax.aot import compiling, devices as aot_devices, report
+from conddetr_jax.criterion import matching
+from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import loop
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures, no sparsity).
 PEAK_TFLOPS = {"NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312,
-               **{kind: chip.bf16_tflops for kind, chip in aot.CHIPS.items()}}
+               **{kind: chip.bf16_tflops for kind, chip in aot_devices.CHIPS.items()}}
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model config.")
 _TINY = flags.DEFINE_bool("tiny", False, "CPU smoke run: configs/test_tiny.py with the whole ResNet-18, at 64x64, "
@@ -109,7 +112,7 @@ class Bench:
     n = per_device * self.mesh.size
     batch = jax.device_put(synthetic_batch(n, *self.hw, self.config.dataset.max_boxes), self.par.batch_sharding)
     state = self._create(self.variables)
-    compiled = aot.compile_lowered(lambda: self.par.lower(state, batch))
+    compiled = compiling.compile_lowered(lambda: self.par.lower(state, batch))
     holder = {"state": state}
 
     def step():  # the compiled program itself: calling par.step would compile it a second time
@@ -128,8 +131,8 @@ class Bench:
     batch = jax.device_put({"image": host["image"], "pad_mask": host["pad_mask"],
                             "orig_size": np.tile(np.array([self.hw], np.int32), (n, 1))},
                            sharding.batch_sharding(self.mesh))
-    fn = functools.partial(evaluation.predict_batch, self.variables, batch, model=self.model,
-                           k=evaluation.top_k(self.config))
+    fn = functools.partial(coco_eval.predict_batch, self.variables, batch, model=self.model,
+                           k=coco_eval.top_k(self.config))
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     first_s = time.perf_counter() - t0
@@ -211,7 +214,7 @@ def main(argv: list[str]) -> None:
 
   matcher_done: set[int] = set()
   for size in sizes:
-    hw = aot.parse_size(size)
+    hw = report.parse_size(size)
     for dtype in _DTYPES.value:
       if over_budget(f"{size} {dtype}"):
         continue

@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conddetr_jax import data  # pylint: disable=g-import-not-at-top
-from conddetr_jax import evaluation  # pylint: disable=g-import-not-at-top
+from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
 from conddetr_jax import models  # pylint: disable=g-import-not-at-top
 from conddetr_jax import sharding  # pylint: disable=g-import-not-at-top
-from conddetr_jax import weights  # pylint: disable=g-import-not-at-top
+from conddetr_jax.checkpoints import weights  # pylint: disable=g-import-not-at-top
 from conddetr_jax.data import coco  # pylint: disable=g-import-not-at-top
 from conddetr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -90,10 +90,10 @@ def run(config, model, variables, mesh, name: str) -> Outcome:
   times = []
   for _ in range(2):
     start = time.perf_counter()
-    dets = evaluation.gather_detections(config, model, variables, mesh)
+    dets = coco_eval.gather_detections(config, model, variables, mesh)
     times.append(time.perf_counter() - start)
-  results = evaluation.to_coco_results(dets["image_id"], dets["scores"], dets["labels"], dets["boxes"])
-  metrics, _ = evaluation.coco_metrics(data.annotation_path(config, "val"), results, dets["image_id"])
+  results = coco_eval.to_coco_results(dets["image_id"], dets["scores"], dets["labels"], dets["boxes"])
+  metrics, _ = coco_eval.coco_metrics(data.annotation_path(config, "val"), results, dets["image_id"])
   return Outcome(name, shapes, waste, times[0] - times[1], times[1], metrics["AP"], dets)
 
 

@@ -22,7 +22,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top
-from conddetr_jax import matching  # pylint: disable=g-import-not-at-top
+from conddetr_jax.criterion import matching  # pylint: disable=g-import-not-at-top
 
 
 def _timeit(fn, *args, repeats):

@@ -1,8 +1,8 @@
 """conddetr-jax: Conditional DETR (Meng et al., ICCV 2021) in JAX/Flax.
 
 Importing the package has no side effects and loads neither JAX nor TensorFlow; submodules are
-imported explicitly, e.g. ``from conddetr_jax import models, losses``. The Python API
-(``conddetr_jax.inference``) is reachable from here and loads on first use:
+imported explicitly, e.g. ``from conddetr_jax.criterion import losses``. The Python API
+(``conddetr_jax.inference.api``) is reachable from here and loads on first use:
 
   detector = conddetr_jax.load_detector("demo", "/tmp/conddetr_demo")
   boxes, scores, labels = detector("photo.jpg")
@@ -16,6 +16,6 @@ def __getattr__(name: str):
   """``conddetr_jax.load_detector`` and friends, imported when first asked for (PEP 562), so that
   ``import conddetr_jax`` stays cheap."""
   if name in __all__:
-    from conddetr_jax import inference  # pylint: disable=import-outside-toplevel
-    return getattr(inference, name)
+    from conddetr_jax.inference import api  # pylint: disable=import-outside-toplevel
+    return getattr(api, name)
   raise AttributeError(f"module 'conddetr_jax' has no attribute {name!r}")

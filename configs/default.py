@@ -138,7 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ema_decay = 0.0
   config.rng_impl = "rbg"       # dropout PRNG: rbg (XLA's generator: fast to compile and run) | threefry2x32
 
-  # Evaluation and drawn predictions (evaluation.py, eval.py, predict.py).
+  # Evaluation and drawn predictions (evaluation/coco_eval.py, eval.py, predict.py).
   config.evaluation = ml_collections.ConfigDict(dict(
       top_k=100,                # detections kept per image, as the original's PostProcess
       prediction_images=0,      # after training, draw the first N val images to <workdir>/predictions

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conddetr_jax import aot, flops, hlo
+from conddetr_jax.aot import compiling, devices as aot_devices, flops, hlo, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,22 +56,22 @@ def test_shape_bytes_reads_arrays_tuples_and_scalars():
 
 
 def test_summary_line_fields():
-  line = aot.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
+  line = report.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
   assert line == ("aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
                   "train_gflop_per_image=550.0 eval_gmac_per_image=45.0")
 
 
 def test_bad_size_names_the_flag():
-  assert aot.parse_size("800x1216") == (800, 1216)
+  assert report.parse_size("800x1216") == (800, 1216)
   with pytest.raises(ValueError, match="--size='800'"):
-    aot.parse_size("800")
+    report.parse_size("800")
 
 
 def test_without_libtpu_the_error_says_which_pip_command_installs_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # as if the wheel were not installed
   monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
-  with pytest.raises(aot.LibtpuMissingError) as e:
-    aot.topology_devices("v5e:2x2")
+  with pytest.raises(aot_devices.LibtpuMissingError) as e:
+    aot_devices.topology_devices("v5e:2x2")
   assert f'pip install "jax[tpu]=={jax.__version__}"' in str(e.value)
 
 
@@ -108,7 +108,7 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   if env is None:
     if os.environ.get("CI"):
       pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
-    pytest.skip(f"libtpu is not installed ({aot.install_command()}, or see requirements-tpu-compiler.txt)")
+    pytest.skip(f"libtpu is not installed ({aot_devices.install_command()}, or see requirements-tpu-compiler.txt)")
   proc = subprocess.run(
       [sys.executable, "-m", "conddetr_jax.aot", "--config=configs/test_tiny.py", "--topology=v5e:2x2",
        "--size=64x64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -128,8 +128,8 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
 
 def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up():
   from configs import r50, test_tiny  # pylint: disable=g-import-not-at-top
-  assert aot.default_sizes(test_tiny.get_config()) == [(64, 64)]
-  assert aot.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
+  assert report.default_sizes(test_tiny.get_config()) == [(64, 64)]
+  assert report.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
 
 
 def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_bytes():
@@ -137,17 +137,17 @@ def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_byt
     raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
                        "hbm. Used 17.52G of 15.75G hbm. Exceeded hbm capacity by 1.77G.")
 
-  with pytest.raises(aot.DoesNotFitError) as e:
-    aot.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
+  with pytest.raises(compiling.DoesNotFitError) as e:
+    compiling.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
   assert e.value.needed_bytes == pytest.approx(17.52 * 2**30)
   assert e.value.capacity_bytes == pytest.approx(15.75 * 2**30)
   with pytest.raises(ValueError):  # other compile errors pass through unchanged
-    aot.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
+    compiling.compile_lowered(lambda: (_ for _ in ()).throw(ValueError("bad shape")))
 
 
 def test_a_refusal_that_names_only_the_temporaries_is_read_too():
   # libtpu 0.0.42.1's words for DC5-R50 at 3 images of 800x1216 per v5e chip.
-  e = aot.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+  e = compiling.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                           "temporaries (17.62G) exceeds available HBM (15.75G).")
   assert e.needed_bytes is None and e.temp_bytes == pytest.approx(17.62 * 2**30)
   assert e.capacity_bytes == pytest.approx(15.75 * 2**30)
@@ -166,15 +166,15 @@ class _FakeSliceCompiler:
     self.compiled.append(n)
     temp = 0.8 * n * 2**30
     if temp > 15.75 * 2**30:
-      raise aot.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      raise compiling.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                                 f"temporaries ({temp / 2**30:.2f}G) exceeds available HBM (15.75G).")
-    return aot.Compiled(seconds=1.0, argument_bytes=2**29, output_bytes=0, alias_bytes=0, temp_bytes=int(temp),
+    return compiling.Compiled(seconds=1.0, argument_bytes=2**29, output_bytes=0, alias_bytes=0, temp_bytes=int(temp),
                         code_bytes=0, flops=1.0, collectives={})
 
 
 def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per_try():
   compiler, lines = _FakeSliceCompiler(), []
-  best = aot.search_max_batch(compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append)
+  best = compiling.search_max_batch(compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append)
   # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's 15.75.
   assert best == 19
   assert compiler.compiled == [2, 4, 19, 20]  # the configured batch, doubling, the prediction, the next batch

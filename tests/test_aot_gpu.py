@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conddetr_jax import aot, gpu_targets
+from conddetr_jax.aot import compiling, devices as aot_devices, gpu_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,17 +31,17 @@ def test_each_gpu_is_described_completely_and_found_again_by_its_driver_name():
     assert f"cuda_compute_capability {{ major: {major} minor: {minor} }}" in text
     assert f"device_memory_size: {int(gpu.memory_gib * 2**30)}" in text
     assert gpu_targets.by_device_kind(gpu.device_kind) is gpu
-    chip = aot.chip_of(type("Device", (), {"device_kind": gpu.device_kind})())
+    chip = aot_devices.chip_of(type("Device", (), {"device_kind": gpu.device_kind})())
     assert (chip.name, chip.hbm_gib, chip.bf16_tflops) == (gpu.name, gpu.memory_gib, gpu.bf16_tflops)
   assert {g.compute_capability for g in gpu_targets.GPUS.values()} == {(7, 0), (8, 0), (9, 0)}
 
 
 def test_without_the_gpu_compiler_the_error_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "jax_plugins", None)  # as if no JAX plugin were installed
-  monkeypatch.delenv(aot.GPU_COMPILER_PATH_VAR, raising=False)
-  with pytest.raises(aot.CompilerMissingError) as e:
-    aot.devices_of("h100:8")
-  assert "-r requirements-gpu-compiler.txt" in str(e.value) and aot.GPU_COMPILER_PATH_VAR in str(e.value)
+  monkeypatch.delenv(aot_devices.GPU_COMPILER_PATH_VAR, raising=False)
+  with pytest.raises(aot_devices.CompilerMissingError) as e:
+    aot_devices.devices_of("h100:8")
+  assert "-r requirements-gpu-compiler.txt" in str(e.value) and aot_devices.GPU_COMPILER_PATH_VAR in str(e.value)
 
 
 # XLA's GPU compiler's words when its Triton GEMM emitter finds no tiling without autotuning (the
@@ -60,22 +60,22 @@ source_line=80}
 
 
 def test_a_failed_gpu_compile_is_one_line_naming_the_instruction_and_the_model_op():
-  line = aot.compile_error_line(_TRITON_FAILURE)
+  line = compiling.compile_error_line(_TRITON_FAILURE)
   assert "\n" not in line and len(line) < 400
   assert line.startswith("INTERNAL: Couldn't find output tile sizes that satisfy [at instruction %dot.17 (dot); ")
   assert "%dot.17 (dot)" in line
   assert "encoder/layers_0/self_attn/out_proj/dot_general" in line
   cudnn = ('UNIMPLEMENTED: no algorithm for %cudnn-conv.3 = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), '
            'window={size=3x3}, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/backbone/conv"}')
-  assert aot.compile_error_line(cudnn).endswith(
+  assert compiling.compile_error_line(cudnn).endswith(
       "[at instruction %cudnn-conv.3 (custom-call); custom call __cudnn$convForward; from JAX op jit(step)/backbone/conv]")
 
 
 def _gpu_compiler_env() -> dict[str, str] | None:
   """This process's environment if it finds the GPU compiler (installed here, or in
   ``$CONDDETR_GPU_COMPILER_PATH``, where .ci/run installs it); None otherwise."""
-  folder = os.environ.get(aot.GPU_COMPILER_PATH_VAR)
-  if aot.gpu_compiler_importable() or (folder and os.path.isdir(os.path.join(folder, "jax_plugins", "xla_cuda12"))):
+  folder = os.environ.get(aot_devices.GPU_COMPILER_PATH_VAR)
+  if aot_devices.gpu_compiler_importable() or (folder and os.path.isdir(os.path.join(folder, "jax_plugins", "xla_cuda12"))):
     return dict(os.environ)
   return None
 
@@ -85,8 +85,8 @@ def test_aot_compiles_the_tiny_train_step_for_a_v100_node():
   env = _gpu_compiler_env()
   if env is None:
     if os.environ.get("CI"):
-      pytest.fail(f"the GPU compiler is missing: .ci/run installs it into ${aot.GPU_COMPILER_PATH_VAR}")
-    pytest.skip(f"the GPU compiler is not installed ({aot.gpu_install_command()})")
+      pytest.fail(f"the GPU compiler is missing: .ci/run installs it into ${aot_devices.GPU_COMPILER_PATH_VAR}")
+    pytest.skip(f"the GPU compiler is not installed ({aot_devices.gpu_install_command()})")
   # The V100 (compute capability 7.0): the GPU that CUDA 13's compiler no longer serves.
   proc = subprocess.run(
       [sys.executable, "-m", "conddetr_jax.aot", "--config=configs/test_tiny.py", "--topology=v100-16g:8",

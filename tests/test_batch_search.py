@@ -1,11 +1,11 @@
-"""The largest-batch search (conddetr_jax.batch_search) against fake peak functions: no compiling."""
+"""The largest-batch search (conddetr_jax.aot.batch_search) against fake peak functions: no compiling."""
 
 import math
 
 import numpy as np
 import pytest
 
-from conddetr_jax.batch_search import BatchTry, largest_fitting_batch
+from conddetr_jax.aot.batch_search import BatchTry, largest_fitting_batch
 
 GIB = 2**30
 

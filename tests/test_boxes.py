@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.loss import loss_for_object_detection as hf
 
-from conddetr_jax import boxes as box_ops
+from conddetr_jax.criterion import boxes as box_ops
 
 
 def _random_xyxy(rng, n):

@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from configs import test_tiny
-from conddetr_jax import checkpoint_eval
-from conddetr_jax import convert
+from conddetr_jax.evaluation import checkpoint_eval
+from conddetr_jax.checkpoints import convert
 from conddetr_jax import data
-from conddetr_jax import evaluation
-from conddetr_jax import image_files
+from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.data import image_files
 from conddetr_jax import models
-from conddetr_jax import prediction
-from conddetr_jax import weights
+from conddetr_jax.inference import prediction
+from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import checkpoint
 from conddetr_jax.training import optimizer
 from conddetr_jax.training import state as state_lib
@@ -65,12 +65,12 @@ def test_eval_cli_prints_the_table_and_writes_detections_and_metrics(setup, tmp_
   assert proc.stdout.count("Average Precision") == 6 and proc.stdout.count("Average Recall") == 6
   with open(out / "detections.json") as f:
     detections = json.load(f)
-  assert len(detections) == 6 * evaluation.top_k(config)
+  assert len(detections) == 6 * coco_eval.top_k(config)
   with open(out / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   assert len(records) == 1 and records[0]["step"] == STEP and records[0]["split"] == "val"
   assert records[0]["checkpoint"] == workdir
-  assert all(-1.0 <= records[0][k] <= 1.0 for k in evaluation.METRIC_NAMES)
+  assert all(-1.0 <= records[0][k] <= 1.0 for k in coco_eval.METRIC_NAMES)
 
 
 def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import checkpoint_eval, data, models, prediction, storage, weights
+from conddetr_jax import data, models, storage
+from conddetr_jax.checkpoints import weights
+from conddetr_jax.evaluation import checkpoint_eval
+from conddetr_jax.inference import prediction
 from conddetr_jax.data import coco
 from conddetr_jax.training import checkpoint, loop, metrics
 from tests.test_training_checkpoint import _target, make_state

@@ -18,8 +18,8 @@ import pytest
 from configs import test_tiny
 from conddetr_jax import cli
 from conddetr_jax import data
-from conddetr_jax import find_images
-from conddetr_jax import prediction
+from conddetr_jax.data import find_images
+from conddetr_jax.inference import prediction
 from conddetr_jax import progress
 from conddetr_jax.training import loop
 
@@ -237,7 +237,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, expected: str) -> N
 @pytest.mark.parametrize("command", [
     ["train.py", "--workdir=/tmp/unused"],
     ["predict.py", "--checkpoint=/tmp/unused", "--out=/tmp/unused", "image.jpg"],
-    ["-m", "conddetr_jax.convert", "--torch=/tmp/unused.pth", "--out=/tmp/unused"],
+    ["-m", "conddetr_jax.checkpoints.convert", "--torch=/tmp/unused.pth", "--out=/tmp/unused"],
 ])
 def test_every_command_names_an_unknown_field(command):  # eval.py's: tests/test_cli.py
   proc = run(*command, TINY, "--config.model.num_queris=5")

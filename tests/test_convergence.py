@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from benchmarks import convergence
-from conddetr_jax import losses, models
+from conddetr_jax import models
+from conddetr_jax.criterion import losses
 from tests.test_model import tiny_config
 
 # 40 steps of one program: its run time, not its compile time, is the test's (tests/conftest.py

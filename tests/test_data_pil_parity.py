@@ -17,7 +17,7 @@ import torch
 
 from configs import default
 from conddetr_jax import data
-from conddetr_jax import image_files
+from conddetr_jax.data import image_files
 from conddetr_jax.data import pil_resample
 from conddetr_jax.data import transforms
 from tests.test_data_transforms import original_size

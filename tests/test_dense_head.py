@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 
 from configs import test_tiny
-from conddetr_jax import dense_losses, losses, models
+from conddetr_jax import models
+from conddetr_jax.criterion import dense_losses, losses
 from conddetr_jax.models.detector import token_centres
 from tests.test_training_step import _Run, _batch
 

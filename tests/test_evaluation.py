@@ -18,9 +18,9 @@ from pycocotools.cocoeval import COCOeval
 
 from configs import test_tiny
 from conddetr_jax import data
-from conddetr_jax import evaluation
+from conddetr_jax.evaluation import coco_eval
 from conddetr_jax import models
-from conddetr_jax import prediction
+from conddetr_jax.inference import prediction
 from conddetr_jax import visualize
 from conddetr_jax import sharding
 from tests import conftest
@@ -70,7 +70,7 @@ def coco_eval_stats(ann_path: str, results) -> np.ndarray:
 def test_coco_results_are_xywh_with_one_entry_per_detection():
   boxes = np.array([[[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]],
                     [[1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 7.5, 9.0]]])
-  results = evaluation.to_coco_results(np.array([5, 9]), np.array([[0.9, 0.1], [0.8, 0.7]]),
+  results = coco_eval.to_coco_results(np.array([5, 9]), np.array([[0.9, 0.1], [0.8, 0.7]]),
                                        np.array([[3, 4], [5, 6]]), boxes)
   assert results == [
       {"image_id": 5, "category_id": 3, "bbox": [10.0, 20.0, 30.0, 40.0], "score": pytest.approx(0.9)},
@@ -97,8 +97,8 @@ def test_metric_names_follow_cocoeval_stats_order_on_nontrivial_detections(confi
     results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
                     "bbox": [x + w / 2, y + h / 2, w, h], "score": float(rng.uniform(0.0, 0.6))})
   expected = coco_eval_stats(ann_path, [dict(r) for r in results])
-  metrics, summary = evaluation.coco_metrics(ann_path, results, list(gt_images(config)))
-  assert [metrics[name] for name in evaluation.METRIC_NAMES] == expected.tolist()
+  metrics, summary = coco_eval.coco_metrics(ann_path, results, list(gt_images(config)))
+  assert [metrics[name] for name in coco_eval.METRIC_NAMES] == expected.tolist()
   assert 0.2 < metrics["AP"] < metrics["AP50"] < 1.0
   assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
 
@@ -107,7 +107,7 @@ def test_coco_metrics_refuse_a_different_image_set(config):
   ids = list(gt_images(config))
   results = [{"image_id": ids[0], "category_id": 2, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.5}]
   with pytest.raises(ValueError, match="1 not evaluated"):
-    evaluation.coco_metrics(data.annotation_path(config, "val"), results, ids[1:])
+    coco_eval.coco_metrics(data.annotation_path(config, "val"), results, ids[1:])
 
 
 # ------------------------------------------------------------------------------ the whole evaluator
@@ -115,14 +115,14 @@ def test_coco_metrics_refuse_a_different_image_set(config):
 def test_evaluator_equals_pycocotools_on_its_detections_file(config, model_and_variables, tmp_path):
   model, variables = model_and_variables
   path = str(tmp_path / "detections.json")
-  result = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(), detections_path=path)
+  result = coco_eval.run_evaluation(config, model, variables, sharding.make_mesh(), detections_path=path)
   with open(path) as f:
     results = json.load(f)
   expected = coco_eval_stats(data.annotation_path(config, "val"), results)
-  assert [result.metrics[name] for name in evaluation.METRIC_NAMES] == expected.tolist()
+  assert [result.metrics[name] for name in coco_eval.METRIC_NAMES] == expected.tolist()
   assert result.num_images == 7 and "Average Precision" in result.summary
   # top_k = min(100, queries x classes) detections for every image, and no other image.
-  k = evaluation.top_k(config)
+  k = coco_eval.top_k(config)
   ids = [r["image_id"] for r in results]
   assert k == 100 and len(results) == 7 * k and sorted(set(ids)) == sorted(gt_images(config))
   assert all(ids.count(i) == k for i in set(ids))
@@ -136,7 +136,7 @@ def test_every_image_once_and_outputs_independent_of_batch_size(config, model_an
   """
   model, variables = model_and_variables
   mesh = sharding.make_mesh()
-  one, three = (evaluation.gather_detections(_with_batch_size(config, b), model, variables, mesh) for b in (1, 3))
+  one, three = (coco_eval.gather_detections(_with_batch_size(config, b), model, variables, mesh) for b in (1, 3))
   for dets in (one, three):
     assert dets["image_id"].tolist() == sorted(gt_images(config))
     assert dets["scores"].shape == (7, 100) and dets["boxes"].shape == (7, 100, 4)
@@ -169,7 +169,7 @@ class _FixedBoxes(nn.Module):
 
 def test_boxes_are_in_original_image_pixels(config):
   """The model's normalised box of the resized image maps onto the original image's pixels."""
-  dets = evaluation.gather_detections(config, _FixedBoxes(), {}, sharding.make_mesh())
+  dets = coco_eval.gather_detections(config, _FixedBoxes(), {}, sharding.make_mesh())
   images = gt_images(config)
   assert dets["image_id"].tolist() == sorted(images)
   for image_id, boxes, labels in zip(dets["image_id"], dets["boxes"], dets["labels"]):
@@ -184,7 +184,7 @@ def test_prediction_images_are_the_val_files_drawn_as_predict_draws_them(config,
   model, variables = model_and_variables
   config = config.copy_and_resolve_references()
   config.evaluation.score_threshold = 0.0  # random weights score low: draw everything
-  paths = evaluation.write_prediction_images(config, model, variables, str(tmp_path), 4)
+  paths = coco_eval.write_prediction_images(config, model, variables, str(tmp_path), 4)
   names = [f"{i:012d}" for i in range(1, 5)]  # the val images' file names
   assert [os.path.basename(p) for p in paths] == [f"{n}.png" for n in names]
   images = {os.path.splitext(im["file_name"])[0]: im for im in gt_images(config).values()}
@@ -208,7 +208,7 @@ def test_prediction_images_detect_and_draw_each_image_as_predict_py_does(config,
     return {"scores": np.linspace(0.9, 0.1, k, dtype=np.float32), "labels": np.arange(k) % 3 + 1, "boxes": boxes}
 
   monkeypatch.setattr(evaluation, "detect_image", fake_detect)
-  [drawn] = evaluation.write_prediction_images(config, None, {}, str(tmp_path / "train"), 1)
+  [drawn] = coco_eval.write_prediction_images(config, None, {}, str(tmp_path / "train"), 1)
   val_file = os.path.join(config.dataset.synthetic_dir, "val2017", os.path.basename(drawn).replace(".png", ".jpg"))
   [record] = prediction.predict_files(config, None, {}, [val_file], str(tmp_path / "predict"),
                                       config.evaluation.score_threshold)
@@ -258,13 +258,14 @@ _WORKER = textwrap.dedent("""
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize("127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-    from conddetr_jax import evaluation, models
+    from conddetr_jax import models
+    from conddetr_jax.evaluation import coco_eval
     from conddetr_jax import sharding
     from tests import test_evaluation
     config = test_evaluation.tiny_config(sys.argv[3])
     model = models.build_model(config)
     variables = models.init_variables(model, jax.random.PRNGKey(0))
-    result = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(),
+    result = coco_eval.run_evaluation(config, model, variables, sharding.make_mesh(),
                                        detections_path=sys.argv[4])
     print("METRICS" + json.dumps([jax.device_count(), result.num_images, result.metrics]))
 """)
@@ -273,7 +274,7 @@ _WORKER = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_of_two_devices_give_the_single_device_numbers(config, model_and_variables, tmp_path):
   model, variables = model_and_variables
-  single = evaluation.run_evaluation(config, model, variables, sharding.make_mesh(),
+  single = coco_eval.run_evaluation(config, model, variables, sharding.make_mesh(),
                                      detections_path=str(tmp_path / "single.json"))
   port = str(20000 + os.getpid() % 20000)
   env = dict(os.environ, XLA_FLAGS=conftest.cpu_devices_xla_flags(2), JAX_PLATFORMS="cpu",
@@ -290,8 +291,8 @@ def test_two_processes_of_two_devices_give_the_single_device_numbers(config, mod
   for device_count, num_images, metrics in reports:
     assert device_count == 4 and num_images == 7  # global batch 12 > 7 images: 5 blank examples
     assert metrics.keys() == single.metrics.keys()
-    np.testing.assert_allclose([metrics[k] for k in evaluation.METRIC_NAMES],
-                               [single.metrics[k] for k in evaluation.METRIC_NAMES], atol=1e-6)
+    np.testing.assert_allclose([metrics[k] for k in coco_eval.METRIC_NAMES],
+                               [single.metrics[k] for k in coco_eval.METRIC_NAMES], atol=1e-6)
   assert (tmp_path / "multi0.json").exists() and not (tmp_path / "multi1.json").exists()
   with open(tmp_path / "multi0.json") as f, open(tmp_path / "single.json") as g:
     multi, ref = json.load(f), json.load(g)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import losses
+from conddetr_jax.criterion import losses
 from conddetr_jax import models
-from conddetr_jax import weights
+from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import checkpoint
 from tests import test_losses
 from tests.test_training_step import _Run, _batch

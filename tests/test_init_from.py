@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from conddetr_jax import convert
+from conddetr_jax.checkpoints import convert
 from conddetr_jax import models
 from conddetr_jax import sharding
-from conddetr_jax import weights
+from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import loop
 from tests.test_model import tiny_config
 

@@ -12,7 +12,7 @@ from transformers.loss import loss_deformable_detr as hf
 from transformers.loss import loss_for_object_detection as hf_base
 
 from configs import default
-from conddetr_jax import losses
+from conddetr_jax.criterion import losses
 
 LAYERS, BATCH, QUERIES, CLASSES, SLOTS = 3, 4, 12, 6, 5
 

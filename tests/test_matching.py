@@ -9,7 +9,7 @@ from scipy import optimize
 from transformers.loss import loss_deformable_detr as hf
 
 from configs import default
-from conddetr_jax import matching
+from conddetr_jax.criterion import matching
 
 SOLVERS = ("hungarian", "scipy")
 

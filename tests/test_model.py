@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import torchvision  # after tests/conftest.py declared the ops a CUDA torchvision wheel cannot load
 
 from configs import default
-from conddetr_jax import convert, models
+from conddetr_jax import models
+from conddetr_jax.checkpoints import convert
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask
 

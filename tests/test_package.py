@@ -29,7 +29,7 @@ def test_the_wheel_installs_and_imports_outside_the_checkout(tmp_path):
     names = set(z.namelist())
     entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
   assert {"conddetr_jax/configs/demo.py", "conddetr_jax/configs/r50.py", "conddetr_jax/commands/train.py",
-          "conddetr_jax/commands/predict.py", "conddetr_jax/inference.py"} <= names
+          "conddetr_jax/commands/predict.py", "conddetr_jax/inference/api.py"} <= names
   assert all(f"{command} = conddetr_jax.commands:" in entry_points for command in COMMANDS)
 
   site = tmp_path / "site"

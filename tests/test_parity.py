@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from configs import default
-from conddetr_jax import convert, losses, models
+from conddetr_jax import models
+from conddetr_jax.checkpoints import convert
+from conddetr_jax.criterion import losses
 from conddetr_jax.models.backbone import ResNet
 from tests import hf_reference
 

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from conddetr_jax.postprocess import postprocess
+from conddetr_jax.evaluation.postprocess import postprocess
 
 
 def _reference(logits, boxes, sizes, top_k):

@@ -13,11 +13,11 @@ from PIL import Image
 
 import conddetr_jax
 from configs import test_tiny
-from conddetr_jax import convert
+from conddetr_jax.checkpoints import convert
 from conddetr_jax import data
-from conddetr_jax import inference
+from conddetr_jax.inference import api
 from conddetr_jax import models
-from conddetr_jax import prediction
+from conddetr_jax.inference import prediction
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,10 +59,10 @@ def test_a_detector_answers_predict_py_s_detections_in_the_image_s_pixels(checkp
 
 
 def test_load_detector_takes_a_config_name_file_or_dict_and_names_unknown_ones(checkpoint):
-  assert inference.get_config("r50").model.backbone == "resnet50"
-  assert inference.get_config(os.path.join(REPO, "configs", "demo.py")).model.backbone == "resnet18"
+  assert api.get_config("r50").model.backbone == "resnet50"
+  assert api.get_config(os.path.join(REPO, "configs", "demo.py")).model.backbone == "resnet18"
   config = test_tiny.get_config()
-  assert inference.get_config(config) is config
+  assert api.get_config(config) is config
   with pytest.raises(ValueError, match=r"config 'r5O': expected one of r50, r50_dc5, .* or a config file \(.py\)"):
     conddetr_jax.load_detector("r5O", checkpoint)
   with pytest.raises(ValueError, match="does not fit the model of this config") as error:

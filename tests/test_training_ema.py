@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from conddetr_jax import sharding, weights
+from conddetr_jax import sharding
+from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import checkpoint, ema, loop
 from conddetr_jax.training import state as state_lib
 from tests.test_training_step import _Run, _batch

@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from conddetr_jax import cli, data, evaluation, models, progress, storage, weights
+from conddetr_jax import cli, data, models, progress, storage
+from conddetr_jax.checkpoints import weights
+from conddetr_jax.evaluation import coco_eval
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
 from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
@@ -271,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def evaluate(step: int) -> dict[str, float]:
     variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
-    results = evaluation.evaluate(config, model, variables, mesh, step=step)
+    results = coco_eval.evaluate(config, model, variables, mesh, step=step)
     writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
     writer.flush()  # not left to the next upload: an evaluation is rare and costly to redo
     of_average = " of the weights' moving average" if config.ema_decay > 0 and config.evaluation.use_ema else ""
@@ -329,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if config.evaluation.prediction_images > 0:
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
         variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
-        prediction_paths = evaluation.write_prediction_images(config, model, variables,
+        prediction_paths = coco_eval.write_prediction_images(config, model, variables,
                                                               storage.path(workdir) / PREDICTIONS_DIR,
                                                               config.evaluation.prediction_images)
   finally:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from conddetr_jax import losses
+from conddetr_jax.criterion import losses
 from conddetr_jax.training import ema, optimizer
 from conddetr_jax.training.state import TrainState
 

@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image
 
 from conddetr_jax import configs
-from conddetr_jax import evaluation
-from conddetr_jax import image_files
+from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.data import image_files
 from conddetr_jax import models
-from conddetr_jax import prediction
+from conddetr_jax.inference import prediction
 from conddetr_jax import visualize
-from conddetr_jax import weights
+from conddetr_jax.checkpoints import weights
 
 # One image: a file path, a PIL image, or (h, w, 3) uint8 RGB pixels.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -96,7 +96,7 @@ class Detector:
       if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"an image array must be (h, w, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}")
     loaded = image_files.prepare_image(pixels, self.config)
-    dets = evaluation.detect_image(self._variables, loaded, model=self._model, k=evaluation.top_k(self.config))
+    dets = coco_eval.detect_image(self._variables, loaded, model=self._model, k=coco_eval.top_k(self.config))
     keep = dets["scores"] >= self.threshold
     return Detections(boxes=dets["boxes"][keep].astype(np.float32), scores=dets["scores"][keep].astype(np.float32),
                       labels=dets["labels"][keep].astype(np.int32))

@@ -10,8 +10,8 @@ import flax
 import ml_collections
 
 from conddetr_jax import data
-from conddetr_jax import evaluation
-from conddetr_jax import image_files
+from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.data import image_files
 from conddetr_jax import storage
 from conddetr_jax import visualize
 
@@ -87,7 +87,7 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
   out.mkdir(parents=True, exist_ok=True)
   records = []
   for path, stem, loaded in zip(paths, _output_stems(paths), images):
-    dets = evaluation.detect_image(variables, loaded, model=model, k=evaluation.top_k(config))
+    dets = coco_eval.detect_image(variables, loaded, model=model, k=coco_eval.top_k(config))
     scores, labels, boxes = dets["scores"], dets["labels"], dets["boxes"]
     png = os.fspath(out / f"{stem}.png")
     visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
@@ -101,7 +101,7 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
                         "score": float(s), "box_xyxy": [float(v) for v in b]}
                        for c, s, b in zip(labels[keep], scores[keep], boxes[keep])],
     })
-  storage.write_bytes(out / evaluation.DETECTIONS_FILE, json.dumps(records, indent=1).encode())
+  storage.write_bytes(out / coco_eval.DETECTIONS_FILE, json.dumps(records, indent=1).encode())
   return records
 
 

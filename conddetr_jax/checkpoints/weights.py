@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from conddetr_jax import convert
+from conddetr_jax.checkpoints import convert
 from conddetr_jax import models
 from conddetr_jax import storage
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conddetr_jax import boxes as box_ops
-from conddetr_jax.focal import sigmoid_focal_loss
+from conddetr_jax.criterion import boxes as box_ops
+from conddetr_jax.criterion.focal import sigmoid_focal_loss
 
 TERMS = ("loss_ce_dense", "loss_bbox_dense", "loss_giou_dense")
 

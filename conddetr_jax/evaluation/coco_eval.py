@@ -29,8 +29,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
-from conddetr_jax import image_files
-from conddetr_jax import postprocess
+from conddetr_jax.data import image_files
+from conddetr_jax.evaluation import postprocess
 from conddetr_jax import progress
 from conddetr_jax import sharding
 from conddetr_jax import storage

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from scipy import optimize
 
-from conddetr_jax import boxes as box_ops
+from conddetr_jax.criterion import boxes as box_ops
 
 # The original's matcher fixes the focal cost's alpha and gamma, whatever
 # --focal_alpha says; keep them here rather than in the config.

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from conddetr_jax import boxes as box_ops
+from conddetr_jax.criterion import boxes as box_ops
 
 
 def postprocess(out: dict, orig_sizes: jax.Array, top_k: int = 100) -> dict[str, jax.Array]:

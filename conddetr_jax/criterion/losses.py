@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from conddetr_jax import boxes as box_ops
-from conddetr_jax import dense_losses, matching
-from conddetr_jax.focal import sigmoid_focal_loss
+from conddetr_jax.criterion import boxes as box_ops
+from conddetr_jax.criterion import dense_losses, matching
+from conddetr_jax.criterion.focal import sigmoid_focal_loss
 
 _TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 

@@ -1,0 +1,1 @@
+"""The DETR set criterion: box geometry, the focal loss, Hungarian matching, and the losses."""
