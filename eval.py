@@ -27,16 +27,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where detections.json and metrics.jsonl are written.")
 _SPLIT = flags.DEFINE_enum("split", "val", ["val", "train"], "The split to evaluate.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize_from_flags()
   result = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value, _SPLIT.value)
   if result.summary:
     print(f"COCO bbox, {result.num_images} {_SPLIT.value} images, checkpoint {_CHECKPOINT.value}:")

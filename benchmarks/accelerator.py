@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.synthetic import synthetic_batch
 from benchmarks.hf_step import build_hf_step
 from conddetr_jax import models, sharding
-from conddetr_jax.aot import compiling, devices as aot_devices, report
+from conddetr_jax.aot import compiling, devices as aot_devices, report as aot_report
 from conddetr_jax.criterion import matching
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import loop
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
 
   matcher_done: set[int] = set()
   for size in sizes:
-    hw = report.parse_size(size)
+    hw = aot_report.parse_size(size)
     for dtype in _DTYPES.value:
       if over_budget(f"{size} {dtype}"):
         continue

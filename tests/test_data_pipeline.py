@@ -8,7 +8,7 @@ import pytest
 
 from configs import default
 from conddetr_jax import data
-from conddetr_jax.data import batching
+from conddetr_jax.data import batch_spec, batching
 from conddetr_jax.data import coco
 from conddetr_jax.data import pipeline
 from conddetr_jax.data import transforms
@@ -43,11 +43,7 @@ def test_train_batches_have_the_documented_shapes_and_dtypes(config):
   for batch in take(data.train_iterator(config, global_batch_size=4, process_index=0, process_count=1), 6):
     b, h, w, _ = batch["image"].shape
     assert b == 4 and [h, w] in buckets
-    expected = {"image": ((4, h, w, 3), np.float32), "pad_mask": ((4, h, w), np.bool_),
-                "boxes": ((4, 100, 4), np.float32), "labels": ((4, 100), np.int32),
-                "box_valid": ((4, 100), np.bool_), "image_id": ((4,), np.int64),
-                "orig_size": ((4, 2), np.int32), "size": ((4, 2), np.int32), "valid": ((4,), np.bool_)}
-    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    assert batch_spec.layout(batch) == batch_spec.train_batch(4, (h, w), config.dataset.max_boxes)
     assert batch["valid"].all() and set(batch["image_id"].tolist()) <= ids
     for i in range(4):
       sh, sw = batch["size"][i]

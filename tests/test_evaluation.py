@@ -207,7 +207,7 @@ def test_prediction_images_detect_and_draw_each_image_as_predict_py_does(config,
     boxes = np.tile(np.array([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h]], np.float32), (k, 1))
     return {"scores": np.linspace(0.9, 0.1, k, dtype=np.float32), "labels": np.arange(k) % 3 + 1, "boxes": boxes}
 
-  monkeypatch.setattr(evaluation, "detect_image", fake_detect)
+  monkeypatch.setattr(coco_eval, "detect_image", fake_detect)
   [drawn] = coco_eval.write_prediction_images(config, None, {}, str(tmp_path / "train"), 1)
   val_file = os.path.join(config.dataset.synthetic_dir, "val2017", os.path.basename(drawn).replace(".png", ".jpg"))
   [record] = prediction.predict_files(config, None, {}, [val_file], str(tmp_path / "predict"),

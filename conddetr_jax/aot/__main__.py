@@ -8,8 +8,6 @@
 What it prints and how the figures are obtained: conddetr_jax/aot/__init__.py.
 """
 
-import sys
-
 from conddetr_jax import cli
 
 cli.quiet_native_logs()  # before TensorFlow and XLA load: their C++ logs stay off the screen
@@ -19,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax.aot import compiling, devices, gpu_targets, report
+from conddetr_jax.aot import gpu_targets, report
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)
@@ -36,7 +34,8 @@ _EVAL = flags.DEFINE_bool("eval", True, "Also compile the evaluation program (fo
 
 
 def main(argv: list[str]) -> None:
-  """Flags -> ``report.run``; a missing compiler, a failed GPU compile or bad input exits with a one-line error."""
+  """Flags -> ``report.run``; a missing compiler, a failed GPU compile or bad input is a user error
+  (``cli.run`` prints it as one line)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -44,13 +43,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/r50.py")
   jax.config.update("jax_platforms", "cpu")  # the host side runs on the CPU; the TPU or GPU is compile-only
   logging.set_verbosity(logging.WARNING)
-  try:
-    sizes = [report.parse_size(s) for s in _SIZE.value] if _SIZE.value else report.default_sizes(config)
-    report.run(config, _TOPOLOGY.value, sizes, max_batch=_MAX_BATCH.value, with_eval=_EVAL.value)
-  except (devices.CompilerMissingError, compiling.GpuCompileError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sizes = [report.parse_size(s) for s in _SIZE.value] if _SIZE.value else report.default_sizes(config)
+  report.run(config, _TOPOLOGY.value, sizes, max_batch=_MAX_BATCH.value, with_eval=_EVAL.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,11 +8,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from conddetr_jax import sharding
 from conddetr_jax.aot import batch_search, devices as devices_lib, flops, hlo
+from conddetr_jax.data import batch_spec
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import loop
 
@@ -157,27 +157,11 @@ def compile_lowered(lower: Callable[[], Any], compiler_options: dict[str, Any] |
                   collectives=hlo.collectives(compiled.as_text()), executable=compiled)
 
 
-def abstract_train_batch(config: ml_collections.ConfigDict, batch_size: int, hw: tuple[int, int],
-                         sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The train pipeline's batch (DESIGN.md section 2) as shapes: ``batch_size`` images of ``hw``."""
-  h, w = hw
-  m = config.dataset.max_boxes
-  shapes = {"image": ((batch_size, h, w, 3), np.float32), "pad_mask": ((batch_size, h, w), np.bool_),
-            "boxes": ((batch_size, m, 4), np.float32), "labels": ((batch_size, m), np.int32),
-            "box_valid": ((batch_size, m), np.bool_), "image_id": ((batch_size,), np.int64),
-            "orig_size": ((batch_size, 2), np.int32), "size": ((batch_size, 2), np.int32),
-            "valid": ((batch_size,), np.bool_)}
-  return {k: jax.ShapeDtypeStruct(s, jax.dtypes.canonicalize_dtype(d), sharding=sharding) for k, (s, d) in shapes.items()}
-
-
-def abstract_eval_batch(batch_size: int, hw: tuple[int, int],
-                        sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """What ``evaluation.gather_detections`` hands ``predict_batch``, as shapes."""
-  h, w = hw
-  shapes = {"image": ((batch_size, h, w, 3), np.float32), "pad_mask": ((batch_size, h, w), np.bool_),
-            "orig_size": ((batch_size, 2), np.int32), "valid": ((batch_size,), np.bool_),
-            "image_id": ((batch_size,), np.int32)}
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+def abstract_batch(fields: dict[str, batch_spec.Field],
+                   sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """``batch_spec``'s fields as shapes on ``sharding`` (int64 ids as JAX's default integer)."""
+  return {k: jax.ShapeDtypeStruct(f.shape, jax.dtypes.canonicalize_dtype(f.dtype), sharding=sharding)
+          for k, f in fields.items()}
 
 
 def _replicated_shapes(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -208,10 +192,12 @@ class SliceCompiler:
     return self.mesh.size
 
   def _train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
-    return self._state, abstract_train_batch(self.config, per_device_batch * self.devices, hw, self.par.batch_sharding)
+    fields = batch_spec.train_batch(per_device_batch * self.devices, hw, self.config.dataset.max_boxes)
+    return self._state, abstract_batch(fields, self.par.batch_sharding)
 
   def _eval_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
-    return self._variables, abstract_eval_batch(per_device_batch * self.devices, hw, sharding.batch_sharding(self.mesh))
+    fields = batch_spec.eval_batch(per_device_batch * self.devices, hw)
+    return self._variables, abstract_batch(fields, sharding.batch_sharding(self.mesh))
 
   def _compile(self, lower: Callable[[], Any]) -> Compiled:
     try:

@@ -350,29 +350,3 @@ def save_variables(variables: Any, out_dir: str | os.PathLike) -> str:
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(storage.path(path), {k: variables[k] for k in ("params", "batch_stats") if k in variables})
   return path
-
-
-def main(argv: list[str]) -> None:
-  """CLI: convert a PyTorch/HF checkpoint into an Orbax checkpoint for the config's model."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  config = flags.FLAGS.config
-  variables = from_torch(flags.FLAGS.torch, config)
-  path = save_variables(variables, flags.FLAGS.out)
-  count = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  cli.print_summary(f"Converted {flags.FLAGS.torch} ({count / 1e6:.1f}M parameters)", {
-      "checkpoint": path,
-      "evaluate it with": f"python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} "
-                          "--workdir=DIR"})
-
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from conddetr_jax import cli  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Config file of the model, e.g. configs/r50.py.")
-  flags.DEFINE_string("torch", None, "The original's .pth, a torchvision ResNet .pth, or HF .safetensors/.bin.")
-  flags.DEFINE_string("out", None, "Output folder for the Orbax checkpoint (must not exist).")
-  flags.mark_flags_as_required(["config", "torch", "out"])
-  cli.run(main)

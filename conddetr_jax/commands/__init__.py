@@ -3,7 +3,7 @@
 
 Each runs its module as ``python <script>`` would, with the same flags: train/eval/predict are the
 checkout's top-level scripts (linked here so that the wheel carries them); aot and convert are
-the package's ``conddetr_jax.aot`` and ``conddetr_jax.checkpoints.convert``. Running the module, not importing
+the package's ``conddetr_jax.aot`` and ``conddetr_jax.convert``. Running the module, not importing
 a function, keeps each command's flags defined only when that command runs.
 """
 
@@ -36,4 +36,4 @@ def aot() -> None:
 
 def convert() -> None:
   """``conddetr-convert``: ``python -m conddetr_jax.convert``."""
-  _run("conddetr_jax.checkpoints.convert")
+  _run("conddetr_jax.convert")

@@ -5,7 +5,7 @@ Public API (see each function's docstring):
   train_steps_per_epoch, train_iterator, eval_iterator, eval_steps    (pipeline.py)
   to_global_arrays, prefetch_to_device                                (device.py)
   check_train_resize                                                  (transforms.py)
-Batches are dicts of numpy arrays as in DESIGN.md section 2.
+Batches are dicts of numpy arrays laid out as ``batch_spec`` says.
 """
 
 from conddetr_jax.data.coco import annotation_path

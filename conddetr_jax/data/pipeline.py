@@ -244,7 +244,7 @@ class _Loader:
   def example(self, item: dict[str, tf.Tensor], slot: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """Augments and normalises one decoded item (``decode``); pads it to its slot's bucket if the
     slot is the first of its batch (``make_dataset`` pads the others while batching), and its boxes
-    to ``max_boxes`` (see DESIGN.md section 2)."""
+    to ``max_boxes`` (``data.batch_spec`` lists them)."""
     bucket, valid, primary = slot["bucket"], slot["valid"], slot["candidates"][0, 0]
     index, geometry = item["candidate"][0], item["candidate"][1:]
     real = index >= 0
@@ -388,7 +388,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
 
   The batch of global step s depends only on (config, s): epoch s // steps_per_epoch, shuffled
   with (config.seed, epoch). Resuming at ``start_step`` yields exactly what an uninterrupted run
-  would. Each batch is a dict of numpy arrays (see DESIGN.md section 2) with a leading axis of
+  would. Each batch is a dict of numpy arrays (``data.batch_spec`` lists them) with a leading axis of
   global_batch_size // process_count, all padded to one bucket shape (H, W).
   """
   transforms.check_train_resize(config.dataset)

@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conddetr_jax import data
-from conddetr_jax.data import image_files
+from conddetr_jax.data import batch_spec, image_files
 from conddetr_jax.evaluation import postprocess
 from conddetr_jax import progress
 from conddetr_jax import sharding
@@ -177,8 +177,7 @@ def gather_detections(config: ml_collections.ConfigDict, model: flax.linen.Modul
   report = progress.Progress(f"evaluating the {len(coco.load_split(config, split))} {split} images",
                              data.eval_steps(config, global_batch_size, split), unit="batches")
   for batch in data.eval_iterator(config, global_batch_size=global_batch_size, split=split):
-    inputs = {key: batch[key] for key in ("image", "pad_mask", "orig_size", "valid")}
-    inputs["image_id"] = _checked_int32(batch["image_id"])
+    inputs = dict({key: batch[key] for key in batch_spec.EVAL_KEYS}, image_id=_checked_int32(batch["image_id"]))
     # Dispatched without waiting: the next batch is read while this one runs.
     pending.append(predict_batch(variables, data.to_global_arrays(inputs, batch_sharding), model=model, k=k))
     report.update(len(pending), pending[-1])

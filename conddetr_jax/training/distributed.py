@@ -85,6 +85,28 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   return True
 
 
+def define_flags() -> None:
+  """Defines the multi-host flags of train.py and eval.py (needed only where no SLURM, MPI or TPU
+  VM environment describes the job): ``--coordinator_address``, ``--num_processes``,
+  ``--process_id``, ``--heartbeat_timeout_s`` and ``--shutdown_timeout_s``."""
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0, for jax.distributed.initialize.")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+  flags.DEFINE_integer(
+      "heartbeat_timeout_s", HEARTBEAT_TIMEOUT_S,
+      "Multi-host: seconds without a heartbeat after which a process counts as lost and the others stop "
+      "(shorter: a lost host idles the others less; longer: fewer false alarms from stalled hosts).")
+  flags.DEFINE_integer("shutdown_timeout_s", SHUTDOWN_TIMEOUT_S,
+                       "Multi-host: seconds a process that has finished or failed waits at exit for the others.")
+
+
+def initialize_from_flags() -> bool:
+  """``maybe_initialize`` with the values of the flags ``define_flags`` defined."""
+  f = flags.FLAGS
+  return maybe_initialize(f.coordinator_address, f.num_processes, f.process_id,
+                          heartbeat_timeout_s=f.heartbeat_timeout_s, shutdown_timeout_s=f.shutdown_timeout_s)
+
+
 def wait_for_all_processes(name: str) -> None:
   """Blocks until every process has called this with ``name``; a no-op on one process.
 
