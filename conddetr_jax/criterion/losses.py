@@ -99,8 +99,7 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
   Returns:
     Dict of () float32: "loss" (the weighted total), the unweighted terms
     loss_ce/loss_bbox/loss_giou, their ``_i`` auxiliary versions and (with the dense head) their
-    ``_dense`` versions, "class_error"
-    (final layer) and "cardinality_error"/"cardinality_error_i".
+    ``_dense`` versions, "class_error" (final layer) and "cardinality_error"/"cardinality_error_i".
   """
   logits, pred_boxes = _stack_layers(out)
   num_layers, _, _, num_classes = logits.shape

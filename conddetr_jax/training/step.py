@@ -115,10 +115,10 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
   """Applies one optimiser update for ``batch``.
 
   A non-finite loss or gradient norm leaves params, optimiser state and the weights' moving
-  average (if kept, ``config.ema_decay`` > 0) untouched (the update is
-  skipped on device, whatever ``config.skip_nonfinite`` says): the host decides from
-  ``state.first_nonfinite_step`` whether to stop the run or go on. The step counter advances
-  either way, so the data position stays that of the step.
+  average (if kept, ``config.ema_decay`` > 0) untouched: the update is skipped on device, whatever
+  ``config.skip_nonfinite`` says, and the host decides from ``state.first_nonfinite_step``
+  whether to stop the run or go on. The step counter advances either way, so the data position
+  stays that of the step.
 
   Args:
     state: the train state (donated by the callers).
@@ -134,8 +134,7 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
   Returns:
     The new state and scalar metrics: ``loss`` (weighted total), each unweighted loss term,
     ``class_error``, ``cardinality_error``, ``lr`` (the base rate of this update), ``grad_norm``
-    (before clipping) and
-    ``finite`` (whether the update was applied).
+    (before clipping) and ``finite`` (whether the update was applied).
   """
   dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=config.rng_impl), state.step)
   if axis_name is not None:
