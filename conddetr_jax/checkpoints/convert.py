@@ -314,19 +314,19 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
   A class head of another size is re-initialised when ``config.init.skip_class_head`` is set.
   """
   state, layout = to_original_layout(read_state_dict(path_or_state_dict))
-  skip = bool(config.get("init", {}).get("skip_class_head", False))
+  skip = bool(config.init.skip_class_head)
   allow_missing = ("transformer.", "input_proj.", "query_embed.", "class_embed.", "bbox_embed.") \
       if layout == "torchvision" else ()
   # Group DETR fine-tuning from a one-group checkpoint (the original's): the extra groups start fresh.
-  new_groups = config.model.get("num_groups", 1) > 1 and GROUP_QUERY_KEY not in state
+  new_groups = config.model.num_groups > 1 and GROUP_QUERY_KEY not in state
   if new_groups:
     allow_missing += (GROUP_QUERY_KEY,)
   # The dense auxiliary head is ours: a checkpoint without it (the original's) leaves it fresh.
-  new_dense_head = config.model.get("dense_head", False) and not any(k.startswith(DENSE_HEAD_PREFIXES) for k in state)
+  new_dense_head = config.model.dense_head and not any(k.startswith(DENSE_HEAD_PREFIXES) for k in state)
   if new_dense_head:
     allow_missing += DENSE_HEAD_PREFIXES
   # A backbone stopping after layer2 or layer3 starts from the ImageNet ResNet's first stages.
-  num_stages = config.model.get("backbone_num_stages", 4)
+  num_stages = config.model.backbone_num_stages
   unused = tuple(f"backbone.0.body.layer{stage}." for stage in range(num_stages + 1, 5)) \
       if layout == "torchvision" else ()
   if variables is None:
@@ -335,7 +335,7 @@ def from_torch(path_or_state_dict: str | os.PathLike | Mapping[str, Any], config
     class_head = state.get(CLASS_HEAD_KEYS[1])
     keeps_init = layout == "torchvision" or new_groups or new_dense_head or (
         skip and class_head is not None and class_head.shape[0] != config.model.num_classes)
-    variables = init_variables(config, config.get("seed", 0), abstract=not keeps_init)
+    variables = init_variables(config, config.seed, abstract=not keeps_init)
   return load_into(state, variables, skip_class_head=skip, allow_missing_prefixes=allow_missing,
                    unused_prefixes=unused)
 

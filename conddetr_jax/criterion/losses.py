@@ -108,7 +108,7 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
   valid = batch["box_valid"].astype(bool)
   # One set of targets: every group is normalised as a whole set (see the module docstring).
   norm = num_boxes(valid, axis_name)
-  num_groups = config.model.get("num_groups", 1)
+  num_groups = config.model.num_groups
   if num_groups > 1:
     logits, pred_boxes = _groups_as_images(logits, pred_boxes, num_groups, config.model.num_queries)
     tgt_boxes, tgt_labels, valid = (jnp.repeat(x, num_groups, axis=0) for x in (tgt_boxes, tgt_labels, valid))
@@ -161,7 +161,7 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
     dense = dense_losses.dense_losses(out["dense_outputs"], batch["boxes"].astype(jnp.float32),
                                       batch["labels"].astype(jnp.int32), batch["box_valid"].astype(bool),
                                       norm, config.loss)
-    dense_weight = config.loss.get("dense_weight", 1.0)
+    dense_weight = config.loss.dense_weight
     for name, value in dense.items():
       losses[name] = value
       total += dense_weight * weights[name.removesuffix("_dense")] * value

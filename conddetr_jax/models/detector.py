@@ -1,5 +1,6 @@
 """ConditionalDETR: backbone -> 1x1 input projection -> transformer -> class and box heads."""
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,10 +11,51 @@ import jax.numpy as jnp
 from conddetr_jax.models import convolution, initializers
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
-from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder
+from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder, TransformerConfig
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
 INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> compute dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+  """The detector's fields, as ``config.model`` names them (configs/default.py declares each, with
+  its default and meaning); ``from_config`` copies them all, so a new field is declared in two
+  places only: here and in default.py."""
+  backbone: str
+  dilation: bool
+  freeze_stem_and_layer1: bool
+  backbone_norm: str
+  backbone_num_stages: int
+  hidden_dim: int
+  nheads: int
+  enc_layers: int
+  dec_layers: int
+  dim_feedforward: int
+  dropout: float
+  num_queries: int
+  num_groups: int
+  num_classes: int
+  dense_head: bool
+  aux_loss: bool
+  decoder: str
+  dtype: str
+  attention: str
+  attention_block_size: int
+  remat: str
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "DetectorConfig":
+    """From ``config.model`` (a ConfigDict or mapping holding every field)."""
+    return cls(**{field.name: model_config[field.name] for field in dataclasses.fields(cls)})
+
+  def transformer(self, deterministic: bool) -> TransformerConfig:
+    """The encoder's and decoder's ``TransformerConfig``."""
+    return TransformerConfig(d_model=self.hidden_dim, nhead=self.nheads, dim_feedforward=self.dim_feedforward,
+                             dropout=self.dropout, dtype=DTYPES[self.dtype], attention=self.attention,
+                             attention_block_size=self.attention_block_size, remat=self.remat,
+                             deterministic=deterministic)
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
@@ -48,40 +90,21 @@ class ConditionalDETR(nn.Module):
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
   """
-  backbone: str = "resnet50"
-  dilation: bool = False
-  freeze_stem_and_layer1: bool = True
-  backbone_norm: str = "frozen_bn"
-  backbone_num_stages: int = 4
-  hidden_dim: int = 256
-  nheads: int = 8
-  enc_layers: int = 6
-  dec_layers: int = 6
-  dim_feedforward: int = 2048
-  dropout: float = 0.1
-  num_queries: int = 300
-  num_groups: int = 1
-  num_classes: int = 91
-  dense_head: bool = False
-  aux_loss: bool = True
-  decoder: str = "conditional"  # conditional | detr
-  dtype: Any = jnp.float32
-  attention: str = "dense"  # attention.IMPLEMENTATIONS, for every attention of the transformer
-  attention_block_size: int = 512  # keys per block of the blockwise attention
-  remat: str = "none"  # transformer.REMAT: what the transformer layers recompute in the backward pass
+  config: DetectorConfig
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
     """images (B, H, W, 3) ImageNet-normalised; pad_mask (B, H, W) bool, True on padding."""
     if images.ndim != 4 or images.shape[-1] != 3 or pad_mask.shape != images.shape[:3]:
       raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
-    d = self.hidden_dim
-    features = ResNet(self.backbone, self.dilation, self.dtype, self.freeze_stem_and_layer1, self.backbone_norm,
-                      self.backbone_num_stages, name="backbone")(images)
+    c = self.config
+    d, dtype = c.hidden_dim, DTYPES[c.dtype]
+    features = ResNet(c.backbone, dilation=c.dilation, dtype=dtype, freeze_stem_and_layer1=c.freeze_stem_and_layer1,
+                      norm=c.backbone_norm, num_stages=c.backbone_num_stages, name="backbone")(images)
     batch, h, w, channels = features.shape
     mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
-    src = nn.Conv(d, (1, 1), dtype=self.dtype, kernel_init=initializers.torch_default_kernel,
+    src = nn.Conv(d, (1, 1), dtype=dtype, kernel_init=initializers.torch_default_kernel,
                   bias_init=initializers.torch_default_bias(channels),
                   conv_general_dilated=convolution.conv_general_dilated, name="input_proj")(features)
     self.sow("intermediates", "backbone_features", features)
@@ -90,24 +113,22 @@ class ConditionalDETR(nn.Module):
     self.sow("intermediates", "projected_features", src)
 
     src, pos, mask = src.reshape(batch, h * w, d), pos.reshape(batch, h * w, d), mask.reshape(batch, h * w)
-    pos = pos.astype(self.dtype)
-    stack_args = (d, self.nheads, self.dim_feedforward, self.dropout, self.dtype, self.attention,
-                  self.attention_block_size, self.remat)
-    memory = Encoder(self.enc_layers, *stack_args, name="encoder")(src, pos, mask, train)
-    query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, d))
+    pos = pos.astype(dtype)
+    transformer = c.transformer(deterministic=not train)
+    memory = Encoder(transformer, c.enc_layers, name="encoder")(src, pos, mask)
+    query_embed = self.param("query_embed", nn.initializers.normal(1.0), (c.num_queries, d))
     groups = 1
-    if self.num_groups > 1:
-      extra = self.param("group_query_embed", nn.initializers.normal(1.0),
-                         ((self.num_groups - 1) * self.num_queries, d))
+    if c.num_groups > 1:
+      extra = self.param("group_query_embed", nn.initializers.normal(1.0), ((c.num_groups - 1) * c.num_queries, d))
       if train:
-        query_embed, groups = jnp.concatenate([query_embed, extra]), self.num_groups
-    query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch,) + query_embed.shape)
-    if self.decoder == "detr":
-      hidden = DetrDecoder(self.dec_layers, *stack_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
+        query_embed, groups = jnp.concatenate([query_embed, extra]), c.num_groups
+    query_pos = jnp.broadcast_to(query_embed.astype(dtype), (batch,) + query_embed.shape)
+    if c.decoder == "detr":
+      hidden = DetrDecoder(transformer, c.dec_layers, groups, name="decoder")(memory, mask, pos, query_pos)
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(self.dec_layers, *stack_args, name="decoder")(
-          memory, mask, pos, query_pos, train, groups)
+      hidden, reference = ConditionalDecoder(transformer, c.dec_layers, groups, name="decoder")(
+          memory, mask, pos, query_pos)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
       self.sow("intermediates", "reference_points", reference)
@@ -115,7 +136,7 @@ class ConditionalDETR(nn.Module):
     self.sow("intermediates", "decoder_hidden", hidden)
 
     # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
-    logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
+    logits = nn.Dense(c.num_classes, kernel_init=initializers.torch_default_kernel,
                       bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
                       name="class_embed")(hidden)
     delta = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
@@ -123,9 +144,9 @@ class ConditionalDETR(nn.Module):
     boxes = jax.nn.sigmoid(delta + offset)
 
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-    if self.aux_loss:
+    if c.aux_loss:
       out["aux_outputs"] = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]
-    if self.dense_head:
+    if c.dense_head:
       # Built at init too (train=False), so its params exist; only training outputs carry it.
       dense = self._dense_outputs(memory, mask.reshape(batch, h, w))
       if train:
@@ -135,10 +156,10 @@ class ConditionalDETR(nn.Module):
   def _dense_outputs(self, memory: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """The dense head on the encoder's (B, h*w, d) memory; ``mask`` (B, h, w) True on padding."""
     centres = token_centres(mask)
-    logits = nn.Dense(self.num_classes, kernel_init=initializers.torch_default_kernel,
+    logits = nn.Dense(self.config.num_classes, kernel_init=initializers.torch_default_kernel,
                       bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
                       name="dense_class_embed")(memory)
-    delta = MLP(self.hidden_dim, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
+    delta = MLP(self.config.hidden_dim, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
                 name="dense_bbox_embed")(memory)
     offset = jnp.concatenate([inverse_sigmoid(centres), jnp.zeros_like(centres)], axis=-1)
     return {"pred_logits": logits, "pred_boxes": jax.nn.sigmoid(delta + offset), "token_centres": centres,

@@ -5,6 +5,7 @@ parameter names follow the original's state-dict keys (``sa_qcontent_proj``, ``c
 ``query_scale``, ``ref_point_head`` ...) so checkpoint conversion is a rename.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -57,18 +58,44 @@ class MLP(nn.Module):
     return x
 
 
-class FeedForward(nn.Module):
-  """linear1 -> ReLU -> dropout -> linear2, as the original's layers."""
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """What every layer and stack of the transformer takes, as one object (flax's wmt example).
+
+  ``attention`` is one of ``attention.IMPLEMENTATIONS`` (``attention_block_size`` keys per block of
+  the blockwise one), ``remat`` one of ``REMAT``; ``deterministic`` turns dropout off (the detector
+  sets it from ``train``). The detector builds it from ``config.model``, whose fields declare the
+  defaults.
+  """
   d_model: int
+  nhead: int
   dim_feedforward: int
   dropout: float
-  dtype: Any = jnp.float32
+  dtype: Any
+  attention: str
+  attention_block_size: int
+  remat: str
+  deterministic: bool = True
+
+  def attend(self, name: str, in_proj: bool = False) -> MultiHeadAttention:
+    """An attention submodule ``name`` of the layer being built (see ``MultiHeadAttention``)."""
+    return MultiHeadAttention(self.nhead, self.dropout, in_proj=in_proj, dtype=self.dtype,
+                              implementation=self.attention, block_size=self.attention_block_size, name=name)
+
+  def drop(self, x: jax.Array) -> jax.Array:
+    """The layers' residual dropout (identity when ``deterministic``)."""
+    return nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+
+
+class FeedForward(nn.Module):
+  """linear1 -> ReLU -> dropout -> linear2, as the original's layers."""
+  config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = nn.relu(linear(self.dim_feedforward, self.d_model, "linear1", self.dtype)(x))
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    return linear(self.d_model, self.dim_feedforward, "linear2", self.dtype)(y)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    y = nn.relu(linear(c.dim_feedforward, c.d_model, "linear1", c.dtype)(x))
+    return linear(c.d_model, c.dim_feedforward, "linear2", c.dtype)(c.drop(y))
 
 
 def attend_within_groups(attention: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array,
@@ -97,7 +124,7 @@ def attend_within_groups(attention: nn.Module, query: jax.Array, key: jax.Array,
   return out.reshape(batch, length, out.shape[-1])
 
 
-def remat_layer(layer_cls: type[nn.Module], remat: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+def remat_layer(layer_cls: type[nn.Module], remat: str) -> type[nn.Module]:
   """``layer_cls`` whose backward pass recomputes (``remat``, one of ``REMAT``):
 
   - ``none``: nothing; the forward's activations are kept (the original's program);
@@ -108,101 +135,71 @@ def remat_layer(layer_cls: type[nn.Module], remat: str, static_argnums: tuple[in
   - ``layer``: the whole layer from its inputs (only the inputs are kept).
 
   Parameter names and dropout masks are those of ``layer_cls``: the recomputation draws the same
-  masks from the same keys. ``static_argnums`` are the Python arguments of ``__call__`` (train,
-  num_groups), counting ``self`` as 0.
+  masks from the same keys. A layer's call takes arrays only (what is static lives on the module).
   """
   if remat == "none":
     return layer_cls
   policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "attention" else None
-  return nn.remat(layer_cls, policy=policy, static_argnums=static_argnums)
+  return nn.remat(layer_cls, policy=policy)
 
 
-class _LayerFields(nn.Module):
-  """Sizes every transformer layer takes, and the attention implementation of its attentions."""
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
-  attention: str = "dense"  # see attention.IMPLEMENTATIONS
-  attention_block_size: int = 512
-
-  def attend(self, name: str, in_proj: bool = False) -> MultiHeadAttention:
-    """The layer's attention submodule ``name`` (see ``MultiHeadAttention``)."""
-    return MultiHeadAttention(self.nhead, self.dropout, in_proj=in_proj, dtype=self.dtype,
-                              implementation=self.attention, block_size=self.attention_block_size, name=name)
-
-
-class _StackFields(nn.Module):
-  """Sizes every stack of transformer layers takes."""
-  num_layers: int
-  d_model: int
-  nhead: int
-  dim_feedforward: int
-  dropout: float
-  dtype: Any = jnp.float32
-  attention: str = "dense"
-  attention_block_size: int = 512
-  remat: str = "none"  # see REMAT
-
-  def layer_args(self) -> tuple:
-    """Positional arguments of a ``_LayerFields`` layer of this stack."""
-    return (self.d_model, self.nhead, self.dim_feedforward, self.dropout, self.dtype, self.attention,
-            self.attention_block_size)
-
-
-class EncoderLayer(_LayerFields):
+class EncoderLayer(nn.Module):
   """Post-norm encoder layer; positions are added to queries and keys only."""
+  config: TransformerConfig
 
   @nn.compact
-  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array) -> jax.Array:
     """src, pos (B, L, d); mask (B, L) True on padding -> (B, L, d)."""
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    c = self.config
     q = k = src + pos
-    src2 = self.attend("self_attn", in_proj=True)(q, k, src, mask, train)
-    src = layer_norm("norm1")(src + drop(src2))
-    src2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(src, train)
-    return layer_norm("norm2")(src + drop(src2))
+    src2 = c.attend("self_attn", in_proj=True)(q, k, src, mask, train=not c.deterministic)
+    src = layer_norm("norm1")(src + c.drop(src2))
+    src2 = FeedForward(c, name="ffn")(src)
+    return layer_norm("norm2")(src + c.drop(src2))
 
 
-class Encoder(_StackFields):
+class Encoder(nn.Module):
   """A stack of post-norm encoder layers (no final norm, as the original's post-norm encoder)."""
+  config: TransformerConfig
+  num_layers: int
 
   @nn.compact
-  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, src: jax.Array, pos: jax.Array, mask: jax.Array) -> jax.Array:
     """src, pos (B, L, d); mask (B, L) -> memory (B, L, d)."""
-    layer_cls = remat_layer(EncoderLayer, self.remat, static_argnums=(4,))
+    layer_cls = remat_layer(EncoderLayer, self.config.remat)
     for i in range(self.num_layers):
-      src = layer_cls(*self.layer_args(), name=f"layers_{i}")(src, pos, mask, train)
+      src = layer_cls(self.config, name=f"layers_{i}")(src, pos, mask)
     return src
 
 
-class ConditionalDecoderLayer(_LayerFields):
+class ConditionalDecoderLayer(nn.Module):
   """Decoder layer with the conditional cross-attention.
 
   Self-attention projects content and position separately and adds them. In cross-attention
   each head's query is [content_h, spatial_h] and each key [memory_content_h, memory_pos_h]
   (concatenated per head, width 2*d in all); the first layer additionally adds a projection of
   query_pos to the content query and the memory pos to the content key (``ca_qpos_proj``).
+  With ``num_groups`` K, the queries are K groups that self-attend within their group only
+  (``attend_within_groups``).
   """
-  is_first: bool = False
+  config: TransformerConfig
+  is_first: bool
+  num_groups: int = 1
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array, query_sine_embed: jax.Array, train: bool,
-               num_groups: int = 1) -> jax.Array:
+               query_pos: jax.Array, query_sine_embed: jax.Array) -> jax.Array:
     """tgt, query_pos, query_sine_embed (B, Q, d); memory, pos (B, L, d); memory_mask (B, L)
-    -> (B, Q, d). With ``num_groups`` K, the Q queries are K groups that self-attend within
-    their group only (``attend_within_groups``)."""
-    d, h = self.d_model, self.nhead
-    proj = lambda name: linear(d, d, name, self.dtype)
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+    -> (B, Q, d)."""
+    c = self.config
+    d, h, train = c.d_model, c.nhead, not c.deterministic
+    proj = lambda name: linear(d, d, name, c.dtype)
 
     q = proj("sa_qcontent_proj")(tgt) + proj("sa_qpos_proj")(query_pos)
     k = proj("sa_kcontent_proj")(tgt) + proj("sa_kpos_proj")(query_pos)
     v = proj("sa_v_proj")(tgt)
-    tgt2 = attend_within_groups(self.attend("self_attn"), q, k, v, num_groups, train)
-    tgt = layer_norm("norm1")(tgt + drop(tgt2))
+    tgt2 = attend_within_groups(c.attend("self_attn"), q, k, v, self.num_groups, train)
+    tgt = layer_norm("norm1")(tgt + c.drop(tgt2))
 
     q_content = proj("ca_qcontent_proj")(tgt)
     k_content = proj("ca_kcontent_proj")(memory)
@@ -220,81 +217,86 @@ class ConditionalDecoderLayer(_LayerFields):
 
     q = per_head_concat(q_content, q_sine)
     k = per_head_concat(k_content, k_pos)
-    tgt2 = self.attend("cross_attn")(q, k, v, memory_mask, train)
-    tgt = layer_norm("norm2")(tgt + drop(tgt2))
-    tgt2 = FeedForward(d, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
-    return layer_norm("norm3")(tgt + drop(tgt2))
+    tgt2 = c.attend("cross_attn")(q, k, v, memory_mask, train=train)
+    tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
+    tgt2 = FeedForward(c, name="ffn")(tgt)
+    return layer_norm("norm3")(tgt + c.drop(tgt2))
 
 
-class ConditionalDecoder(_StackFields):
+class ConditionalDecoder(nn.Module):
   """The conditional decoder: reference points from query_pos, conditional spatial queries.
 
   The reference point s = sigmoid(ref_point_head(query_pos)) is shared by all layers. Layer i's
   spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output of layer i-1), where
   that output is *not* layer-normed (the original; HF's aux-loss path normalises it).
   """
+  config: TransformerConfig
+  num_layers: int
+  num_groups: int = 1  # groups of queries (see ``attend_within_groups``)
 
   @nn.compact
-  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               train: bool, num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d), ``num_groups`` groups of
-    queries (see ``attend_within_groups``) -> (hidden (num_layers, B, Q, d) float32 after the
-    final LayerNorm, reference (B, Q, 2) float32)."""
-    d = self.d_model
-    reference = jax.nn.sigmoid(
-        MLP(d, 2, 2, self.dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
-    query_scale = MLP(d, d, 2, self.dtype, name="query_scale")
+  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
+               query_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (hidden (num_layers, B,
+    Q, d) float32 after the final LayerNorm, reference (B, Q, 2) float32)."""
+    d, dtype = self.config.d_model, self.config.dtype
+    reference = jax.nn.sigmoid(MLP(d, 2, 2, dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
+    query_scale = MLP(d, d, 2, dtype, name="query_scale")
     norm = layer_norm("norm")
     sine = sine_embedding_of_points(reference, d // 2)
 
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
-    layer_cls = remat_layer(ConditionalDecoderLayer, self.remat, static_argnums=(7, 8))
+    layer_cls = remat_layer(ConditionalDecoderLayer, self.config.remat)
     for i in range(self.num_layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
-      output = layer_cls(*self.layer_args(), is_first=i == 0, name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, query_sine_embed, train, num_groups)
+      output = layer_cls(self.config, is_first=i == 0, num_groups=self.num_groups, name=f"layers_{i}")(
+          output, memory, memory_mask, pos, query_pos, query_sine_embed)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
 
 
-class DetrDecoderLayer(_LayerFields):
+class DetrDecoderLayer(nn.Module):
   """DETR's post-norm decoder layer, the baseline of the convergence study.
 
   Learned query positions are added to queries (and self-attention keys); the cross-attention
   query is content + query_pos and its key memory + pos, each through the standard input
-  projections of torch's nn.MultiheadAttention.
+  projections of torch's nn.MultiheadAttention. The queries are ``num_groups`` groups (see
+  ``attend_within_groups``).
   """
+  config: TransformerConfig
+  num_groups: int = 1
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array, train: bool, num_groups: int = 1) -> jax.Array:
-    """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d); the Q
-    queries are ``num_groups`` groups (see ``attend_within_groups``)."""
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=not train)
+               query_pos: jax.Array) -> jax.Array:
+    """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d)."""
+    c = self.config
+    train = not c.deterministic
     q = k = tgt + query_pos
-    tgt2 = attend_within_groups(self.attend("self_attn", in_proj=True), q, k, tgt, num_groups, train)
-    tgt = layer_norm("norm1")(tgt + drop(tgt2))
-    tgt2 = self.attend("multihead_attn", in_proj=True)(tgt + query_pos, memory + pos, memory, memory_mask, train)
-    tgt = layer_norm("norm2")(tgt + drop(tgt2))
-    tgt2 = FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name="ffn")(tgt, train)
-    return layer_norm("norm3")(tgt + drop(tgt2))
+    tgt2 = attend_within_groups(c.attend("self_attn", in_proj=True), q, k, tgt, self.num_groups, train)
+    tgt = layer_norm("norm1")(tgt + c.drop(tgt2))
+    tgt2 = c.attend("multihead_attn", in_proj=True)(tgt + query_pos, memory + pos, memory, memory_mask, train=train)
+    tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
+    tgt2 = FeedForward(c, name="ffn")(tgt)
+    return layer_norm("norm3")(tgt + c.drop(tgt2))
 
 
-class DetrDecoder(_StackFields):
+class DetrDecoder(nn.Module):
   """DETR's decoder: no reference points; returns every layer's output after the final LayerNorm."""
+  config: TransformerConfig
+  num_layers: int
+  num_groups: int = 1
 
   @nn.compact
-  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array,
-               train: bool, num_groups: int = 1) -> jax.Array:
-    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) in ``num_groups`` groups ->
-    (num_layers, B, Q, d)."""
+  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array) -> jax.Array:
+    """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (num_layers, B, Q, d)."""
     norm = layer_norm("norm")
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
-    layer_cls = remat_layer(DetrDecoderLayer, self.remat, static_argnums=(6, 7))
+    layer_cls = remat_layer(DetrDecoderLayer, self.config.remat)
     for i in range(self.num_layers):
-      output = layer_cls(*self.layer_args(), name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, train, num_groups)
+      output = layer_cls(self.config, num_groups=self.num_groups, name=f"layers_{i}")(
+          output, memory, memory_mask, pos, query_pos)
       hidden.append(norm(output))
     return jnp.stack(hidden)
