@@ -237,7 +237,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, expected: str) -> N
 @pytest.mark.parametrize("command", [
     ["train.py", "--workdir=/tmp/unused"],
     ["predict.py", "--checkpoint=/tmp/unused", "--out=/tmp/unused", "image.jpg"],
-    ["-m", "conddetr_jax.checkpoints.convert", "--torch=/tmp/unused.pth", "--out=/tmp/unused"],
+    ["-m", "conddetr_jax.convert", "--torch=/tmp/unused.pth", "--out=/tmp/unused"],
 ])
 def test_every_command_names_an_unknown_field(command):  # eval.py's: tests/test_cli.py
   proc = run(*command, TINY, "--config.model.num_queris=5")
@@ -259,3 +259,16 @@ def test_find_images_prints_the_first_val_files_without_knowing_the_cache_folder
   config.dataset.synthetic_dir = str(tmp_path)
   assert find_images.image_paths(config, "val", 2) == [str(tmp_path / "val2017" / f"{i:012d}.jpg") for i in (1, 2)]
   assert all(os.path.isfile(p) for p in find_images.image_paths(config, "train", 3))
+
+
+@pytest.mark.slow
+def test_the_documented_python_m_data_commands_run(tmp_path):
+  # `python -m conddetr_jax.find_images` and `.inspect_batches` are in the README as commands.
+  found = run("-m", "conddetr_jax.find_images", TINY, f"--config.dataset.synthetic_dir={tmp_path}", "--count=2")
+  assert found.returncode == 0, found.stderr[-3000:]
+  assert found.stdout.split() == [str(tmp_path / "val2017" / f"{i:012d}.jpg") for i in (1, 2)]
+  out = tmp_path / "batch.png"
+  drawn = run("-m", "conddetr_jax.inspect_batches", TINY, f"--config.dataset.synthetic_dir={tmp_path}",
+              f"--out={out}", "--batch_size=2")
+  assert drawn.returncode == 0 and out.is_file(), drawn.stderr[-3000:]
+  assert "2 images padded to" in drawn.stdout

@@ -36,7 +36,7 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, origi
   pth = tmp_path / "conddetr_small.pth"
   torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth)
   out = tmp_path / "converted"
-  result = subprocess.run([sys.executable, "-m", "conddetr_jax.checkpoints.convert", "--config=configs/r50.py", *OVERRIDES,
+  result = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
                            f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval.py" in result.stdout
@@ -45,20 +45,20 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, origi
   expected = convert.from_torch(state, small_config())
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)
 
-  again = subprocess.run([sys.executable, "-m", "conddetr_jax.checkpoints.convert", "--config=configs/r50.py", *OVERRIDES,
+  again = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
                           f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
   assert again.returncode != 0 and "exists" in again.stderr
 
 
 def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path, original_state):
-  missing = subprocess.run([sys.executable, "-m", "conddetr_jax.checkpoints.convert", "--config=configs/r50.py",
+  missing = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
                             f"--torch={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}"],
                            capture_output=True, text=True, timeout=600)
   assert missing.returncode != 0 and "nope.pth" in missing.stderr
   state = original_state
   pth = tmp_path / "small.pth"
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
-  wrong = subprocess.run([sys.executable, "-m", "conddetr_jax.checkpoints.convert", "--config=configs/r50.py",
+  wrong = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
                           f"--torch={pth}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=600)
   assert wrong.returncode != 0
   assert "missing keys" in wrong.stderr and "skip_class_head" in wrong.stderr

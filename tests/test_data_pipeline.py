@@ -209,7 +209,7 @@ def test_prepare_is_idempotent_and_refuses_other_parameters(config):
 
 
 def test_inspect_draws_the_batch_with_boxes(config, tmp_path):
-  from conddetr_jax.data import inspect_batches  # pylint: disable=g-import-not-at-top  # absl flags at import
+  from conddetr_jax.data import inspect_batches  # pylint: disable=g-import-not-at-top
   batch = next(data.train_iterator(config, global_batch_size=4, process_index=0, process_count=1))
   picture = inspect_batches.render_batch(batch, data.category_names(config), columns=2)
   _, h, w, _ = batch["image"].shape
