@@ -10,7 +10,7 @@ For each size, dtype and per-device batch (the sweep stops growing a batch at th
 e.g. out of memory): the train step (training.loop.build_train_step, as train.py runs it) is
 compiled, its median step time measured, and MFU = the compiled program's FLOPs (XLA's
 cost_analysis, per device; a multiply-add is 2) / step time / the device's dense bf16 peak (the
-PEAK_TFLOPS table; float32 runs are held against the same bf16 peak; unknown devices: no MFU).
+``hardware.chips`` table; float32 runs are held against the same bf16 peak; unknown devices: no MFU).
 Then, per size and dtype, the evaluation program (forward + post-processing) at the largest batch
 that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
 layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
@@ -44,14 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.synthetic import synthetic_batch
 from benchmarks.hf_step import build_hf_step
 from conddetr_jax import models, sharding
-from conddetr_jax.aot import compiling, devices as aot_devices, report as aot_report
+from conddetr_jax.aot import compiling, report as aot_report
+from conddetr_jax.hardware import chips
 from conddetr_jax.criterion import matching
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import loop
 
-# Dense bf16 peak per device, TFLOP/s (vendor figures, no sparsity).
-PEAK_TFLOPS = {"NVIDIA H100": 989, "NVIDIA H200": 989, "NVIDIA A100": 312,
-               **{kind: chip.bf16_tflops for kind, chip in aot_devices.CHIPS.items()}}
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model config.")
 _TINY = flags.DEFINE_bool("tiny", False, "CPU smoke run: configs/test_tiny.py with the whole ResNet-18, at 64x64, "
@@ -69,11 +67,9 @@ _HF_BATCH = flags.DEFINE_integer("hf_batch", 2, "Images per step for the PyTorch
 
 
 def peak_tflops(device: Any) -> float | None:
-  """The device's dense bf16 peak from PEAK_TFLOPS (matched by prefix of device_kind), or None."""
-  for kind, tflops in PEAK_TFLOPS.items():
-    if device.device_kind == kind or device.device_kind.startswith(kind + " "):
-      return tflops
-  return None
+  """The device's dense bf16 peak (``hardware.chips``), or None for a kind it does not know."""
+  chip = chips.chip_of_kind(device.device_kind)
+  return None if chip is None else chip.bf16_tflops
 
 
 def _median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:

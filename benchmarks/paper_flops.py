@@ -5,7 +5,7 @@ Usage:
 
 The original's README: Conditional DETR-R50 90 G, DC5-R50 195 G, R101 156 G, DC5-R101 262 G, by
 DETR's counter (convolutions and matrix products only, one multiply-add = one FLOP) averaged
-over the first 100 COCO val2017 images at batch 1 (no padding). ``conddetr_jax.aot.flops.macs``
+over the first 100 COCO val2017 images at batch 1 (no padding). ``conddetr_jax.hardware.flops.macs``
 applies that rule to our evaluation forward's jaxpr (shapes only: nothing compiles). Sizes are of
 single unpadded images: 800x1067 is a 640x480 image resized as in evaluation, 800x1199 a 640x427.
 Prints one row per config and size, then ``paper_flops max_abs_gap_pct=<x>``.
@@ -22,7 +22,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from conddetr_jax import models
-from conddetr_jax.aot import flops
+from conddetr_jax.hardware import flops
 
 PAPER_GMACS = {"r50": 90, "r50_dc5": 195, "r101": 156, "r101_dc5": 262}
 

@@ -43,17 +43,19 @@ class CompileAnnouncer:
   much longer than another (a compilation cache hit on one, a loaded host).
 
   ``take_compile_seconds`` hands the caller the compile time spent since its last call, to leave
-  it out of the step time that throughput and ETA are computed from.
+  it out of the step time that throughput and ETA are computed from; ``take_flops`` the FLOPs per
+  device of the steps run since its last call, where ``compile_step`` reports them.
   """
 
-  def __init__(self, step: Callable[..., Any], compile_step: Callable[[Any, dict[str, Any]], None],
+  def __init__(self, step: Callable[..., Any], compile_step: Callable[[Any, dict[str, Any]], float | None],
                what: str = "train step", clock: Callable[[], float] = time.perf_counter,
                synchronize: Callable[[str], None] = lambda name: None):
     """
     Args:
       step: ``step(state, batch)``, a jitted step; ``batch['image']`` is (..., H, W, 3).
       compile_step: ``compile_step(state, batch)`` compiles ``step`` for these shapes without
-        running it; the next ``step`` call on them runs that program.
+        running it (the next ``step`` call on them runs that program) and returns the program's
+        FLOPs per device, or None where the backend does not count them.
       what: the step's name in the log lines.
       clock: seconds (a test passes a fake one).
       synchronize: called with a name unique to the shape after each compile, before the first
@@ -61,24 +63,32 @@ class CompileAnnouncer:
     """
     self._step, self._compile_step, self._what, self._clock = step, compile_step, what, clock
     self._synchronize = synchronize
-    self._seen: set[tuple[int, int]] = set()
+    self._flops: dict[tuple[int, int], float | None] = {}  # per image shape
     self._compile_s = 0.0
+    self._window_flops: float | None = 0.0
 
   def __call__(self, state: Any, batch: dict[str, Any]) -> Any:
     """``step(state, batch)``; the call returns once dispatched (execution is async)."""
     hw = tuple(int(d) for d in batch["image"].shape[-3:-1])
-    if hw not in self._seen:
+    if hw not in self._flops:
       logging.info("compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw)
       start = self._clock()
-      self._compile_step(state, batch)
-      self._seen.add(hw)
+      self._flops[hw] = self._compile_step(state, batch)
       seconds = self._clock() - start
       self._compile_s += seconds
       logging.info("compiled the %s for %dx%d in %.1f s", self._what, *hw, seconds)
       self._synchronize(f"{self._what} {hw[0]}x{hw[1]}".replace(" ", "_"))
+    flops = self._flops[hw]
+    self._window_flops = None if flops is None or self._window_flops is None else self._window_flops + flops
     return self._step(state, batch)
 
   def take_compile_seconds(self) -> float:
     """Seconds spent compiling since the last call (then reset to 0)."""
     seconds, self._compile_s = self._compile_s, 0.0
     return seconds
+
+  def take_flops(self) -> float | None:
+    """FLOPs per device of the steps run since the last call (then reset), or None when the
+    program of any of them had no count."""
+    flops, self._window_flops = self._window_flops, 0.0
+    return flops

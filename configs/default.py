@@ -128,7 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_per_device_batch_size = 2
   config.parallel = "jit"       # jit (Mesh + shardings) | pmap
 
-  config.log_every_steps = 50
+  config.log_every_steps = 50    # also the window of the speed figures (images/s, step time, MFU)
+  # > 0: a jax.profiler trace of this many steps after the first (compiling) one, written to
+  # <workdir>/tensorboard for TensorBoard's profile tab; on process 0 unless profile_all_processes.
+  config.profile_steps = 0
+  config.profile_all_processes = False
   config.checkpoint_every_steps = 2000
   config.eval_every_steps = 0   # 0 = at the end of every epoch; < 0 = only at the end
   config.keep_checkpoints = 3

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conddetr_jax.aot import compiling, devices as aot_devices, flops, hlo, report
+from conddetr_jax.aot import compiling, devices as aot_devices, hlo, report
+from conddetr_jax.hardware import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conddetr_jax.aot import compiling, devices as aot_devices, gpu_targets
+from conddetr_jax.aot import compiling, devices as aot_devices
+from conddetr_jax.hardware import gpu_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

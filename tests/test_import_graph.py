@@ -20,7 +20,7 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 # Lowest floor first. A name covers the module or package of that name and everything inside it.
 FLOORS = (
     ("building blocks", ("conddetr_jax.configs", "conddetr_jax.storage", "conddetr_jax.cli", "conddetr_jax.progress",
-                         "conddetr_jax.visualize", "conddetr_jax.models", "conddetr_jax.data")),
+                         "conddetr_jax.visualize", "conddetr_jax.models", "conddetr_jax.data", "conddetr_jax.hardware")),
     ("criterion", ("conddetr_jax.criterion",)),
     ("devices and checkpoints", ("conddetr_jax.sharding", "conddetr_jax.checkpoints")),
     ("evaluation", ("conddetr_jax.evaluation",)),
@@ -30,8 +30,8 @@ FLOORS = (
                                  "conddetr_jax.aot")),
     # The package's root re-exports the Python API (imported on first use).
     ("the Python API", ("conddetr_jax",)),
-    # The installed commands: the scripts, linked into the package, their launchers, and the module
-    # paths the docs gave before the modules moved (conddetr_jax.convert runs checkpoints.convert).
+    # The commands: the scripts (linked into the package), their launchers, and the commands run as
+    # python -m conddetr_jax.<name> (their libraries live in checkpoints/ and data/).
     ("entry points", ENTRY_POINTS + ("conddetr_jax.commands", "conddetr_jax.convert", "conddetr_jax.find_images",
                                      "conddetr_jax.inspect_batches")),
 )

@@ -5,6 +5,7 @@ Every run uses the same tiny config and the test run's JAX compilation cache (te
 so only the first run of each program compiles. Step losses are compared bit for bit: on CPU a run is deterministic.
 """
 
+import glob
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from configs import test_tiny
 from conddetr_jax.training import checkpoint, loop
@@ -112,9 +114,10 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(runs):
-  """The uninterrupted run: its workdir, output and step -> loss."""
+  """The uninterrupted run: its workdir, output and step -> loss. It profiles two steps (the
+  losses do not change: the resumed runs below match them)."""
   workdir = runs.root / "reference"
-  result = runs.run(workdir)
+  result = runs.run(workdir, "--config.profile_steps=2")
   assert result.returncode == 0, result.stdout
   losses = {r["step"]: r["loss"] for r in _train_records(workdir)}
   return workdir, result.stdout, losses
@@ -129,13 +132,26 @@ def test_train_py_writes_metrics_tensorboard_checkpoints_and_evaluates_at_the_en
   keys = {"step", "epoch", "loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "lr", "grad_norm", "images_per_s"}
   assert all(keys <= set(r) for r in train)
   assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)
+  # Speed telemetry: a CPU counts FLOPs but has no bf16 peak, so no MFU (said once on the console).
+  speed = {"images_per_s_per_device", "step_s", "step_s_without_input", "input_wait_share", "tflops_per_device",
+           "compile_s", "eval_s"}
+  assert all(speed <= set(r) and "mfu" not in r for r in train)
+  assert all(r["tflops_per_device"] > 0 and 0 <= r["input_wait_share"] <= 1 for r in train)
+  assert train[0]["compile_s"] > 0 and all(r["step_s_without_input"] <= r["step_s"] for r in train)
+  assert output.count("MFU is not reported") == 1 and "TFLOP/s/device" in output and "input wait" in output
   assert train[-1]["epoch"] == TOTAL_STEPS / 8  # 32 train images / global batch 4
   # lr_drop_epoch=1: the rate drops x0.1 after the first epoch's 8 updates.
   assert [r["lr"] for r in train] == pytest.approx([1e-4] * 8 + [1e-5] * 2)
   evals = [r for r in records if "AP" in r]
   assert len(evals) == 1 and evals[0]["step"] == TOTAL_STEPS and {"AP50", "AR100"} <= set(evals[0])
+  assert evals[0]["eval_images_per_s"] > 0
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "3", "6", "9"]
-  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+  [events] = [workdir / "tensorboard" / n for n in os.listdir(workdir / "tensorboard") if n.startswith("events.out")]
+  tags = {v.tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value}
+  assert {"loss", "tflops_per_device", "input_wait_share", "eval_images_per_s"} <= tags
+  # The profile of steps 2-3, where TensorBoard's profile tab looks for it.
+  assert glob.glob(str(workdir / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert "profiled steps 2-3" in output
   assert f"step {TOTAL_STEPS}/{TOTAL_STEPS}" in output and "img/s" in output and "ETA" in output
   # The console: each compile announced, a closing summary naming the outputs, no library chatter.
   assert output.count("compiling the train step for 64x64 images") == 1 and "compiled the train step" in output

@@ -17,7 +17,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from conddetr_jax.aot import gpu_targets, report
+from conddetr_jax.aot import report
+from conddetr_jax.hardware import gpu_targets
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/r50.py.", lock_config=True)

@@ -1,6 +1,5 @@
 """The compile-only devices of a TPU slice or GPU node, and the figures of their chips."""
 
-import dataclasses
 import importlib.util
 import os
 import sys
@@ -8,27 +7,7 @@ from typing import Any, Sequence
 
 import jax
 
-from conddetr_jax.aot import gpu_targets
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU generation or GPU: ``name`` as in topology names, HBM per chip, dense bf16 peak per chip
-  (None: no bf16 tensor cores, as on a V100)."""
-  name: str
-  hbm_gib: float
-  bf16_tflops: float | None
-
-
-# device_kind -> chip; public figures per chip (Cloud TPU documentation).
-CHIPS = {
-    "TPU v4": Chip("v4", 32, 275),
-    "TPU v5 lite": Chip("v5e", 16, 197),
-    "TPU v5e": Chip("v5e", 16, 197),
-    "TPU v5": Chip("v5p", 95, 459),
-    "TPU v5p": Chip("v5p", 95, 459),
-    "TPU v6 lite": Chip("v6e", 32, 918),
-    "TPU v6e": Chip("v6e", 32, 918),
-}
+from conddetr_jax.hardware import chips, gpu_targets
 
 class CompilerMissingError(RuntimeError):
   """The compiler for the named topology is not installed (the message says how to install it)."""
@@ -164,12 +143,9 @@ def is_gpu(device: Any) -> bool:
   return device.platform in ("gpu", "cuda")
 
 
-def chip_of(device: Any) -> Chip | None:
-  """The chip's figures for a device, or None for a device kind not in ``CHIPS`` nor ``gpu_targets.GPUS``."""
-  gpu = gpu_targets.by_device_kind(device.device_kind)
-  if gpu is not None:
-    return Chip(gpu.name, gpu.memory_gib, gpu.bf16_tflops)
-  return CHIPS.get(device.device_kind)
+def chip_of(device: Any) -> chips.Chip | None:
+  """The chip's figures for a (compile-only or real) device, or None for a kind ``chips`` lacks."""
+  return chips.chip_of_kind(device.device_kind)
 
 
 def devices_per_chip(devices: Sequence[Any]) -> int:

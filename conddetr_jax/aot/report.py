@@ -9,6 +9,7 @@ import numpy as np
 
 from conddetr_jax import data
 from conddetr_jax.aot import devices as devices_lib
+from conddetr_jax.hardware import chips
 from conddetr_jax.aot.compiling import GIB, Compiled, DoesNotFitError, SliceCompiler, gib, search_max_batch
 from conddetr_jax.data import batching
 from conddetr_jax.training import loop
@@ -41,7 +42,7 @@ def default_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   return [tuple(int(v) for v in batching.round_up(np.array(ORIGINAL_LARGEST_SIZE), config.dataset.size_divisibility))]
 
 
-def estimated_images_per_s(chip: devices_lib.Chip | None, flops_per_image: float, utilization: float) -> float | None:
+def estimated_images_per_s(chip: chips.Chip | None, flops_per_image: float, utilization: float) -> float | None:
   """ESTIMATE: images/s per chip if the step's FLOPs ran at ``utilization`` of the bf16 peak."""
   if chip is None or chip.bf16_tflops is None or flops_per_image <= 0:
     return None
@@ -108,7 +109,7 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
       f"{config.eval_per_device_batch_size} images per device")
   compiler = SliceCompiler(config, devices)
   if compiler.gpu:
-    out("FLOPs are the project's counter (conddetr_jax/aot/flops.py: 2 x the multiply-adds of convolutions and matrix "
+    out("FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of convolutions and matrix "
         "products only; the GPU compiler gives no cost analysis); GMAC = GFLOP / 2.")
     out("Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix product a cuBLAS call "
         "(xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without scratch space; a GPU's autotuned program "

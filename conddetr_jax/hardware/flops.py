@@ -6,7 +6,8 @@ batch 1, averaged): it counts one multiply-add as one FLOP, and only convolution
 products (``aten::_convolution``, ``addmm``, ``matmul``, ``bmm``, ``einsum``); elementwise ops,
 softmax, normalisation, pooling and the post-processing count nothing. ``macs`` applies the same
 rule to a jaxpr: it sums the multiply-adds of every ``conv_general_dilated`` and ``dot_general``,
-shapes only, nothing is compiled or run.
+shapes only, nothing is compiled or run. ``cost_analysis`` reads what XLA counted in a compiled
+program instead (a multiply-add is 2 FLOPs; elementwise ops count too).
 """
 
 from typing import Any, Callable
@@ -77,3 +78,12 @@ def macs(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
   """
   counts = jaxpr_macs(jax.make_jaxpr(fn)(*args))
   return dict(counts, total=counts["conv"] + counts["dot"])
+
+
+def cost_analysis(compiled: Any) -> dict[str, float]:
+  """``compiled.cost_analysis()`` as one dict (per device for a partitioned program; empty where
+  the backend counts nothing)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return cost or {}

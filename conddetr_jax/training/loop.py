@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import os
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -20,10 +21,11 @@ from absl import logging
 
 from conddetr_jax import cli, data, models, progress, storage
 from conddetr_jax.checkpoints import weights
+from conddetr_jax.data import coco
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
-from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel
+from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel, telemetry
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
@@ -128,7 +130,7 @@ def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
   if config.init_from and not storage.path(config.init_from).exists():
     raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such file or folder")
   if (config.model.backbone_norm != "frozen_bn" or config.init_from
-      or config.init.get("allow_random_backbone", False)):
+      or config.init.allow_random_backbone):
     return False
   url = IMAGENET_WEIGHTS_URL[config.model.backbone]
   logging.warning(
@@ -185,6 +187,14 @@ def build_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, me
                              keep_ema=config.ema_decay > 0)
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
   return model, abstract_variables, create, parallel.make_parallel(config.parallel, step_fn, mesh)
+
+
+def _profile_dir(workdir: str) -> str:
+  """Where ``config.profile_steps`` traces go: the run's TensorBoard folder, or for a workdir in a
+  bucket a local folder (JAX's profiler writes local files)."""
+  if storage.is_remote(workdir):
+    return os.path.join(tempfile.gettempdir(), "conddetr_jax_profile")
+  return os.path.join(workdir, metrics.TENSORBOARD_DIR)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -247,6 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   del host_state
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  speed = telemetry.Telemetry(jax.devices()[0].device_kind, jax.device_count(), batch_size, config.grad_accum_steps)
+  profiler = telemetry.StepProfiler(_profile_dir(workdir), config.profile_steps, start_step + 1,
+                                    enabled=config.profile_all_processes or jax.process_index() == 0)
   preemption = _PreemptionWatch(checkpointer)
   last_saved = latest
 
@@ -272,9 +285,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.flush()  # a workdir in a bucket: the records a resume will not log again are uploaded
 
   def evaluate(step: int) -> dict[str, float]:
+    start = time.perf_counter()
     variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
     results = coco_eval.evaluate(config, model, variables, mesh, step=step)
-    writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results})
+    seconds = time.perf_counter() - start
+    speed.eval_s += seconds
+    images_per_s = len(coco.load_split(config, "val")) / seconds
+    writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results, "eval_s": seconds,
+                        "eval_images_per_s": images_per_s})
     writer.flush()  # not left to the next upload: an evaluation is rare and costly to redo
     of_average = " of the weights' moving average" if config.ema_decay > 0 and config.evaluation.use_ema else ""
     logging.info("eval at step %d%s: %s (all 12 in %s)", step, of_average, cli.format_metrics(results),
@@ -292,22 +310,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       par.step, par.compile,
       synchronize=lambda name: distributed.wait_for_all_processes(f"conddetr_jax_compiled_{name}"))
   prediction_paths = []
-  window, window_start = [], time.time()
+  window, window_start, input_wait = [], time.time(), 0.0
   try:
     for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = train_step(state, next(batches))
+      waited_from = time.perf_counter()
+      batch = next(batches)
+      input_wait += time.perf_counter() - waited_from
+      profiler.before_step(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, step_metrics = train_step(state, batch)
+      profiler.after_step(step, state)
       window.append(par.local(step_metrics))
       is_last = step == total_steps
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         train_scalars = _mean_metrics(window)
-        elapsed = time.time() - window_start - train_step.take_compile_seconds()  # step time only
-        train_scalars.update(epoch=round(step / steps_per_epoch, 4),
-                             images_per_s=batch_size * len(window) / elapsed,
-                             skipped_updates=host_scalar(state.nonfinite_count))
+        compile_s = train_step.take_compile_seconds()
+        speed.compile_s += compile_s
+        elapsed = time.time() - window_start - compile_s  # step time only
+        train_scalars.update(epoch=round(step / steps_per_epoch, 4), skipped_updates=host_scalar(state.nonfinite_count),
+                             **speed.window(len(window), elapsed, input_wait, train_step.take_flops()))
         writer.write(step, train_scalars)
         metrics.log_progress(step, total_steps, train_scalars, (total_steps - step) * elapsed / len(window))
-        window, window_start = [], time.time()
+        window, window_start, input_wait = [], time.time(), 0.0
         check_finite()
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         save(step)
@@ -316,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         break
       if _eval_due(config, step, steps_per_epoch) and not is_last:
         eval_scalars = evaluate(step)
-        window_start = time.time()  # evaluation time is not training throughput
+        window_start, input_wait = time.time(), 0.0  # evaluation time is not training throughput
     else:
       save(total_steps)
       # Every process reads the record: the workdir is shared, as its checkpoints need it to be, so
@@ -335,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                               storage.path(workdir) / PREDICTIONS_DIR,
                                                               config.evaluation.prediction_images)
   finally:
+    profiler.close(state)
     preemption.close()
     checkpointer.close()
     writer.close()

@@ -131,6 +131,14 @@ def format_eta(seconds: float) -> str:
 
 
 def log_progress(step: int, total_steps: int, scalars: Mapping[str, float], eta_s: float) -> None:
-  """The console's progress line: step/total, loss, learning rate, images/s and ETA."""
-  logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  ETA %s", step, total_steps,
-               scalars["loss"], scalars["lr"], scalars["grad_norm"], scalars["images_per_s"], format_eta(eta_s))
+  """The console's progress line: step/total, loss, learning rate, images/s, the share of time
+  spent waiting for input, TFLOP/s per device and MFU where known (``telemetry``), and ETA."""
+  speed = f"{scalars['images_per_s']:.1f} img/s"
+  if "input_wait_share" in scalars:
+    speed += f"  input wait {scalars['input_wait_share']:.0%}"
+  if "tflops_per_device" in scalars:
+    speed += f"  {scalars['tflops_per_device']:.3g} TFLOP/s/device"
+  if "mfu" in scalars:
+    speed += f"  MFU {scalars['mfu']:.1%}"
+  logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s  ETA %s", step, total_steps, scalars["loss"],
+               scalars["lr"], scalars["grad_norm"], speed, format_eta(eta_s))

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from conddetr_jax.hardware import flops
 from conddetr_jax.sharding import DATA_AXIS, batch_sharding, replicated
 from conddetr_jax.training.state import TrainState
 
@@ -38,14 +39,16 @@ class _Parallel:
     leading local-device axis under pmap (``local`` takes it off)."""
     return self._step(state, batch)
 
-  def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> None:
-    """Compiles the step for the shapes of ``state`` and ``batch`` without running it.
+  def compile(self, state: TrainState, batch: dict[str, jax.Array]) -> float | None:
+    """Compiles the step for the shapes of ``state`` and ``batch`` without running it; returns its
+    FLOPs per device (XLA's ``cost_analysis``), or None where the backend counts none.
 
     The next ``step`` on those shapes runs the program compiled here: JAX keeps it with the
     jitted function (pmap's too, a jit of a shard_map). Calling the compiled object instead would
     not work for pmap on several processes, which JAX's ``lower`` leaves to global shapes.
     """
-    self._step.lower(state, batch).compile()
+    counted = flops.cost_analysis(self._step.lower(state, batch).compile()).get("flops")
+    return float(counted) if counted and counted > 0 else None
 
 
 class JitParallel(_Parallel):
