@@ -11,7 +11,8 @@ import ml_collections
 from absl import logging
 
 from conddetr_jax import sharding
-from conddetr_jax.aot import batch_search, devices as devices_lib, flops, hlo
+from conddetr_jax.aot import batch_search, devices as devices_lib, hlo
+from conddetr_jax.hardware import flops
 from conddetr_jax.data import batch_spec
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import loop
@@ -54,14 +55,6 @@ class Compiled:
   def peak_bytes(self) -> int:
     """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at once."""
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-
-def cost_analysis(compiled: Any) -> dict[str, float]:
-  """``compiled.cost_analysis()`` as one dict (per device for a partitioned program)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return cost or {}
 
 
 class DoesNotFitError(RuntimeError):
@@ -153,7 +146,7 @@ def compile_lowered(lower: Callable[[], Any], compiler_options: dict[str, Any] |
   mem = compiled.memory_analysis()
   return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                   alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                  code_bytes=mem.generated_code_size_in_bytes, flops=float(cost_analysis(compiled).get("flops", 0.0)),
+                  code_bytes=mem.generated_code_size_in_bytes, flops=float(flops.cost_analysis(compiled).get("flops", 0.0)),
                   collectives=hlo.collectives(compiled.as_text()), executable=compiled)
 
 
@@ -182,8 +175,9 @@ class SliceCompiler:
     # The schedule's steps per epoch only moves the LR drop: it changes no shape or op.
     self.model, abstract_variables, create, self.par = loop.build_train_step(config, 1000, self.mesh)
     replicated = sharding.replicated(self.mesh)
+    self.replicated = replicated
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
-    self._variables = _replicated_shapes(abstract_variables, replicated)
+    self.variables = _replicated_shapes(abstract_variables, replicated)
     self.gpu = devices_lib.is_gpu(devices[0])
     self._options = devices_lib.gpu_compiler_options() if self.gpu else None
 
@@ -191,15 +185,17 @@ class SliceCompiler:
   def devices(self) -> int:
     return self.mesh.size
 
-  def _train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
+  def train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
+    """The train step's abstract (state, batch) for ``per_device_batch`` images of ``hw`` per device."""
     fields = batch_spec.train_batch(per_device_batch * self.devices, hw, self.config.dataset.max_boxes)
     return self._state, abstract_batch(fields, self.par.batch_sharding)
 
   def _eval_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
     fields = batch_spec.eval_batch(per_device_batch * self.devices, hw)
-    return self._variables, abstract_batch(fields, sharding.batch_sharding(self.mesh))
+    return self.variables, abstract_batch(fields, sharding.batch_sharding(self.mesh))
 
-  def _compile(self, lower: Callable[[], Any]) -> Compiled:
+  def compile(self, lower: Callable[[], Any]) -> Compiled:
+    """``compile_lowered`` with this target's options; a GPU compile's failure as one line."""
     try:
       return compile_lowered(lower, self._options)
     except DoesNotFitError:
@@ -215,19 +211,19 @@ class SliceCompiler:
     Raises:
       DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed otherwise.
     """
-    state, batch = self._train_args(per_device_batch, hw)
-    return self._compile(lambda: self.par.lower(state, batch))
+    state, batch = self.train_args(per_device_batch, hw)
+    return self.compile(lambda: self.par.lower(state, batch))
 
   def eval(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
     """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per device."""
     variables, batch = self._eval_args(per_device_batch, hw)
     k = coco_eval.top_k(self.config)
-    return self._compile(lambda: coco_eval.predict_batch.lower(variables, batch, model=self.model, k=k))
+    return self.compile(lambda: coco_eval.predict_batch.lower(variables, batch, model=self.model, k=k))
 
   def train_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
     """Multiply-adds of one train step per image by the project's counter (``flops.macs``: convolutions
     and matrix products of the forward, backward and matcher; nothing else): traced, not compiled."""
-    return flops.macs(self.par.step, *self._train_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
+    return flops.macs(self.par.step, *self.train_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
 
   def eval_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
     """``train_macs_per_image`` for the evaluation program."""
