@@ -47,6 +47,11 @@ class ConditionalDETR(nn.Module):
 
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
+
+  ``cross_attention_layer`` (None by default: off) names the conditional decoder layer whose
+  cross-attention is sown into ``intermediates`` when that collection is collected: the weights
+  and logits the model uses and their content and spatial parts (``ConditionalDecoderLayer``;
+  read by ``conddetr_jax.attention_maps``). Parameters are the same either way.
   """
   backbone: str = "resnet50"
   dilation: bool = False
@@ -69,6 +74,7 @@ class ConditionalDETR(nn.Module):
   attention: str = "dense"  # attention.IMPLEMENTATIONS, for every attention of the transformer
   attention_block_size: int = 512  # keys per block of the blockwise attention
   remat: str = "none"  # transformer.REMAT: what the transformer layers recompute in the backward pass
+  cross_attention_layer: int | None = None  # decoder layer whose cross-attention is sown; None: off
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -103,10 +109,14 @@ class ConditionalDETR(nn.Module):
         query_embed, groups = jnp.concatenate([query_embed, extra]), self.num_groups
     query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (batch,) + query_embed.shape)
     if self.decoder == "detr":
+      if self.cross_attention_layer is not None:
+        raise ValueError("cross_attention_layer: the DETR decoder has no conditional spatial query")
       hidden = DetrDecoder(self.dec_layers, *stack_args, name="decoder")(memory, mask, pos, query_pos, train, groups)
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(self.dec_layers, *stack_args, name="decoder")(
+      decoder = ConditionalDecoder(self.dec_layers, *stack_args,
+                                   record_layer=self.cross_attention_layer, name="decoder")
+      hidden, reference = decoder(
           memory, mask, pos, query_pos, train, groups)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
