@@ -310,7 +310,8 @@ def run_reference(ref: Reference, images_nhwc: np.ndarray,
   }
 
 
-def cross_attention_weights(ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray) -> np.ndarray:
+def cross_attention_weights(ref: Reference, images_nhwc: np.ndarray,
+                            pad_mask: np.ndarray) -> np.ndarray:
   """Each decoder layer's cross-attention weights, as HF returns them with `output_attentions=True`.
 
   Args:

@@ -37,8 +37,8 @@ def _parts(sown: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """A recording layer's intermediates -> part -> (logits, weights), each (B, heads, Q, L)."""
   combined = sown["cross_attn"]
   return {"combined": (np.asarray(combined["logits"][0]), np.asarray(combined["weights"][0])),
-          "content": (np.asarray(sown["content_logits"][0]), np.asarray(sown["content_weights"][0])),
-          "spatial": (np.asarray(sown["spatial_logits"][0]), np.asarray(sown["spatial_weights"][0]))}
+          **{part: (np.asarray(sown[f"{part}_logits"][0]), np.asarray(sown[f"{part}_weights"][0]))
+             for part in ("content", "spatial")}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,8 +105,8 @@ def test_each_part_is_its_own_softmax_over_the_valid_keys():
     assert (weights[np.broadcast_to(padded, weights.shape)] == 0).all(), part
     shifted = np.where(padded, -np.inf, logits.astype(np.float64))
     shifted = np.exp(shifted - shifted.max(axis=-1, keepdims=True))
-    np.testing.assert_allclose(weights, shifted / shifted.sum(axis=-1, keepdims=True), rtol=0, atol=1e-6,
-                               err_msg=part)
+    np.testing.assert_allclose(weights, shifted / shifted.sum(axis=-1, keepdims=True), rtol=0,
+                               atol=1e-6, err_msg=part)
 
 
 def _lowered_texts(config, model) -> tuple[str, str, str]:
@@ -122,7 +122,8 @@ def _lowered_texts(config, model) -> tuple[str, str, str]:
 
   evaluate = jax.jit(lambda v: model.apply(v, image, mask, train=False)).lower(variables)
   train = jax.jit(jax.grad(loss)).lower(variables["params"])
-  collect = jax.jit(lambda v: model.apply(v, image, mask, mutable=["intermediates"])).lower(variables)
+  collect = jax.jit(lambda v: model.apply(v, image, mask, mutable=["intermediates"]))
+  collect = collect.lower(variables)
   return evaluate.as_text(), train.as_text(), collect.as_text()
 
 
@@ -132,7 +133,8 @@ def test_the_train_and_eval_programs_are_unchanged_unless_the_maps_are_collected
   plain = models.build_model(config)
   assert plain.cross_attention_layer is None  # off by default
   plain_eval, plain_train, plain_collect = _lowered_texts(config, plain)
-  asked_eval, asked_train, asked_collect = _lowered_texts(config, plain.clone(cross_attention_layer=-1))
+  asked = plain.clone(cross_attention_layer=-1)
+  asked_eval, asked_train, asked_collect = _lowered_texts(config, asked)
   assert asked_eval == plain_eval
   assert asked_train == plain_train
   assert asked_collect != plain_collect  # where the maps are collected, the program has them
@@ -145,7 +147,8 @@ def test_collecting_the_maps_leaves_the_detections_as_they_are():
   image = jax.random.normal(jax.random.PRNGKey(2), (1, 64, 64, 3))
   mask = jnp.zeros((1, 64, 64), bool).at[:, :, 40:].set(True)
   out = plain.apply(variables, image, mask)
-  recording, _ = plain.clone(cross_attention_layer=0).apply(variables, image, mask, mutable=["intermediates"])
+  recording, _ = plain.clone(cross_attention_layer=0).apply(variables, image, mask,
+                                                            mutable=["intermediates"])
   for name in ("pred_logits", "pred_boxes"):
     np.testing.assert_allclose(recording[name], out[name], rtol=1e-6, atol=1e-6)
 
@@ -168,7 +171,8 @@ def test_upsampling_puts_each_cell_s_value_at_its_centre_in_the_image_s_pixels()
   # Cells of 10 x 20 pixels; the image (25 x 70) ends inside the last row and column of cells.
   maps = attention_maps.upsample(cells, (25, 70), (10.0, 20.0))
   assert maps.shape == (1, 25, 70)
-  assert np.unravel_index(maps[0].argmax(), maps[0].shape) in {(14, 49), (14, 50), (15, 49), (15, 50)}
+  peak = np.unravel_index(maps[0].argmax(), maps[0].shape)
+  assert peak in {(14, 49), (14, 50), (15, 49), (15, 50)}
   assert maps[0, :, :30].max() == 0 and maps[0, 24, :].max() < maps[0, 15, 50]
 
 
@@ -203,7 +207,8 @@ def test_detector_attention_gives_each_detection_s_maps_over_the_image(checkpoin
       np.testing.assert_allclose(det.weights[part].sum(axis=(1, 2)), 1.0, rtol=1e-5)
       assert det.maps(part).shape == (config.model.nheads, 70, 110)
   first = detector.attention(photo, layer=0)[0]
-  assert first.layer == 0 and not np.allclose(first.weights["spatial"], detections[0].weights["spatial"])
+  assert first.layer == 0
+  assert not np.allclose(first.weights["spatial"], detections[0].weights["spatial"])
 
 
 def test_predict_attention_writes_a_png_and_the_raw_maps_per_detection(checkpoint, tmp_path):
