@@ -2,7 +2,10 @@ r"""Draws a checkpoint's detections on image files.
 
   python predict.py --config=configs/r50.py --checkpoint=PATH --out=DIR [--threshold=0.5] IMAGE...
 
-Writes ``DIR/<image name>.png`` (boxes, class names and scores) and ``DIR/detections.json``.
+Writes ``DIR/<image name>.png`` (boxes, class names and scores) and ``DIR/detections.json``; with
+--attention, also ``DIR/<image name>_attention_<i>.png`` and ``.npz`` per detection: its query's
+cross-attention maps per head (spatial, content, combined) in one decoder layer
+(docs/attention-maps.md).
 PATH is anything eval.py accepts. Class names come from the dataset's json when it is at hand,
 else COCO's for a 91-class model.
 """
@@ -26,6 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs and detections.json.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Lowest score drawn and listed.")
+_ATTENTION = flags.DEFINE_bool("attention", False,
+                               "Also draw each detection's cross-attention maps per head (PNG) and "
+                               "save them (.npz).")
+_ATTENTION_LAYER = flags.DEFINE_integer("attention_layer", -1,
+                                        "The decoder layer of --attention (-1: the last).")
 flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
 
@@ -37,12 +45,16 @@ def main(argv):
   variables, _ = weights.load_variables(config, _CHECKPOINT.value)
   logging.info("detecting objects in %d images (each new image size compiles the model first)...", len(images))
   records = prediction.predict_files(config, models.build_model(config), variables, images, _OUT.value,
-                                     _THRESHOLD.value)
+                                     _THRESHOLD.value,
+                                     _ATTENTION_LAYER.value if _ATTENTION.value else None)
   for record in records:
     print(prediction.describe_record(record, _THRESHOLD.value))
+  files = {"drawings": storage.join(_OUT.value, "*.png"),
+           "detections": storage.join(_OUT.value, coco_eval.DETECTIONS_FILE)}
+  if _ATTENTION.value:
+    files["attention maps"] = storage.join(_OUT.value, "*_attention_*.png (and .npz)")
   cli.print_summary(f"Drew the detections scoring >= {_THRESHOLD.value} on {len(records)} images",
-                    {"drawings": storage.join(_OUT.value, "*.png"),
-                     "detections": storage.join(_OUT.value, coco_eval.DETECTIONS_FILE)})
+                    files)
 
 
 if __name__ == "__main__":

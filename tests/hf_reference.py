@@ -310,6 +310,26 @@ def run_reference(ref: Reference, images_nhwc: np.ndarray,
   }
 
 
+def cross_attention_weights(ref: Reference, images_nhwc: np.ndarray,
+                            pad_mask: np.ndarray) -> np.ndarray:
+  """Each decoder layer's cross-attention weights, as HF returns them with `output_attentions=True`.
+
+  Args:
+    ref: from `build_reference`.
+    images_nhwc: (B, H, W, 3) float32, already ImageNet-normalised, zero on padding.
+    pad_mask: (B, H, W) bool, True on padded pixels.
+
+  Returns:
+    (L, B, heads, Q, h*w) float32: softmax weights over the feature map's cells in row-major
+    order (HF's `cross_attentions`, the softmax before dropout).
+  """
+  pixel_values = torch.from_numpy(np.asarray(images_nhwc, np.float32)).permute(0, 3, 1, 2)
+  pixel_mask = torch.from_numpy(~np.asarray(pad_mask, bool)).long()
+  with torch.no_grad():
+    outputs = ref.model(pixel_values=pixel_values, pixel_mask=pixel_mask, output_attentions=True)
+  return np.stack([a.detach().numpy().astype(np.float32) for a in outputs.cross_attentions])
+
+
 def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
   """Applies the first rule whose pattern matches `key`; None when none does."""
   for pattern, replacement in rules:

@@ -1,5 +1,6 @@
 """The recipes' global batch (16, the original's) is kept on any device count, or the run stops
-naming the numbers to set; a run whose batch is not 16 says so."""
+naming the numbers to set; a run whose batch is not 16 says so. Accumulation steps set explicitly
+are taken as set, and every plan is per device x devices x steps = the global batch."""
 
 import pytest
 
@@ -56,3 +57,65 @@ def test_a_batch_that_is_not_the_recipe_s_says_so_in_one_line():
   line = batch_lib.departure_from_recipe(tiny, batch_lib.plan_batch(tiny, 2))
   assert line.startswith("global batch 4 (config.global_batch_size=0: per_device_batch_size x devices x "
                          "grad_accum_steps), not the original recipe's 16") and "\n" not in line
+
+
+@pytest.mark.parametrize("global_batch, accum, devices, plan", [
+    (16, 2, 1, batch_lib.BatchPlan(16, 8, 1, 2)),  # K as set: 8 per device, over the cap of 2
+    (16, 2, 4, batch_lib.BatchPlan(16, 2, 4, 2)),
+    (16, 4, 4, batch_lib.BatchPlan(16, 1, 4, 4)),
+    (16, 1, 8, batch_lib.BatchPlan(16, 2, 8, 1)),
+    (32, 2, 8, batch_lib.BatchPlan(32, 2, 8, 2)),
+    (0, 3, 4, batch_lib.BatchPlan(24, 2, 4, 3)),  # no global batch: 2 per device x 4 x 3 steps
+    (0, 0, 2, batch_lib.BatchPlan(4, 2, 2, 1)),  # ... and 0 steps count as 1
+])
+def test_explicit_accumulation_steps_are_taken_as_set(global_batch, accum, devices, plan):
+  config = r50.get_config()
+  config.update(global_batch_size=global_batch, grad_accum_steps=accum)
+  assert batch_lib.plan_batch(config, devices) == plan
+
+
+@pytest.mark.parametrize("global_batch", [0, 8, 16, 24, 48])
+@pytest.mark.parametrize("accum", [0, 1, 2, 3, 4])
+def test_per_device_times_devices_times_steps_is_the_global_batch(global_batch, accum):
+  config = r50.get_config()
+  config.update(global_batch_size=global_batch, grad_accum_steps=accum)
+  for per_device in (1, 2, 3):
+    config.per_device_batch_size = per_device
+    for devices in range(1, 17):
+      # A global batch must split evenly over the devices, and over their steps when those are set.
+      splits = not global_batch or global_batch % (devices * max(accum, 1)) == 0
+      if not splits:
+        with pytest.raises(ValueError, match=f"config.global_batch_size={global_batch} "):
+          batch_lib.plan_batch(config, devices)
+        continue
+      plan = batch_lib.plan_batch(config, devices)
+      assert plan.per_device * plan.devices * plan.accum_steps == plan.global_batch
+      assert plan.devices == devices
+      assert plan.global_batch == (global_batch or per_device * devices * max(accum, 1))
+      if accum:
+        assert plan.accum_steps == accum
+      else:  # derived: the largest micro-batch within the cap, so the fewest steps
+        assert plan.per_device <= per_device
+        share = plan.global_batch // devices
+        assert all(share % m for m in range(plan.per_device + 1, per_device + 1))
+
+
+@pytest.mark.parametrize("overrides, devices, message", [
+    (dict(grad_accum_steps=2), 3,
+     r"^config.global_batch_size=16 is not divisible by the number of devices \(3\) x "
+     r"config.grad_accum_steps \(2\): each device takes an equal share of every micro-batch; "
+     r"set --config.grad_accum_steps=0 to derive it$"),
+    (dict(grad_accum_steps=3), 1,
+     r"^config.global_batch_size=16 is not divisible by .* \(1\) x .* \(3\)"),
+    (dict(grad_accum_steps=-1), 1,
+     r"^config.grad_accum_steps=-1: must be >= 1, or 0 to derive it from the global batch$"),
+    (dict(per_device_batch_size=0), 1, r"^config.per_device_batch_size=0: must be >= 1$"),
+    (dict(global_batch_size=0, per_device_batch_size=0), 1,
+     r"^config.per_device_batch_size=0: must be >= 1$"),
+])
+def test_a_field_out_of_range_or_steps_that_do_not_split_the_batch_stops_in_one_line(
+    overrides, devices, message):
+  config = r50.get_config()
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    batch_lib.plan_batch(config, devices)

@@ -3,8 +3,9 @@
   import conddetr_jax
   detector = conddetr_jax.load_detector("demo", "/tmp/conddetr_demo")
   boxes, scores, labels = detector("photo.jpg")
+  maps = detector.attention("photo.jpg")  # where each detection's query looked, per head
 
-The detections are predict.py's (``evaluation.detect_image``): the same resizing, model and
+The detections are predict.py's (``coco_eval.detect_image``): the same resizing, model and
 post-processing; the weights are read as eval.py reads them (``weights.load_variables``).
 """
 
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from conddetr_jax.inference import attention_maps
 from conddetr_jax import configs
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.data import image_files
@@ -86,7 +88,7 @@ class Detector:
     """The class name of a category id (``class <id>`` when the dataset names none), as drawn."""
     return visualize.class_name(int(label), self.class_names)
 
-  def _detect(self, image: ImageLike) -> Detections:
+  def _prepare(self, image: ImageLike) -> image_files.LoadedImage:
     if isinstance(image, (str, os.PathLike)):
       pixels = image_files.read_image(os.fspath(image))
     elif isinstance(image, Image.Image):
@@ -95,7 +97,10 @@ class Detector:
       pixels = np.asarray(image)
       if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"an image array must be (h, w, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}")
-    loaded = image_files.prepare_image(pixels, self.config)
+    return image_files.prepare_image(pixels, self.config)
+
+  def _detect(self, image: ImageLike) -> Detections:
+    loaded = self._prepare(image)
     dets = coco_eval.detect_image(self._variables, loaded, model=self._model, k=coco_eval.top_k(self.config))
     keep = dets["scores"] >= self.threshold
     return Detections(boxes=dets["boxes"][keep].astype(np.float32), scores=dets["scores"][keep].astype(np.float32),
@@ -110,6 +115,19 @@ class Detector:
     if isinstance(images, (list, tuple)):
       return [self._detect(image) for image in images]
     return self._detect(images)
+
+  def attention(self, image: ImageLike, layer: int = -1) -> list[attention_maps.DetectionAttention]:
+    """For each detection of ``image`` scoring at least the threshold (best first), its query's
+    cross-attention in decoder ``layer`` (default the last): per head, the spatial, content and
+    combined weights on the feature cells, ``.maps(part)`` over the image's pixels, the reference
+    point (``attention_maps.DetectionAttention``); ``attention_maps.write_files`` draws them.
+
+    Raises:
+      FileNotFoundError, ValueError: as ``__call__``; a layer the decoder does not have.
+    """
+    return attention_maps.detection_attention(
+        self._model, self._variables, self._prepare(image), k=coco_eval.top_k(self.config),
+        threshold=self.threshold, layer=layer)
 
 
 def load_detector(config: str | ml_collections.ConfigDict, checkpoint: str,

@@ -9,6 +9,7 @@ from absl import logging
 import flax
 import ml_collections
 
+from conddetr_jax.inference import attention_maps
 from conddetr_jax import data
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.data import image_files
@@ -59,8 +60,13 @@ def _output_stems(paths: Sequence[str]) -> list[str]:
 
 
 def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, variables: Any,
-                  paths: Sequence[str], out_dir: str, threshold: float) -> list[dict[str, Any]]:
+                  paths: Sequence[str], out_dir: str, threshold: float,
+                  attention_layer: int | None = None) -> list[dict[str, Any]]:
   """Detects objects in image files; writes ``out_dir/<stem>.png`` and ``out_dir/detections.json``.
+
+  With ``attention_layer`` (a decoder layer; -1 the last), also each kept detection's
+  cross-attention maps in that layer: ``out_dir/<stem>_attention_<i>.png`` and ``.npz``
+  (``attention_maps``).
 
   Images smaller than ``visualize.MIN_DRAWN_SIDE`` are drawn enlarged; the json's boxes are in the
   file's own pixels.
@@ -68,17 +74,19 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
   Every image is read before the model runs, so a bad file fails fast, naming it.
 
   Args:
-    config: the run config (model, dataset sizes, ``evaluation.top_k``).
+    config: the run config (model, dataset sizes, ``coco_eval.top_k``).
     model: the detector.
     variables: its ``{'params', 'batch_stats'}``.
     paths: image files.
     out_dir: output folder (created).
     threshold: lowest score kept (in the PNGs and the json).
+    attention_layer: the decoder layer whose attention maps are written; None: none.
 
   Returns:
     One record per image, as written to the json: ``{"file", "png", "width", "height", "best_score",
     "detections": [{"label", "name", "score", "box_xyxy"}, ...]}`` (boxes in the file's pixels,
-    sorted by decreasing score; ``best_score``: the highest score, kept or not).
+    sorted by decreasing score; ``best_score``: the highest score, kept or not), and with
+    ``attention_layer`` ``"attention": [{"png", "npz"}, ...]``, one per kept detection.
   """
   storage.check_reachable(out_dir, "--out")
   images = [image_files.load_image(p, config) for p in paths]
@@ -93,14 +101,20 @@ def predict_files(config: ml_collections.ConfigDict, model: flax.linen.Module, v
     visualize.save_detections_png(png, loaded.pixels, boxes, scores, labels, names, threshold,
                                   scale=visualize.enlargement(*loaded.pixels.shape[:2]))
     keep = scores >= threshold
-    records.append({
+    record = {
         "file": storage.display(path), "png": storage.display(png),
         "height": int(loaded.orig_size[0, 0]), "width": int(loaded.orig_size[0, 1]),
         "best_score": float(scores[0]) if len(scores) else 0.0,
         "detections": [{"label": int(c), "name": visualize.class_name(c, names),
                         "score": float(s), "box_xyxy": [float(v) for v in b]}
                        for c, s, b in zip(labels[keep], scores[keep], boxes[keep])],
-    })
+    }
+    if attention_layer is not None:
+      kept = attention_maps.detection_attention(
+          model, variables, loaded, k=coco_eval.top_k(config), threshold=threshold,
+          layer=attention_layer)
+      record["attention"] = attention_maps.write_files(out_dir, stem, loaded.pixels, kept, names)
+    records.append(record)
   storage.write_bytes(out / coco_eval.DETECTIONS_FILE, json.dumps(records, indent=1).encode())
   return records
 

@@ -106,6 +106,20 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_ma
   return jnp.moveaxis(acc / row_sum[..., None], 1, 2).astype(v.dtype)
 
 
+def head_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Per-head dot products: q (B, Lq, heads, D), already scaled; k (B, Lk, heads, D) ->
+  (B, heads, Lq, Lk) float32."""
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+
+
+def masked_softmax(logits: jax.Array, key_padding_mask: jax.Array | None) -> jax.Array:
+  """Softmax over the last axis of (B, heads, Lq, Lk) float32 logits with the padded keys
+  (``key_padding_mask`` (B, Lk) True on padding) at finfo.min, so that they get weight 0."""
+  if key_padding_mask is not None:
+    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 class MultiHeadAttention(nn.Module):
   """Attention over pre-projected q, k, v with an output projection ``out_proj`` (d_v -> d_v).
 
@@ -124,6 +138,9 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = "dense"
   block_size: int = 512
+  # True: sow the (B, heads, Lq, Lk) float32 ``logits`` (before the padding mask) and ``weights``
+  # (the softmax, before dropout) into ``intermediates``; only the dense implementation has them.
+  record: bool = False
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
@@ -152,10 +169,11 @@ class MultiHeadAttention(nn.Module):
                                 self.dropout if dropping else 0.0,
                                 self.make_rng("dropout") if dropping else None)
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-      if key_padding_mask is not None:
-        logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
-      weights = jax.nn.softmax(logits, axis=-1)
+      logits = head_logits(q, k)
+      weights = masked_softmax(logits, key_padding_mask)
+      if self.record:
+        self.sow("intermediates", "logits", logits)
+        self.sow("intermediates", "weights", weights)
       weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = out.reshape(batch, len_q, d_v)

@@ -89,8 +89,14 @@ class ConditionalDETR(nn.Module):
 
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
+
+  ``cross_attention_layer`` (None by default: off) names the conditional decoder layer whose
+  cross-attention is sown into ``intermediates`` when that collection is collected: the weights
+  and logits the model uses and their content and spatial parts (``ConditionalDecoderLayer``;
+  read by ``inference.attention_maps``). Parameters are the same either way.
   """
   config: DetectorConfig
+  cross_attention_layer: int | None = None  # decoder layer whose cross-attention is sown; None: off
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
@@ -124,11 +130,14 @@ class ConditionalDETR(nn.Module):
         query_embed, groups = jnp.concatenate([query_embed, extra]), c.num_groups
     query_pos = jnp.broadcast_to(query_embed.astype(dtype), (batch,) + query_embed.shape)
     if c.decoder == "detr":
+      if self.cross_attention_layer is not None:
+        raise ValueError("cross_attention_layer: the DETR decoder has no conditional spatial query")
       hidden = DetrDecoder(transformer, c.dec_layers, groups, name="decoder")(memory, mask, pos, query_pos)
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(transformer, c.dec_layers, groups, name="decoder")(
-          memory, mask, pos, query_pos)
+      decoder = ConditionalDecoder(transformer, c.dec_layers, groups, record_layer=self.cross_attention_layer,
+                                   name="decoder")
+      hidden, reference = decoder(memory, mask, pos, query_pos)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
       self.sow("intermediates", "reference_points", reference)

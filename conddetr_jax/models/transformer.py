@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from conddetr_jax.models import initializers
-from conddetr_jax.models.attention import MultiHeadAttention
+from conddetr_jax.models.attention import MultiHeadAttention, head_logits, masked_softmax
 from conddetr_jax.models.position import sine_embedding_of_points
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
@@ -77,10 +77,13 @@ class TransformerConfig:
   remat: str
   deterministic: bool = True
 
-  def attend(self, name: str, in_proj: bool = False) -> MultiHeadAttention:
-    """An attention submodule ``name`` of the layer being built (see ``MultiHeadAttention``)."""
+  def attend(self, name: str, in_proj: bool = False, record: bool = False) -> MultiHeadAttention:
+    """An attention submodule ``name`` of the layer being built (see ``MultiHeadAttention``);
+    ``record`` sows its logits and weights, which only the dense implementation materialises, so
+    it runs dense then."""
     return MultiHeadAttention(self.nhead, self.dropout, in_proj=in_proj, dtype=self.dtype,
-                              implementation=self.attention, block_size=self.attention_block_size, name=name)
+                              implementation="dense" if record else self.attention,
+                              block_size=self.attention_block_size, record=record, name=name)
 
   def drop(self, x: jax.Array) -> jax.Array:
     """The layers' residual dropout (identity when ``deterministic``)."""
@@ -181,10 +184,15 @@ class ConditionalDecoderLayer(nn.Module):
   query_pos to the content query and the memory pos to the content key (``ca_qpos_proj``).
   With ``num_groups`` K, the queries are K groups that self-attend within their group only
   (``attend_within_groups``).
+
+  With ``record_attention``, a call whose ``intermediates`` collection is mutable sows the
+  cross-attention split as the paper's Figure 1 splits it (``_sow_content_and_spatial``), and
+  ``cross_attn`` sows the logits and weights the layer uses; otherwise nothing is computed for it.
   """
   config: TransformerConfig
   is_first: bool
   num_groups: int = 1
+  record_attention: bool = False
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
@@ -217,10 +225,32 @@ class ConditionalDecoderLayer(nn.Module):
 
     q = per_head_concat(q_content, q_sine)
     k = per_head_concat(k_content, k_pos)
-    tgt2 = c.attend("cross_attn")(q, k, v, memory_mask, train=train)
+    # Train and eval programs never collect intermediates: they trace none of this.
+    record = self.record_attention and self.is_mutable_collection("intermediates")
+    if record:
+      self._sow_content_and_spatial(q_content, k_content, q_sine, k_pos, memory_mask)
+    tgt2 = c.attend("cross_attn", record=record)(q, k, v, memory_mask, train=train)
     tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
     tgt2 = FeedForward(c, name="ffn")(tgt)
     return layer_norm("norm3")(tgt + c.drop(tgt2))
+
+  def _sow_content_and_spatial(self, q_content: jax.Array, k_content: jax.Array,
+                               q_spatial: jax.Array, k_pos: jax.Array, memory_mask: jax.Array
+                               ) -> None:
+    """Sows the two parts of the cross-attention, each (B, heads, Q, L) float32.
+
+    ``content_logits`` (q_content_h . k_content_h) and ``spatial_logits`` (the conditional spatial
+    query's q_spatial_h . k_pos_h) are scaled as the attention scales their per-head concatenation,
+    so they sum to its logits; ``content_weights`` and ``spatial_weights`` are each part's own
+    softmax over the valid keys (``memory_mask`` (B, L) True on padding).
+    """
+    h = self.config.nhead
+    heads = lambda x: x.reshape(x.shape[:2] + (h, x.shape[-1] // h))
+    scale = (2 * self.config.d_model // h) ** -0.5  # the concatenated head's width, as the attention's
+    for part, (q, k) in (("content", (q_content, k_content)), ("spatial", (q_spatial, k_pos))):
+      logits = head_logits(heads(q) * scale, heads(k))
+      self.sow("intermediates", f"{part}_logits", logits)
+      self.sow("intermediates", f"{part}_weights", masked_softmax(logits, memory_mask))
 
 
 class ConditionalDecoder(nn.Module):
@@ -233,6 +263,9 @@ class ConditionalDecoder(nn.Module):
   config: TransformerConfig
   num_layers: int
   num_groups: int = 1  # groups of queries (see ``attend_within_groups``)
+  # The layer that sows its cross-attention (``ConditionalDecoderLayer.record_attention``);
+  # negative: counted from the last; None: none.
+  record_layer: int | None = None
 
   @nn.compact
   def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
@@ -248,10 +281,15 @@ class ConditionalDecoder(nn.Module):
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
     layer_cls = remat_layer(ConditionalDecoderLayer, self.config.remat)
-    for i in range(self.num_layers):
+    layers = self.num_layers
+    if self.record_layer is not None and not -layers <= self.record_layer < layers:
+      raise ValueError(f"decoder layer {self.record_layer} to record: there are {layers} layers")
+    for i in range(layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
-      output = layer_cls(self.config, is_first=i == 0, num_groups=self.num_groups, name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, query_sine_embed)
+      record = self.record_layer is not None and i == self.record_layer % layers
+      layer = layer_cls(self.config, is_first=i == 0, num_groups=self.num_groups, record_attention=record,
+                        name=f"layers_{i}")
+      output = layer(output, memory, memory_mask, pos, query_pos, query_sine_embed)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
 
