@@ -9,6 +9,7 @@ naming the config field, flag or path, exit status 1, no traceback. ``-v 1`` (ab
 This module does not import JAX: it must run before JAX loads.
 """
 
+import contextlib
 import difflib
 import importlib
 import logging as std_logging
@@ -16,11 +17,13 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from conddetr_jax import configs  # a list of names: loads no JAX
 
 # Mistakes a user makes (a path, a value, a missing package), printed as one line; anything else
 # is a bug and keeps its traceback. RuntimeError covers data.BadImageError (an unreadable image).
@@ -77,6 +80,10 @@ def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: boo
       os.close(devnull)
 
 
+def _expected_warning(record: std_logging.LogRecord) -> bool:
+  return record.levelno == std_logging.WARNING and any(e in record.getMessage() for e in EXPECTED_WARNINGS)
+
+
 class _ConsoleFilter(std_logging.Filter):
   """Passes this project's records, and other libraries' warnings unless they are expected ones."""
 
@@ -86,10 +93,27 @@ class _ConsoleFilter(std_logging.Filter):
       return True
     if record.levelno < std_logging.WARNING:
       return False
-    if record.levelno >= std_logging.ERROR:
-      return True
-    message = record.getMessage()
-    return not any(expected in message for expected in EXPECTED_WARNINGS)
+    return not _expected_warning(record)
+
+
+class _ExpectedWarningFilter(std_logging.Filter):
+  """Drops the ``EXPECTED_WARNINGS``."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not _expected_warning(record)
+
+
+@contextlib.contextmanager
+def expected_warnings_hidden() -> Iterator[None]:
+  """Within the block, libraries' ``EXPECTED_WARNINGS`` (logged through absl, as Orbax logs) are
+  dropped: for the Python API, whose console is the user's (the commands filter theirs in
+  ``setup_console_logging``)."""
+  absl_logger, hide = std_logging.getLogger("absl"), _ExpectedWarningFilter()
+  absl_logger.addFilter(hide)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(hide)
 
 
 class _ConsoleFormatter(std_logging.Formatter):
@@ -209,6 +233,23 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
   return f"{message} (see --helpshort)"
 
 
+def resolve_config_name(argv: Sequence[str], flag_name: str = "config") -> list[str]:
+  """``argv`` with ``--{flag_name}=NAME`` (a name of ``conddetr_jax.configs.NAMES``, as the Python
+  API takes) replaced by that config's file in the package; files and other values are kept."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(f"--{flag_name}="):
+      index, value = i, arg.split("=", 1)[1]
+    elif arg == f"--{flag_name}" and i + 1 < len(out):
+      index, value = i + 1, out[i + 1]
+    else:
+      continue
+    if value in configs.NAMES and not os.path.exists(value):
+      name_file = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f"{value}.py")
+      out[index] = f"--{flag_name}={name_file}" if index == i else name_file
+  return out
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """absl's flag parsing, its failures turned into one ``error:`` line (a traceback at ``-v 1``).
 
@@ -218,6 +259,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   Raises:
     SystemExit: with the ``error:`` line, if a flag is wrong.
   """
+  argv = resolve_config_name(argv)
   try:
     remaining = flag_values(argv)
     if "config" in flag_values and flag_values["config"].value is not None:

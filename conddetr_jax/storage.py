@@ -19,6 +19,7 @@ import re
 from typing import Callable
 
 from etils import epath
+from etils.epath import gpath
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # How long the first contact with a bucket may take before it counts as unreachable. gcsfs retries
@@ -28,7 +29,12 @@ REACH_TIMEOUT_S = 20.0
 
 def _configure_clients() -> None:
   """Points epath's ``gs://`` at gcsfs (see the module docstring). A user's own setting wins."""
-  os.environ.setdefault("EPATH_USE_TF", "false")
+  if "EPATH_USE_TF" not in os.environ:
+    os.environ["EPATH_USE_TF"] = "false"
+    # epath decides once per process whether TensorFlow serves ``gs://`` (a ``functools.cache``
+    # filled by the first path it handles, local or not): a path that the user's code, Orbax or
+    # TFDS handled before this line would keep TensorFlow's client, which ignores the emulator.
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     # gcsfs asks Google's storage-control API whether a bucket is zonal; an emulator serves no
     # such API, and every call would log the failed probe. Read when gcsfs is first imported.

@@ -96,6 +96,47 @@ def test_predict_cli_writes_a_png_and_a_json_per_image(setup, tmp_path):
         f"class {i}" for i in range(10)}
 
 
+def test_predict_cli_takes_a_config_name_and_draws_above_the_config_s_threshold(setup, tmp_path):
+  _, _, _, workdir, flags = setup
+  val_image = os.path.join(setup[0].dataset.synthetic_dir, "val2017", "000000000001.jpg")
+  out = tmp_path / "out"
+  # A name as the Python API takes it; no --threshold: the config's (0 here: every detection).
+  named = ["--config=test_tiny", *flags[1:], "--config.evaluation.score_threshold=0.0"]
+  proc = run("predict.py", *named, f"--checkpoint={workdir}", f"--out={out}", val_image)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Drew the detections scoring >= 0 on 1 images" in proc.stdout
+  with open(out / "detections.json") as f:
+    [record] = json.load(f)
+  assert len(record["detections"]) == 100
+
+
+def test_predict_cli_names_a_missing_image_before_it_loads_the_model(setup, tmp_path):
+  _, _, _, _, flags = setup
+  missing = str(tmp_path / "no_such_photo.jpg")
+  # The checkpoint is missing too: the image's error shows that it was checked first.
+  proc = run("predict.py", *flags, f"--checkpoint={tmp_path / 'no_such_run'}", f"--out={tmp_path}", missing)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [f"error: image not found: {missing}"]
+
+
+_LOAD_DETECTOR = """
+import sys
+import conddetr_jax
+from configs import test_tiny
+config = test_tiny.get_config()
+config.dataset.synthetic_dir = sys.argv[2]
+print(conddetr_jax.load_detector(config, sys.argv[1]).threshold)
+"""
+
+
+def test_the_python_api_loads_a_training_workdir_with_nothing_on_the_console(setup):
+  config, _, _, workdir, _ = setup
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as in a user's own program
+  proc = subprocess.run([sys.executable, "-c", _LOAD_DETECTOR, workdir, config.dataset.synthetic_dir], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == f"{config.evaluation.score_threshold}\n" and proc.stderr == ""
+
+
 def _photograph_folder(root) -> list[tuple[int, int]]:
   """A COCO-layout folder of real photographs: matplotlib's grace_hopper.jpg (512x600), a crop of
   it and a grayscale copy, each annotated with one box. Returns the (height, width) per image id."""

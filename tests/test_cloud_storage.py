@@ -149,6 +149,28 @@ def test_the_dataset_read_from_a_bucket_gives_the_batches_read_from_disk(dataset
     np.testing.assert_array_equal(batches[0][key], batches[1][key], err_msg=key)
 
 
+# A program that handled a path with epath before conddetr_jax did: epath has cached its choice of
+# gs:// client by then. It writes through storage and reads back through epath itself (as Orbax does).
+_EPATH_FIRST = """
+import sys
+from etils import epath
+assert epath.Path(sys.argv[1]).exists()
+from conddetr_jax import storage
+storage.write_bytes(sys.argv[2], b"written by storage")
+sys.stdout.write(epath.Path(sys.argv[2]).read_text())
+"""
+
+
+def test_gs_goes_to_the_emulator_in_a_process_where_epath_handled_a_path_before_storage(emulator, tmp_path):
+  url = f"gs://{BUCKET}/epath-first/object.txt"
+  env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}  # as in a fresh user's shell
+  done = subprocess.run([sys.executable, "-c", _EPATH_FIRST, str(tmp_path), url], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout == "written by storage"
+  assert storage.read_bytes(url) == b"written by storage"  # it is in the emulated bucket
+
+
 def test_checkpoints_in_a_bucket_round_trip_and_resume_at_the_latest_complete_step(emulator):
   directory = f"gs://{BUCKET}/run/checkpoints"
   first = checkpoint.Checkpointer(directory, keep=2)

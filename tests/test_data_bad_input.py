@@ -4,6 +4,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -12,6 +14,9 @@ import pytest
 from configs import default
 from conddetr_jax import data
 from conddetr_jax.data import coco
+from conddetr_jax.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, W = 48, 64
 _YY, _XX = np.mgrid[0:H, 0:W]
@@ -221,3 +226,24 @@ def test_an_image_folder_without_any_listed_image_is_an_error(tmp_path):
   os.remove(os.path.join(config.dataset.train_images, "good0.jpg"))
   with pytest.raises(FileNotFoundError, match="None of the 1 images"):
     coco.load_split(config, "train")
+
+
+def test_training_stops_in_one_line_naming_a_category_id_beyond_num_classes(tmp_path):
+  root = str(tmp_path / "shapes")
+  synthetic.write_dataset(root, num_train=4, num_val=2)
+  train_json = os.path.join(root, "annotations", "instances_train2017.json")
+  with open(train_json) as f:
+    content = json.load(f)
+  content["categories"].append({"id": 12, "name": "star", "supercategory": "shape"})  # test_tiny: 10 classes
+  content["annotations"][0]["category_id"] = 12
+  with open(train_json, "w") as f:
+    json.dump(content, f)
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "train.py", "--config=configs/test_tiny.py", f"--workdir={workdir}",
+                         "--config.dataset.source=coco", f"--config.dataset.root={root}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: the largest category id of {train_json} is 12, but config.model.num_classes=10: "
+      "set --config.model.num_classes=13 (the largest id + 1)")
+  assert not (workdir / "checkpoints").exists()  # stopped before the model was built

@@ -56,3 +56,31 @@ def test_docs_index_names_every_document():
     index = f.read()
   missing = [d for d in DOCS if d != os.path.join("docs", "README.md") and f"]({os.path.basename(d)})" not in index]
   assert not missing, f"docs/README.md does not name {missing}"
+
+
+_JAX_EXTRA = re.compile(r"jax\[(\w+)\]([^\s\"'`)]*)")  # jax[tpu]==0.10.2 -> ("tpu", "==0.10.2")
+_INSTALL_DOCUMENTS = ["README.md"] + DOCS + sorted(n for n in os.listdir(REPO) if n.startswith("requirements"))
+
+
+def _jax_installs(document: str) -> list[tuple[str, str]]:
+  """(extra, version suffix) of every ``jax[extra]`` on a line of ``document`` that runs pip install."""
+  with open(os.path.join(REPO, document), encoding="utf-8") as f:
+    return [m for line in f if "pip install" in line for m in _JAX_EXTRA.findall(line)]
+
+
+def test_every_accelerator_install_line_pins_one_jax_of_the_required_range():
+  from packaging import requirements  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+    [jax] = [requirements.Requirement(line) for line in f if re.match(r"jax\W", line)]
+  assert {extra for extra, _ in _jax_installs("README.md")} >= {"cuda12", "tpu"}  # one line per platform
+  pins = {}
+  for document in _INSTALL_DOCUMENTS:
+    for extra, suffix in _jax_installs(document):
+      if suffix.startswith("==<"):  # a placeholder that names the installed jax ("==<your jax>")
+        continue
+      assert suffix.startswith("==") and suffix[2:], f"{document}: jax[{extra}]{suffix} is not pinned"
+      pins.setdefault(extra, set()).add(suffix[2:])
+  assert all(len(versions) == 1 for versions in pins.values()), f"one release per platform, not {pins}"
+  outside = {extra: v for extra, [v] in pins.items() if v not in jax.specifier}
+  assert not outside, f"{outside} is outside requirements.txt's {jax}"

@@ -103,6 +103,46 @@ def test_metric_names_follow_cocoeval_stats_order_on_nontrivial_detections(confi
   assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
 
 
+def _jittered_results(content: dict, seed: int) -> list[dict]:
+  """Detections of every ground-truth box, each moved a little, plus one false positive per box."""
+  rng = np.random.default_rng(seed)
+  rank = {c["id"]: i for i, c in enumerate(sorted(content["categories"], key=lambda c: c["id"]))}
+  results = []
+  for ann in content["annotations"]:
+    x, y, w, h = ann["bbox"]
+    jitter = rng.normal(0, 0.02 * (1 + rank[ann["category_id"]]), 4) * [w, h, w, h]  # classes unequally found
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                    "score": float(rng.uniform(0.3, 1.0))})
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": [x + w / 2, y + h / 2, w, h], "score": float(rng.uniform(0.0, 0.6))})
+  return results
+
+
+def test_per_class_ap_is_pycocotools_ap_of_each_category_alone_named_from_the_json(config):
+  ann_path = data.annotation_path(config, "val")
+  with open(ann_path) as f:
+    content = json.load(f)
+  results = _jittered_results(content, seed=1)
+  metrics, summary = coco_eval.coco_metrics(ann_path, [dict(r) for r in results], list(gt_images(config)))
+  gt = COCO(ann_path)
+  names = {c["id"]: c["name"] for c in content["categories"]}
+  per_class = {}
+  for cid in sorted(names):
+    one = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
+    one.params.catIds = [cid]  # pycocotools' own AP of this category alone
+    one.evaluate()
+    one.accumulate()
+    one.summarize()
+    per_class[f"AP/{names[cid]}"] = float(one.stats[0])
+  assert {k: v for k, v in metrics.items() if k.startswith("AP/")} == pytest.approx(per_class, abs=1e-12)
+  assert len(set(round(v, 6) for v in per_class.values())) == len(per_class) > 1  # distinct, non-trivial
+  table = summary.split("Per-class AP")[1].splitlines()[2:]
+  assert [line.split()[:2] for line in table] == [[str(cid), names[cid]] for cid in sorted(names)]
+  assert [float(line.split()[2]) for line in table] == pytest.approx(
+      [per_class[f"AP/{names[cid]}"] for cid in sorted(names)], abs=5e-4)
+
+
 def test_coco_metrics_refuse_a_different_image_set(config):
   ids = list(gt_images(config))
   results = [{"image_id": ids[0], "category_id": 2, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.5}]

@@ -296,6 +296,22 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return max(ids) + 1
 
 
+def check_num_classes(config: ml_collections.ConfigDict) -> None:
+  """Stops a run whose train json has a category id >= ``config.model.num_classes``.
+
+  The class head has no output for such an id: its objects would be trained as background (the
+  "AP is 0 on my data" of the DETR trackers).
+
+  Raises:
+    ValueError: one line naming the largest id, its json and the value to set.
+  """
+  needed = num_classes(config)
+  if needed > config.model.num_classes:
+    raise ValueError(f"the largest category id of {annotation_path(config, 'train')} is {needed - 1}, but "
+                     f"config.model.num_classes={config.model.num_classes}: set "
+                     f"--config.model.num_classes={needed} (the largest id + 1)")
+
+
 def category_names(config: ml_collections.ConfigDict) -> dict[int, str]:
   """Category id -> name, from the train json."""
   return dict(load_split(config, "train").categories)

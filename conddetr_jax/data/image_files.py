@@ -34,6 +34,13 @@ class LoadedImage:
   orig_size: np.ndarray
 
 
+def check_file(path: str) -> None:
+  """Raises ``FileNotFoundError`` ("image not found: PATH") unless image file ``path`` exists."""
+  storage.check_reachable(path, "image")
+  if not storage.path(path).is_file():
+    raise FileNotFoundError(f"image not found: {path}")
+
+
 def read_image(path: str) -> np.ndarray:
   """An image file of any format PIL knows, as (h, w, 3) uint8 RGB with its EXIF orientation applied.
 
@@ -41,9 +48,7 @@ def read_image(path: str) -> np.ndarray:
     FileNotFoundError: no such file.
     ValueError: the file is not a readable image (the message names it).
   """
-  storage.check_reachable(path, "image")
-  if not storage.path(path).is_file():
-    raise FileNotFoundError(f"image not found: {path}")
+  check_file(path)
   try:
     with Image.open(io.BytesIO(storage.read_bytes(path))) as f:
       # Phone photos store their rotation in EXIF: apply it, so boxes match what viewers show.

@@ -48,9 +48,10 @@ class EvalResult:
   """What one evaluation produced.
 
   Attributes:
-    metrics: ``METRIC_NAMES`` -> value in [0, 1] (-1 where COCOeval has no ground truth for it);
-      the same on every process.
-    summary: pycocotools' printed summary table on process 0, '' on the others.
+    metrics: ``METRIC_NAMES`` -> value in [0, 1] (-1 where COCOeval has no ground truth for it),
+      then ``AP/<class name>`` per category of the json; the same on every process.
+    summary: pycocotools' printed summary table and the per-class table on process 0, '' on the
+      others.
     num_images: images evaluated (each exactly once).
   """
   metrics: dict[str, float]
@@ -106,6 +107,34 @@ def to_coco_results(image_ids: np.ndarray, scores: np.ndarray, labels: np.ndarra
                                 np.asarray(scores, np.float64).reshape(-1).tolist())]
 
 
+def class_metric_names(categories: dict[int, str]) -> dict[int, str]:
+  """Category id -> the name of its AP in the metrics: ``AP/<class name>`` (``AP/<name>_<id>`` for
+  a name that several ids share), in id order."""
+  names = list(categories.values())
+  return {cid: f"AP/{name}" if names.count(name) == 1 else f"AP/{name}_{cid}"
+          for cid, name in sorted(categories.items())}
+
+
+def _per_class_ap(coco_eval: COCOeval) -> dict[int, float]:
+  """Category id -> AP at IoU .50:.95, all areas, 100 detections (-1 without ground truth): the mean
+  of ``COCOeval.eval['precision']`` (T, R, K, A, M) over its valid entries, as ``summarize`` takes AP."""
+  precision = coco_eval.eval["precision"][:, :, :, coco_eval.params.areaRngLbl.index("all"), -1]
+  out = {}
+  for k, cid in enumerate(coco_eval.params.catIds):
+    valid = precision[:, :, k][precision[:, :, k] > -1]
+    out[int(cid)] = float(valid.mean()) if valid.size else -1.0
+  return out
+
+
+def _class_table(per_class: dict[int, float], categories: dict[int, str]) -> str:
+  """The per-class AP as printed after pycocotools' table: one line per category."""
+  width = max([len(name) for name in categories.values()] + [5])
+  lines = ["Per-class AP @[ IoU=0.50:0.95 | area=all | maxDets=100 ]:", f"  {'id':>4}  {'class':<{width}}  AP"]
+  lines += [f"  {cid:>4}  {categories[cid]:<{width}}  {ap:.3f}" if ap >= 0 else
+            f"  {cid:>4}  {categories[cid]:<{width}}  - (no ground truth)" for cid, ap in per_class.items()]
+  return "\n".join(lines) + "\n"
+
+
 def coco_metrics(ann_path: str, results: list[dict[str, Any]], image_ids: Sequence[int]
                  ) -> tuple[dict[str, float], str]:
   """pycocotools' bbox evaluation of ``results`` against the ground truth json.
@@ -116,7 +145,8 @@ def coco_metrics(ann_path: str, results: list[dict[str, Any]], image_ids: Sequen
     image_ids: the images that were evaluated: they must be exactly the json's images.
 
   Returns:
-    ``METRIC_NAMES`` -> value, and the summary table that ``COCOeval.summarize`` prints.
+    ``METRIC_NAMES`` -> value, then each category's AP (``class_metric_names``: ``AP/<name>``); the
+    summary table that ``COCOeval.summarize`` prints, followed by the per-class table.
 
   Raises:
     ValueError: the evaluated images are not exactly the json's images.
@@ -139,7 +169,11 @@ def coco_metrics(ann_path: str, results: list[dict[str, Any]], image_ids: Sequen
   table = io.StringIO()
   with contextlib.redirect_stdout(table):
     coco_eval.summarize()
-  return dict(zip(METRIC_NAMES, (float(v) for v in coco_eval.stats))), table.getvalue()
+  categories = {int(c["id"]): c["name"] for c in gt.loadCats(gt.getCatIds())}
+  per_class = _per_class_ap(coco_eval)
+  metrics = dict(zip(METRIC_NAMES, (float(v) for v in coco_eval.stats)))
+  metrics.update({name: per_class[cid] for cid, name in class_metric_names(categories).items()})
+  return metrics, table.getvalue() + _class_table(per_class, categories)
 
 
 def _checked_int32(image_ids: np.ndarray) -> np.ndarray:
@@ -212,17 +246,19 @@ def run_evaluation(config: ml_collections.ConfigDict, model: flax.linen.Module, 
     The metrics (on every process), the summary table (process 0) and the number of images.
   """
   dets = gather_detections(config, model, variables, mesh, split)
-  stats = np.zeros(len(METRIC_NAMES), np.float64)
+  # Every process knows the names (the split's json), so it can receive the values.
+  names = METRIC_NAMES + tuple(class_metric_names(coco.load_split(config, split).categories).values())
+  stats = np.zeros(len(names), np.float64)
   summary = ""
   if jax.process_index() == 0:
     results = to_coco_results(dets["image_id"], dets["scores"], dets["labels"], dets["boxes"])
     if detections_path:
       storage.write_bytes(detections_path, json.dumps(results).encode())
     metrics, summary = coco_metrics(data.annotation_path(config, split), results, dets["image_id"])
-    stats = np.array([metrics[name] for name in METRIC_NAMES], np.float64)
+    stats = np.array([metrics[name] for name in names], np.float64)
   # Sent as the float64 bits (JAX arrays are 32-bit by default), so every process gets the exact values.
   stats = np.asarray(multihost_utils.broadcast_one_to_all(stats.view(np.uint32))).view(np.float64)
-  return EvalResult(metrics=dict(zip(METRIC_NAMES, stats.tolist())), summary=summary,
+  return EvalResult(metrics=dict(zip(names, stats.tolist())), summary=summary,
                     num_images=len(dets["image_id"]))
 
 

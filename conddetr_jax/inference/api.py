@@ -14,18 +14,23 @@ import importlib.util
 import os
 from typing import Any, NamedTuple, Sequence
 
+from conddetr_jax import cli
+
+# The console as quiet as the commands': TensorFlow's and XLA's C++ notices silenced before they load
+# (the Python API has no -v flag; a program that loaded them first keeps its own settings).
+cli.quiet_native_logs([])
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from conddetr_jax.inference import attention_maps
-from conddetr_jax import configs
-from conddetr_jax.evaluation import coco_eval
-from conddetr_jax.data import image_files
-from conddetr_jax import models
-from conddetr_jax.inference import prediction
-from conddetr_jax import visualize
+from conddetr_jax import configs, models, visualize
 from conddetr_jax.checkpoints import weights
+from conddetr_jax.data import image_files
+from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.inference import attention_maps, prediction
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # One image: a file path, a PIL image, or (h, w, 3) uint8 RGB pixels.
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -146,5 +151,6 @@ def load_detector(config: str | ml_collections.ConfigDict, checkpoint: str,
     ValueError: an unknown config, or a checkpoint that does not fit its model.
   """
   config = get_config(config)
-  variables, _ = weights.load_variables(config, checkpoint)
+  with cli.expected_warnings_hidden():  # Orbax's notes on a training workdir read like errors
+    variables, _ = weights.load_variables(config, checkpoint)
   return Detector(config, variables, config.evaluation.score_threshold if threshold is None else threshold)

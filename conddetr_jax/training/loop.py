@@ -222,10 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config = batch_lib.resolved(config, plan)  # the step reads the derived grad_accum_steps
   batch_size = plan.global_batch
   data.prepare_dataset(config)
-  dataset_classes = data.num_classes(config)
-  if dataset_classes > config.model.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
-                     f"max category id + 1 ({dataset_classes})")
+  data.check_num_classes(config)
   steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
   total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
   logging.info("%s (%d processes); %d updates per epoch, %d updates", plan.describe(), jax.process_count(),
