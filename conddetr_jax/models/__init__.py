@@ -8,7 +8,7 @@ import ml_collections
 
 from conddetr_jax.models.attention import IMPLEMENTATIONS
 from conddetr_jax.models.backbone import NORMS, NUM_STAGES, RESNET_SPECS, is_frozen_backbone_param
-from conddetr_jax.models.detector import ConditionalDETR
+from conddetr_jax.models.detector import MASK_PADDING, ConditionalDETR
 from conddetr_jax.models.transformer import REMAT
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +28,9 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
   if m.decoder not in _DECODERS:
     raise ValueError(f"config.model.decoder={m.decoder!r}: expected one of {_DECODERS}")
+  if m.mask_padding not in MASK_PADDING:
+    raise ValueError(f"config.model.mask_padding={m.mask_padding!r}: expected one of "
+                     f"{MASK_PADDING}")
   attention, remat = m.get("attention", "dense"), m.get("remat", "none")
   if attention not in IMPLEMENTATIONS:
     raise ValueError(f"config.model.attention={attention!r}: expected one of {IMPLEMENTATIONS}")
@@ -48,7 +51,8 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
                          enc_layers=m.enc_layers, dec_layers=m.dec_layers, dim_feedforward=m.dim_feedforward,
                          dropout=m.dropout, num_queries=m.num_queries, num_groups=num_groups,
                          num_classes=m.num_classes, dense_head=m.get("dense_head", False),
-                         aux_loss=m.aux_loss, decoder=m.decoder, dtype=_DTYPES[m.dtype],
+                         aux_loss=m.aux_loss, decoder=m.decoder, mask_padding=m.mask_padding,
+                         dtype=_DTYPES[m.dtype],
                          attention=attention, attention_block_size=block_size, remat=remat)
 
 

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from conddetr_jax.models import convolution, initializers
-from conddetr_jax.models.backbone import ResNet
+from conddetr_jax.models.backbone import ResNet, feature_stride
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
 from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
 INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
+MASK_PADDING = ("eval", "always", "never")  # when the backbone masks padding (train=False, ...)
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
@@ -45,6 +46,12 @@ class ConditionalDETR(nn.Module):
   adds training signal to the encoder and backbone: under ``train=False`` it is not in the output
   (XLA drops its computation), so inference cost and outputs are those of a model without it.
 
+  ``mask_padding`` (one of ``MASK_PADDING``) says when the backbone masks the padded region
+  (backbone.py): under ``train=False`` only ("eval"), always, or never (the original's padded
+  forward, whose outputs depend on the padding). Masked, each image's outputs are those of the
+  same image alone and unpadded, whatever its batch, canvas or neighbours: the transformer already
+  ignores padded keys, and the feature mask is then the backbone's valid extent.
+
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
   """
@@ -65,6 +72,7 @@ class ConditionalDETR(nn.Module):
   dense_head: bool = False
   aux_loss: bool = True
   decoder: str = "conditional"  # conditional | detr
+  mask_padding: str = "never"  # MASK_PADDING: eval | always | never (the original's)
   dtype: Any = jnp.float32
   attention: str = "dense"  # attention.IMPLEMENTATIONS, for every attention of the transformer
   attention_block_size: int = 512  # keys per block of the blockwise attention
@@ -76,10 +84,18 @@ class ConditionalDETR(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3 or pad_mask.shape != images.shape[:3]:
       raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
     d = self.hidden_dim
-    features = ResNet(self.backbone, self.dilation, self.dtype, self.freeze_stem_and_layer1, self.backbone_norm,
-                      self.backbone_num_stages, name="backbone")(images)
+    masked = self.mask_padding == "always" or (self.mask_padding == "eval" and not train)
+    backbone = ResNet(self.backbone, self.dilation, self.dtype, self.freeze_stem_and_layer1, self.backbone_norm,
+                      self.backbone_num_stages, name="backbone")
+    features = backbone(images, pad_mask if masked else None)
     batch, h, w, channels = features.shape
-    mask = downsample_mask(pad_mask, (h, w))
+    if masked:
+      # The backbone's own valid extent, ceil(valid / stride): the unpadded image's feature size,
+      # also where the canvas is not a multiple of the stride (where nearest resizing is not).
+      stride = feature_stride(self.backbone_num_stages, self.dilation)
+      mask = pad_mask[:, ::stride, ::stride]
+    else:
+      mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
     src = nn.Conv(d, (1, 1), dtype=self.dtype, kernel_init=initializers.torch_default_kernel,
                   bias_init=initializers.torch_default_bias(channels),
