@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
       aux_loss=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       decoder="conditional",    # conditional | detr (baseline for the convergence study)
+      # Where the backbone zeroes the padded region before each conv and pool (models/backbone.py),
+      # so each image's detections are those it gets alone and unpadded, whatever the batch and
+      # bucket: eval (evaluation and prediction) | always (training as well) | never (the
+      # original's padded forward, e.g. to reproduce its numbers at 2 images per GPU).
+      mask_padding="eval",
       # Memory of the transformer's attention (docs/accelerators.md): dense (the original's) |
       # blockwise (keys in blocks of attention_block_size with a running softmax: memory linear
       # in the token count; the same results, attention-dropout masks drawn per block).

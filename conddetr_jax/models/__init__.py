@@ -8,7 +8,7 @@ import ml_collections
 
 from conddetr_jax.models.attention import IMPLEMENTATIONS
 from conddetr_jax.models.backbone import NORMS, NUM_STAGES, RESNET_SPECS, is_frozen_backbone_param
-from conddetr_jax.models.detector import DTYPES, ConditionalDETR, DetectorConfig
+from conddetr_jax.models.detector import DTYPES, MASK_PADDING, ConditionalDETR, DetectorConfig
 from conddetr_jax.models.transformer import REMAT
 
 _DECODERS = ("conditional", "detr")
@@ -18,7 +18,7 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
   """The detector described by ``config.model`` (see configs/default.py), with checked fields."""
   m = config.model
   choices = {"backbone": sorted(RESNET_SPECS), "backbone_norm": NORMS, "backbone_num_stages": NUM_STAGES,
-             "dtype": sorted(DTYPES), "decoder": _DECODERS, "attention": IMPLEMENTATIONS, "remat": REMAT}
+             "dtype": sorted(DTYPES), "decoder": _DECODERS, "mask_padding": MASK_PADDING, "attention": IMPLEMENTATIONS, "remat": REMAT}
   for field, allowed in choices.items():
     if m[field] not in allowed:
       raise ValueError(f"config.model.{field}={m[field]!r}: expected one of {tuple(allowed)}")

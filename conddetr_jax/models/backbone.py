@@ -20,6 +20,16 @@ are always layer4's; both exist for small images, where stride 32 leaves a few c
 The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
 layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
 them because they come from ImageNet; a model trained from random weights must train them.
+
+Padding masking (``pad_mask`` given): the padded region is set to zero at the input of every conv
+and of the stem max-pool, and GroupNorm takes its statistics over the valid region only, so a
+padded image's valid features equal those of the same image alone and unpadded. Why that is exact:
+the unpadded image's convs zero-pad at its border, and a valid output only reads inputs inside the
+image or that border; frozen BatchNorm and ReLU are pointwise; the max-pool's input is post-ReLU
+(>= 0), so a zero never beats a valid value and ties go to the valid tap that comes first in the
+window (the padding is at the bottom and right). The mask at each resolution is the previous one
+sliced with the stride (output i of a stride-2 conv or pool is centred on input 2i), which gives
+ceil(valid / stride) valid cells whatever the canvas size, as the unpadded image's convs do.
 """
 
 from typing import Any, Sequence
@@ -50,20 +60,40 @@ class FrozenBatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> (B, H, W, C)."""
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """x: (B, H, W, C) -> (B, H, W, C); ``valid`` is ignored (the norms' common signature)."""
     features = x.shape[-1]
     stat = lambda name, init: self.variable("batch_stats", name, init, (features,), jnp.float32)
     scale = stat("scale", jnp.ones).value
     bias = stat("bias", jnp.zeros).value
     mean = stat("mean", jnp.zeros).value
     var = stat("var", jnp.ones).value
+    del valid  # pointwise: the padded region cannot reach the valid one
     mul = scale * jax.lax.rsqrt(var + FROZEN_BN_EPS)
     add = bias - mean * mul
     # In float32 even under bf16 compute: ``add`` largely cancels ``x * mul`` (mean removal), and
     # rounding both to bf16 first loses part of the difference (measured on a random R50: 12%
     # relative feature error against float32 torch, 9% this way). Fused into the conv epilogue.
     return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
+
+
+def feature_stride(num_stages: int, dilation: bool) -> int:
+  """The stride of ``ResNet(num_stages=..., dilation=...)``'s features: 4 after the stem, x2 per
+  stage after layer1, the last one undone by its dilation."""
+  return 2 ** (num_stages + 1) // (2 if dilation else 1)
+
+
+def strided_valid(valid: jax.Array | None, stride: int) -> jax.Array | None:
+  """The valid mask (B, H, W, 1) at the output of a conv or pool of ``stride``:
+  (B, ceil(H / stride), ceil(W / stride), 1); output i is centred on input i * stride."""
+  if valid is None or stride == 1:
+    return valid
+  return valid[:, ::stride, ::stride]
+
+
+def _masked(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """``x`` (B, H, W, C), zero on the padded region where ``valid`` (B, H, W, 1) is given."""
+  return x if valid is None else jnp.where(valid, x, jnp.zeros((), x.dtype))
 
 
 def _standardized_conv(inputs: jax.Array, kernel: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
@@ -98,9 +128,18 @@ def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) 
   """
   if kind in ("group_norm", "group_norm_ws"):
     scale_init = nn.initializers.zeros if ends_residual_branch else nn.initializers.ones
-    return nn.GroupNorm(GROUP_NORM_GROUPS, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-                        scale_init=scale_init, name=name)
+    return MaskedGroupNorm(GROUP_NORM_GROUPS, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                           scale_init=scale_init, name=name)
   return FrozenBatchNorm(dtype, name=name)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+  """``nn.GroupNorm`` (same parameters) whose statistics cover the valid region only, where given:
+  the unpadded image's statistics, so padding changes no valid output."""
+
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """x: (B, H, W, C), valid (B, H, W, 1) bool or None -> (B, H, W, C)."""
+    return super().__call__(x, mask=None if valid is None else jnp.broadcast_to(valid, x.shape))
 
 
 class _ResidualBlock(nn.Module):
@@ -124,12 +163,16 @@ class BasicBlock(_ResidualBlock):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype, self.norm)(x)
-    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y))
-    y = _conv(self.width, 3, 1, self.stage_dilation, "conv2", self.dtype, self.norm)(y)
-    y = _norm(self.norm, self.dtype, "bn2", ends_residual_branch=True)(y)
-    return nn.relu(y + _shortcut(self, x))
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """x (B, H, W, Cin), valid (B, H, W, 1) bool or None -> (B, ceil(H / s), ceil(W / s), width),
+    s the stride."""
+    out_valid = strided_valid(valid, self.stride)
+    conv1 = _conv(self.width, 3, self.stride, self.dilation, "conv1", self.dtype, self.norm)
+    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(conv1(_masked(x, valid)), out_valid))
+    conv2 = _conv(self.width, 3, 1, self.stage_dilation, "conv2", self.dtype, self.norm)
+    y = conv2(_masked(y, out_valid))
+    y = _norm(self.norm, self.dtype, "bn2", ends_residual_branch=True)(y, out_valid)
+    return nn.relu(y + _shortcut(self, x, valid))
 
 
 class Bottleneck(_ResidualBlock):
@@ -137,23 +180,27 @@ class Bottleneck(_ResidualBlock):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = _conv(self.width, 1, name="conv1", dtype=self.dtype, norm=self.norm)(x)
-    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y))
-    y = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype, self.norm)(y)
-    y = nn.relu(_norm(self.norm, self.dtype, "bn2")(y))
-    y = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype, norm=self.norm)(y)
-    y = _norm(self.norm, self.dtype, "bn3", ends_residual_branch=True)(y)
-    return nn.relu(y + _shortcut(self, x))
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """x (B, H, W, Cin), valid (B, H, W, 1) bool or None -> (B, ceil(H / s), ceil(W / s), 4 width),
+    s the stride."""
+    out_valid = strided_valid(valid, self.stride)
+    y = _conv(self.width, 1, name="conv1", dtype=self.dtype, norm=self.norm)(_masked(x, valid))
+    y = nn.relu(_norm(self.norm, self.dtype, "bn1")(y, valid))
+    conv2 = _conv(self.width, 3, self.stride, self.dilation, "conv2", self.dtype, self.norm)
+    y = nn.relu(_norm(self.norm, self.dtype, "bn2")(conv2(_masked(y, valid)), out_valid))
+    conv3 = _conv(self.width * 4, 1, name="conv3", dtype=self.dtype, norm=self.norm)
+    y = conv3(_masked(y, out_valid))
+    y = _norm(self.norm, self.dtype, "bn3", ends_residual_branch=True)(y, out_valid)
+    return nn.relu(y + _shortcut(self, x, valid))
 
 
-def _shortcut(block: _ResidualBlock, x: jax.Array) -> jax.Array:
+def _shortcut(block: _ResidualBlock, x: jax.Array, valid: jax.Array | None) -> jax.Array:
   """Identity, or torchvision's ``downsample`` (1x1 strided conv + BN) when shapes change."""
   if not block.downsample:
     return x
   y = _conv(block.width * block.expansion, 1, block.stride, name="downsample_conv", dtype=block.dtype,
-            norm=block.norm)(x)
-  return _norm(block.norm, block.dtype, "downsample_bn")(y)
+            norm=block.norm)(_masked(x, valid))
+  return _norm(block.norm, block.dtype, "downsample_bn")(y, strided_valid(valid, block.stride))
 
 
 class ResNet(nn.Module):
@@ -172,17 +219,22 @@ class ResNet(nn.Module):
   num_stages: int = 4
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
-    """images: (B, H, W, 3) normalised -> features (B, ceil(H/s), ceil(W/s), C), s the stride above."""
+  def __call__(self, images: jax.Array, pad_mask: jax.Array | None = None) -> jax.Array:
+    """images: (B, H, W, 3) normalised -> features (B, ceil(H/s), ceil(W/s), C), s the stride above
+    (``feature_stride``). With ``pad_mask`` (B, H, W) bool, True on padding, the padded region is
+    masked (module docstring): each image's valid features are those it has alone, unpadded."""
     if self.arch not in RESNET_SPECS:
       raise ValueError(f"config.model.backbone={self.arch!r} is not one of {sorted(RESNET_SPECS)}")
     kind, depths = RESNET_SPECS[self.arch]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
+    valid = None if pad_mask is None else ~pad_mask[..., None]
 
-    x = images.astype(self.dtype)
+    x = _masked(images.astype(self.dtype), valid)
+    valid = strided_valid(valid, 2)
     x = _conv(64, 7, 2, name="conv1", dtype=self.dtype, norm=self.norm)(x)
-    x = nn.relu(_norm(self.norm, self.dtype, "bn1")(x))
-    x = pooling.max_pool_3x3_stride2(x)
+    x = nn.relu(_norm(self.norm, self.dtype, "bn1")(x, valid))
+    x = pooling.max_pool_3x3_stride2(_masked(x, valid))
+    valid = strided_valid(valid, 2)
 
     in_features = 64
     dilation = 1
@@ -196,7 +248,8 @@ class ResNet(nn.Module):
         x = block_cls(width, stride=stride if first else 1,
                       dilation=previous_dilation if first else dilation, stage_dilation=dilation,
                       downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
-                      dtype=self.dtype, norm=self.norm, name=f"layer{stage}_{i}")(x)
+                      dtype=self.dtype, norm=self.norm, name=f"layer{stage}_{i}")(x, valid)
+        valid = strided_valid(valid, stride if first else 1)
         in_features = width * block_cls.expansion
       if stage == 1 and self.freeze_stem_and_layer1:
         # The original never trains the (ImageNet-initialised) stem and layer1.

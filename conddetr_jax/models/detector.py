@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from conddetr_jax.models import convolution, initializers
-from conddetr_jax.models.backbone import ResNet
+from conddetr_jax.models.backbone import ResNet, feature_stride
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
 from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder, TransformerConfig
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
 INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> compute dtype
+MASK_PADDING = ("eval", "always", "never")  # when the backbone masks padding (train=False, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class DetectorConfig:
   dense_head: bool
   aux_loss: bool
   decoder: str
+  mask_padding: str
   dtype: str
   attention: str
   attention_block_size: int
@@ -87,6 +89,12 @@ class ConditionalDETR(nn.Module):
   adds training signal to the encoder and backbone: under ``train=False`` it is not in the output
   (XLA drops its computation), so inference cost and outputs are those of a model without it.
 
+  ``mask_padding`` (one of ``MASK_PADDING``) says when the backbone masks the padded region
+  (backbone.py): under ``train=False`` only ("eval"), always, or never (the original's padded
+  forward, whose outputs depend on the padding). Masked, each image's outputs are those of the
+  same image alone and unpadded, whatever its batch, canvas or neighbours: the transformer already
+  ignores padded keys, and the feature mask is then the backbone's valid extent.
+
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
 
@@ -105,10 +113,18 @@ class ConditionalDETR(nn.Module):
       raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
     c = self.config
     d, dtype = c.hidden_dim, DTYPES[c.dtype]
-    features = ResNet(c.backbone, dilation=c.dilation, dtype=dtype, freeze_stem_and_layer1=c.freeze_stem_and_layer1,
-                      norm=c.backbone_norm, num_stages=c.backbone_num_stages, name="backbone")(images)
+    masked = c.mask_padding == "always" or (c.mask_padding == "eval" and not train)
+    backbone = ResNet(c.backbone, dilation=c.dilation, dtype=dtype, freeze_stem_and_layer1=c.freeze_stem_and_layer1,
+                      norm=c.backbone_norm, num_stages=c.backbone_num_stages, name="backbone")
+    features = backbone(images, pad_mask if masked else None)
     batch, h, w, channels = features.shape
-    mask = downsample_mask(pad_mask, (h, w))
+    if masked:
+      # The backbone's own valid extent, ceil(valid / stride): the unpadded image's feature size,
+      # also where the canvas is not a multiple of the stride (where nearest resizing is not).
+      stride = feature_stride(c.backbone_num_stages, c.dilation)
+      mask = pad_mask[:, ::stride, ::stride]
+    else:
+      mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
     src = nn.Conv(d, (1, 1), dtype=dtype, kernel_init=initializers.torch_default_kernel,
                   bias_init=initializers.torch_default_bias(channels),
