@@ -30,7 +30,8 @@ FLOORS = (
     ("evaluation", ("conddetr_jax.evaluation",)),
     ("training", ("conddetr_jax.training",)),
     ("running a trained model", ("conddetr_jax.checkpoint_eval", "conddetr_jax.prediction",
-                                 "conddetr_jax.find_images", "conddetr_jax.inspect_batches", "conddetr_jax.aot")),
+                                 "conddetr_jax.find_images", "conddetr_jax.inspect_batches", "conddetr_jax.aot",
+                                 "conddetr_jax.export")),
     # The package's root re-exports the Python API (imported on first use).
     ("the Python API", ("conddetr_jax", "conddetr_jax.inference")),
     # The installed commands: the scripts, linked into the package, and their launchers.
