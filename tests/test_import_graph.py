@@ -27,7 +27,7 @@ FLOORS = (
     ("training", ("conddetr_jax.training",)),
     # eval.py's library writes the training run's metrics files.
     ("running a trained model", ("conddetr_jax.evaluation.checkpoint_eval", "conddetr_jax.inference",
-                                 "conddetr_jax.aot")),
+                                 "conddetr_jax.aot", "conddetr_jax.export")),
     # The package's root re-exports the Python API (imported on first use).
     ("the Python API", ("conddetr_jax",)),
     # The commands: the scripts (linked into the package), their launchers, and the commands run as

@@ -10,7 +10,8 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("pyproject.toml", "README.md", "requirements.txt", "conddetr_jax", "configs", "train.py", "eval.py",
            "predict.py")
-COMMANDS = ("conddetr-train", "conddetr-eval", "conddetr-predict", "conddetr-aot", "conddetr-convert")
+COMMANDS = ("conddetr-train", "conddetr-eval", "conddetr-predict", "conddetr-aot", "conddetr-convert",
+            "conddetr-export")
 
 
 def test_the_wheel_installs_and_imports_outside_the_checkout(tmp_path):

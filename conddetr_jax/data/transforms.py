@@ -176,7 +176,7 @@ def _pil_rgb(contents: np.ndarray | bytes) -> np.ndarray:
     return np.asarray(image.convert("RGB"), np.uint8)
 
 
-def decode_image(contents: tf.Tensor) -> tf.Tensor:
+def decode_image(contents: tf.Tensor, pil_cmyk: bool = True) -> tf.Tensor:
   """Encoded bytes -> (h, w, 3) uint8 RGB, the pixels PIL's ``convert('RGB')`` gives (what the
   original reads), whatever the format (sniffed from the bytes, not the file name): JPEG incl.
   grayscale, CMYK and progressive; PNG incl. RGBA (alpha dropped), palette and 16-bit; BMP, GIF,
@@ -186,11 +186,14 @@ def decode_image(contents: tf.Tensor) -> tf.Tensor:
   JPEGs use libjpeg's accurate integer IDCT, as PIL does (TF's default fast IDCT is up to ~20
   grey levels off on high-quality JPEGs). Four-component (CMYK/YCCK) JPEGs, rare, are decoded by
   PIL itself: TF's CMYK -> RGB conversion truncates where PIL's rounds (a grey level off on about
-  a third of the values) and TF gives no access to the CMYK values to redo it.
+  a third of the values) and TF gives no access to the CMYK values to redo it. ``pil_cmyk=False``
+  leaves them to TF, so that the graph holds TF ops only (a SavedModel cannot carry a Python call).
   """
   def jpeg():
     components = tf.io.extract_jpeg_shape(contents)[2]
     accurate = lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
+    if not pil_cmyk:
+      return accurate()
     return tf.cond(components == 4, lambda: tf.numpy_function(_pil_rgb, [contents], tf.uint8, stateful=False),
                    accurate)
 
@@ -271,6 +274,20 @@ def normalized_cxcywh(boxes: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
   x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
   h, w = tf.unstack(tf.cast(hw, tf.float32))
   return tf.stack([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h], axis=-1)
+
+
+def eval_resized_size(hw: tf.Tensor, size: int, max_size: int) -> tf.Tensor:
+  """``resized_size`` of one image as TF ops, in the same float64 operations: (2,) int32 (h, w)
+  -> (2,) int32 (out_h, out_w), the shorter side ``size``, the longer at most ``max_size``."""
+  h, w = tf.unstack(tf.cast(hw, tf.int64))
+  lo, hi = tf.cast(tf.minimum(h, w), tf.float64), tf.cast(tf.maximum(h, w), tf.float64)
+  # tf.round rounds half to even, as Python's round in the original.
+  size = tf.where(hi / lo * size > max_size, tf.cast(tf.round(max_size * lo / hi), tf.int64),
+                  tf.constant(size, tf.int64))
+  unchanged = ((w <= h) & (w == size)) | ((h <= w) & (h == size))
+  long_side = lambda a, b: tf.cast(tf.cast(size * a, tf.float64) / tf.cast(b, tf.float64), tf.int64)
+  out = tf.where(w < h, tf.stack([long_side(h, w), size]), tf.stack([size, long_side(w, h)]))
+  return tf.cast(tf.where(unchanged, tf.stack([h, w]), out), tf.int32)
 
 
 def resize_image(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
