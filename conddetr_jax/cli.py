@@ -19,9 +19,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from conddetr_jax import configs  # a list of names: loads no JAX
 
@@ -31,10 +29,10 @@ USER_ERRORS = (OSError, ValueError, ImportError, FloatingPointError, RuntimeErro
 
 # Warnings libraries print on every ordinary run; they read like errors but are expected.
 EXPECTED_WARNINGS = (
-    "Metadata file does not exist",     # Orbax, restoring a checkpoint written without it
-    "Missing metrics for step",         # Orbax CheckpointManager on a workdir it did not write
-    "CheckpointManagerOptions.read_only=True",  # Orbax, reading a training workdir's checkpoints
-    "Given directory is read only",     # (the same)
+  "Metadata file does not exist",  # Orbax, restoring a checkpoint written without it
+  "Missing metrics for step",  # Orbax CheckpointManager on a workdir it did not write
+  "CheckpointManagerOptions.read_only=True",  # Orbax, reading a training workdir's checkpoints
+  "Given directory is read only",  # (the same)
 )
 _VERBOSITY_FLAG = re.compile(r"^--?(v|verbosity)(=(?P<value>-?\d+))?$")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +79,9 @@ def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: boo
 
 
 def _expected_warning(record: std_logging.LogRecord) -> bool:
-  return record.levelno == std_logging.WARNING and any(e in record.getMessage() for e in EXPECTED_WARNINGS)
+  return record.levelno == std_logging.WARNING and any(
+    e in record.getMessage() for e in EXPECTED_WARNINGS
+  )
 
 
 class _ConsoleFilter(std_logging.Filter):
@@ -136,6 +136,7 @@ def setup_console_logging(level: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 def _field_names(group: Any) -> list[str]:
   return sorted(group.keys()) if hasattr(group, "keys") else []
@@ -193,8 +194,12 @@ def _overrides(argv: Sequence[str], flag_name: str) -> list[tuple[str, str | Non
   return out
 
 
-def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str = "config",
-                        flag_values: flags.FlagValues = flags.FLAGS) -> str:
+def describe_flag_error(
+  error: Exception,
+  argv: Sequence[str],
+  config_flag: str = "config",
+  flag_values: flags.FlagValues = flags.FLAGS,
+) -> str:
   """One line saying which flag or config field is wrong in ``argv`` and how (or why the config
   file does not load).
 
@@ -218,18 +223,25 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
       problem = describe_unknown_field(config, path, config_flag)
       if problem:
         return problem
-      bad_value = re.match(rf"flag --{re.escape(config_flag)}\.{re.escape(path)}=.*?: (.*)", str(error), re.S)
+      bad_value = re.match(
+        rf"flag --{re.escape(config_flag)}\.{re.escape(path)}=.*?: (.*)", str(error), re.S
+      )
       if bad_value:
         current = config
         for key in path.split("."):
           current = current[key]
-        return (f"--{config_flag}.{path}={value}: expected {type_phrase(current)} like the default "
-                f"{current!r} ({bad_value[1].strip()})")
+        return (
+          f"--{config_flag}.{path}={value}: expected {type_phrase(current)} like the default "
+          f"{current!r} ({bad_value[1].strip()})"
+        )
   message = str(error).strip()
   if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
     message = message[1:-1].replace("\\n", " ").replace("\\'", "'")
-  message = re.sub(r"^flag (--\S+?)=None: Flag --\S+ must have a value other than None\.?$", r"\1 is required",
-                   message)
+  message = re.sub(
+    r"^flag (--\S+?)=None: Flag --\S+ must have a value other than None\.?$",
+    r"\1 is required",
+    message,
+  )
   return f"{message} (see --helpshort)"
 
 
@@ -277,6 +289,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   A ``USER_ERRORS`` exception raised by ``main`` prints ``error: <message>`` and exits with 1;
   ``-v 1`` shows its traceback instead.
   """
+
   def guarded(argv: list[str]) -> Any:
     level = flags.FLAGS.verbosity
     setup_console_logging(level)
@@ -292,13 +305,17 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- summary
 
-def format_metrics(metrics: Mapping[str, float], names: Sequence[str] = ("AP", "AP50", "AP75")) -> str:
+
+def format_metrics(
+  metrics: Mapping[str, float], names: Sequence[str] = ("AP", "AP50", "AP75")
+) -> str:
   """``AP 0.412  AP50 0.622  AP75 0.437`` from a metrics dict (missing names are left out)."""
   return "  ".join(f"{name} {metrics[name]:.3f}" for name in names if name in metrics)
 
 
-def print_summary(title: str, outputs: Mapping[str, str | None], metrics: Mapping[str, float] | None = None
-                  ) -> None:
+def print_summary(
+  title: str, outputs: Mapping[str, str | None], metrics: Mapping[str, float] | None = None
+) -> None:
   """The closing lines of a command: what it did, where its outputs are, its final metrics.
 
   Args:

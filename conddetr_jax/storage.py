@@ -76,13 +76,17 @@ def credential_setting() -> str:
   """Which emulator or credentials a ``gs://`` request goes to, for error messages."""
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
-    return (f"STORAGE_EMULATOR_HOST={emulator}, "
-            f"TENSORSTORE_GCS_HTTP_URL={os.environ.get('TENSORSTORE_GCS_HTTP_URL', '(unset)')}")
+    return (
+      f"STORAGE_EMULATOR_HOST={emulator}, "
+      f"TENSORSTORE_GCS_HTTP_URL={os.environ.get('TENSORSTORE_GCS_HTTP_URL', '(unset)')}"
+    )
   key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
   if key:
     return f"credentials GOOGLE_APPLICATION_CREDENTIALS={key}"
-  return ("application default credentials (the VM's service account, or `gcloud auth application-default "
-          "login`)")
+  return (
+    "application default credentials (the VM's service account, or `gcloud auth application-default "
+    "login`)"
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +104,16 @@ def _bucket_reached(bucket: str, timeout_s: float, endpoint: str) -> None:
   try:
     # gcsfs's request method (its public calls retry for about a minute on a refused connection);
     # fsspec's own timeout bounds the whole exchange, retries included.
-    asyn.sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, json_out=True, maxResults=1,  # pylint: disable=protected-access
-              timeout=timeout_s)
+    asyn.sync(
+      fs.loop,
+      fs._call,
+      "GET",
+      "b/{}/o",
+      bucket,
+      json_out=True,
+      maxResults=1,  # pylint: disable=protected-access
+      timeout=timeout_s,
+    )
   except FileNotFoundError:
     raise OSError(f"bucket {bucket!r} does not exist") from None
   except asyn.FSTimeoutError:
@@ -112,7 +124,9 @@ def _bucket_reached(bucket: str, timeout_s: float, endpoint: str) -> None:
     raise OSError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def check_reachable(p: "str | os.PathLike[str]", what: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+def check_reachable(
+  p: "str | os.PathLike[str]", what: str, timeout_s: float = REACH_TIMEOUT_S
+) -> None:
   """For a ``gs://`` path, checks within ``timeout_s`` that its bucket exists and answers.
 
   Done before anything else touches the path: the clients behind Orbax and tf.data retry an
@@ -130,7 +144,7 @@ def check_reachable(p: "str | os.PathLike[str]", what: str, timeout_s: float = R
   if not match or match.group(1) != "gs":
     return
   _configure_clients()
-  bucket = os.fspath(p)[len("gs://"):].split("/", 1)[0]
+  bucket = os.fspath(p)[len("gs://") :].split("/", 1)[0]
   try:
     _bucket_reached(bucket, timeout_s, os.environ.get("STORAGE_EMULATOR_HOST", ""))
   except OSError as e:

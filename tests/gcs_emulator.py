@@ -37,11 +37,26 @@ def main(argv: list[str]) -> None:
   # objects.get serves ``alt=media`` by calling the module's ``download``; the download routes
   # hold the function itself (a tuple built at import).
   objects.download = _download_with_generation
-  server.HANDLERS = tuple((regex, {method: _download_with_generation if handler is _download else handler
-                                   for method, handler in handlers.items()})
-                          for regex, handlers in server.HANDLERS)
-  emulator_main.main(["start", "--host=127.0.0.1", f"--port={flags['port']}", "--in-memory", "--quiet",
-                      f"--default-bucket={flags['bucket']}"])
+  server.HANDLERS = tuple(
+    (
+      regex,
+      {
+        method: _download_with_generation if handler is _download else handler
+        for method, handler in handlers.items()
+      },
+    )
+    for regex, handlers in server.HANDLERS
+  )
+  emulator_main.main(
+    [
+      "start",
+      "--host=127.0.0.1",
+      f"--port={flags['port']}",
+      "--in-memory",
+      "--quiet",
+      f"--default-bucket={flags['bucket']}",
+    ]
+  )
 
 
 if __name__ == "__main__":

@@ -16,17 +16,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 import conddetr_jax
-from configs import default
-from configs import test_tiny
-from conddetr_jax.inference import attention_maps
-from conddetr_jax.checkpoints import convert
 from conddetr_jax import models
+from conddetr_jax.checkpoints import convert
+from conddetr_jax.inference import attention_maps
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.transformer import Encoder
+from configs import default, test_tiny
 from tests import hf_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +35,13 @@ SMALL = dict(encoder_layers=2, decoder_layers=3, num_queries=20)
 def _parts(sown: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """A recording layer's intermediates -> part -> (logits, weights), each (B, heads, Q, L)."""
   combined = sown["cross_attn"]
-  return {"combined": (np.asarray(combined["logits"][0]), np.asarray(combined["weights"][0])),
-          **{part: (np.asarray(sown[f"{part}_logits"][0]), np.asarray(sown[f"{part}_weights"][0]))
-             for part in ("content", "spatial")}}
+  return {
+    "combined": (np.asarray(combined["logits"][0]), np.asarray(combined["weights"][0])),
+    **{
+      part: (np.asarray(sown[f"{part}_logits"][0]), np.asarray(sown[f"{part}_weights"][0]))
+      for part in ("content", "spatial")
+    },
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,8 +108,9 @@ def test_each_part_is_its_own_softmax_over_the_valid_keys():
     assert (weights[np.broadcast_to(padded, weights.shape)] == 0).all(), part
     shifted = np.where(padded, -np.inf, logits.astype(np.float64))
     shifted = np.exp(shifted - shifted.max(axis=-1, keepdims=True))
-    np.testing.assert_allclose(weights, shifted / shifted.sum(axis=-1, keepdims=True), rtol=0,
-                               atol=1e-6, err_msg=part)
+    np.testing.assert_allclose(
+      weights, shifted / shifted.sum(axis=-1, keepdims=True), rtol=0, atol=1e-6, err_msg=part
+    )
 
 
 def _lowered_texts(config, model) -> tuple[str, str, str]:
@@ -147,8 +151,9 @@ def test_collecting_the_maps_leaves_the_detections_as_they_are():
   image = jax.random.normal(jax.random.PRNGKey(2), (1, 64, 64, 3))
   mask = jnp.zeros((1, 64, 64), bool).at[:, :, 40:].set(True)
   out = plain.apply(variables, image, mask)
-  recording, _ = plain.clone(cross_attention_layer=0).apply(variables, image, mask,
-                                                            mutable=["intermediates"])
+  recording, _ = plain.clone(cross_attention_layer=0).apply(
+    variables, image, mask, mutable=["intermediates"]
+  )
   for name in ("pred_logits", "pred_boxes"):
     np.testing.assert_allclose(recording[name], out[name], rtol=1e-6, atol=1e-6)
 
@@ -215,14 +220,30 @@ def test_predict_attention_writes_a_png_and_the_raw_maps_per_detection(checkpoin
   path, photo = checkpoint
   out = tmp_path / "out"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "predict.py", "--config=configs/test_tiny.py",
-                         "--config.evaluation.top_k=2", f"--checkpoint={path}", f"--out={out}",
-                         "--threshold=0.0", "--attention", photo],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "predict.py",
+      "--config=configs/test_tiny.py",
+      "--config.evaluation.top_k=2",
+      f"--checkpoint={path}",
+      f"--out={out}",
+      "--threshold=0.0",
+      "--attention",
+      photo,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   [record] = json.loads((out / "detections.json").read_text())
-  assert [os.path.basename(a["png"]) for a in record["attention"]] == ["photo_attention_0.png",
-                                                                      "photo_attention_1.png"]
+  assert [os.path.basename(a["png"]) for a in record["attention"]] == [
+    "photo_attention_0.png",
+    "photo_attention_1.png",
+  ]
   config = test_tiny.get_config()
   config.evaluation.top_k = 2
   expected = conddetr_jax.load_detector(config, path, threshold=0.0).attention(photo)

@@ -28,31 +28,31 @@ from conddetr_jax.hardware import chips, gpu_targets
 
 # --topology name -> (HBM GB, dense bf16 TFLOP/s or None, HBM bandwidth GB/s), NVIDIA datasheets.
 NVIDIA = {
-    "v100-16g": (16, None, 900),
-    "v100-32g": (32, None, 900),
-    "a100-40g": (40, 312, 1555),
-    "a100-80g": (80, 312, 2039),
-    "h100": (80, 989, 3350),
-    "h200": (141, 989, 4800),
+  "v100-16g": (16, None, 900),
+  "v100-32g": (32, None, 900),
+  "a100-40g": (40, 312, 1555),
+  "a100-80g": (80, 312, 2039),
+  "h100": (80, 989, 3350),
+  "h200": (141, 989, 4800),
 }
 
 # device_kind (as JAX reports it) -> (chip, HBM GiB, dense bf16 TFLOP/s, HBM GB/s), Google Cloud TPU docs.
 GOOGLE = {
-    "TPU v4": ("v4", 32, 275, 1200),
-    "TPU v5 lite": ("v5e", 16, 197, 819),
-    "TPU v5e": ("v5e", 16, 197, 819),
-    "TPU v5": ("v5p", 95, 459, 2765),
-    "TPU v5p": ("v5p", 95, 459, 2765),
-    "TPU v6 lite": ("v6e", 32, 918, 1640),
-    "TPU v6e": ("v6e", 32, 918, 1640),
+  "TPU v4": ("v4", 32, 275, 1200),
+  "TPU v5 lite": ("v5e", 16, 197, 819),
+  "TPU v5e": ("v5e", 16, 197, 819),
+  "TPU v5": ("v5p", 95, 459, 2765),
+  "TPU v5p": ("v5p", 95, 459, 2765),
+  "TPU v6 lite": ("v6e", 32, 918, 1640),
+  "TPU v6e": ("v6e", 32, 918, 1640),
 }
 
 # GPUs the telemetry knows but the aot tool does not compile for: device_kind -> (chip, GB, bf16, GB/s).
 OTHER_NVIDIA = {
-    "NVIDIA L4": ("l4", 24, 121, 300),
-    "NVIDIA H100 PCIe": ("h100-pcie", 80, 756, 2000),
-    "NVIDIA A100 80GB PCIe": ("a100-80g-pcie", 80, 312, 1935),
-    "NVIDIA A100-PCIE-40GB": ("a100-40g-pcie", 40, 312, 1555),
+  "NVIDIA L4": ("l4", 24, 121, 300),
+  "NVIDIA H100 PCIe": ("h100-pcie", 80, 756, 2000),
+  "NVIDIA A100 80GB PCIe": ("a100-80g-pcie", 80, 312, 1935),
+  "NVIDIA A100-PCIE-40GB": ("a100-40g-pcie", 40, 312, 1555),
 }
 
 
@@ -71,7 +71,9 @@ def test_each_gpu_has_its_datasheet_memory_bf16_peak_and_bandwidth(name):
   # What the compiler is told and what the aot tool compares peaks with.
   assert f"device_memory_size: {memory_gb * 2**30}\n" in gpu.target_config()
   assert f"memory_bandwidth: {bandwidth_gbs * 10**9}\n" in gpu.target_config()
-  assert devices.chip_of(_device(gpu.device_kind)) == chips.Chip(name, memory_gb, bf16_tflops, bandwidth_gbs)
+  assert devices.chip_of(_device(gpu.device_kind)) == chips.Chip(
+    name, memory_gb, bf16_tflops, bandwidth_gbs
+  )
 
 
 def test_every_gpu_of_the_tool_is_pinned():

@@ -73,7 +73,8 @@ def images_alone_and_padded(seed=0):
 
 def forward(config, variables, images, pad_mask):
   out = jax.jit(functools.partial(models.build_model(config).apply, train=False))(
-      variables, jnp.asarray(images), jnp.asarray(pad_mask))
+    variables, jnp.asarray(images), jnp.asarray(pad_mask)
+  )
   return np.asarray(out["pred_logits"]), np.asarray(out["pred_boxes"])
 
 
@@ -130,8 +131,11 @@ def targets(boxes_per_image, max_boxes=8, seed=0):
     boxes[i, :n, 2:] = rng.uniform(0.1, 0.5, (n, 2))
     labels[i, :n] = rng.integers(0, 10, n)
     valid[i, :n] = True
-  return {"boxes": jnp.asarray(boxes), "labels": jnp.asarray(labels),
-          "box_valid": jnp.asarray(valid)}
+  return {
+    "boxes": jnp.asarray(boxes),
+    "labels": jnp.asarray(labels),
+    "box_valid": jnp.asarray(valid),
+  }
 
 
 def loss_and_grads(config, variables, images, pad_mask, labels):
@@ -139,7 +143,8 @@ def loss_and_grads(config, variables, images, pad_mask, labels):
   loss_fn = step.set_loss_fn(model, variables["batch_stats"], config)
   batch = {"image": jnp.asarray(images), "pad_mask": jnp.asarray(pad_mask), **labels}
   (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      variables["params"], batch, jax.random.PRNGKey(0))
+    variables["params"], batch, jax.random.PRNGKey(0)
+  )
   return float(loss), grads
 
 
@@ -155,15 +160,17 @@ def test_masked_train_step_on_a_padded_batch_equals_the_unpadded_one_image_steps
   combined_loss, combined_grads = 0.0, None
   for i, (h, w) in enumerate(sizes):
     pad_mask[i, :h, :w] = False
-    one = jax.tree.map(lambda x: x[i:i + 1], labels)
-    loss, grads = loss_and_grads(config, variables, batch[i:i + 1, :h, :w],
-                                 np.zeros((1, h, w), bool), one)
+    one = jax.tree.map(lambda x: x[i : i + 1], labels)
+    loss, grads = loss_and_grads(
+      config, variables, batch[i : i + 1, :h, :w], np.zeros((1, h, w), bool), one
+    )
     # Each one-image loss is normalised by its own box count, the batch's by the sum of them.
     share = counts[i] / sum(counts)
     combined_loss += share * loss
     grads = jax.tree.map(lambda g: share * g, grads)
-    combined_grads = grads if combined_grads is None else jax.tree.map(jnp.add, combined_grads,
-                                                                       grads)
+    combined_grads = (
+      grads if combined_grads is None else jax.tree.map(jnp.add, combined_grads, grads)
+    )
   loss, grads = loss_and_grads(config, variables, batch, pad_mask, labels)
   np.testing.assert_allclose(loss, combined_loss, rtol=GRAD_RTOL)
   flat = jax.tree_util.tree_leaves_with_path(grads)
@@ -173,7 +180,8 @@ def test_masked_train_step_on_a_padded_batch_equals_the_unpadded_one_image_steps
   for path, g in flat:
     e = np.asarray(expected[path])
     scale = np.abs(e).max()
-    np.testing.assert_allclose(np.asarray(g), e, atol=GRAD_RTOL * scale + noise, rtol=0,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(g), e, atol=GRAD_RTOL * scale + noise, rtol=0, err_msg=jax.tree_util.keystr(path)
+    )
     backbone_checked += "backbone" in jax.tree_util.keystr(path) and scale > 0
   assert backbone_checked == 10, "every conv of the stem, layer1 and layer2 must be compared"

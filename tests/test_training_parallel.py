@@ -72,11 +72,25 @@ np.savez(sys.argv[1], **out)
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-  result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(
+  tmp_path,
+):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+    XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip(),
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-5000:]
   out = dict(np.load(tmp_path / "out.npz"))
 
@@ -84,11 +98,13 @@ def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_a
   assert [int(out[f"{n}_compiles_in_first_step"]) for n in ("one", "jit", "pmap")] == [0, 0, 0]
   np.testing.assert_allclose(out["jit_loss"], out["one_loss"], rtol=1e-5)
   np.testing.assert_allclose(out["pmap_loss"], out["one_loss"], rtol=1e-5)
-  param_keys = [k[len("one"):] for k in out if k.startswith("one[")]
+  param_keys = [k[len("one") :] for k in out if k.startswith("one[")]
   assert param_keys
   moved = 0
   for key in param_keys:
     for name in ("jit", "pmap"):
-      np.testing.assert_allclose(out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key)
+      np.testing.assert_allclose(
+        out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key
+      )
     moved += not np.array_equal(out["one" + key], out["initial" + key])
   assert moved > len(param_keys) // 2  # the step did update the parameters being compared

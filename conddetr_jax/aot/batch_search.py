@@ -26,6 +26,7 @@ class BatchTry:
     capacity_bytes: the capacity the try was held against, when it says (the TPU compiler's refusal
       names the HBM it may use, a little under the chip's nominal capacity); the search then aims at it.
   """
+
   fits: bool
   peak_bytes: float | None = None
   capacity_bytes: float | None = None
@@ -37,7 +38,9 @@ DOUBLING = "doubling"
 BISECTION = "bisection"
 
 
-def _line_through(points: dict[int, float], capacity: float, good: int, bad: int) -> tuple[float, int, int] | None:
+def _line_through(
+  points: dict[int, float], capacity: float, good: int, bad: int
+) -> tuple[float, int, int] | None:
   """Where the line through two measured peaks reaches ``capacity``: (batch, n1, n2), or None.
 
   The two points nearest the boundary: the largest fitting batch and the smallest failing one when
@@ -62,8 +65,13 @@ def _line_through(points: dict[int, float], capacity: float, good: int, bad: int
   return (at, n1, n2) if math.isfinite(at) else None
 
 
-def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_bytes: float, *, start: int = 1,
-                          limit: int = 4096) -> int:
+def largest_fitting_batch(
+  try_batch: Callable[[int, str], BatchTry],
+  capacity_bytes: float,
+  *,
+  start: int = 1,
+  limit: int = 4096,
+) -> int:
   """The largest batch ``b`` in [1, ``limit``] that fits, 0 if 1 does not; each batch is tried at most once.
 
   Args:

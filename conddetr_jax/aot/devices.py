@@ -9,6 +9,7 @@ import jax
 
 from conddetr_jax.hardware import chips, gpu_targets
 
+
 class CompilerMissingError(RuntimeError):
   """The compiler for the named topology is not installed (the message says how to install it)."""
 
@@ -61,25 +62,34 @@ def topology_devices(name: str) -> list[Any]:
     ValueError: naming the topology, if libtpu does not know it.
   """
   if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
-    raise LibtpuMissingError(f"compiling for a TPU slice needs the TPU compiler (libtpu), which is not installed. "
-                             f"Install it with: {install_command()}   (no TPU needed)")
+    raise LibtpuMissingError(
+      f"compiling for a TPU slice needs the TPU compiler (libtpu), which is not installed. "
+      f"Install it with: {install_command()}   (no TPU needed)"
+    )
   _quiet_libtpu()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
-      raise LibtpuMissingError(f"JAX found no TPU compiler: {e}. Install it with: {install_command()}") from e
+      raise LibtpuMissingError(
+        f"JAX found no TPU compiler: {e}. Install it with: {install_command()}"
+      ) from e
     if "INVALID_ARGUMENT" not in str(e) and "NOT_FOUND" not in str(e):
       raise
-    raise ValueError(f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
-                     f"v4:2x2x2, v6e:2x2): {e}") from e
+    raise ValueError(
+      f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
+      f"v4:2x2x2, v6e:2x2): {e}"
+    ) from e
 
 
 def gpu_install_command() -> str:
   """The commands that install the GPU compiler into a folder of its own and point the tool at it."""
-  return (f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
-          f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler")
+  return (
+    f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
+    f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler"
+  )
 
 
 def gpu_compiler_options() -> dict[str, Any]:
@@ -116,19 +126,25 @@ def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
   if folder and os.path.isdir(folder) and folder not in sys.path:
     sys.path.append(folder)
   if not gpu_compiler_importable():
-    raise CompilerMissingError("compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
-                               f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
-                               f"{gpu_install_command()}   (no GPU needed)")
+    raise CompilerMissingError(
+      "compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
+      f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
+      f"{gpu_install_command()}   (no GPU needed)"
+    )
   # The plugin checks the CUDA runtime libraries' versions when it loads: none are installed (none
   # are needed to compile), and the host side runs on the CPU.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
-    desc = topologies.get_topology_desc(platform="cuda", target_config=topology.gpu.target_config(),
-                                        topology=topology.topology_string)
+    desc = topologies.get_topology_desc(
+      platform="cuda", target_config=topology.gpu.target_config(), topology=topology.topology_string
+    )
   except NotImplementedError as e:  # JAX registered its plugins before the folder was on the path
-    raise CompilerMissingError(f"JAX started without the GPU compiler ({e}): put {folder or 'its folder'} on "
-                               "PYTHONPATH before JAX starts") from e
+    raise CompilerMissingError(
+      f"JAX started without the GPU compiler ({e}): put {folder or 'its folder'} on "
+      "PYTHONPATH before JAX starts"
+    ) from e
   return list(desc.devices)
 
 

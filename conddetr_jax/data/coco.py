@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from conddetr_jax import storage
-from conddetr_jax.data import files
-from conddetr_jax.data import synthetic
+from conddetr_jax.data import files, synthetic
 
 SPLITS = ("train", "val")
 
@@ -54,6 +53,7 @@ class Split:
     categories: category id -> name.
     missing: (N,) bool, True where the image file does not exist.
   """
+
   ann_path: str
   image_dir: str
   image_ids: np.ndarray
@@ -76,8 +76,12 @@ class Split:
 def synthetic_scenes(config: ml_collections.ConfigDict) -> synthetic.Scenes:
   """The synthetic dataset's drawing parameters from ``config.dataset.synthetic_*``."""
   ds = config.dataset
-  return synthetic.Scenes(image_size=tuple(ds.synthetic_image_size), object_size=tuple(ds.synthetic_object_size),
-                          max_objects=ds.synthetic_max_objects, max_overlap=ds.synthetic_max_overlap)
+  return synthetic.Scenes(
+    image_size=tuple(ds.synthetic_image_size),
+    object_size=tuple(ds.synthetic_object_size),
+    max_objects=ds.synthetic_max_objects,
+    max_overlap=ds.synthetic_max_overlap,
+  )
 
 
 def default_generated_root(config: ml_collections.ConfigDict) -> str:
@@ -86,9 +90,21 @@ def default_generated_root(config: ml_collections.ConfigDict) -> str:
   ds = config.dataset
   if ds.source == "synthetic":
     scenes = synthetic_scenes(config)
-    name = "_".join(["synthetic"] + [f"{v:g}" for v in (ds.synthetic_num_train, ds.synthetic_num_val,
-                                                        *scenes.image_size, *scenes.object_size,
-                                                        scenes.max_objects, scenes.max_overlap, ds.synthetic_seed)])
+    name = "_".join(
+      ["synthetic"]
+      + [
+        f"{v:g}"
+        for v in (
+          ds.synthetic_num_train,
+          ds.synthetic_num_val,
+          *scenes.image_size,
+          *scenes.object_size,
+          scenes.max_objects,
+          scenes.max_overlap,
+          ds.synthetic_seed,
+        )
+      ]
+    )
   else:
     name = "tfds_" + ds.tfds_name.replace("/", "_")
   cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
@@ -104,9 +120,11 @@ def _refuse_user_files(ds: ml_collections.ConfigDict) -> None:
   (training and evaluating on generated shapes instead) or, for ``root``, write shapes into."""
   named = [f"config.dataset.{f}={ds[f]!r}" for f in USER_DATA_FIELDS if ds[f]]
   if named:
-    raise ValueError(f"{', '.join(named)}: this config's dataset.source='synthetic' generates its own images "
-                     "(under config.dataset.synthetic_dir) and reads no files; add --config.dataset.source=coco "
-                     "to use COCO-format files")
+    raise ValueError(
+      f"{', '.join(named)}: this config's dataset.source='synthetic' generates its own images "
+      "(under config.dataset.synthetic_dir) and reads no files; add --config.dataset.source=coco "
+      "to use COCO-format files"
+    )
 
 
 def _root(config: ml_collections.ConfigDict) -> str:
@@ -141,8 +159,10 @@ def resolve_split(config: ml_collections.ConfigDict, split: str) -> tuple[str, s
   ann, images = ds[f"{split}_ann"], ds[f"{split}_images"]
   if ds.source == "coco" and (ann or images):
     if not (ann and images):
-      raise ValueError(f"config.dataset.{split}_ann and config.dataset.{split}_images must be given together "
-                       f"(got {ann!r} and {images!r}).\n{EXPECTED_LAYOUT}")
+      raise ValueError(
+        f"config.dataset.{split}_ann and config.dataset.{split}_images must be given together "
+        f"(got {ann!r} and {images!r}).\n{EXPECTED_LAYOUT}"
+      )
     storage.check_reachable(ann, f"config.dataset.{split}_ann")
     storage.check_reachable(images, f"config.dataset.{split}_images")
   else:
@@ -169,8 +189,13 @@ def annotation_path(config: ml_collections.ConfigDict, split: str) -> str:
 def _missing_files(image_dir: str, file_names: list[str]) -> np.ndarray:
   """(N,) bool: which files do not exist. One directory listing instead of N stat calls."""
   present = set(storage.listdir(image_dir))
-  return np.array([(not storage.path(storage.join(image_dir, f)).exists()) if os.sep in f else f not in present
-                   for f in file_names], bool)
+  return np.array(
+    [
+      (not storage.path(storage.join(image_dir, f)).exists()) if os.sep in f else f not in present
+      for f in file_names
+    ],
+    bool,
+  )
 
 
 def _image_size(path: str) -> tuple[int, int] | None:
@@ -228,11 +253,18 @@ def parse_annotations(content: dict, ann_path: str, image_dir: str) -> Split:
   flat = [t for p in per_image for t in p]
   table = np.array(flat, np.float64).reshape(-1, 5)
   categories = {int(c["id"]): str(c.get("name", c["id"])) for c in content.get("categories", [])}
-  return Split(ann_path=ann_path, image_dir=image_dir, image_ids=image_ids,
-               file_names=np.array(file_names, dtype=object), sizes=sizes,
-               box_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-               boxes=table[:, :4].astype(np.float32), labels=table[:, 4].astype(np.int32),
-               categories=categories, missing=missing)
+  return Split(
+    ann_path=ann_path,
+    image_dir=image_dir,
+    image_ids=image_ids,
+    file_names=np.array(file_names, dtype=object),
+    sizes=sizes,
+    box_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    boxes=table[:, :4].astype(np.float32),
+    labels=table[:, 4].astype(np.int32),
+    categories=categories,
+    missing=missing,
+  )
 
 
 @functools.lru_cache(maxsize=4)
@@ -246,12 +278,19 @@ def _load_cached(ann_path: str, image_dir: str, version: float) -> Split:
   split = parse_annotations(content, ann_path, image_dir)
   n_missing = int(split.missing.sum())
   if n_missing == len(split):
-    raise FileNotFoundError(f"None of the {len(split)} images listed in {ann_path} is in {image_dir} "
-                            f"(e.g. {split.path(0)}).\n{EXPECTED_LAYOUT}")
+    raise FileNotFoundError(
+      f"None of the {len(split)} images listed in {ann_path} is in {image_dir} "
+      f"(e.g. {split.path(0)}).\n{EXPECTED_LAYOUT}"
+    )
   if n_missing:
     examples = ", ".join(split.path(i) for i in np.flatnonzero(split.missing)[:3])
-    logging.warning("%d of %d images listed in %s are missing (e.g. %s)", n_missing, len(split), ann_path,
-                    examples)
+    logging.warning(
+      "%d of %d images listed in %s are missing (e.g. %s)",
+      n_missing,
+      len(split),
+      ann_path,
+      examples,
+    )
   return split
 
 
@@ -272,19 +311,26 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> None:
   ds = config.dataset
   if ds.source == "synthetic":
     root = _root(config)
-    if synthetic.write_dataset(root, ds.synthetic_num_train, ds.synthetic_num_val, synthetic_scenes(config),
-                               ds.synthetic_seed):
+    if synthetic.write_dataset(
+      root,
+      ds.synthetic_num_train,
+      ds.synthetic_num_val,
+      synthetic_scenes(config),
+      ds.synthetic_seed,
+    ):
       logging.info("Wrote the synthetic dataset to %s", root)
   elif ds.source == "tfds":
     # Imported here: tensorflow_datasets is slow to import and only this source needs it.
     from conddetr_jax.data import tfds_export  # pylint: disable=g-import-not-at-top
+
     tfds_export.export(ds.tfds_name, ds.tfds_data_dir or None, _root(config))
   for split in SPLITS:
     try:
       resolve_split(config, split)
     except FileNotFoundError as e:  # every command says which setting to fix, the same way
-      raise FileNotFoundError(f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}"
-                              ) from None
+      raise FileNotFoundError(
+        f"config.dataset (source={ds.source!r}, root={ds.root!r}) names no dataset: {e}"
+      ) from None
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
@@ -307,9 +353,11 @@ def check_num_classes(config: ml_collections.ConfigDict) -> None:
   """
   needed = num_classes(config)
   if needed > config.model.num_classes:
-    raise ValueError(f"the largest category id of {annotation_path(config, 'train')} is {needed - 1}, but "
-                     f"config.model.num_classes={config.model.num_classes}: set "
-                     f"--config.model.num_classes={needed} (the largest id + 1)")
+    raise ValueError(
+      f"the largest category id of {annotation_path(config, 'train')} is {needed - 1}, but "
+      f"config.model.num_classes={config.model.num_classes}: set "
+      f"--config.model.num_classes={needed} (the largest id + 1)"
+    )
 
 
 def category_names(config: ml_collections.ConfigDict) -> dict[int, str]:

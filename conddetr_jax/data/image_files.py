@@ -13,8 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from conddetr_jax import storage
-from conddetr_jax.data import batching
-from conddetr_jax.data import transforms
+from conddetr_jax.data import batching, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +27,7 @@ class LoadedImage:
     pad_mask: (1, H, W) bool, True on padding.
     orig_size: (1, 2) int32 (h, w) of ``pixels``.
   """
+
   pixels: np.ndarray
   image: np.ndarray
   pad_mask: np.ndarray
@@ -64,17 +64,24 @@ def prepare_image(pixels: np.ndarray, config: ml_collections.ConfigDict) -> Load
   pil = Image.fromarray(pixels)
   ds = config.dataset
   h, w = pil.height, pil.width
-  out_h, out_w = (int(v[0]) for v in transforms.resized_size(np.array([h]), np.array([w]), ds.eval_size,
-                                                             ds.eval_max_size))
-  resized = np.asarray(pil.resize((out_w, out_h), Image.BILINEAR) if (out_h, out_w) != (h, w) else pil,
-                       np.float32)
-  normalised = (resized / 255.0 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)
+  out_h, out_w = (
+    int(v[0])
+    for v in transforms.resized_size(np.array([h]), np.array([w]), ds.eval_size, ds.eval_max_size)
+  )
+  resized = np.asarray(
+    pil.resize((out_w, out_h), Image.BILINEAR) if (out_h, out_w) != (h, w) else pil, np.float32
+  )
+  normalised = (resized / 255.0 - np.array(transforms.IMAGENET_MEAN)) / np.array(
+    transforms.IMAGENET_STD
+  )
   pad_h, pad_w = (int(v) for v in batching.round_up(np.array([out_h, out_w]), ds.size_divisibility))
   image = np.zeros((1, pad_h, pad_w, 3), np.float32)
   image[0, :out_h, :out_w] = normalised
   pad_mask = np.ones((1, pad_h, pad_w), bool)
   pad_mask[0, :out_h, :out_w] = False
-  return LoadedImage(pixels=pixels, image=image, pad_mask=pad_mask, orig_size=np.array([[h, w]], np.int32))
+  return LoadedImage(
+    pixels=pixels, image=image, pad_mask=pad_mask, orig_size=np.array([[h, w]], np.int32)
+  )
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:

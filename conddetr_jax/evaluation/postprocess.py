@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from conddetr_jax.criterion import boxes as box_ops
 
 
-def postprocess(out: dict, orig_sizes: jax.Array, top_k: int = 100,
-                with_queries: bool = False) -> dict[str, jax.Array]:
+def postprocess(
+  out: dict, orig_sizes: jax.Array, top_k: int = 100, with_queries: bool = False
+) -> dict[str, jax.Array]:
   """The original's PostProcess: the top_k (query, class) pairs of each image.
 
   Every query scores every class independently (sigmoid, no background), so one

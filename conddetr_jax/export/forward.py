@@ -16,9 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from conddetr_jax.data import image_files
 from conddetr_jax import models
-from conddetr_jax.data import batching
+from conddetr_jax.data import batching, image_files
 
 Forward = Callable[[Sequence[jax.Array], jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -32,8 +31,10 @@ def buckets(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
   ds = config.dataset
   if ds.eval_max_size is None:
     raise ValueError("config.dataset.eval_max_size is None: an export needs a bounded image size")
-  short, long = (int(v) for v in batching.round_up(np.array([ds.eval_size, ds.eval_max_size]),
-                                                   ds.size_divisibility))
+  short, long = (
+    int(v)
+    for v in batching.round_up(np.array([ds.eval_size, ds.eval_max_size]), ds.size_divisibility)
+  )
   return [(short, long)] if short == long else [(short, long), (long, short)]
 
 
@@ -64,14 +65,17 @@ def forward_fn(config: ml_collections.ConfigDict, treedef: Any) -> Forward:
   model = models.build_model(config)
 
   def forward(weights, image, pad_mask):
-    out = model.apply(jax.tree_util.tree_unflatten(treedef, list(weights)), image, pad_mask, train=False)
+    out = model.apply(
+      jax.tree_util.tree_unflatten(treedef, list(weights)), image, pad_mask, train=False
+    )
     return out["pred_logits"], out["pred_boxes"]
 
   return forward
 
 
-def padded_batch(pixels: Sequence[np.ndarray], config: ml_collections.ConfigDict,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def padded_batch(
+  pixels: Sequence[np.ndarray], config: ml_collections.ConfigDict, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Images prepared as predict.py does (``image_files.prepare_image``), padded to one bucket.
 
   Args:

@@ -19,9 +19,11 @@ import numpy as np
 
 from conddetr_jax.export import forward
 
-NOT_CARRIED = ("onnx carries the model only (logits and boxes of preprocessed images padded to a bucket): "
-               "ONNX has no image decoder, so decoding, resizing, normalisation and post-processing "
-               "stay with the caller")
+NOT_CARRIED = (
+  "onnx carries the model only (logits and boxes of preprocessed images padded to a bucket): "
+  "ONNX has no image decoder, so decoding, resizing, normalisation and post-processing "
+  "stay with the caller"
+)
 
 
 def model_file(size: tuple[int, int]) -> str:
@@ -40,6 +42,7 @@ def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> li
   for name in ("jax2onnx.plugins.plugin_system", "onnx_ir.serde"):
     logging.getLogger(name).setLevel(logging.ERROR)
   import jax2onnx  # pylint: disable=g-import-not-at-top  (optional: only this format needs it)
+
   os.makedirs(out_dir, exist_ok=True)
   weights, treedef = forward.flat_weights(variables)
   run = forward.forward_fn(config, treedef)
@@ -47,21 +50,34 @@ def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> li
   paths = []
   for size in forward.buckets(config):
     paths.append(os.path.join(out_dir, model_file(size)))
-    jax2onnx.to_onnx(lambda image, pad_mask: run(weights, image, pad_mask),
-                     [jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32),
-                      jax.ShapeDtypeStruct((batch, *size), jnp.bool_)],
-                     model_name="conddetr", input_names=["image", "pad_mask"], output_names=["logits", "boxes"],
-                     return_mode="file", output_path=paths[-1])
+    jax2onnx.to_onnx(
+      lambda image, pad_mask: run(weights, image, pad_mask),
+      [
+        jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32),
+        jax.ShapeDtypeStruct((batch, *size), jnp.bool_),
+      ],
+      model_name="conddetr",
+      input_names=["image", "pad_mask"],
+      output_names=["logits", "boxes"],
+      return_mode="file",
+      output_path=paths[-1],
+    )
   return paths
 
 
-def load(out_dir: str, size: tuple[int, int]) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
+def load(
+  out_dir: str, size: tuple[int, int]
+) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
   """One bucket's written model in onnxruntime (CPU) as ``f(image, pad_mask) -> [logits, boxes]``.
 
   Raises:
     ImportError: onnxruntime is not installed.
   """
   import onnxruntime  # pylint: disable=g-import-not-at-top  (optional: only this format needs it)
-  session = onnxruntime.InferenceSession(os.path.join(out_dir, model_file(size)),
-                                         providers=["CPUExecutionProvider"])
-  return lambda image, pad_mask: session.run(["logits", "boxes"], {"image": image, "pad_mask": pad_mask})
+
+  session = onnxruntime.InferenceSession(
+    os.path.join(out_dir, model_file(size)), providers=["CPUExecutionProvider"]
+  )
+  return lambda image, pad_mask: session.run(
+    ["logits", "boxes"], {"image": image, "pad_mask": pad_mask}
+  )

@@ -17,23 +17,25 @@ is not images fails with InvalidArgumentError naming the problem; the server kee
 
 from typing import Any
 
+from jax.experimental import jax2tf
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from jax.experimental import jax2tf
 
-from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.data import transforms
-from conddetr_jax.export import forward
-from conddetr_jax.export import stablehlo
-from conddetr_jax.export import verify
+from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.export import forward, stablehlo, verify
 
 OUTPUTS = ("boxes", "scores", "labels", "num_detections")
-NOT_CARRIED = ("saved_model does not apply EXIF orientation (predict.py does) and decodes CMYK JPEGs "
-               "with TF (a grey level from PIL's)")
+NOT_CARRIED = (
+  "saved_model does not apply EXIF orientation (predict.py does) and decodes CMYK JPEGs "
+  "with TF (a grey level from PIL's)"
+)
 
 
-def postprocess(logits: tf.Tensor, boxes: tf.Tensor, orig_size: tf.Tensor, top_k: int) -> dict[str, tf.Tensor]:
+def postprocess(
+  logits: tf.Tensor, boxes: tf.Tensor, orig_size: tf.Tensor, top_k: int
+) -> dict[str, tf.Tensor]:
   """``postprocess.postprocess`` in TF ops: the top_k (query, class) pairs of each image.
 
   Args:
@@ -59,18 +61,31 @@ class Server(tf.Module):
     super().__init__()
     weights, treedef = forward.flat_weights(variables)
     self.weights = [tf.Variable(w, trainable=False) for w in weights]
-    self.default_score_threshold = tf.Variable(float(config.evaluation.score_threshold), trainable=False)
-    self._eval_size, self._eval_max_size = int(config.dataset.eval_size), int(config.dataset.eval_max_size)
+    self.default_score_threshold = tf.Variable(
+      float(config.evaluation.score_threshold), trainable=False
+    )
+    self._eval_size, self._eval_max_size = (
+      int(config.dataset.eval_size),
+      int(config.dataset.eval_max_size),
+    )
     # Smallest first: an image goes to the first bucket it fits.
     self._sizes = sorted(forward.buckets(config), key=lambda s: s[0] * s[1])
     self._envelope = (max(h for h, _ in self._sizes), max(w for _, w in self._sizes))
     self._top_k = coco_eval.top_k(config)
-    self._outputs = ((config.model.num_queries, config.model.num_classes), (config.model.num_queries, 4))
+    self._outputs = (
+      (config.model.num_queries, config.model.num_classes),
+      (config.model.num_queries, 4),
+    )
     run = forward.forward_fn(config, treedef)
     self._programs = [
-        jax2tf.convert(run, polymorphic_shapes=[None, f"(b, {h}, {w}, 3)", f"(b, {h}, {w})"],
-                       native_serialization_platforms=stablehlo.PLATFORMS, with_gradient=False)
-        for h, w in self._sizes]
+      jax2tf.convert(
+        run,
+        polymorphic_shapes=[None, f"(b, {h}, {w}, 3)", f"(b, {h}, {w})"],
+        native_serialization_platforms=stablehlo.PLATFORMS,
+        with_gradient=False,
+      )
+      for h, w in self._sizes
+    ]
 
   def _prepare(self, contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One image's bytes -> (envelope H, W, 3) normalised and zero-padded, (2,) resized (h, w),
@@ -87,16 +102,22 @@ class Server(tf.Module):
     (B, Q, C) and boxes (B, Q, 4)."""
     h, w = self._sizes[index]
     image = image[:, :h, :w]
-    pad_mask = ((tf.range(h)[None, :, None] >= hw[:, 0, None, None])
-                | (tf.range(w)[None, None, :] >= hw[:, 1, None, None]))
+    pad_mask = (tf.range(h)[None, :, None] >= hw[:, 0, None, None]) | (
+      tf.range(w)[None, None, :] >= hw[:, 1, None, None]
+    )
     return tuple(self._programs[index](self.weights, image, pad_mask))
 
   def _detect(self, images: tf.Tensor, score_threshold: tf.Tensor) -> dict[str, tf.Tensor]:
-    check = tf.debugging.assert_positive(tf.size(images), message="expected at least one encoded image, got none")
+    check = tf.debugging.assert_positive(
+      tf.size(images), message="expected at least one encoded image, got none"
+    )
     with tf.control_dependencies([check]):
       images = tf.identity(images)
-    spec = (tf.TensorSpec([*self._envelope, 3], tf.float32), tf.TensorSpec([2], tf.int32),
-            tf.TensorSpec([2], tf.int32))
+    spec = (
+      tf.TensorSpec([*self._envelope, 3], tf.float32),
+      tf.TensorSpec([2], tf.int32),
+      tf.TensorSpec([2], tf.int32),
+    )
     padded, hw, orig = tf.map_fn(self._prepare, images, fn_output_signature=spec)
     bucket = tf.fill(tf.shape(images), len(self._sizes))
     for index in reversed(range(len(self._sizes))):  # the smallest fitting bucket wins
@@ -106,18 +127,25 @@ class Server(tf.Module):
     for index in range(len(self._sizes)):
       where = tf.cast(tf.where(tf.equal(bucket, index))[:, 0], tf.int32)
       # A bucket without images is skipped: its program is not run on an empty batch.
-      out = tf.cond(tf.size(where) > 0,
-                    lambda i=index, at=where: self._run_bucket(i, tf.gather(padded, at), tf.gather(hw, at)),
-                    lambda: (tf.zeros([0, *self._outputs[0]]), tf.zeros([0, *self._outputs[1]])))
+      out = tf.cond(
+        tf.size(where) > 0,
+        lambda i=index, at=where: self._run_bucket(i, tf.gather(padded, at), tf.gather(hw, at)),
+        lambda: (tf.zeros([0, *self._outputs[0]]), tf.zeros([0, *self._outputs[1]])),
+      )
       positions.append(where)
       logits.append(out[0])
       boxes.append(out[1])
-    dets = postprocess(tf.dynamic_stitch(positions, logits), tf.dynamic_stitch(positions, boxes), orig,
-                       self._top_k)
+    dets = postprocess(
+      tf.dynamic_stitch(positions, logits), tf.dynamic_stitch(positions, boxes), orig, self._top_k
+    )
     count = tf.reduce_sum(tf.cast(dets["scores"] >= score_threshold, tf.int32), axis=1)
     kept = tf.range(self._top_k)[None, :] < count[:, None]
-    return {"boxes": tf.where(kept[..., None], dets["boxes"], 0.0), "scores": tf.where(kept, dets["scores"], 0.0),
-            "labels": tf.where(kept, dets["labels"], 0), "num_detections": count}
+    return {
+      "boxes": tf.where(kept[..., None], dets["boxes"], 0.0),
+      "scores": tf.where(kept, dets["scores"], 0.0),
+      "labels": tf.where(kept, dets["labels"], 0),
+      "num_detections": count,
+    }
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.float32)])
   def serve(self, images: tf.Tensor, score_threshold: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -133,7 +161,9 @@ class Server(tf.Module):
 def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> list[str]:
   """Writes the SavedModel into ``out_dir``; returns ``[out_dir]``."""
   server = Server(config, variables)
-  tf.saved_model.save(server, out_dir, signatures={"serving_default": server.serve, "detect": server.detect})
+  tf.saved_model.save(
+    server, out_dir, signatures={"serving_default": server.serve, "detect": server.detect}
+  )
   return [out_dir]
 
 
@@ -143,7 +173,9 @@ def load(out_dir: str, threshold: float) -> verify.Serve:
   loaded = tf.saved_model.load(out_dir)  # the signature holds the variables only weakly
 
   def serve(encoded: list[bytes]) -> tuple[np.ndarray, ...]:
-    out = loaded.signatures["serving_default"](images=tf.constant(encoded, tf.string), score_threshold=tf.constant(threshold, tf.float32))
+    out = loaded.signatures["serving_default"](
+      images=tf.constant(encoded, tf.string), score_threshold=tf.constant(threshold, tf.float32)
+    )
     return tuple(out[name].numpy() for name in OUTPUTS)
 
   return serve

@@ -20,8 +20,10 @@ import numpy as np
 from conddetr_jax.export import forward
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-NOT_CARRIED = ("stablehlo carries the model only (logits and boxes of preprocessed images padded to a bucket): "
-               "decoding, resizing, normalisation and post-processing stay with the caller")
+NOT_CARRIED = (
+  "stablehlo carries the model only (logits and boxes of preprocessed images padded to a bucket): "
+  "decoding, resizing, normalisation and post-processing stay with the caller"
+)
 WEIGHTS_FILE = "weights.npz"
 
 
@@ -30,13 +32,16 @@ def program_file(size: tuple[int, int]) -> str:
   return f"forward_{size[0]}x{size[1]}.jax_export"
 
 
-def export_forward(config: ml_collections.ConfigDict, weights: list[np.ndarray], treedef: Any,
-                   size: tuple[int, int]) -> export.Exported:
+def export_forward(
+  config: ml_collections.ConfigDict, weights: list[np.ndarray], treedef: Any, size: tuple[int, int]
+) -> export.Exported:
   """``forward.forward_fn`` exported for ``PLATFORMS`` at the padded ``size`` (H, W), batch symbolic."""
   (batch,) = export.symbolic_shape("b")
-  specs = ([jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
-           jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32),
-           jax.ShapeDtypeStruct((batch, *size), jnp.bool_))
+  specs = (
+    [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
+    jax.ShapeDtypeStruct((batch, *size, 3), jnp.float32),
+    jax.ShapeDtypeStruct((batch, *size), jnp.bool_),
+  )
   return export.export(jax.jit(forward.forward_fn(config, treedef)), platforms=PLATFORMS)(*specs)
 
 
@@ -53,11 +58,15 @@ def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> li
   return paths
 
 
-def load(out_dir: str, size: tuple[int, int]) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+def load(
+  out_dir: str, size: tuple[int, int]
+) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
   """One bucket's written program as ``f(image, pad_mask) -> (logits, boxes)`` (numpy), as a user
   loads it: ``jax.export.deserialize`` and the weights file, nothing of the model's code."""
   with open(os.path.join(out_dir, program_file(size)), "rb") as f:
     program = export.deserialize(f.read())
   with np.load(os.path.join(out_dir, WEIGHTS_FILE)) as w:
     weights = [w[k] for k in sorted(w.files)]
-  return lambda image, pad_mask: tuple(np.asarray(x) for x in program.call(weights, image, pad_mask))
+  return lambda image, pad_mask: tuple(
+    np.asarray(x) for x in program.call(weights, image, pad_mask)
+  )

@@ -13,10 +13,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from conddetr_jax.evaluation import coco_eval
-from conddetr_jax.data import image_files
 from conddetr_jax import models
-from conddetr_jax.data import synthetic
+from conddetr_jax.data import image_files, synthetic
+from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.export import forward
 
 # A detections function: encoded images -> boxes (B, K, 4), scores (B, K), labels (B, K), count (B,).
@@ -30,8 +29,9 @@ def sample_images(paths: Sequence[str] = (), count: int = 3) -> list[np.ndarray]
   return [synthetic.draw_image(seed=0, split_code=1, index=i)[0] for i in range(count)]
 
 
-def fitting(pixels: Sequence[np.ndarray], config: ml_collections.ConfigDict,
-            size: tuple[int, int]) -> list[np.ndarray]:
+def fitting(
+  pixels: Sequence[np.ndarray], config: ml_collections.ConfigDict, size: tuple[int, int]
+) -> list[np.ndarray]:
   """The images, each turned a quarter (transposed) when its resized size does not fit ``size``
   (H, W), so that a landscape bucket and a portrait one are both checked on every image."""
   out = []
@@ -42,17 +42,23 @@ def fitting(pixels: Sequence[np.ndarray], config: ml_collections.ConfigDict,
   return out
 
 
-def forward_difference(config: ml_collections.ConfigDict, variables: Any,
-                       run: Callable[[np.ndarray, np.ndarray], Sequence[np.ndarray]],
-                       size: tuple[int, int], pixels: Sequence[np.ndarray]) -> float:
+def forward_difference(
+  config: ml_collections.ConfigDict,
+  variables: Any,
+  run: Callable[[np.ndarray, np.ndarray], Sequence[np.ndarray]],
+  size: tuple[int, int],
+  pixels: Sequence[np.ndarray],
+) -> float:
   """The largest absolute difference of ``run(image, pad_mask) -> (logits, boxes)`` from the JAX
   model's, on ``pixels`` prepared and padded to the bucket ``size`` (one batch)."""
   image, pad_mask, _ = forward.padded_batch(fitting(pixels, config, size), config, size)
   weights, treedef = forward.flat_weights(variables)
   expected = jax.jit(forward.forward_fn(config, treedef))(weights, image, pad_mask)
   got = run(image, pad_mask)
-  return max(float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))))
-             for g, e in zip(got, expected))
+  return max(
+    float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(e, np.float64))))
+    for g, e in zip(got, expected)
+  )
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -62,8 +68,13 @@ def encode_png(pixels: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def detection_difference(config: ml_collections.ConfigDict, variables: Any, serve: Serve,
-                         encoded: Sequence[bytes], threshold: float) -> dict[str, float]:
+def detection_difference(
+  config: ml_collections.ConfigDict,
+  variables: Any,
+  serve: Serve,
+  encoded: Sequence[bytes],
+  threshold: float,
+) -> dict[str, float]:
   """How far ``serve``'s detections of the encoded images are from predict.py's.
 
   Returns:
@@ -77,12 +88,16 @@ def detection_difference(config: ml_collections.ConfigDict, variables: Any, serv
   model = models.build_model(config)
   box_px, score = 0.0, 0.0
   for i, data in enumerate(encoded):
-    loaded = image_files.prepare_image(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), config)
+    loaded = image_files.prepare_image(
+      np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), config
+    )
     ref = coco_eval.detect_image(variables, loaded, model=model, k=coco_eval.top_k(config))
     n = int((ref["scores"] >= threshold).sum())
     if int(count[i]) != n or not np.array_equal(labels[i, :n], ref["labels"][:n]):
-      raise ValueError(f"image {i}: {int(count[i])} detections labelled {labels[i, :int(count[i])].tolist()}, "
-                       f"the model gives {n} labelled {ref['labels'][:n].tolist()}")
+      raise ValueError(
+        f"image {i}: {int(count[i])} detections labelled {labels[i, : int(count[i])].tolist()}, "
+        f"the model gives {n} labelled {ref['labels'][:n].tolist()}"
+      )
     if n:
       box_px = max(box_px, float(np.abs(boxes[i, :n] - ref["boxes"][:n]).max()))
       score = max(score, float(np.abs(scores[i, :n] - ref["scores"][:n]).max()))

@@ -8,8 +8,7 @@ from typing import Any, Sequence
 import ml_collections
 from PIL import Image
 
-from conddetr_jax.export import forward
-from conddetr_jax.export import verify
+from conddetr_jax.export import forward, verify
 
 FORMATS = ("stablehlo", "saved_model", "onnx")
 BOX_PX_TOLERANCE = 0.5  # a SavedModel's boxes vs predict.py's, in image pixels
@@ -24,8 +23,14 @@ def _encoded(pixels: Any, index: int) -> bytes:
   return buffer.getvalue()
 
 
-def export(config: ml_collections.ConfigDict, variables: Any, out_dir: str, formats: Sequence[str],
-           images: Sequence[Any], tolerance: float) -> list[str]:
+def export(
+  config: ml_collections.ConfigDict,
+  variables: Any,
+  out_dir: str,
+  formats: Sequence[str],
+  images: Sequence[Any],
+  tolerance: float,
+) -> list[str]:
   """Writes ``out_dir/<format>/`` for each format, then checks it on ``images`` (uint8 RGB arrays).
 
   Args:
@@ -54,13 +59,26 @@ def export(config: ml_collections.ConfigDict, variables: Any, out_dir: str, form
     lines.append(f"{name}: {module.NOT_CARRIED}")
     if name == "saved_model":
       threshold = float(config.evaluation.score_threshold)
-      diffs = verify.detection_difference(config, variables, module.load(folder, threshold),
-                                          [_encoded(p, i) for i, p in enumerate(images)], threshold)
-      lines.append(verify.check(f"{name} detections vs predict.py, box pixels", diffs["box_px"], BOX_PX_TOLERANCE))
-      lines.append(verify.check(f"{name} detections vs predict.py, scores", diffs["score"], tolerance))
+      diffs = verify.detection_difference(
+        config,
+        variables,
+        module.load(folder, threshold),
+        [_encoded(p, i) for i, p in enumerate(images)],
+        threshold,
+      )
+      lines.append(
+        verify.check(
+          f"{name} detections vs predict.py, box pixels", diffs["box_px"], BOX_PX_TOLERANCE
+        )
+      )
+      lines.append(
+        verify.check(f"{name} detections vs predict.py, scores", diffs["score"], tolerance)
+      )
     else:
       for size in forward.buckets(config):
         diff = verify.forward_difference(config, variables, module.load(folder, size), size, images)
-        lines.append(verify.check(f"{name} {size[0]}x{size[1]} logits and boxes vs JAX", diff, tolerance))
+        lines.append(
+          verify.check(f"{name} {size[0]}x{size[1]} logits and boxes vs JAX", diff, tolerance)
+        )
     lines.append(f"{name}: written to {folder}")
   return lines

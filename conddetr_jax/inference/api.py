@@ -30,6 +30,7 @@ from conddetr_jax.checkpoints import weights
 from conddetr_jax.data import image_files
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.inference import attention_maps, prediction
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # One image: a file path, a PIL image, or (h, w, 3) uint8 RGB pixels.
@@ -44,6 +45,7 @@ class Detections(NamedTuple):
     scores: (K,) float32, decreasing.
     labels: (K,) int32 category ids (``Detector.class_names`` names them).
   """
+
   boxes: np.ndarray
   scores: np.ndarray
   labels: np.ndarray
@@ -61,8 +63,12 @@ def get_config(config: str | ml_collections.ConfigDict) -> ml_collections.Config
   if config in configs.NAMES:
     return importlib.import_module(f"conddetr_jax.configs.{config}").get_config()
   if not (config.endswith(".py") and os.path.isfile(config)):
-    raise ValueError(f"config {config!r}: expected one of {', '.join(configs.NAMES)} or a config file (.py)")
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(config))[0], config)
+    raise ValueError(
+      f"config {config!r}: expected one of {', '.join(configs.NAMES)} or a config file (.py)"
+    )
+  spec = importlib.util.spec_from_file_location(
+    os.path.splitext(os.path.basename(config))[0], config
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -101,15 +107,22 @@ class Detector:
     else:
       pixels = np.asarray(image)
       if pixels.ndim != 3 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"an image array must be (h, w, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}")
+        raise ValueError(
+          f"an image array must be (h, w, 3) uint8 RGB, got {pixels.shape} {pixels.dtype}"
+        )
     return image_files.prepare_image(pixels, self.config)
 
   def _detect(self, image: ImageLike) -> Detections:
     loaded = self._prepare(image)
-    dets = coco_eval.detect_image(self._variables, loaded, model=self._model, k=coco_eval.top_k(self.config))
+    dets = coco_eval.detect_image(
+      self._variables, loaded, model=self._model, k=coco_eval.top_k(self.config)
+    )
     keep = dets["scores"] >= self.threshold
-    return Detections(boxes=dets["boxes"][keep].astype(np.float32), scores=dets["scores"][keep].astype(np.float32),
-                      labels=dets["labels"][keep].astype(np.int32))
+    return Detections(
+      boxes=dets["boxes"][keep].astype(np.float32),
+      scores=dets["scores"][keep].astype(np.float32),
+      labels=dets["labels"][keep].astype(np.int32),
+    )
 
   def __call__(self, images: ImageLike | Sequence[ImageLike]) -> Detections | list[Detections]:
     """The detections of one image, or a list of them for a list (or tuple) of images.
@@ -131,12 +144,18 @@ class Detector:
       FileNotFoundError, ValueError: as ``__call__``; a layer the decoder does not have.
     """
     return attention_maps.detection_attention(
-        self._model, self._variables, self._prepare(image), k=coco_eval.top_k(self.config),
-        threshold=self.threshold, layer=layer)
+      self._model,
+      self._variables,
+      self._prepare(image),
+      k=coco_eval.top_k(self.config),
+      threshold=self.threshold,
+      layer=layer,
+    )
 
 
-def load_detector(config: str | ml_collections.ConfigDict, checkpoint: str,
-                  threshold: float | None = None) -> Detector:
+def load_detector(
+  config: str | ml_collections.ConfigDict, checkpoint: str, threshold: float | None = None
+) -> Detector:
   """A trained detector, ready to call on images.
 
   Args:
@@ -153,4 +172,6 @@ def load_detector(config: str | ml_collections.ConfigDict, checkpoint: str,
   config = get_config(config)
   with cli.expected_warnings_hidden():  # Orbax's notes on a training workdir read like errors
     variables, _ = weights.load_variables(config, checkpoint)
-  return Detector(config, variables, config.evaluation.score_threshold if threshold is None else threshold)
+  return Detector(
+    config, variables, config.evaluation.score_threshold if threshold is None else threshold
+  )

@@ -23,22 +23,22 @@ from typing import Any, Mapping
 import flax
 import jax
 import jax.numpy as jnp
-from matplotlib import figure
-from matplotlib import patches
+from matplotlib import figure, patches
 from matplotlib.backends import backend_agg
 import numpy as np
 
+from conddetr_jax import storage, visualize
 from conddetr_jax.data import image_files
 from conddetr_jax.evaluation import postprocess
-from conddetr_jax import storage
-from conddetr_jax import visualize
 
 PARTS = ("spatial", "content", "combined")
 # Sown names in the recording layer's intermediates (ConditionalDecoderLayer): part -> (logits,
 # weights), the combined ones under its ``cross_attn``.
-_SOWN = {"spatial": ("spatial_logits", "spatial_weights"),
-         "content": ("content_logits", "content_weights"),
-         "combined": (("cross_attn", "logits"), ("cross_attn", "weights"))}
+_SOWN = {
+  "spatial": ("spatial_logits", "spatial_weights"),
+  "content": ("content_logits", "content_weights"),
+  "combined": (("cross_attn", "logits"), ("cross_attn", "weights")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ class DetectionAttention:
     cell_size: (height, width) of a feature cell in the image's pixels (the backbone's stride,
       scaled as the image was resized for the model).
   """
+
   box: np.ndarray
   score: float
   label: int
@@ -76,8 +77,9 @@ class DetectionAttention:
     return upsample(self.weights[part], self.image_size, self.cell_size)
 
 
-def upsample(cells: np.ndarray, image_size: tuple[int, int], cell_size: tuple[float, float]
-             ) -> np.ndarray:
+def upsample(
+  cells: np.ndarray, image_size: tuple[int, int], cell_size: tuple[float, float]
+) -> np.ndarray:
   """(heads, h, w) values on feature cells -> (heads, height, width) pixels, bilinear.
 
   Cell (i, j) covers pixels [i, i + 1) x cell height by [j, j + 1) x cell width of the image, its
@@ -86,15 +88,27 @@ def upsample(cells: np.ndarray, image_size: tuple[int, int], cell_size: tuple[fl
   shows what lies over it, i.e. the maps cropped to the unpadded image.
   """
   out = jax.image.scale_and_translate(
-      jnp.asarray(cells, jnp.float32), (cells.shape[0],) + tuple(image_size), spatial_dims=(1, 2),
-      scale=jnp.asarray(cell_size, jnp.float32), translation=jnp.zeros(2, jnp.float32),
-      method="linear", antialias=False)
+    jnp.asarray(cells, jnp.float32),
+    (cells.shape[0],) + tuple(image_size),
+    spatial_dims=(1, 2),
+    scale=jnp.asarray(cell_size, jnp.float32),
+    translation=jnp.zeros(2, jnp.float32),
+    method="linear",
+    antialias=False,
+  )
   return np.asarray(out)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "k"))
-def _forward(variables: Any, image: jax.Array, pad_mask: jax.Array, orig_size: jax.Array, *,
-             model: flax.linen.Module, k: int) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+def _forward(
+  variables: Any,
+  image: jax.Array,
+  pad_mask: jax.Array,
+  orig_size: jax.Array,
+  *,
+  model: flax.linen.Module,
+  k: int,
+) -> tuple[dict[str, jax.Array], dict[str, Any]]:
   """The detections (with their queries) and the recording layer's intermediates of one image."""
   out, state = model.apply(variables, image, pad_mask, train=False, mutable=["intermediates"])
   dets = postprocess.postprocess(out, orig_size, top_k=k, with_queries=True)
@@ -102,15 +116,26 @@ def _forward(variables: Any, image: jax.Array, pad_mask: jax.Array, orig_size: j
   layer = model.cross_attention_layer % model.config.dec_layers
   recorded = sown["decoder"][f"layers_{layer}"]
   # A sown value is a 1-tuple of a (1, ...) array: the one image's.
-  pick = lambda name: (recorded[name[0]][name[1]] if isinstance(name, tuple) else
-                       recorded[name])[0][0]
+  pick = lambda name: (recorded[name[0]][name[1]] if isinstance(name, tuple) else recorded[name])[
+    0
+  ][0]
   parts = {part: (pick(logits), pick(weights)) for part, (logits, weights) in _SOWN.items()}
-  return dets, {"parts": parts, "feature_mask": sown["feature_mask"][0][0],
-                "reference": sown["reference_points"][0][0]}
+  return dets, {
+    "parts": parts,
+    "feature_mask": sown["feature_mask"][0][0],
+    "reference": sown["reference_points"][0][0],
+  }
 
 
-def detection_attention(model: flax.linen.Module, variables: Any, loaded: image_files.LoadedImage,
-                        *, k: int, threshold: float, layer: int = -1) -> list[DetectionAttention]:
+def detection_attention(
+  model: flax.linen.Module,
+  variables: Any,
+  loaded: image_files.LoadedImage,
+  *,
+  k: int,
+  threshold: float,
+  layer: int = -1,
+) -> list[DetectionAttention]:
   """The cross-attention maps of ``layer`` for each detection of one image scoring >= ``threshold``.
 
   Args:
@@ -129,8 +154,9 @@ def detection_attention(model: flax.linen.Module, variables: Any, loaded: image_
     ValueError: ``layer`` out of range, or a model whose decoder has no spatial query (DETR's).
   """
   recording = model.clone(cross_attention_layer=layer)
-  dets, sown = jax.device_get(_forward(variables, loaded.image, loaded.pad_mask, loaded.orig_size,
-                                       model=recording, k=k))
+  dets, sown = jax.device_get(
+    _forward(variables, loaded.image, loaded.pad_mask, loaded.orig_size, model=recording, k=k)
+  )
   valid = ~np.asarray(sown["feature_mask"])  # (h, w): the unpadded image's cells form its top left
   h, w = int(valid.any(axis=1).sum()), int(valid.any(axis=0).sum())
   grid = valid.shape
@@ -138,25 +164,39 @@ def detection_attention(model: flax.linen.Module, variables: Any, loaded: image_
   # Pixels of the model's input per cell (its stride), times the original pixels per input pixel.
   unpadded = ~loaded.pad_mask[0]
   resized = (int(unpadded.any(axis=1).sum()), int(unpadded.any(axis=0).sum()))
-  cell_size = tuple(float(padded / cells * size / r) for padded, cells, size, r in
-                    zip(loaded.pad_mask.shape[1:], grid, (height, width), resized))
+  cell_size = tuple(
+    float(padded / cells * size / r)
+    for padded, cells, size, r in zip(loaded.pad_mask.shape[1:], grid, (height, width), resized)
+  )
   # (heads, Q, h * w) on the whole grid -> one query's (heads, h, w) on the valid cells.
   on_cells = lambda x, q: np.asarray(x[:, q], np.float32).reshape((-1,) + grid)[:, :h, :w]
   detections = []
   for i in np.flatnonzero(dets["scores"][0] >= threshold):
     q = int(dets["queries"][0, i])
-    detections.append(DetectionAttention(
-        box=np.asarray(dets["boxes"][0, i], np.float32), score=float(dets["scores"][0, i]),
-        label=int(dets["labels"][0, i]), query=q, layer=layer % model.config.dec_layers,
+    detections.append(
+      DetectionAttention(
+        box=np.asarray(dets["boxes"][0, i], np.float32),
+        score=float(dets["scores"][0, i]),
+        label=int(dets["labels"][0, i]),
+        query=q,
+        layer=layer % model.config.dec_layers,
         reference=np.asarray(sown["reference"][q], np.float32) * np.float32([width, height]),
         weights={part: on_cells(sown["parts"][part][1], q) for part in PARTS},
         logits={part: on_cells(sown["parts"][part][0], q) for part in PARTS},
-        image_size=(height, width), cell_size=cell_size))
+        image_size=(height, width),
+        cell_size=cell_size,
+      )
+    )
   return detections
 
 
-def draw(pixels: np.ndarray, detection: DetectionAttention, class_names: Mapping[int, str],
-         tile_inches: float = 1.3, dpi: int = 100) -> figure.Figure:
+def draw(
+  pixels: np.ndarray,
+  detection: DetectionAttention,
+  class_names: Mapping[int, str],
+  tile_inches: float = 1.3,
+  dpi: int = 100,
+) -> figure.Figure:
   """The figure of one detection: the image with its box and reference point (+), then one row per
   part (spatial, content, combined) of one tile per head, each map over the greyed image (its
   colour scale from 0 to its own maximum).
@@ -176,14 +216,24 @@ def draw(pixels: np.ndarray, detection: DetectionAttention, class_names: Mapping
   tile_height = tile_inches * height / width
   fig = figure.Figure(figsize=(tile_inches * heads, tile_height * sum(rows) * 1.12 + 0.3), dpi=dpi)
   backend_agg.FigureCanvasAgg(fig)
-  grid = fig.add_gridspec(len(rows), heads, height_ratios=rows, left=0.04, right=0.99, bottom=0.01,
-                          top=0.97, hspace=0.12, wspace=0.04)
+  grid = fig.add_gridspec(
+    len(rows),
+    heads,
+    height_ratios=rows,
+    left=0.04,
+    right=0.99,
+    bottom=0.01,
+    top=0.97,
+    hspace=0.12,
+    wspace=0.04,
+  )
   grey = np.repeat(np.asarray(pixels, np.float32).mean(axis=-1, keepdims=True), 3, axis=-1) / 255.0
 
   def mark(ax, colour: str) -> None:
     x0, y0, x1, y1 = detection.box
-    ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                                   linewidth=1))
+    ax.add_patch(
+      patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1)
+    )
     ax.plot(*detection.reference, marker="+", color=colour, markersize=8, markeredgewidth=1.5)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -195,12 +245,19 @@ def draw(pixels: np.ndarray, detection: DetectionAttention, class_names: Mapping
   mark(top, "red")
   text = fig.add_subplot(grid[0, half:])
   text.axis("off")
-  caption = "\n".join([
+  caption = "\n".join(
+    [
       visualize.label_text(detection.label, detection.score, class_names),
-      f"query {detection.query}, decoder layer {detection.layer}", "",
-      "cross-attention weights per head,", "each its own softmax over the image:",
-      "spatial: spatial query . key positions", "content: content query . key content",
-      "combined: the model's (their sum)", "+: the query's reference point"])
+      f"query {detection.query}, decoder layer {detection.layer}",
+      "",
+      "cross-attention weights per head,",
+      "each its own softmax over the image:",
+      "spatial: spatial query . key positions",
+      "content: content query . key content",
+      "combined: the model's (their sum)",
+      "+: the query's reference point",
+    ]
+  )
   text.text(0.03, 0.97, caption, va="top", fontsize=8, transform=text.transAxes)
   for row, part in enumerate(PARTS, start=1):
     maps = detection.maps(part)
@@ -216,8 +273,13 @@ def draw(pixels: np.ndarray, detection: DetectionAttention, class_names: Mapping
   return fig
 
 
-def write_files(out_dir: str, stem: str, pixels: np.ndarray, detections: list[DetectionAttention],
-                class_names: Mapping[int, str]) -> list[dict[str, str]]:
+def write_files(
+  out_dir: str,
+  stem: str,
+  pixels: np.ndarray,
+  detections: list[DetectionAttention],
+  class_names: Mapping[int, str],
+) -> list[dict[str, str]]:
   """Writes ``out_dir/<stem>_attention_<i>.png`` (``draw``) and ``.npz`` for the i-th detection.
 
   The .npz holds ``<part>_weights`` and ``<part>_logits`` (heads, h, w) on the valid feature cells
@@ -233,12 +295,21 @@ def write_files(out_dir: str, stem: str, pixels: np.ndarray, detections: list[De
     png, npz = (os.fspath(out / f"{stem}_attention_{i}.{ext}") for ext in ("png", "npz"))
     fig = draw(pixels, det, class_names)
     storage.save_figure(png, lambda buffer, fig=fig: fig.savefig(buffer, format="png"))
-    arrays = {f"{part}_{kind}": getattr(det, kind)[part] for part in PARTS
-              for kind in ("weights", "logits")}
+    arrays = {
+      f"{part}_{kind}": getattr(det, kind)[part] for part in PARTS for kind in ("weights", "logits")
+    }
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, box_xyxy=det.box, reference_xy=det.reference, score=det.score,
-                        label=det.label, query=det.query, layer=det.layer,
-                        image_size=np.array(det.image_size), **arrays)
+    np.savez_compressed(
+      buffer,
+      box_xyxy=det.box,
+      reference_xy=det.reference,
+      score=det.score,
+      label=det.label,
+      query=det.query,
+      layer=det.layer,
+      image_size=np.array(det.image_size),
+      **arrays,
+    )
     storage.write_bytes(npz, buffer.getvalue())
     written.append({"png": storage.display(png), "npz": storage.display(npz)})
   return written

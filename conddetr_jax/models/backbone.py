@@ -42,21 +42,28 @@ from conddetr_jax.models import convolution, initializers, pooling
 
 # name -> (block type, blocks per stage)
 RESNET_SPECS = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+  "resnet18": ("basic", (2, 2, 2, 2)),
+  "resnet34": ("basic", (3, 4, 6, 3)),
+  "resnet50": ("bottleneck", (3, 4, 6, 3)),
+  "resnet101": ("bottleneck", (3, 4, 23, 3)),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 FROZEN_BN_EPS = 1e-5
 NORMS = ("frozen_bn", "group_norm", "group_norm_ws")
-WEIGHT_STANDARDIZATION_EPS = 1e-10  # on the variance, as BiT (Kolesnikov et al., 2020): kernels have var ~1e-3
-NUM_STAGES = (2, 3, 4)  # stages after the stem: layer1..layer2, ..layer3, or ..layer4 (the original)
+WEIGHT_STANDARDIZATION_EPS = (
+  1e-10  # on the variance, as BiT (Kolesnikov et al., 2020): kernels have var ~1e-3
+)
+NUM_STAGES = (
+  2,
+  3,
+  4,
+)  # stages after the stem: layer1..layer2, ..layer3, or ..layer4 (the original)
 GROUP_NORM_GROUPS = 32  # divides every stage width (64 ... 2048)
 
 
 class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine parameters (torchvision's FrozenBatchNorm2d)."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -96,7 +103,9 @@ def _masked(x: jax.Array, valid: jax.Array | None) -> jax.Array:
   return x if valid is None else jnp.where(valid, x, jnp.zeros((), x.dtype))
 
 
-def _standardized_conv(inputs: jax.Array, kernel: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+def _standardized_conv(
+  inputs: jax.Array, kernel: jax.Array, *args: Any, **kwargs: Any
+) -> jax.Array:
   """The conv with its kernel standardised per output channel (zero mean, unit variance over
   kh, kw and input channels): Weight Standardization (Qiao et al., 2019)."""
   mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
@@ -105,15 +114,31 @@ def _standardized_conv(inputs: jax.Array, kernel: jax.Array, *args: Any, **kwarg
   return convolution.conv_general_dilated(inputs, kernel, *args, **kwargs)
 
 
-def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name: str | None = None,
-          dtype: Any = jnp.float32, norm: str = "frozen_bn") -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  dilation: int = 1,
+  name: str | None = None,
+  dtype: Any = jnp.float32,
+  norm: str = "frozen_bn",
+) -> nn.Conv:
   """A bias-free conv padded like PyTorch's Conv2d(padding=dilation*(kernel//2)); under the
   ``group_norm_ws`` norm its kernel is weight-standardised."""
   pad = dilation * (kernel // 2)
   conv_fn = _standardized_conv if norm == "group_norm_ws" else convolution.conv_general_dilated
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-                 kernel_init=initializers.resnet_conv_kernel, conv_general_dilated=conv_fn, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    kernel_dilation=(dilation, dilation),
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=initializers.resnet_conv_kernel,
+    conv_general_dilated=conv_fn,
+    name=name,
+  )
 
 
 def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) -> nn.Module:
@@ -128,8 +153,14 @@ def _norm(kind: str, dtype: Any, name: str, ends_residual_branch: bool = False) 
   """
   if kind in ("group_norm", "group_norm_ws"):
     scale_init = nn.initializers.zeros if ends_residual_branch else nn.initializers.ones
-    return MaskedGroupNorm(GROUP_NORM_GROUPS, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-                           scale_init=scale_init, name=name)
+    return MaskedGroupNorm(
+      GROUP_NORM_GROUPS,
+      epsilon=1e-5,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=scale_init,
+      name=name,
+    )
   return FrozenBatchNorm(dtype, name=name)
 
 
@@ -149,6 +180,7 @@ class _ResidualBlock(nn.Module):
   the previous stage's); ``stage_dilation`` that of 3x3 convs after it (a BasicBlock's conv2),
   which see the stage's resolution.
   """
+
   width: int
   stride: int = 1
   dilation: int = 1
@@ -160,6 +192,7 @@ class _ResidualBlock(nn.Module):
 
 class BasicBlock(_ResidualBlock):
   """Two 3x3 convs (ResNet-18/34)."""
+
   expansion = 1
 
   @nn.compact
@@ -177,6 +210,7 @@ class BasicBlock(_ResidualBlock):
 
 class Bottleneck(_ResidualBlock):
   """1x1 -> 3x3 (strided, dilated) -> 1x1 with 4x expansion (ResNet-50/101, v1.5)."""
+
   expansion = 4
 
   @nn.compact
@@ -198,8 +232,14 @@ def _shortcut(block: _ResidualBlock, x: jax.Array, valid: jax.Array | None) -> j
   """Identity, or torchvision's ``downsample`` (1x1 strided conv + BN) when shapes change."""
   if not block.downsample:
     return x
-  y = _conv(block.width * block.expansion, 1, block.stride, name="downsample_conv", dtype=block.dtype,
-            norm=block.norm)(_masked(x, valid))
+  y = _conv(
+    block.width * block.expansion,
+    1,
+    block.stride,
+    name="downsample_conv",
+    dtype=block.dtype,
+    norm=block.norm,
+  )(_masked(x, valid))
   return _norm(block.norm, block.dtype, "downsample_bn")(y, strided_valid(valid, block.stride))
 
 
@@ -211,6 +251,7 @@ class ResNet(nn.Module):
   Submodule names mirror torchvision's keys: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` with
   ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``, ``downsample_bn``.
   """
+
   arch: str = "resnet50"
   dilation: bool = False
   dtype: Any = jnp.float32
@@ -238,17 +279,23 @@ class ResNet(nn.Module):
 
     in_features = 64
     dilation = 1
-    for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS[:self.num_stages], depths), start=1):
+    for stage, (width, depth) in enumerate(zip(STAGE_WIDTHS[: self.num_stages], depths), start=1):
       stride = 1 if stage == 1 else 2
       previous_dilation = dilation
       if stage == self.num_stages and self.dilation:
         dilation, stride = dilation * stride, 1
       for i in range(depth):
         first = i == 0
-        x = block_cls(width, stride=stride if first else 1,
-                      dilation=previous_dilation if first else dilation, stage_dilation=dilation,
-                      downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
-                      dtype=self.dtype, norm=self.norm, name=f"layer{stage}_{i}")(x, valid)
+        x = block_cls(
+          width,
+          stride=stride if first else 1,
+          dilation=previous_dilation if first else dilation,
+          stage_dilation=dilation,
+          downsample=first and (stride != 1 or in_features != width * block_cls.expansion),
+          dtype=self.dtype,
+          norm=self.norm,
+          name=f"layer{stage}_{i}",
+        )(x, valid)
         valid = strided_valid(valid, stride if first else 1)
         in_features = width * block_cls.expansion
       if stage == 1 and self.freeze_stem_and_layer1:

@@ -51,8 +51,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   return schedule
 
 
-def build_optimizer(config: ml_collections.ConfigDict, params: Any,
-                    schedule: Schedule) -> optax.GradientTransformation:
+def build_optimizer(
+  config: ml_collections.ConfigDict, params: Any, schedule: Schedule
+) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW per group of ``models.param_labels(params)``.
 
   The learning rate is an injected hyperparameter, so the optimiser state records the rate each
@@ -72,14 +73,17 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any,
 
   def clipped_adamw(learning_rate):
     return optax.chain(
-        optax.clip_by_global_norm(opt.clip_grad_norm),
-        optax.multi_transform(
-            {
-                "transformer": optax.adamw(learning_rate, weight_decay=opt.weight_decay),
-                "backbone": optax.adamw(learning_rate * opt.backbone_lr_mult, weight_decay=opt.weight_decay),
-                "frozen": optax.set_to_zero(),
-            },
-            labels),
+      optax.clip_by_global_norm(opt.clip_grad_norm),
+      optax.multi_transform(
+        {
+          "transformer": optax.adamw(learning_rate, weight_decay=opt.weight_decay),
+          "backbone": optax.adamw(
+            learning_rate * opt.backbone_lr_mult, weight_decay=opt.weight_decay
+          ),
+          "frozen": optax.set_to_zero(),
+        },
+        labels,
+      ),
     )
 
   return optax.inject_hyperparams(clipped_adamw)(learning_rate=schedule)
