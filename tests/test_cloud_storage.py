@@ -22,7 +22,7 @@ from conddetr_jax.checkpoints import weights
 from conddetr_jax.data import coco
 from conddetr_jax.evaluation import checkpoint_eval
 from conddetr_jax.inference import prediction
-from conddetr_jax.training import checkpoint, loop, metrics
+from conddetr_jax.training import checkpoint, loop, metrics, telemetry
 from configs import test_tiny
 from tests.test_training_checkpoint import _target, make_state
 
@@ -116,7 +116,7 @@ def _run_config(local, root: str):
 
 
 def _without_timing(records: list[dict]) -> list[dict]:
-  return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+  return [{k: v for k, v in r.items() if k not in telemetry.TIMING_KEYS} for r in records]
 
 
 @pytest.fixture(scope="module")
