@@ -21,7 +21,6 @@ import jax
 
 from conddetr_jax.hardware import chips
 
-
 # The fields that time something: they differ between two runs that compute the same (a resumed
 # run's records equal an uninterrupted run's but for these).
 TIMING_KEYS = frozenset(
