@@ -26,11 +26,14 @@ def build_hf_step(
   ``torch.nn.GroupNorm`` with the same group count, so PyTorch does the same work.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
   # Importing it declares the torchvision ops that PyPI's CUDA torchvision wheel fails to
-  # register next to the CPU torch, which transformers' import of torchvision needs.
+  # register next to the CPU torch, which transformers' import of torchvision needs: it must
+  # come first (the split keeps the import sorter from moving it).
   import tests.conftest  # pylint: disable=g-import-not-at-top,unused-import
+
+  # isort: split
+  from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
   m = config.model
   if (

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conddetr_jax import convert, models
+from conddetr_jax import models
+from conddetr_jax.checkpoints import convert
 from conddetr_jax.configs import default, test_tiny
 from conddetr_jax.training import step
 from tests import hf_reference
