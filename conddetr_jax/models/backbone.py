@@ -1,35 +1,9 @@
-"""ResNet-18/34/50/101 in torchvision's layout with frozen BatchNorm, a frozen stem and layer1, and DC5.
+"""ResNet-18/34/50/101 in torchvision's layout: frozen BatchNorm, a frozen stem and layer1, DC5,
+fewer stages for small images, and optional masking of a padded image's padding.
 
-Parity facts (torchvision ResNet v1.5 as used by the original):
-- the stride of a bottleneck sits on its 3x3 conv; downsampling shortcuts are 1x1 convs + BN;
-- PyTorch pads symmetrically (7x7 stem: 3, 3x3: dilation, max-pool: 1), which Flax's "SAME"
-  does not do for strided convs, so padding is always explicit here;
-- FrozenBatchNorm2d computes ``x * (w * rsqrt(var + 1e-5)) + (b - mean * w * rsqrt(var + 1e-5))``;
-  its four tensors live in the ``batch_stats`` collection, so no optimiser ever sees them;
-- DC5 (``replace_stride_with_dilation=[False, False, True]``): layer4 keeps stride 1, its first
-  block uses dilation 1 and the following blocks dilation 2.
-DC5 also works for ResNet-18/34, which torchvision refuses (its BasicBlock takes no dilation):
-layer4 keeps stride 1, the first block's conv1 (which held the stride) dilation 1 and every other
-3x3 conv of the stage dilation 2, so each conv keeps its receptive field (timm's rule). Nothing in
-the math stops it, and it gives small images a finer feature map (the demo's).
-``num_stages=3`` stops after layer3 (features at stride 16 with layer3's channels, no layer4 compute;
-the "C4" feature of Faster R-CNN's R50-C4), ``num_stages=2`` after layer2 (stride 8, layer2's
-channels); with ``dilation`` the last stage kept is the dilated one, so ``num_stages=3,
-dilation=True`` gives stride 8 from layer3. None of these is in the original, whose features
-are always layer4's; both exist for small images, where stride 32 leaves a few cells (the demo's).
-The stem and layer1 are frozen (``freeze_stem_and_layer1``, the default) with ``stop_gradient`` on
-layer1's output, so neither gradients nor backward compute are spent on them. The original freezes
-them because they come from ImageNet; a model trained from random weights must train them.
-
-Padding masking (``pad_mask`` given): the padded region is set to zero at the input of every conv
-and of the stem max-pool, and GroupNorm takes its statistics over the valid region only, so a
-padded image's valid features equal those of the same image alone and unpadded. Why that is exact:
-the unpadded image's convs zero-pad at its border, and a valid output only reads inputs inside the
-image or that border; frozen BatchNorm and ReLU are pointwise; the max-pool's input is post-ReLU
-(>= 0), so a zero never beats a valid value and ties go to the valid tap that comes first in the
-window (the padding is at the bottom and right). The mask at each resolution is the previous one
-sliced with the stride (output i of a stride-2 conv or pool is centred on input 2i), which gives
-ceil(valid / stride) valid cells whatever the canvas size, as the unpadded image's convs do.
+The facts parity depends on (explicit symmetric padding, FrozenBatchNorm's formula, where DC5's
+dilations go) are listed in docs/parity.md#the-backbone; why masking makes a padded image's
+features equal to those of the image alone is in docs/evaluation.md.
 """
 
 from typing import Any, Sequence
