@@ -4,9 +4,9 @@ r"""Evaluates a checkpoint with COCO box AP (pycocotools), on every device of ev
       [--config.dataset.root=/path/to/coco]
 
 PATH: a training workdir (its latest step), one step folder (``DIR/checkpoints/<step>``), an Orbax
-checkpoint from ``python -m conddetr_jax.convert``, or the original's ``.pth`` (converted on the fly).
-Prints pycocotools' summary, writes ``DIR/detections.json`` (COCO results format) and appends the
-metrics to ``DIR/metrics.jsonl``.
+checkpoint from ``python -m conddetr_jax.convert``, or the original's ``.pth`` (converted on the
+fly). Prints pycocotools' summary, writes ``DIR/detections.json`` (COCO results format) and appends
+the metrics to ``DIR/metrics.jsonl``.
 """
 
 from conddetr_jax import cli

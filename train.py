@@ -1,4 +1,5 @@
-"""Trains Conditional DETR: ``python train.py --config=configs/r50.py --workdir=DIR [--config.X=...]``.
+"""Trains Conditional DETR:
+``python train.py --config=configs/r50.py --workdir=DIR [--config.X=...]``.
 
 Restarting the same command with the same workdir resumes from the latest complete checkpoint.
 Multi-host: see the README ("Many devices: GPUs, TPUs, clusters"); the multi-host flags
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value
     predictions = storage.join(workdir, loop.PREDICTIONS_DIR)
     cli.print_summary(
-      f"{'Stopped (SIGTERM) at' if result.preempted else 'Trained'} step {result.step}/{result.total_steps}",
+      f"{'Stopped (SIGTERM) at' if result.preempted else 'Trained'} step "
+      f"{result.step}/{result.total_steps}",
       {
         "checkpoints": storage.join(workdir, weights.CHECKPOINT_DIR),
         "metrics": storage.join(workdir, metrics.METRICS_FILE),

@@ -1,25 +1,27 @@
 """One call on a lent GPU/TPU: train-step images/s, MFU, the matcher's share, eval images/s, memory.
 
 Usage (on the machine with the accelerator; all devices JAX sees are used, data parallel):
-  python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216] [--dtypes=bfloat16,float32]
-      [--batches=2,4,8] [--steps=5] [--budget_s=300] [--out=accelerator.json]
-  python benchmarks/accelerator.py --tiny      # CPU smoke run: configs/test_tiny.py, 64x64, a few minutes
-      [--hf=yes]                                # ... with the PyTorch side too, on the CPU
+  python benchmarks/accelerator.py [--config=configs/r50.py] [--sizes=800x1216]
+      [--dtypes=bfloat16,float32] [--batches=2,4,8] [--steps=5] [--budget_s=300]
+      [--out=accelerator.json]
+  python benchmarks/accelerator.py --tiny  # CPU smoke run: configs/test_tiny.py, 64x64,
+                                           # a few minutes
+      [--hf=yes]                            # ... with the PyTorch side too, on the CPU
 
 For each size, dtype and per-device batch (the sweep stops growing a batch at the first failure,
 e.g. out of memory): the train step (training.loop.build_train_step, as train.py runs it) is
 compiled, its median step time measured, and MFU = the compiled program's FLOPs (XLA's
 cost_analysis, per device; a multiply-add is 2) / step time / the device's dense bf16 peak (the
-``hardware.chips`` table; float32 runs are held against the same bf16 peak; unknown devices: no MFU).
-Then, per size and dtype, the evaluation program (forward + post-processing) at the largest batch
-that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
+``hardware.chips`` table; float32 runs are held against the same bf16 peak; unknown devices: no
+MFU). Then, per size and dtype, the evaluation program (forward + post-processing) at the largest
+batch that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
 layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
-share of the step. With ``--hf`` (default: on a GPU), per size and dtype, Hugging Face
-transformers' PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same
-sizes, trainable set and optimizer; HF's own ResNet, no DC5) on one device at ``--hf_batch`` images,
-bfloat16 as ``torch.autocast`` and float32 with TF32 allowed (as XLA's default precision allows it on
-a GPU), and the ratio of JAX's images/s per device to PyTorch's. New configurations are not started
-once ``--budget_s`` has passed (the default leaves the 8-minute window of a lent device room for
+share of the step. With ``--hf`` (default: on a GPU), per size and dtype, Hugging Face transformers'
+PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same sizes, trainable
+set and optimizer; HF's own ResNet, no DC5) on one device at ``--hf_batch`` images, bfloat16 as
+``torch.autocast`` and float32 with TF32 allowed (as XLA's default precision allows it on a GPU),
+and the ratio of JAX's images/s per device to PyTorch's. New configurations are not started once
+``--budget_s`` has passed (the default leaves the 8-minute window of a lent device room for
 start-up). Writes one JSON file and prints a table; the last line is
 ``accelerator best_images_per_s=<x> ...`` (with ``jax_over_hf=<ratio per dtype>`` when timed).
 """
@@ -173,7 +175,8 @@ class Bench:
 
 
 def matcher_seconds(config: Any, global_batch: int, solver: str, steps: int) -> float:
-  """Median seconds of ``matching.match`` alone under jit on a train step's shapes (all decoder layers)."""
+  """Median seconds of ``matching.match`` alone under jit on a train step's shapes (all decoder
+  layers)."""
   m = config.model
   rng = np.random.default_rng(0)
   layers = m.dec_layers if m.aux_loss else 1
@@ -193,15 +196,17 @@ def matcher_seconds(config: Any, global_batch: int, solver: str, steps: int) -> 
 def hf_train(
   config: Any, hw: tuple[int, int], batch: int, steps: int, warmup: int
 ) -> dict[str, Any]:
-  """HF's PyTorch train step of ``config`` (its ``model.dtype`` picks autocast bf16 or float32) on one
-  device: PyTorch's CUDA device where JAX runs on a GPU, else the CPU. Median seconds and images/s."""
+  """HF's PyTorch train step of ``config`` (its ``model.dtype`` picks autocast bf16 or float32) on
+  one device: PyTorch's CUDA device where JAX runs on a GPU, else the CPU. Median seconds and
+  images/s."""
   import torch  # pylint: disable=g-import-not-at-top
 
   device = "cuda" if jax.default_backend() == "gpu" else "cpu"
   if device == "cuda":
     if not torch.cuda.is_available():
       raise RuntimeError(f"torch {torch.__version__} sees no CUDA GPU (a CPU-only build?)")
-    # XLA's default precision lets float32 matrix products and convolutions use TF32 on a GPU; so does this.
+    # XLA's default precision lets float32 matrix products and convolutions use TF32 on a GPU; so
+    # does this.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
   host = synthetic_batch(batch, *hw, config.dataset.max_boxes, num_classes=config.model.num_classes)
@@ -360,7 +365,8 @@ def main(argv: list[str]) -> None:
           h["jax_over_hf"] = h["jax_images_per_s_per_device"] / h["images_per_s"]
         report["hf"].append(h)
         print(
-          f"    hf-torch {size} {dtype} batch {_HF_BATCH.value} on one {h.get('device', 'device')}: "
+          f"    hf-torch {size} {dtype} batch {_HF_BATCH.value} on one "
+          f"{h.get('device', 'device')}: "
           + (
             h["error"]
             if "error" in h
@@ -394,7 +400,8 @@ def main(argv: list[str]) -> None:
   )
   print(
     f"accelerator best_images_per_s={best['images_per_s'] if best else 0:.2f} "
-    f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} wall_s={report['wall_s']:.0f}{ratios}"
+    f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} "
+    f"wall_s={report['wall_s']:.0f}{ratios}"
   )
 
 

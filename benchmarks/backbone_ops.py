@@ -1,4 +1,5 @@
-"""The train step with the backbone's CPU-friendly ops against the ops they replaced, in one process.
+"""The train step with the backbone's CPU-friendly ops against the ops they replaced, in one
+process.
 
 Usage:
   python benchmarks/backbone_ops.py --config=configs/r50.py --batch=2 --size=384x512 [--rounds=5]
@@ -86,8 +87,8 @@ def main(argv: list[str]) -> None:
   for name, record in times.items():
     median = statistics.median(record)
     print(
-      f"{name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s), {base / median:.2f}x the "
-      f"previous ops' speed",
+      f"{name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s), "
+      f"{base / median:.2f}x the previous ops' speed",
       flush=True,
     )
   print(f"loadavg={os.getloadavg()[0]:.1f}")

@@ -8,11 +8,11 @@ step, with the min-max band over seeds), and prints how many steps each decoder 
 the DETR decoder's final AP. ``--groups=1,5`` adds Group DETR training (``config.model.num_groups``)
 as a second axis: every decoder trains once per group count.
 
-  python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min (estimated)
+  python benchmarks/convergence.py --out=/tmp/convergence        # 2 CPU cores: ~35 min (estimated)
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
-      --override=per_device_batch_size=16                             # a GPU: a longer run
-  python benchmarks/convergence.py --out=DIR --groups=1,5             # with and without Group DETR
-  python benchmarks/convergence.py --out=DIR --groups=1,5 --decoders=conditional   # Group DETR alone
+      --override=per_device_batch_size=16                       # a GPU: a longer run
+  python benchmarks/convergence.py --out=DIR --groups=1,5       # with and without Group DETR
+  python benchmarks/convergence.py --out=DIR --groups=1,5 --decoders=conditional  # Group DETR alone
 
 Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
 processes, one per core, and a last call with all the seeds writes the CSV and the plot
@@ -111,7 +111,8 @@ def steps_to_reach(steps: np.ndarray, ap: np.ndarray, target: float) -> int | No
 
 
 def variant_name(decoder: str, num_groups: int) -> str:
-  """A run variant's name in the plot, the printout and the workdirs: ``conditional``, ``detr_groups5`` ..."""
+  """A run variant's name in the plot, the printout and the workdirs: ``conditional``,
+  ``detr_groups5`` ..."""
   return decoder if num_groups == 1 else f"{decoder}_groups{num_groups}"
 
 

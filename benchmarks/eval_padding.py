@@ -3,14 +3,15 @@
     python benchmarks/eval_padding.py --checkpoint=/tmp/conddetr_demo [--config=configs/demo.py]
         [--settings=all:1,shared:8,3:8,all:8]
 
-Each setting is ``eval_num_buckets:eval_per_device_batch_size`` (``shared`` = 0, the buckets of
-the train augmentation; ``all`` = one bucket per distinct eval size, i.e. no image padded beyond
-``size_divisibility`` when the batch holds one image). The first setting is the reference. For
-each setting, as soon as it is done, it prints: the padded shapes used, the padding waste (padded pixels / all pixels of
-the eval batches, blank slots included), the compile time (first evaluation minus a second one in
-the same process, whose programs are cached), COCO box AP, and against the reference the share of
-the reference's top-10 detections per image that are no longer among the setting's top 10 (same
-label and box IoU >= 0.9 counts as the same detection) and the mean score change of those kept.
+Each setting is ``eval_num_buckets:eval_per_device_batch_size`` (``shared`` = 0, the buckets of the
+train augmentation; ``all`` = one bucket per distinct eval size, i.e. no image padded beyond
+``size_divisibility`` when the batch holds one image). The first setting is the reference. For each
+setting, as soon as it is done, it prints: the padded shapes used, the padding waste (padded pixels
+/ all pixels of the eval batches, blank slots included), the compile time (first evaluation minus a
+second one in the same process, whose programs are cached), COCO box AP, and against the reference
+the share of the reference's top-10 detections per image that are no longer among the setting's top
+10 (same label and box IoU >= 0.9 counts as the same detection) and the mean score change of those
+kept.
 """
 
 import argparse
@@ -119,8 +120,8 @@ def main() -> None:
   model = models.build_model(base)
   variables, step = weights.load_variables(base, args.checkpoint, sharding.replicated(mesh))
   print(
-    f"checkpoint {args.checkpoint} (step {step}), {jax.device_count()} {jax.default_backend()} device(s), "
-    f"size_divisibility {base.dataset.size_divisibility}",
+    f"checkpoint {args.checkpoint} (step {step}), {jax.device_count()} {jax.default_backend()} "
+    f"device(s), size_divisibility {base.dataset.size_divisibility}",
     flush=True,
   )
   ref = None

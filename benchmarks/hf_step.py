@@ -1,6 +1,6 @@
 """Hugging Face transformers' PyTorch Conditional DETR train step, the peer the benchmarks time JAX
-against (benchmarks/train_step.py on the CPU, benchmarks/accelerator.py on a GPU). A module of its own
-so that both can import it: the benchmarks define their command-line flags when imported.
+against (benchmarks/train_step.py on the CPU, benchmarks/accelerator.py on a GPU). A module of its
+own so that both can import it: the benchmarks define their command-line flags when imported.
 """
 
 import os
@@ -44,14 +44,16 @@ def build_hf_step(
     or m.dense_head
   ):
     raise ValueError(
-      f"the HF comparison is built for config.model.backbone in {sorted(backbone_lib.RESNET_SPECS)} "
-      f"with all 4 stages, without dilation, weight standardisation or dense head, got {m.backbone!r} "
-      f"with backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation}, "
+      "the HF comparison is built for config.model.backbone in "
+      f"{sorted(backbone_lib.RESNET_SPECS)} "
+      "with all 4 stages, without dilation, weight standardisation or dense head, got "
+      f"{m.backbone!r} with backbone_num_stages={m.backbone_num_stages}, dilation={m.dilation}, "
       f"backbone_norm={m.backbone_norm}, dense_head={m.dense_head} (for the demo add "
       "--config.model.backbone_num_stages=4 --config.model.dilation=False "
-      "--config.model.backbone_norm=group_norm --config.model.enc_layers=2 --config.model.dense_head=False; "
-      "--config.model.dim_feedforward=1024 --config.model.num_queries=50 for the stride-32 demo's model "
-      "in full)"
+      "--config.model.backbone_norm=group_norm --config.model.enc_layers=2 "
+      "--config.model.dense_head=False; "
+      "--config.model.dim_feedforward=1024 --config.model.num_queries=50 for the stride-32 demo's "
+      "model in full)"
     )
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use (taskset)
   kind, depths = backbone_lib.RESNET_SPECS[m.backbone]
@@ -86,7 +88,8 @@ def build_hf_step(
   backbone, rest = [], []
   for name, p in model.named_parameters():
     if "backbone" in name:
-      # HF's own test ("stage.1" in name) never matches HF ResNet's "stages.1": train layer2-4 as the original.
+      # HF's own test ("stage.1" in name) never matches HF ResNet's "stages.1": train layer2-4 as
+      # the original.
       p.requires_grad_(
         not m.freeze_stem_and_layer1 or any(f"stages.{i}." in name for i in (1, 2, 3))
       )

@@ -80,8 +80,8 @@ def padding_waste(global_batch_size: int) -> None:
   buckets = pipeline.buckets_for_sizes(sizes, ds)
   square = int(buckets.max())
   print(
-    f"buckets ({len(buckets)}, config num_buckets={ds.num_buckets}, multiples of {ds.size_divisibility}): "
-    f"{[tuple(b) for b in buckets.tolist()]}"
+    f"buckets ({len(buckets)}, config num_buckets={ds.num_buckets}, multiples of "
+    f"{ds.size_divisibility}): {[tuple(b) for b in buckets.tolist()]}"
   )
   plans = {
     "train epoch 0": pipeline.train_epoch_plan(config, split, buckets, 0, global_batch_size),
@@ -98,8 +98,9 @@ def padding_waste(global_batch_size: int) -> None:
     pairs = shuffled.reshape(-1, 2, 2).max(1).prod(1).sum() * 2
     print(
       f"{name:14s} batch {global_batch_size}: waste buckets {1 - content / padded:.3f} "
-      f"({len(shapes)} shapes), square {square}x{square} {1 - content / (len(plan['valid']) * square**2):.3f}, "
-      f"original pad-to-batch-max (batch 2, dynamic shapes) {1 - content / pairs:.3f}"
+      f"({len(shapes)} shapes), square {square}x{square} "
+      f"{1 - content / (len(plan['valid']) * square**2):.3f}, original pad-to-batch-max (batch 2, "
+      f"dynamic shapes) {1 - content / pairs:.3f}"
     )
   # Evaluation with its own buckets (config.dataset.eval_num_buckets), one image per device: what
   # it pads and how many shapes (compiled programs) it needs; the original's DC5 models pad nothing.
@@ -111,8 +112,8 @@ def padding_waste(global_batch_size: int) -> None:
       out = plan["candidates"][:, 0, 8:10].astype(np.float64)
       waste = 1 - (out[:, 0] * out[:, 1]).sum() / plan["bucket"].astype(np.float64).prod(1).sum()
       print(
-        f"eval, eval_num_buckets={num:4d}, size_divisibility={divisibility}, batch 1: waste {waste:.3f} "
-        f"({len(np.unique(plan['bucket'], axis=0))} shapes)"
+        f"eval, eval_num_buckets={num:4d}, size_divisibility={divisibility}, batch 1: waste "
+        f"{waste:.3f} ({len(np.unique(plan['bucket'], axis=0))} shapes)"
       )
 
 
@@ -205,7 +206,8 @@ def throughput(args: argparse.Namespace, ann_path: str, image_dir: str) -> float
 
 
 def original_get_size(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
-  """The original recipe's output (h, w) for a shorter side of ``size`` and a longer one <= max_size."""
+  """The original recipe's output (h, w) for a shorter side of ``size`` and a longer one <=
+  max_size."""
   if max_size is not None:
     lo, hi = float(min(h, w)), float(max(h, w))
     if hi / lo * size > max_size:
@@ -329,8 +331,9 @@ def original_throughput(args: argparse.Namespace, ann_path: str, image_dir: str)
     next_batch()
   seconds, cpu = time.perf_counter() - start, cpu_seconds(everyone) - cpu_start
   print(
-    f"original (PIL + torchvision in a DataLoader, {cores} workers, batch 2): {images / seconds:.1f} "
-    f"images/s on {cores} cores (wall clock); {images / cpu:.1f} images per CPU-second"
+    f"original (PIL + torchvision in a DataLoader, {cores} workers, batch 2): "
+    f"{images / seconds:.1f} images/s on {cores} cores (wall clock); {images / cpu:.1f} images per "
+    "CPU-second"
   )
   return images / cpu
 
@@ -400,8 +403,9 @@ def decode_resize_ops(args: argparse.Namespace) -> None:
       )
     )
   print(
-    f"single-threaded images/s, {len(contents)} images: op | before (TF fast IDCT / TF float bilinear) | "
-    "now (accurate IDCT / PIL-exact TF ops) | PIL itself (the original's cost) | now / before"
+    f"single-threaded images/s, {len(contents)} images: op | before (TF fast IDCT / TF float "
+    "bilinear) | now (accurate IDCT / PIL-exact TF ops) | PIL itself (the original's cost) | now / "
+    "before"
   )
   for name, before, now, pil in rows:
     print(f"  {name:40s} {before:8.1f} {now:8.1f} {pil:8.1f}   x{now / before:.2f}")
@@ -437,7 +441,8 @@ def stage_costs(args: argparse.Namespace) -> None:
     paths = tf.constant([split.path(i) for i in range(len(split))])
     hw = tf.constant(split.sizes[0])  # every image is 480x640
     print(
-      f"CPU ms per image, single-threaded, {len(split)} 640x480 JPEGs, one epoch's draws: step | fast | pil"
+      f"CPU ms per image, single-threaded, {len(split)} 640x480 JPEGs, one epoch's draws: step | "
+      "fast | pil"
     )
     rows = {}
     for mode in transforms.TRAIN_RESIZE_MODES:
@@ -469,7 +474,8 @@ def stage_costs(args: argparse.Namespace) -> None:
     ]
     for name, fast, pil in steps:
       print(
-        f"  {name:36s} {ms_per_image(fast, rows['fast']):6.2f} {ms_per_image(pil, rows['pil']):6.2f}"
+        f"  {name:36s} {ms_per_image(fast, rows['fast']):6.2f} "
+        f"{ms_per_image(pil, rows['pil']):6.2f}"
       )
 
 
@@ -481,8 +487,8 @@ def side_by_side(args: argparse.Namespace) -> None:
       np.mean([os.path.getsize(os.path.join(image_dir, f)) for f in os.listdir(image_dir)]) / 1024
     )
     print(
-      f"{args.images} COCO-like 640x480 JPEGs (~{mean_kb:.0f} KB, quality 90); {args.batches * args.batch} "
-      "images timed per pipeline after a warm-up"
+      f"{args.images} COCO-like 640x480 JPEGs (~{mean_kb:.0f} KB, quality 90); "
+      f"{args.batches * args.batch} images timed per pipeline after a warm-up"
     )
     # Its own process: torch's workers fork from it, which is safe without TensorFlow's threads.
     original = (
@@ -506,8 +512,8 @@ def side_by_side(args: argparse.Namespace) -> None:
     ours = throughput(args, ann_path, image_dir)
   theirs = float(original[-1])
   print(
-    f"input train_images_per_cpu_s={ours:.1f} original_images_per_cpu_s={theirs:.1f} ratio={ours / theirs:.2f} "
-    f"cores={len(os.sched_getaffinity(0))}"
+    f"input train_images_per_cpu_s={ours:.1f} original_images_per_cpu_s={theirs:.1f} "
+    f"ratio={ours / theirs:.2f} cores={len(os.sched_getaffinity(0))}"
   )
 
 

@@ -37,7 +37,8 @@ def main() -> None:
   args = parser.parse_args()
   h, w = map(int, args.size.split("x"))
   print(
-    f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} batch={args.batch} size={h}x{w}"
+    f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} batch={args.batch} "
+    f"size={h}x{w}"
   )
   images = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, h, w, 3)), jnp.float32)
   pad_mask = jnp.zeros((args.batch, h, w), bool)

@@ -1,7 +1,8 @@
 """Our forward's multiply-adds per image against the paper's FLOPs column (multiply-add = 1).
 
 Usage:
-  python benchmarks/paper_flops.py [--configs=r50,r50_dc5,r101,r101_dc5] [--sizes=800x1216,800x1067,800x1199]
+  python benchmarks/paper_flops.py [--configs=r50,r50_dc5,r101,r101_dc5]
+      [--sizes=800x1216,800x1067,800x1199]
 
 The original's README: Conditional DETR-R50 90 G, DC5-R50 195 G, R101 156 G, DC5-R101 262 G, by
 DETR's counter (convolutions and matrix products only, one multiply-add = one FLOP) averaged
@@ -59,8 +60,8 @@ def main(argv: list[str]) -> None:
       if paper:
         gaps.append(abs(ratio - 1) * 100)
       print(
-        f"{name:10s} {size:>9s} {r['conv'] / 1e9:10.1f} {r['dot'] / 1e9:12.1f} {r['total'] / 1e9:11.1f} "
-        f"{paper or float('nan'):8.0f} {ratio:6.3f}",
+        f"{name:10s} {size:>9s} {r['conv'] / 1e9:10.1f} {r['dot'] / 1e9:12.1f} "
+        f"{r['total'] / 1e9:11.1f} {paper or float('nan'):8.0f} {ratio:6.3f}",
         flush=True,
       )
   print(f"paper_flops max_abs_gap_pct={max(gaps) if gaps else float('nan'):.1f}")

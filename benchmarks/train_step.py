@@ -67,7 +67,8 @@ _ROUNDS = flags.DEFINE_integer(
 
 
 def _timed(fn, steps: int, warmup: int) -> float:
-  """Median seconds of ``steps`` calls of ``fn()`` (which must block) after ``warmup`` untimed ones."""
+  """Median seconds of ``steps`` calls of ``fn()`` (which must block) after ``warmup`` untimed
+  ones."""
   for _ in range(warmup):
     fn()
   times = []
@@ -127,8 +128,8 @@ def time_jax_step(
 
 
 def _timed_alternating(fns: list, steps: int, warmup: int) -> list[float]:
-  """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed rounds,
-  then ``steps`` timed ones."""
+  """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed
+  rounds, then ``steps`` timed ones."""
   times = [[] for _ in fns]
   for round_index in range(warmup + steps):
     for fn, record in zip(fns, times):
@@ -207,8 +208,8 @@ def main(argv: list[str]) -> None:
     config, batch, _STEPS.value, _WARMUP.value, build_hf_step(config, batch) if with_hf else None
   )
   print(
-    f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} images/s "
-    f"(compile {main_step['compile_s']:.1f}s); XLA temp buffers "
+    f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} "
+    f"images/s (compile {main_step['compile_s']:.1f}s); XLA temp buffers "
     f"{main_step.get('temp_bytes', 0) / _BATCH.value / 2**20:.0f} MiB/image, state "
     f"{main_step.get('state_bytes', 0) / 2**20:.0f} MiB",
     flush=True,
@@ -229,8 +230,9 @@ def main(argv: list[str]) -> None:
         else ""
       )
       print(
-        f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step {r['step_s']:.3f}s); "
-        f"XLA temp buffers {r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}",
+        f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step "
+        f"{r['step_s']:.3f}s); XLA temp buffers "
+        f"{r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}",
         flush=True,
       )
 

@@ -39,7 +39,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def verbosity(argv: Sequence[str]) -> int:
-  """absl's ``-v``/``--verbosity`` as given in ``argv`` (0 if absent), readable before flags parse."""
+  """absl's ``-v``/``--verbosity`` as given in ``argv`` (0 if absent), readable before flags
+  parse."""
   level = 0
   for i, arg in enumerate(argv):
     m = _VERBOSITY_FLAG.match(arg)
@@ -146,7 +147,8 @@ _TYPE_PHRASES = {bool: "a boolean", int: "an integer", float: "a number", str: "
 
 
 def type_phrase(value: Any) -> str:
-  """``value``'s type with its article, as a sentence says it: "an integer", "a tuple", "an OrderedDict"."""
+  """``value``'s type with its article, as a sentence says it: "an integer", "a tuple", "an
+  OrderedDict"."""
   kind = type(value)
   if kind in _TYPE_PHRASES:
     return _TYPE_PHRASES[kind]
@@ -217,7 +219,10 @@ def describe_flag_error(
       config.keys()  # a config file that failed to load raises here
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-      return f"--{config_flag}={_config_argument(argv, config_flag)}: cannot load the config file: {first}"
+      return (
+        f"--{config_flag}={_config_argument(argv, config_flag)}: cannot load the config file: "
+        f"{first}"
+      )
   if config is not None:
     for path, value in _overrides(argv, config_flag):
       problem = describe_unknown_field(config, path, config_flag)
@@ -320,7 +325,8 @@ def print_summary(
 
   Args:
     title: e.g. "Trained 1000/1000 steps".
-    outputs: description -> path ("checkpoints" -> "/tmp/run/checkpoints"); None entries are skipped.
+    outputs: description -> path ("checkpoints" -> "/tmp/run/checkpoints"); None entries are
+      skipped.
     metrics: COCO metrics to show (``format_metrics``), if any.
   """
   lines = [title]

@@ -1,6 +1,8 @@
-"""Converts the original's (or torchvision's, or Hugging Face's) PyTorch checkpoint into an Orbax one.
+"""Converts the original's (or torchvision's, or Hugging Face's) PyTorch checkpoint into an Orbax
+one.
 
-  python -m conddetr_jax.convert --config=configs/r50.py --torch=ConditionalDETR_r50_epoch50.pth --out=DIR
+  python -m conddetr_jax.convert --config=configs/r50.py --torch=ConditionalDETR_r50_epoch50.pth \
+      --out=DIR
 
 The conversion itself is ``conddetr_jax.checkpoints.convert``; this module is the command.
 """
@@ -39,8 +41,8 @@ def main(argv: list[str]) -> None:
     f"Converted {_TORCH.value} ({count / 1e6:.1f}M parameters)",
     {
       "checkpoint": path,
-      "evaluate it with": f"python eval.py --config={flags.FLAGS['config'].config_filename} --checkpoint={path} "
-      "--workdir=DIR",
+      "evaluate it with": f"python eval.py --config={flags.FLAGS['config'].config_filename} "
+      f"--checkpoint={path} --workdir=DIR",
     },
   )
 

@@ -58,7 +58,8 @@ def join(base: "str | os.PathLike[str]", *parts: str) -> str:
 
 
 def listdir(p: "str | os.PathLike[str]") -> list[str]:
-  """The names in folder ``p``, as ``os.listdir`` (which stays the local way: no object per name)."""
+  """The names in folder ``p``, as ``os.listdir`` (which stays the local way: no object per
+  name)."""
   return [child.name for child in path(p).iterdir()] if is_remote(p) else os.listdir(p)
 
 
@@ -84,8 +85,8 @@ def credential_setting() -> str:
   if key:
     return f"credentials GOOGLE_APPLICATION_CREDENTIALS={key}"
   return (
-    "application default credentials (the VM's service account, or `gcloud auth application-default "
-    "login`)"
+    "application default credentials (the VM's service account, or `gcloud auth "
+    "application-default login`)"
   )
 
 

@@ -16,9 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
     dict(
       backbone="resnet50",  # resnet18 | resnet34 | resnet50 | resnet101
       dilation=False,  # DC5: dilation 2 and stride 1 in layer4
-      freeze_stem_and_layer1=True,  # the original's (ImageNet init); False to train them from scratch
-      backbone_norm="frozen_bn",  # the original's; group_norm (or group_norm_ws: with weight standardisation) to train from random weights
-      backbone_num_stages=4,  # the original's (layer4's features); 3 or 2 stop after layer3 or layer2: stride 16 or 8, less compute
+      # the original's (ImageNet init); False to train them from scratch
+      freeze_stem_and_layer1=True,
+      # the original's; group_norm (or group_norm_ws: with weight standardisation) to train from
+      # random weights
+      backbone_norm="frozen_bn",
+      # the original's (layer4's features); 3 or 2 stop after layer3 or layer2: stride 16 or 8, less
+      # compute
+      backbone_num_stages=4,
       hidden_dim=256,
       nheads=8,
       enc_layers=6,
@@ -42,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
       # in the token count; the same results, attention-dropout masks drawn per block).
       attention="dense",
       attention_block_size=512,
-      remat="none",  # what transformer layers recompute in the backward pass: none | attention | layer
+      # what transformer layers recompute in the backward pass: none | attention | layer
+      remat="none",
     )
   )
 
@@ -102,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
       buckets=(),  # () = derived from the train images' sizes; or ((h, w), ...)
       num_buckets=8,  # padded shapes when derived (each is one compiled program)
       eval_num_buckets=0,  # > 0: evaluation gets its own, finer buckets (see data/pipeline.py)
-      # source=synthetic: generated shapes, which read none of the paths above (naming one is an error)
+      # source=synthetic: generated shapes, which read none of the paths above (naming one is an
+      # error)
       synthetic_dir="",  # where they are written ('' = a folder under ~/.cache/conddetr_jax)
       synthetic_num_train=1000,
       synthetic_num_val=200,
@@ -132,10 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 50
   config.lr_drop_epoch = 40
   config.total_steps = -1  # > 0 overrides num_epochs
-  # The global batch (images per update) is fixed: 16, the original's (2 per GPU x 8 GPUs), which its
-  # learning rates were set for. On any device count the run keeps it, each device taking micro-batches
-  # of at most per_device_batch_size images and accumulating the rest (1 device: 2 x 8 accumulation
-  # steps; 8 devices: 2 x 1), or stops naming the numbers to set (training/batch.py).
+  # The global batch (images per update) is fixed: 16, the original's (2 per GPU x 8 GPUs), which
+  # its learning rates were set for. On any device count the run keeps it, each device taking
+  # micro-batches of at most per_device_batch_size images and accumulating the rest (1 device: 2 x 8
+  # accumulation steps; 8 devices: 2 x 1), or stops naming the numbers to set (training/batch.py).
   config.global_batch_size = (
     16  # 0: per_device_batch_size x devices x grad_accum_steps (grows with devices)
   )

@@ -1,4 +1,5 @@
-"""The built-in demo: a small Conditional DETR trained from random weights on generated shapes, on a CPU.
+"""The built-in demo: a small Conditional DETR trained from random weights on generated shapes, on a
+CPU.
 
   python train.py --config=configs/demo.py --workdir=/tmp/conddetr_demo
 
@@ -14,8 +15,8 @@ from conddetr_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The demo config: small images, ResNet-18 up to layer2 with GroupNorm and WS, 1 narrow encoder layer,
-  3 decoder layers, a dense head in training, 25 queries."""
+  """The demo config: small images, ResNet-18 up to layer2 with GroupNorm and WS, 1 narrow encoder
+  layer, 3 decoder layers, a dense head in training, 25 queries."""
   config = default.get_config()
   config.model.update(
     backbone="resnet18",

@@ -1,4 +1,5 @@
-"""A tiny run for tests and smoke checks: ResNet-18 up to layer2, a 1+2-layer transformer, 64 px synthetic images.
+"""A tiny run for tests and smoke checks: ResNet-18 up to layer2, a 1+2-layer transformer, 64 px
+synthetic images.
 
 Command: python train.py --config=configs/test_tiny.py --workdir=/tmp/tiny
 Trains a few steps in well under a minute on a CPU; the numbers mean nothing.

@@ -10,7 +10,8 @@ object's generation from that header, takes 0 when it is missing, and then refus
 conditional write ``ifGenerationMatch=0`` of that "generation" (``Malformed StorageGeneration``).
 Orbax's OCDBT checkpoints read ``manifest.ocdbt`` and rewrite it on that condition, so without the
 headers a checkpoint in the emulated bucket fails as soon as a manifest is read back before being
-rewritten. The emulator's uploads already return the generation in their JSON; only downloads lack it.
+rewritten. The emulator's uploads already return the generation in their JSON; only downloads lack
+it.
 """
 
 import sys

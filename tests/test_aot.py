@@ -32,10 +32,13 @@ HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
   %a = f32[4,8]{1,0:T(8,128)} parameter(0)
   %b = bf16[1024]{0} parameter(1)
-  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)S(1)}, bf16[1024]{0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
-  %all-gather-start = (bf16[256]{0}, bf16[1024]{0}) all-gather-start(%c), channel_id=2, dimensions={0}
+  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)S(1)}, bf16[1024]{0}) all-reduce(%a, %b), \
+channel_id=1, to_apply=%add
+  %all-gather-start = (bf16[256]{0}, bf16[1024]{0}) all-gather-start(%c), channel_id=2, \
+dimensions={0}
   %all-gather-done = bf16[1024]{0} all-gather-done(%all-gather-start)
-  %fusion.all-reduce = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="all-reduce("}
+  %fusion.all-reduce = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused, \
+metadata={op_name="all-reduce("}
   ROOT %add.2 = f32[4,8]{1,0} add(%a, %fusion.all-reduce)
 }
 """
@@ -121,7 +124,8 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
     if os.environ.get("CI"):
       pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
     pytest.skip(
-      f"libtpu is not installed ({aot_devices.install_command()}, or see requirements-tpu-compiler.txt)"
+      f"libtpu is not installed ({aot_devices.install_command()}, or see "
+      "requirements-tpu-compiler.txt)"
     )
   proc = subprocess.run(
     [
@@ -191,8 +195,8 @@ def test_a_refusal_that_names_only_the_temporaries_is_read_too():
 
 
 class _FakeSliceCompiler:
-  """Compiles nothing: a train step of 0.5 GiB of state and 0.8 GiB of temporaries per image, refused
-  (in libtpu's words) when its temporaries exceed 15.75 GiB."""
+  """Compiles nothing: a train step of 0.5 GiB of state and 0.8 GiB of temporaries per image,
+  refused (in libtpu's words) when its temporaries exceed 15.75 GiB."""
 
   def __init__(self):
     self.compiled = []
@@ -222,7 +226,8 @@ def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per
   best = compiling.search_max_batch(
     compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append
   )
-  # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's 15.75.
+  # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's
+  # 15.75.
   assert best == 19
   assert compiler.compiled == [
     2,
@@ -233,10 +238,10 @@ def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per
   assert [line.strip() for line in lines] == [
     "max_batch try 2/device (the configured batch, compiled above): peak 2.10 GiB: fits",
     "max_batch try 4/device (doubling): peak 3.70 GiB: fits [compile 0 s]",
-    "max_batch try 19/device (the line through the peaks at 2 and 4 reaches the capacity at 19.4): peak 15.70 GiB: "
-    "fits [compile 0 s]",
-    "max_batch try 20/device (to confirm: the line through the peaks at 4 and 19 reaches the capacity at 19.4): "
-    "needs about "
+    "max_batch try 19/device (the line through the peaks at 2 and 4 reaches the capacity at 19.4): "
+    "peak 15.70 GiB: fits [compile 0 s]",
+    "max_batch try 20/device (to confirm: the line through the peaks at 4 and 19 reaches the "
+    "capacity at 19.4): needs about "
     "16.50 GiB of the compiler's 15.75: does not fit [compile 0 s]",
     "largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); 3 compiles",
   ]

@@ -1,4 +1,5 @@
-"""The ahead-of-time compile tool (conddetr_jax.aot) for NVIDIA GPU nodes, on a machine without a GPU."""
+"""The ahead-of-time compile tool (conddetr_jax.aot) for NVIDIA GPU nodes, on a machine without a
+GPU."""
 
 import os
 import subprocess
@@ -61,10 +62,10 @@ def test_without_the_gpu_compiler_the_error_says_how_to_install_it(monkeypatch):
 # R50 train step with xla_gpu_enable_triton_gemm left on), shortened: the real one goes on with the
 # whole fusion computation.
 _TRITON_FAILURE = """\
-INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.17 = bf16[19456,256]{1,0} dot(%bitcast.2041, \
-%convert.511), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/jvp(ConditionalDETR)/\
-transformer/encoder/layers_0/self_attn/out_proj/dot_general" source_file="conddetr_jax/models/attention.py" \
-source_line=80}
+INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.17 = bf16[19456,256]{1,0} \
+dot(%bitcast.2041, %convert.511), lhs_contracting_dims={1}, rhs_contracting_dims={0}, \
+metadata={op_name="jit(step)/jvp(ConditionalDETR)/transformer/encoder/layers_0/self_attn/\
+out_proj/dot_general" source_file="conddetr_jax/models/attention.py" source_line=80}
 %fused_computation.1017 (param_0.3921: bf16[256,256]) -> bf16[19456,256] {
   %param_0.3921 = bf16[256,256]{1,0} parameter(0)
   ROOT %dot.17 = bf16[19456,256]{1,0} dot(%bitcast.2041, %convert.511)
@@ -81,11 +82,14 @@ def test_a_failed_gpu_compile_is_one_line_naming_the_instruction_and_the_model_o
   assert "%dot.17 (dot)" in line
   assert "encoder/layers_0/self_attn/out_proj/dot_general" in line
   cudnn = (
-    "UNIMPLEMENTED: no algorithm for %cudnn-conv.3 = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), "
-    'window={size=3x3}, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/backbone/conv"}'
+    "UNIMPLEMENTED: no algorithm for %cudnn-conv.3 = (f32[2,8,8,16]{3,2,1,0}, u8[0]{0}) "
+    "custom-call(%a, %b), "
+    'window={size=3x3}, custom_call_target="__cudnn$convForward", '
+    'metadata={op_name="jit(step)/backbone/conv"}'
   )
   assert compiling.compile_error_line(cudnn).endswith(
-    "[at instruction %cudnn-conv.3 (custom-call); custom call __cudnn$convForward; from JAX op jit(step)/backbone/conv]"
+    "[at instruction %cudnn-conv.3 (custom-call); custom call __cudnn$convForward; from JAX op "
+    "jit(step)/backbone/conv]"
   )
 
 
@@ -106,7 +110,8 @@ def test_aot_compiles_the_tiny_train_step_for_a_v100_node():
   if env is None:
     if os.environ.get("CI"):
       pytest.fail(
-        f"the GPU compiler is missing: .ci/run installs it into ${aot_devices.GPU_COMPILER_PATH_VAR}"
+        "the GPU compiler is missing: .ci/run installs it into "
+        f"${aot_devices.GPU_COMPILER_PATH_VAR}"
       )
     pytest.skip(f"the GPU compiler is not installed ({aot_devices.gpu_install_command()})")
   # The V100 (compute capability 7.0): the GPU that CUDA 13's compiler no longer serves.

@@ -1,4 +1,5 @@
-"""The largest-batch search (conddetr_jax.aot.batch_search) against fake peak functions: no compiling."""
+"""The largest-batch search (conddetr_jax.aot.batch_search) against fake peak functions: no
+compiling."""
 
 import math
 
@@ -46,7 +47,8 @@ class FakeCompiler:
     )
 
   def assert_verified(self, answer: int, limit: int) -> None:
-    """The answer is a checked fact: it was tried and fits, and the next batch was tried and does not."""
+    """The answer is a checked fact: it was tried and fits, and the next batch was tried and does
+    not."""
     if answer > 0:
       assert self.tried[answer] is True
     if answer < limit:
@@ -94,7 +96,8 @@ def test_an_affine_peak_landing_exactly_on_the_capacity_fits():
 
 def test_the_measured_r50_peaks_on_v5e_need_fewer_compiles_than_doubling_and_bisection():
   # R50 bf16 800x1216 on v5e:2x2, per chip (docs/accelerators.md): peaks in GiB as compiled, the
-  # compiler's "needed" figure for the larger batches it refused; between them, linear interpolation.
+  # compiler's "needed" figure for the larger batches it refused; between them, linear
+  # interpolation.
   measured = {
     1: 1.70,
     2: 2.84,

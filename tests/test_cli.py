@@ -262,8 +262,8 @@ def test_unknown_config_field_is_named(setup, tmp_path):
   )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert (
-    "error: --config.model.hiden_dim: config.model has no field 'hiden_dim'; did you mean hidden_dim?"
-    in proc.stderr.splitlines()
+    "error: --config.model.hiden_dim: config.model has no field 'hiden_dim'; did you mean "
+    "hidden_dim?" in proc.stderr.splitlines()
   )
 
 

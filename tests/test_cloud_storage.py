@@ -109,7 +109,8 @@ def _records(workdir: str) -> list[dict]:
 
 
 def _run_config(local, root: str):
-  """The train_and_evaluate runs' config: ``RUN_STEPS`` steps on the COCO-format copy at ``root``."""
+  """The train_and_evaluate runs' config: ``RUN_STEPS`` steps on the COCO-format copy at
+  ``root``."""
   config = _tiny_config(local, root)
   config.update(total_steps=RUN_STEPS, checkpoint_every_steps=3)
   return config
@@ -164,7 +165,8 @@ def test_the_dataset_read_from_a_bucket_gives_the_batches_read_from_disk(dataset
 
 
 # A program that handled a path with epath before conddetr_jax did: epath has cached its choice of
-# gs:// client by then. It writes through storage and reads back through epath itself (as Orbax does).
+# gs:// client by then. It writes through storage and reads back through epath itself (as Orbax
+# does).
 _EPATH_FIRST = """
 import sys
 from etils import epath

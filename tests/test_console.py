@@ -1,7 +1,8 @@
 """The user's console: one-line errors naming the field or path, quiet logs, progress and summaries.
 
 Most checks run the shared helpers of conddetr_jax/cli.py and progress.py in-process; a few
-subprocesses check that every entry point (train.py, eval.py, predict.py, convert) goes through them.
+subprocesses check that every entry point (train.py, eval.py, predict.py, convert) goes through
+them.
 """
 
 import logging as std_logging
@@ -48,7 +49,8 @@ def test_an_unknown_field_is_named_with_the_closest_one():
     "did you mean per_device_batch_size?"
   )
   assert parse_error(TINY, "--workdir=w", "--config.model.num_queris=5") == (
-    "error: --config.model.num_queris: config.model has no field 'num_queris'; did you mean num_queries?"
+    "error: --config.model.num_queris: config.model has no field 'num_queris'; did you mean "
+    "num_queries?"
   )
 
 
@@ -260,7 +262,8 @@ def test_a_missing_init_from_is_named():
     loop.check_initial_weights(config)
 
 
-# ----------------------------------------------------------------------- every entry point, end to end
+# ----------------------------------------------------------------------- every entry point, end to
+# end
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

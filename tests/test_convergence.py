@@ -110,7 +110,8 @@ def test_a_run_counts_as_finished_once_evaluated_at_the_last_step(tmp_path):
   assert not convergence.run_finished(str(tmp_path / "absent"), 300)
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.write(
-      '{"step": 100, "loss": 9.0}\n{"step": 200, "AP": 0.1, "AP50": 0.3}\n{"step": 300, "loss": 8.0}\n'
+      '{"step": 100, "loss": 9.0}\n{"step": 200, "AP": 0.1, "AP50": 0.3}\n{"step": 300, "loss": '
+      "8.0}\n"
     )
   assert not convergence.run_finished(str(tmp_path), 300)  # trained to 300, not yet evaluated there
   with open(tmp_path / "metrics.jsonl", "a") as f:

@@ -1,4 +1,5 @@
-"""`python -m conddetr_jax.convert`: the original's .pth -> an Orbax checkpoint that eval.py restores."""
+"""`python -m conddetr_jax.convert`: the original's .pth -> an Orbax checkpoint that eval.py
+restores."""
 
 import argparse
 import subprocess

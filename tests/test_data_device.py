@@ -53,8 +53,10 @@ from tests.test_data_pipeline import small_config
 
 config = small_config(root)
 sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
-local = data.train_iterator(config, global_batch_size=8, start_step=2)  # process index/count from jax
-expected = data.train_iterator(config, global_batch_size=8, start_step=2, process_index=0, process_count=1)
+# process index/count from jax
+local = data.train_iterator(config, global_batch_size=8, start_step=2)
+expected = data.train_iterator(
+    config, global_batch_size=8, start_step=2, process_index=0, process_count=1)
 for step, batch in enumerate(data.prefetch_to_device(local, sharding)):
   want = next(expected)
   for key, array in batch.items():

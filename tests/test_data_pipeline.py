@@ -136,7 +136,8 @@ def test_train_resize_modes_differ_only_in_pixels(config):
   for key in ("image_id", "size", "pad_mask", "labels", "box_valid"):
     np.testing.assert_array_equal(fast[key], pil[key])
   # The fast path rounds each crop edge to a source pixel: a box coordinate moves by at most half a
-  # pixel plus the half its window edge moved, over a window of at least crop_min_size source pixels.
+  # pixel plus the half its window edge moved, over a window of at least crop_min_size source
+  # pixels.
   np.testing.assert_allclose(fast["boxes"], pil["boxes"], atol=1 / config.dataset.crop_min_size)
   assert 0 < np.abs(fast["image"] - pil["image"]).mean() < 0.1
 

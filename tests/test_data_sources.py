@@ -17,8 +17,8 @@ def test_a_synthetic_config_given_a_path_to_user_data_names_the_flag_that_reads_
   config = demo.get_config()
   config.dataset[field] = str(tmp_path / "mine")
   message = (
-    rf"^config.dataset.{field}='{tmp_path}/mine': this config's dataset.source='synthetic' generates "
-    r"its own images \(under config.dataset.synthetic_dir\) and reads no files; add "
+    rf"^config.dataset.{field}='{tmp_path}/mine': this config's dataset.source='synthetic' "
+    r"generates its own images \(under config.dataset.synthetic_dir\) and reads no files; add "
     r"--config.dataset.source=coco to use COCO-format files$"
   )
   with pytest.raises(ValueError, match=message):

@@ -163,7 +163,8 @@ def test_boxes_through_flip_resize_crop_resize_match_hand_computed_values(mode):
   geometry = tf.constant([1, 50, 100, 5, 80, 40, 20, 80, 40], tf.int32)
   out_image, out_boxes, out_labels = transform(mode, image, boxes, labels, geometry)
   assert out_image.shape == (80, 40, 3)
-  # Box 1: flip -> [150, 20, 190, 60]; x0.5 -> [75, 10, 95, 30]; crop -> [0, 5, 15, 25]; x2 -> [0, 10, 30, 50].
+  # Box 1: flip -> [150, 20, 190, 60]; x0.5 -> [75, 10, 95, 30]; crop -> [0, 5, 15, 25]; x2 -> [0,
+  # 10, 30, 50].
   np.testing.assert_allclose(out_boxes.numpy(), [[0.0, 10.0, 30.0, 50.0]], atol=1e-5)
   np.testing.assert_array_equal(out_labels.numpy(), [3])
   # Normalised cxcywh of the (80, 40) output: (15/40, 30/80, 30/40, 40/80).

@@ -1,9 +1,9 @@
 """Every accelerator's figures in the tools equal the vendor's published datasheet numbers.
 
 The figures below are written out from the vendors' documents, not read from the code, so a wrong
-value in conddetr_jax/hardware/gpu_targets.py or hardware/chips.py fails here (a wrong HBM size would make
-every "fits" verdict of the aot tool wrong). Memory is the datasheet's GB figure, which the tools
-take as GiB (gpu_targets.GpuTarget.memory_gib says why).
+value in conddetr_jax/hardware/gpu_targets.py or hardware/chips.py fails here (a wrong HBM size
+would make every "fits" verdict of the aot tool wrong). Memory is the datasheet's GB figure, which
+the tools take as GiB (gpu_targets.GpuTarget.memory_gib says why).
 
 Sources:
   NVIDIA Tesla V100 datasheet: V100 SXM2, 16 or 32 GB HBM2, 900 GB/s; no bfloat16 tensor cores.
@@ -36,7 +36,8 @@ NVIDIA = {
   "h200": (141, 989, 4800),
 }
 
-# device_kind (as JAX reports it) -> (chip, HBM GiB, dense bf16 TFLOP/s, HBM GB/s), Google Cloud TPU docs.
+# device_kind (as JAX reports it) -> (chip, HBM GiB, dense bf16 TFLOP/s, HBM GB/s), Google Cloud TPU
+# docs.
 GOOGLE = {
   "TPU v4": ("v4", 32, 275, 1200),
   "TPU v5 lite": ("v5e", 16, 197, 819),
@@ -47,7 +48,8 @@ GOOGLE = {
   "TPU v6e": ("v6e", 32, 918, 1640),
 }
 
-# GPUs the telemetry knows but the aot tool does not compile for: device_kind -> (chip, GB, bf16, GB/s).
+# GPUs the telemetry knows but the aot tool does not compile for: device_kind -> (chip, GB, bf16,
+# GB/s).
 OTHER_NVIDIA = {
   "NVIDIA L4": ("l4", 24, 121, 300),
   "NVIDIA H100 PCIe": ("h100-pcie", 80, 756, 2000),

@@ -1,4 +1,5 @@
-"""The README and docs/ as a user reads them: short enough to read, and every link leads somewhere."""
+"""The README and docs/ as a user reads them: short enough to read, and every link leads
+somewhere."""
 
 import os
 import re
@@ -75,7 +76,8 @@ _INSTALL_DOCUMENTS = (
 
 
 def _jax_installs(document: str) -> list[tuple[str, str]]:
-  """(extra, version suffix) of every ``jax[extra]`` on a line of ``document`` that runs pip install."""
+  """(extra, version suffix) of every ``jax[extra]`` on a line of ``document`` that runs pip
+  install."""
   with open(os.path.join(REPO, document), encoding="utf-8") as f:
     return [m for line in f if "pip install" in line for m in _JAX_EXTRA.findall(line)]
 

@@ -1,4 +1,5 @@
-"""Evaluation: COCO numbers as pycocotools computes them, every image once, boxes in original pixels."""
+"""Evaluation: COCO numbers as pycocotools computes them, every image once, boxes in original
+pixels."""
 
 import json
 import os
@@ -358,7 +359,8 @@ _WORKER = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize("127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    jax.distributed.initialize(
+        "127.0.0.1:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     from conddetr_jax import models
     from conddetr_jax.evaluation import coco_eval
     from conddetr_jax import sharding

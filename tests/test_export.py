@@ -52,7 +52,8 @@ def fixture_variables(config):
 
 
 def run_fresh(script: str, *args: str) -> dict:
-  """Runs ``script`` in a new Python (not on this checkout's path); returns the JSON it prints last."""
+  """Runs ``script`` in a new Python (not on this checkout's path); returns the JSON it prints
+  last."""
   out = subprocess.run(
     [sys.executable, "-c", script, *args],
     capture_output=True,
@@ -111,7 +112,8 @@ for name in inputs.files:
     key = name[len("image_"):]
     with open(os.path.join(folder, f"forward_{{key.split('_')[0]}}.jax_export"), "rb") as f:
       program = export.deserialize(f.read())
-    out[key] = [np.asarray(x).tolist() for x in program.call(weights, inputs[name], inputs["mask_" + key])]
+    out[key] = [np.asarray(x).tolist()
+                for x in program.call(weights, inputs[name], inputs["mask_" + key])]
 out["loaded"] = {FORBIDDEN}
 print(json.dumps(out))
 """
@@ -134,9 +136,10 @@ out = {{}}
 for name in inputs.files:
   if name.startswith("image_"):
     key = name[len("image_"):]
-    session = onnxruntime.InferenceSession(os.path.join(folder, f"model_{{key.split('_')[0]}}.onnx"))
-    out[key] = [x.tolist() for x in session.run(["logits", "boxes"],
-                                                 {{"image": inputs[name], "pad_mask": inputs["mask_" + key]}})]
+    session = onnxruntime.InferenceSession(
+        os.path.join(folder, f"model_{{key.split('_')[0]}}.onnx"))
+    out[key] = [x.tolist() for x in session.run(
+        ["logits", "boxes"], {{"image": inputs[name], "pad_mask": inputs["mask_" + key]}})]
 out["loaded"] = {FORBIDDEN}
 print(json.dumps(out))
 """

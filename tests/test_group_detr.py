@@ -139,7 +139,8 @@ def test_k_group_loss_is_the_sum_of_each_groups_one_group_loss():
 
 
 def _all_groups(groups: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-  """(L, B, Q, ...) per group -> (L, B, K*Q, ...), group k at [k*Q, (k+1)*Q) as the model lays them out."""
+  """(L, B, Q, ...) per group -> (L, B, K*Q, ...), group k at [k*Q, (k+1)*Q) as the model lays them
+  out."""
   return tuple(np.concatenate([g[i] for g in groups], axis=2) for i in range(2))
 
 
@@ -165,7 +166,8 @@ def test_k_group_training_updates_every_group_and_its_checkpoint_restores_for_in
   for name, value in before.items():
     assert np.abs(state.params[name] - value).max() > 0, name
 
-  # A training checkpoint keeps every group (resume is exact); eval/predict restore it whole and run group 0.
+  # A training checkpoint keeps every group (resume is exact); eval/predict restore it whole and run
+  # group 0.
   checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1, asynchronous=False)
   checkpointer.save(1, state, {"step": 1})
   checkpointer.close()

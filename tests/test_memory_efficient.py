@@ -17,7 +17,8 @@ from configs import r50, test_tiny
 
 
 def _dense_dropout_attention(q, k, v, key_padding_mask, keep, rate):
-  """The original's attention written out: masked logits, softmax, dropout of the weights, times v."""
+  """The original's attention written out: masked logits, softmax, dropout of the weights, times
+  v."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
   logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
   weights = jnp.where(keep, jax.nn.softmax(logits, axis=-1) / (1 - rate), 0.0)
@@ -129,7 +130,8 @@ def _assert_same(a, b):
 
 
 def _tiny_config():
-  """configs/test_tiny.py with its backbone stopped after layer2 (stride 8: more tokens, less compile)."""
+  """configs/test_tiny.py with its backbone stopped after layer2 (stride 8: more tokens, less
+  compile)."""
   config = test_tiny.get_config()
   config.model.backbone_num_stages = 2
   return config
@@ -158,7 +160,8 @@ def test_tiny_model_is_the_same_with_remat_and_with_blockwise_attention():
 
 def _r50_two_layer_config():
   """configs/r50.py with 2 encoder and 2 decoder layers: each setting acts layer by layer, and two
-  of each cover a layer fed by another and the decoder's first layer, which differs from the rest."""
+  of each cover a layer fed by another and the decoder's first layer, which differs from the
+  rest."""
   config = r50.get_config()
   config.model.enc_layers = config.model.dec_layers = 2
   return config

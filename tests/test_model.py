@@ -1,4 +1,5 @@
-"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, three-stage backbones, config errors."""
+"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, three-stage backbones,
+config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
     return leaf * rng.uniform(0.5, 2.0, out_channels) + rng.normal(0, 0.1, out_channels)
 
   perturbed = jax.tree_util.tree_map_with_path(perturb, variables)
-  # A block's branch starts switched off (its last norm's scale is 0): switch them on to see the convs.
+  # A block's branch starts switched off (its last norm's scale is 0): switch them on to see the
+  # convs.
   on = lambda tree: jax.tree_util.tree_map_with_path(
     lambda path, leaf: (
       jnp.ones_like(leaf) if path[-2].key == "bn2" and path[-1].key == "scale" else leaf

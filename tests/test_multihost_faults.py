@@ -110,7 +110,8 @@ class Pair:
       time.sleep(0.05)
 
   def wait_for_step(self, step: int, after: int = 0) -> None:
-    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
+    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records
+    ``after:``."""
     self.wait_until(
       lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}"
     )
@@ -228,7 +229,7 @@ def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) 
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_then_sigkill_of_each_stop_both_and_every_restart_resumes_with_the_same_losses(
+def test_sigterm_to_one_process_then_sigkill_of_each_stop_both_and_every_restart_resumes_with_the_same_losses(  # noqa: E501
   runs, reference, tmp_path
 ):
   workdir = tmp_path / "faults"

@@ -237,7 +237,8 @@ def test_class_count_mismatch_is_an_error_unless_the_class_head_is_skipped(caplo
   with pytest.raises(convert.CheckpointMismatchError, match="skip_class_head"):
     convert.from_torch(original, config)
   config.init.skip_class_head = True
-  # The 3-class model's fresh variables: R50's with a 3-class head (R50's init compiles in a minute).
+  # The 3-class model's fresh variables: R50's with a 3-class head (R50's init compiles in a
+  # minute).
   rng = np.random.default_rng(0)
   head = {
     "kernel": rng.normal(size=(256, 3)).astype(np.float32),

@@ -1,5 +1,5 @@
-"""The Python API: ``conddetr_jax.load_detector(config, checkpoint)`` and ``detector(images)``, whose
-boxes are predict.py's, in the images' own pixels."""
+"""The Python API: ``conddetr_jax.load_detector(config, checkpoint)`` and ``detector(images)``,
+whose boxes are predict.py's, in the images' own pixels."""
 
 import os
 import re
@@ -86,7 +86,10 @@ def test_load_detector_takes_a_config_name_file_or_dict_and_names_unknown_ones(c
 
 def test_importing_the_package_loads_neither_jax_nor_tensorflow():
   # (conddetr_jax.load_detector, which loads them, is used by the tests above.)
-  code = "import sys, conddetr_jax; print([m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules])"
+  code = (
+    "import sys, conddetr_jax; print([m for m in ('jax', 'tensorflow', 'flax') if m in "
+    "sys.modules])"
+  )
   out = subprocess.run(
     [sys.executable, "-c", code],
     cwd=REPO,

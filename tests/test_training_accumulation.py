@@ -55,7 +55,8 @@ def _config(accum_steps: int = 1):
 
 @pytest.fixture(scope="module")
 def gradients():
-  """gradients(batch, K) -> (grads, metrics) of the tiny model at its initial params (no dropout)."""
+  """gradients(batch, K) -> (grads, metrics) of the tiny model at its initial params (no
+  dropout)."""
   config = _config()
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
@@ -132,11 +133,12 @@ def test_accumulated_train_steps_clip_and_apply_the_whole_batch_update():
     np.testing.assert_allclose(metrics["grad_norm"], whole["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], whole["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["lr"], whole["lr"])
-  # Two AdamW updates, each moving a parameter by about lr; they agree to within 5% of it. Not closer:
-  # AdamW scales each element's step to about lr whatever its gradient's size, so an element whose
-  # gradient nearly cancels carries its float32 rounding (which differs with the summation order:
-  # micro-batches, the 1x1 convs' matrix products) into its step at lr scale, up to ~1% measured.
-  # The gradients themselves are compared closely, against a plain-mean control, in the tests above.
+  # Two AdamW updates, each moving a parameter by about lr; they agree to within 5% of it. Not
+  # closer: AdamW scales each element's step to about lr whatever its gradient's size, so an element
+  # whose gradient nearly cancels carries its float32 rounding (which differs with the summation
+  # order: micro-batches, the 1x1 convs' matrix products) into its step at lr scale, up to ~1%
+  # measured. The gradients themselves are compared closely, against a plain-mean control, in the
+  # tests above.
   moved = max(
     float(np.abs(b - a).max())
     for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(whole_state.params))
@@ -152,12 +154,14 @@ def test_accumulated_train_steps_clip_and_apply_the_whole_batch_update():
     (
       dict(global_batch_size=8, grad_accum_steps=3),
       1,
-      r"config.global_batch_size=8 is not divisible by the number of devices \(1\) x config.grad_accum_steps \(3\)",
+      r"config.global_batch_size=8 is not divisible by the number of devices \(1\) x "
+      r"config.grad_accum_steps \(3\)",
     ),
     (
       dict(global_batch_size=16, grad_accum_steps=2),
       3,
-      r"config.global_batch_size=16 is not divisible by the number of devices \(3\) x config.grad_accum_steps \(2\)",
+      r"config.global_batch_size=16 is not divisible by the number of devices \(3\) x "
+      r"config.grad_accum_steps \(2\)",
     ),
     (dict(grad_accum_steps=-1), 1, r"config.grad_accum_steps=-1: must be >= 1, or 0 to derive it"),
   ],

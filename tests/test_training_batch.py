@@ -50,12 +50,14 @@ def test_a_smaller_per_device_micro_batch_accumulates_more():
   [
     (
       3,
-      r"^config.global_batch_size=16 does not split over 3 devices: run on a device count that divides 16, "
-      r"or change the global batch with --config.global_batch_size=15 or 18 \(the learning rates stay as configured\)$",
+      r"^config.global_batch_size=16 does not split over 3 devices: run on a device count that "
+      r"divides 16, or change the global batch with --config.global_batch_size=15 or 18 \(the "
+      r"learning rates stay as configured\)$",
     ),
     (
       32,
-      r"^config.global_batch_size=16 does not split over 32 devices: .* --config.global_batch_size=32 \(",
+      r"^config.global_batch_size=16 does not split over 32 devices: .* "
+      r"--config.global_batch_size=32 \(",
     ),
   ],
 )

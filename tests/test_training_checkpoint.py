@@ -30,8 +30,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_state(seed: int, size: int = 1 << 24, keep_ema: bool = False) -> state_lib.TrainState:
-  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a while;
-  with ``keep_ema``, its moving average is the tensor halved."""
+  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a
+  while; with ``keep_ema``, its moving average is the tensor halved."""
   config = default.get_config()
   params = {
     "class_embed": {"kernel": np.random.default_rng(seed).normal(size=(size,)).astype(np.float32)}

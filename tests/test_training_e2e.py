@@ -1,8 +1,9 @@
 """train.py end to end on the synthetic dataset: outputs, exact resume after SIGTERM and SIGKILL,
 non-finite losses, two processes, and config errors.
 
-Every run uses the same tiny config and the test run's JAX compilation cache (tests/conftest.py),
-so only the first run of each program compiles. Step losses are compared bit for bit: on CPU a run is deterministic.
+Every run uses the same tiny config and the test run's JAX compilation cache (tests/conftest.py), so
+only the first run of each program compiles. Step losses are compared bit for bit: on CPU a run is
+deterministic.
 """
 
 import glob
@@ -40,7 +41,8 @@ step_to_poison = int(sys.argv.pop(1))
 clean_iterator = data.train_iterator
 
 def poisoned_iterator(config, *, global_batch_size, start_step=0, **kwargs):
-  batches = clean_iterator(config, global_batch_size=global_batch_size, start_step=start_step, **kwargs)
+  batches = clean_iterator(
+      config, global_batch_size=global_batch_size, start_step=start_step, **kwargs)
   for step, batch in enumerate(batches, start_step + 1):
     if step == step_to_poison:
       batch = dict(batch, image=np.full_like(batch["image"], np.nan))
@@ -56,9 +58,9 @@ class Runs:
 
   def __init__(self, root):
     self.root = root
-    # No TF_CPP_MIN_LOG_LEVEL: train.py must quiet TensorFlow and XLA itself (checked on the reference).
-    # The compilation cache and XLA_FLAGS (LLVM level 0) are the test run's (tests/conftest.py),
-    # shared with every other module.
+    # No TF_CPP_MIN_LOG_LEVEL: train.py must quiet TensorFlow and XLA itself (checked on the
+    # reference). The compilation cache and XLA_FLAGS (LLVM level 0) are the test run's
+    # (tests/conftest.py), shared with every other module.
     self.env = dict(
       {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
       JAX_PLATFORMS="cpu",
@@ -78,7 +80,8 @@ class Runs:
   def start(
     self, workdir, *extra, poison_step=None, env=None, every_process_caches=False
   ) -> subprocess.Popen:
-    """``every_process_caches``: for one process of a multi-process run (tests/every_process_caches.py)."""
+    """``every_process_caches``: for one process of a multi-process run
+    (tests/every_process_caches.py)."""
     if poison_step:
       head = [sys.executable, "-c", POISON, str(poison_step)]
     elif every_process_caches:
@@ -113,7 +116,8 @@ def _train_records(workdir) -> list[dict]:
 
 
 def _wait_for_step(proc: subprocess.Popen, workdir, step: int, after: int = 0) -> None:
-  """Waits until metrics.jsonl has a training record of ``step`` or later among records ``after:``."""
+  """Waits until metrics.jsonl has a training record of ``step`` or later among records
+  ``after:``."""
   deadline = time.time() + 600
   while time.time() < deadline:
     if any(r["step"] >= step for r in _train_records(workdir)[after:]):

@@ -21,7 +21,8 @@ def _config(**optimizer_fields):
 
 
 def _params(rng: np.random.Generator) -> dict:
-  """A tree with the model's naming: stem and layer1 are frozen, layer2+ is backbone, the rest transformer."""
+  """A tree with the model's naming: stem and layer1 are frozen, layer2+ is backbone, the rest
+  transformer."""
   shapes = {
     ("backbone", "conv1", "kernel"): (3, 3, 3, 4),
     ("backbone", "layer1_0", "conv1", "kernel"): (3, 3, 4, 4),

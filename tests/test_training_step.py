@@ -17,7 +17,8 @@ from configs import test_tiny
 def _batch(
   seed: int, batch: int = 2, hw: tuple[int, int] = (64, 64), max_boxes: int = 8
 ) -> dict[str, np.ndarray]:
-  """A random padded batch in the data pipeline's format (3 boxes per image, the right third padded)."""
+  """A random padded batch in the data pipeline's format (3 boxes per image, the right third
+  padded)."""
   rng = np.random.default_rng(seed)
   h, w = hw
   pad_mask = np.zeros((batch, h, w), bool)

@@ -1,9 +1,10 @@
-"""Will it fit? Compiles the train step and the evaluation program for a TPU slice or GPU node, on any machine.
+"""Will it fit? Compiles the train step and the evaluation program for a TPU slice or GPU node, on
+any machine.
 
   python -m conddetr_jax.aot --config=configs/r50.py --topology=v5e:2x2 [--size=800x1216 ...]
       [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval]
-  python -m conddetr_jax.aot --config=configs/r50.py --topology=h100:8   # or h200, a100-80g, a100-40g,
-      # v100-16g, v100-32g; gpu:N (N H100s); h100:2x8 (2 hosts of 8)
+  python -m conddetr_jax.aot --config=configs/r50.py --topology=h100:8  # or h200, a100-80g,
+      # a100-40g, v100-16g, v100-32g; gpu:N (N H100s); h100:2x8 (2 hosts of 8)
 
 What it prints and how the figures are obtained: conddetr_jax/aot/__init__.py.
 """
@@ -43,7 +44,8 @@ _MAX_BATCH = flags.DEFINE_bool(
   "max_batch",
   False,
   "Also search the largest per-device batch that fits (one compile per try: a line through "
-  "the measured peaks predicts it, compiles confirm it; doubling and bisection where the peaks are not affine).",
+  "the measured peaks predicts it, compiles confirm it; doubling and bisection where the peaks are "
+  "not affine).",
 )
 _EVAL = flags.DEFINE_bool(
   "eval", True, "Also compile the evaluation program (forward + post-processing)."

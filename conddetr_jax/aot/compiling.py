@@ -27,7 +27,8 @@ def gib(n: float) -> str:
 
 
 class GpuCompileError(RuntimeError):
-  """The GPU compiler refused a program for a reason other than memory (one line: see ``compile_error_line``)."""
+  """The GPU compiler refused a program for a reason other than memory (one line: see
+  ``compile_error_line``)."""
 
 
 @dataclasses.dataclass
@@ -55,7 +56,8 @@ class Compiled:
 
   @property
   def peak_bytes(self) -> int:
-    """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at once."""
+    """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at
+    once."""
     return (
       self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
     )
@@ -93,7 +95,8 @@ class DoesNotFitError(RuntimeError):
 
   def peak_estimate(self, other_bytes: float) -> float | None:
     """The program's peak by the compiler's figure: the whole program's need, or the temporaries'
-    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that fitted)."""
+    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that
+    fitted)."""
     if self.needed_bytes is not None:
       return self.needed_bytes
     return None if self.temp_bytes is None else self.temp_bytes + other_bytes
@@ -208,7 +211,8 @@ class SliceCompiler:
     return self.mesh.size
 
   def train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
-    """The train step's abstract (state, batch) for ``per_device_batch`` images of ``hw`` per device."""
+    """The train step's abstract (state, batch) for ``per_device_batch`` images of ``hw`` per
+    device."""
     fields = batch_spec.train_batch(
       per_device_batch * self.devices, hw, self.config.dataset.max_boxes
     )
@@ -233,13 +237,15 @@ class SliceCompiler:
     """The train step for ``per_device_batch`` images of ``hw`` on each device.
 
     Raises:
-      DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed otherwise.
+      DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed
+        otherwise.
     """
     state, batch = self.train_args(per_device_batch, hw)
     return self.compile(lambda: self.par.lower(state, batch))
 
   def eval(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
-    """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per device."""
+    """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per
+    device."""
     variables, batch = self._eval_args(per_device_batch, hw)
     k = coco_eval.top_k(self.config)
     return self.compile(
@@ -247,8 +253,9 @@ class SliceCompiler:
     )
 
   def train_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
-    """Multiply-adds of one train step per image by the project's counter (``flops.macs``: convolutions
-    and matrix products of the forward, backward and matcher; nothing else): traced, not compiled."""
+    """Multiply-adds of one train step per image by the project's counter (``flops.macs``:
+    convolutions and matrix products of the forward, backward and matcher; nothing else): traced,
+    not compiled."""
     return flops.macs(self.par.step, *self.train_args(per_device_batch, hw))["total"] / (
       per_device_batch * self.devices
     )
@@ -271,12 +278,14 @@ def search_max_batch(
   out: Callable[[str], None],
   limit: int = 4096,
 ) -> int:
-  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and returned.
+  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and
+  returned.
 
-  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the compiler's
-  refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to compile (a line
-  through the measured peaks predicts the answer; one compile confirms that it fits, one that the next
-  batch does not). Prints a line per try as it ends (each is a compile of minutes), then the answer.
+  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the
+  compiler's refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to
+  compile (a line through the measured peaks predicts the answer; one compile confirms that it fits,
+  one that the next batch does not). Prints a line per try as it ends (each is a compile of
+  minutes), then the answer.
   """
   compiles = 0
   other_bytes = (
@@ -311,7 +320,8 @@ def search_max_batch(
         f"needs about {gib(result.peak_bytes)} GiB of the compiler's {gib(result.capacity_bytes)}"
       )
     out(
-      f"    max_batch try {n}/device ({why}): {peak}: {'fits' if result.fits else 'does not fit'}{seconds}"
+      f"    max_batch try {n}/device ({why}): {peak}: "
+      f"{'fits' if result.fits else 'does not fit'}{seconds}"
     )
     return result
 
@@ -323,6 +333,7 @@ def search_max_batch(
   else:
     verdict = f"{best} ({best} fits, {best + 1} does not)"
   out(
-    f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} compiles"
+    f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} "
+    "compiles"
   )
   return best

@@ -26,8 +26,9 @@ GPU_COMPILER_PATH_VAR = "CONDDETR_GPU_COMPILER_PATH"
 _GPU_PLUGIN = "jax_plugins.xla_cuda12"
 # Compile options for every GPU program. Without a GPU there is no autotuning, and XLA's Triton GEMM
 # emitter must then pick tile sizes by its heuristics, which fail for some of the model's matrix
-# products ("Couldn't find output tile sizes that satisfy hlo: %dot ... out_proj"); with it off, every
-# dot is a cuBLAS call, as XLA also falls back to when autotuning finds no better Triton tiling.
+# products ("Couldn't find output tile sizes that satisfy hlo: %dot ... out_proj"); with it off,
+# every dot is a cuBLAS call, as XLA also falls back to when autotuning finds no better Triton
+# tiling.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
@@ -85,7 +86,8 @@ def topology_devices(name: str) -> list[Any]:
 
 
 def gpu_install_command() -> str:
-  """The commands that install the GPU compiler into a folder of its own and point the tool at it."""
+  """The commands that install the GPU compiler into a folder of its own and point the tool at
+  it."""
   return (
     f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
     f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler"
@@ -120,7 +122,8 @@ def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
   Must run before JAX has started its backends in this process: JAX looks for plugins once.
 
   Raises:
-    CompilerMissingError: the GPU compiler is neither importable nor in ``$CONDDETR_GPU_COMPILER_PATH``.
+    CompilerMissingError: the GPU compiler is neither importable nor in
+      ``$CONDDETR_GPU_COMPILER_PATH``.
   """
   folder = os.environ.get(GPU_COMPILER_PATH_VAR)
   if folder and os.path.isdir(folder) and folder not in sys.path:
@@ -149,7 +152,8 @@ def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
 
 
 def devices_of(name: str) -> list[Any]:
-  """The compile-only devices of a GPU node (``h100:8``, ``gpu:4``, ``h100:2x8``) or TPU slice (``v5e:2x2``)."""
+  """The compile-only devices of a GPU node (``h100:8``, ``gpu:4``, ``h100:2x8``) or TPU slice
+  (``v5e:2x2``)."""
   gpu = gpu_targets.parse_topology(name)
   return topology_devices(name) if gpu is None else gpu_devices(gpu)
 
@@ -165,6 +169,7 @@ def chip_of(device: Any) -> chips.Chip | None:
 
 
 def devices_per_chip(devices: Sequence[Any]) -> int:
-  """JAX devices per physical chip (2 where each TensorCore is a device, as on v4 without megacore)."""
+  """JAX devices per physical chip (2 where each TensorCore is a device, as on v4 without
+  megacore)."""
   coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
   return max(1, len(devices) // len(coords)) if coords else 1

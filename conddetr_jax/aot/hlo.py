@@ -39,7 +39,8 @@ _ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\
 
 
 def shape_bytes_by_dtype(shape: str) -> dict[str, int]:
-  """Bytes of an HLO result shape per element type: ``(f32[2,3]{1,0}, bf16[4])`` -> {f32: 24, bf16: 8}."""
+  """Bytes of an HLO result shape per element type: ``(f32[2,3]{1,0}, bf16[4])`` -> {f32: 24, bf16:
+  8}."""
   total: dict[str, float] = {}
   for m in _ARRAY.finditer(shape):
     dims = [int(d) for d in m["dims"].split(",") if d]

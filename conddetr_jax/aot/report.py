@@ -74,9 +74,10 @@ def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
   )
   cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
   rows = [
-    f"  {what}: compile {c.seconds:.1f} s; per device: arguments {gib(c.argument_bytes)} GiB, temporaries "
-    f"{gib(c.temp_bytes)} GiB, outputs {gib(c.output_bytes)} GiB (aliased to arguments "
-    f"{gib(c.alias_bytes)}), code {gib(c.code_bytes)}; peak {gib(c.peak_bytes)} GiB of {cap} GiB: fits {fits}"
+    f"  {what}: compile {c.seconds:.1f} s; per device: arguments {gib(c.argument_bytes)} GiB, "
+    f"temporaries {gib(c.temp_bytes)} GiB, outputs {gib(c.output_bytes)} GiB (aliased to arguments "
+    f"{gib(c.alias_bytes)}), code {gib(c.code_bytes)}; peak {gib(c.peak_bytes)} GiB of {cap} GiB: "
+    f"fits {fits}"
   ]
   if c.collectives:
     parts = [
@@ -105,13 +106,14 @@ def summary_line(
   train_gflop_per_image: float,
   eval_gmac_per_image: float | None,
 ) -> str:
-  """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=... train_gflop_per_image=...
-  eval_gmac_per_image=...`` ('unknown' where a figure is)."""
+  """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=...
+  train_gflop_per_image=... eval_gmac_per_image=...`` ('unknown' where a figure is)."""
   cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
   ev = "skipped" if eval_gmac_per_image is None else f"{eval_gmac_per_image:.1f}"
   return (
-    f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} hbm_gib={peak_gib:.2f} "
-    f"hbm_capacity_gib={cap} train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}"
+    f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} "
+    f"hbm_gib={peak_gib:.2f} hbm_capacity_gib={cap} "
+    f"train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}"
   )
 
 
@@ -124,7 +126,8 @@ def run(
   with_eval: bool = True,
   out: Callable[[str], None] = print,
 ) -> str:
-  """Compiles and reports for each size; returns the summary line (of the first size), also printed last.
+  """Compiles and reports for each size; returns the summary line (of the first size), also printed
+  last.
 
   Raises:
     CompilerMissingError, ValueError: no TPU or GPU compiler, an unknown topology, or a bad config.
@@ -145,8 +148,8 @@ def run(
   batch = config.per_device_batch_size
   m = config.model
   out(
-    f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
-    f"{processes} host(s); chip: "
+    f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) "
+    f"over {processes} host(s); chip: "
     + (
       "unknown to this tool: HBM capacity and peak not known"
       if chip is None
@@ -157,21 +160,23 @@ def run(
     )
   )
   out(
-    f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
-    f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
+    f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per "
+    f"device (global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
     f"{config.eval_per_device_batch_size} images per device"
   )
   compiler = SliceCompiler(config, devices)
   if compiler.gpu:
     out(
-      "FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of convolutions and matrix "
-      "products only; the GPU compiler gives no cost analysis); GMAC = GFLOP / 2."
+      "FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of "
+      "convolutions and matrix products only; the GPU compiler gives no cost analysis); GMAC = "
+      "GFLOP / 2."
     )
     out(
-      "Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix product a cuBLAS call "
-      "(xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without scratch space; a GPU's autotuned program "
-      "may choose Triton fusions and convolution algorithms with workspace. JAX itself takes 75% of a GPU's memory "
-      "unless XLA_PYTHON_CLIENT_MEM_FRACTION says more."
+      "Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix "
+      "product a cuBLAS call (xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without "
+      "scratch space; a GPU's autotuned program may choose Triton fusions and convolution "
+      "algorithms with workspace. JAX itself takes 75% of a GPU's memory unless "
+      "XLA_PYTHON_CLIENT_MEM_FRACTION says more."
     )
   else:
     out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
@@ -184,7 +189,8 @@ def run(
     except DoesNotFitError as e:
       train, refusal = None, e
       out(
-        f"  train step ({batch}/device): does NOT fit{e.describe_need()}: {str(e).splitlines()[0][:300]}"
+        f"  train step ({batch}/device): does NOT fit{e.describe_need()}: "
+        f"{str(e).splitlines()[0][:300]}"
       )
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:

@@ -51,7 +51,8 @@ class StageCost:
     return self.flops / self.bytes_accessed if self.bytes_accessed else float("nan")
 
   def roofline_s(self, chip: chips.Chip) -> float | None:
-    """The larger of compute at the bf16 peak and traffic at the HBM bandwidth, or None without a peak."""
+    """The larger of compute at the bf16 peak and traffic at the HBM bandwidth, or None without a
+    peak."""
     if chip.bf16_tflops is None:
       return None
     return max(self.flops / (chip.bf16_tflops * 1e12), self.bytes_accessed / (chip.hbm_gbs * 1e9))

@@ -108,8 +108,9 @@ def detect_layout(state: StateDict) -> str:
   if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
     return "torchvision"
   raise CheckpointMismatchError(
-    "unrecognised checkpoint layout: expected the original's keys (transformer.*, backbone.0.body.*), "
-    f"a torchvision ResNet (conv1.weight, layer1.*) or HF ConditionalDetr (model.*); first keys: {sorted(keys)[:8]}"
+    "unrecognised checkpoint layout: expected the original's keys (transformer.*, "
+    "backbone.0.body.*), a torchvision ResNet (conv1.weight, layer1.*) or HF ConditionalDetr "
+    f"(model.*); first keys: {sorted(keys)[:8]}"
   )
 
 
@@ -244,7 +245,8 @@ def original_key(collection: str, path: tuple[str, ...]) -> str:
 def _to_flax(
   path: tuple[str, ...], value: np.ndarray, expected_shape: tuple[int, ...]
 ) -> np.ndarray:
-  """Transform the original's tensor into the Flax layout of ``path`` (transposes, in_proj slices)."""
+  """Transform the original's tensor into the Flax layout of ``path`` (transposes, in_proj
+  slices)."""
   proj = path[-2] if len(path) > 1 else ""
   if proj in ("q_proj", "k_proj", "v_proj"):
     d = expected_shape[-1]
@@ -334,8 +336,8 @@ def load_into(
         )
     if any(k.split(":")[0] in CLASS_HEAD_KEYS for k in mismatched):
       lines.append(
-        "  the class head differs in num_classes: set config.init.skip_class_head=True to re-initialise "
-        "it, or config.model.num_classes to the checkpoint's"
+        "  the class head differs in num_classes: set config.init.skip_class_head=True to "
+        "re-initialise it, or config.model.num_classes to the checkpoint's"
       )
     raise CheckpointMismatchError("\n".join(lines))
   if kept:
@@ -357,7 +359,8 @@ def from_torch(
   config: ml_collections.ConfigDict,
   variables: Any = None,
 ) -> Any:
-  """Flax variables ({'params', 'batch_stats'}) of ``config``'s model from a PyTorch-world checkpoint.
+  """Flax variables ({'params', 'batch_stats'}) of ``config``'s model from a PyTorch-world
+  checkpoint.
 
   Accepts the original's .pth (or a bare state dict, as a file or a dict of arrays), a torchvision
   ImageNet ResNet (backbone only; the rest comes from ``variables`` or a fresh init), or HF
@@ -371,7 +374,8 @@ def from_torch(
     if layout == "torchvision"
     else ()
   )
-  # Group DETR fine-tuning from a one-group checkpoint (the original's): the extra groups start fresh.
+  # Group DETR fine-tuning from a one-group checkpoint (the original's): the extra groups start
+  # fresh.
   new_groups = config.model.num_groups > 1 and GROUP_QUERY_KEY not in state
   if new_groups:
     allow_missing += (GROUP_QUERY_KEY,)

@@ -1,11 +1,13 @@
-"""A model's variables restored from any checkpoint, for eval.py, predict.py and ``config.init_from``.
+"""A model's variables restored from any checkpoint, for eval.py, predict.py and
+``config.init_from``.
 
 Resuming a run (the whole train state) is ``training/checkpoint.py``'s job; this module reads
 only the model's ``{'params', 'batch_stats'}``, from a checkpoint that is one of:
 - a training workdir (its latest step), its ``checkpoints/`` folder (the latest step), or one step's
-  folder (``<workdir>/checkpoints/<step>``): Orbax, as ``training/checkpoint.py`` writes it; only the
-  model's variables are read, on any number of devices;
-- an Orbax checkpoint holding just ``{'params', 'batch_stats'}`` (``python -m conddetr_jax.convert``);
+  folder (``<workdir>/checkpoints/<step>``): Orbax, as ``training/checkpoint.py`` writes it; only
+  the model's variables are read, on any number of devices;
+- an Orbax checkpoint holding just ``{'params', 'batch_stats'}``
+  (``python -m conddetr_jax.convert``);
 - a PyTorch/HF file (``.pth``, ``.pt``, ``.bin``, ``.safetensors``): converted on the fly by
   ``convert.from_torch``.
 """
@@ -54,7 +56,8 @@ def resolve_orbax_checkpoint(path: str) -> str:
     among other entries, e.g. a train state's ``opt_state``).
 
   Raises:
-    FileNotFoundError: nothing at ``path`` or no checkpoint in it (the message says what was expected).
+    FileNotFoundError: nothing at ``path`` or no checkpoint in it (the message says what was
+      expected).
   """
   p = storage.path(path)
   if not p.exists():
@@ -128,9 +131,11 @@ def _check_fits(saved: Any, target: Any, tree: str, config: ml_collections.Confi
       else ""
     )
     raise ValueError(
-      f"the checkpoint {tree} does not fit the model of this config (backbone {m.backbone}, hidden_dim "
-      f"{m.hidden_dim}, {m.enc_layers}+{m.dec_layers} layers, num_queries {m.num_queries}, num_classes "
-      f"{m.num_classes}); {len(problems)} tensors differ:\n  " + "\n  ".join(listed) + hint
+      f"the checkpoint {tree} does not fit the model of this config (backbone {m.backbone}, "
+      f"hidden_dim {m.hidden_dim}, {m.enc_layers}+{m.dec_layers} layers, num_queries "
+      f"{m.num_queries}, num_classes {m.num_classes}); {len(problems)} tensors differ:\n  "
+      + "\n  ".join(listed)
+      + hint
     )
 
 

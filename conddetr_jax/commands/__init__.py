@@ -2,9 +2,10 @@
 ``conddetr-aot``, ``conddetr-convert`` and ``conddetr-export`` (pyproject.toml's console scripts).
 
 Each runs its module as ``python <script>`` would, with the same flags: train/eval/predict are the
-checkout's top-level scripts (linked here so that the wheel carries them); aot, convert and
-export are the package's ``conddetr_jax.aot``, ``conddetr_jax.convert`` and ``conddetr_jax.export``. Running the module, not importing
-a function, keeps each command's flags defined only when that command runs.
+checkout's top-level scripts (linked here so that the wheel carries them); aot, convert and export
+are the package's ``conddetr_jax.aot``, ``conddetr_jax.convert`` and ``conddetr_jax.export``.
+Running the module, not importing a function, keeps each command's flags defined only when that
+command runs.
 """
 
 import runpy

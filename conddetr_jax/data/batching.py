@@ -147,7 +147,8 @@ def fallback_candidates(
   buckets: np.ndarray,
   count: int = NUM_FALLBACKS,
 ) -> np.ndarray:
-  """For each slot, the next ``count`` items (in epoch order, cyclically) whose size fits its bucket.
+  """For each slot, the next ``count`` items (in epoch order, cyclically) whose size fits its
+  bucket.
 
   A training slot whose image cannot be read takes the first of these that can: the choice
   depends only on the plan, never on timing, so a resumed run makes the same substitution.
@@ -171,7 +172,8 @@ def fallback_candidates(
 
 
 def local_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  """The slots of a global batch that a process reads: a contiguous block, disjoint across processes."""
+  """The slots of a global batch that a process reads: a contiguous block, disjoint across
+  processes."""
   if global_batch_size % process_count:
     raise ValueError(
       f"global batch size {global_batch_size} is not divisible by the process count {process_count}"

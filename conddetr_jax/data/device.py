@@ -1,4 +1,5 @@
-"""Host batches -> global jax.Arrays sharded over the mesh's data axis, prefetched to the devices."""
+"""Host batches -> global jax.Arrays sharded over the mesh's data axis, prefetched to the
+devices."""
 
 import collections
 from typing import Iterator

@@ -42,7 +42,8 @@ def check_file(path: str) -> None:
 
 
 def read_image(path: str) -> np.ndarray:
-  """An image file of any format PIL knows, as (h, w, 3) uint8 RGB with its EXIF orientation applied.
+  """An image file of any format PIL knows, as (h, w, 3) uint8 RGB with its EXIF orientation
+  applied.
 
   Raises:
     FileNotFoundError: no such file.
@@ -58,9 +59,9 @@ def read_image(path: str) -> np.ndarray:
 
 
 def prepare_image(pixels: np.ndarray, config: ml_collections.ConfigDict) -> LoadedImage:
-  """(h, w, 3) uint8 RGB pixels prepared as the evaluation does: resized (shorter side ``eval_size``,
-  longer at most ``eval_max_size``, PIL bilinear), ImageNet-normalised, padded to a multiple of
-  ``size_divisibility``."""
+  """(h, w, 3) uint8 RGB pixels prepared as the evaluation does: resized (shorter side
+  ``eval_size``, longer at most ``eval_max_size``, PIL bilinear), ImageNet-normalised, padded to a
+  multiple of ``size_divisibility``."""
   pil = Image.fromarray(pixels)
   ds = config.dataset
   h, w = pil.height, pil.width
@@ -85,7 +86,8 @@ def prepare_image(pixels: np.ndarray, config: ml_collections.ConfigDict) -> Load
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> LoadedImage:
-  """Reads an image file (``read_image``) and prepares it as the evaluation does (``prepare_image``).
+  """Reads an image file (``read_image``) and prepares it as the evaluation does
+  (``prepare_image``).
 
   Raises:
     FileNotFoundError: no such file.

@@ -330,8 +330,8 @@ def make_dataset(
     )
     return items.ignore_errors().take(1)
 
-  # Only the decode runs in each slot's own small dataset (what ignore_errors needs); the rest is one
-  # parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
+  # Only the decode runs in each slot's own small dataset (what ignore_errors needs); the rest is
+  # one parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
   data = slots.interleave(
     first_readable, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True
   )
@@ -365,7 +365,8 @@ class DataIterator:
     return self
 
   def _reason(self, index: int) -> str:
-    """Why image ``index`` cannot be used (recomputed eagerly: tf.data only says *that* it failed)."""
+    """Why image ``index`` cannot be used (recomputed eagerly: tf.data only says *that* it
+    failed)."""
     if self._split.missing[index]:
       return "file does not exist"
     try:
@@ -442,9 +443,9 @@ def train_iterator(
 ) -> DataIterator:
   """Infinite training batches: this process's slice of global steps start_step, start_step + 1, ...
 
-  The batch of global step s depends only on (config, s): epoch s // steps_per_epoch, shuffled
-  with (config.seed, epoch). Resuming at ``start_step`` yields exactly what an uninterrupted run
-  would. Each batch is a dict of numpy arrays (``data.batch_spec`` lists them) with a leading axis of
+  The batch of global step s depends only on (config, s): epoch s // steps_per_epoch, shuffled with
+  (config.seed, epoch). Resuming at ``start_step`` yields exactly what an uninterrupted run would.
+  Each batch is a dict of numpy arrays (``data.batch_spec`` lists them) with a leading axis of
   global_batch_size // process_count, all padded to one bucket shape (H, W).
   """
   transforms.check_train_resize(config.dataset)

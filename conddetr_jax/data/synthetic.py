@@ -2,10 +2,10 @@
 
 Each image is a textured background (colour gradient, stripes, noise) with 1 to ``max_objects``
 filled shapes (``Scenes`` holds these parameters). Every class has its own shape and base colour
-(jittered), so a small detector tells the classes apart within minutes; category ids are deliberately
-non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so later
-shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden parts
-included (amodal), so heavy overlap makes some boxes impossible to see whole.
+(jittered), so a small detector tells the classes apart within minutes; category ids are
+deliberately non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so
+later shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden
+parts included (amodal), so heavy overlap makes some boxes impossible to see whole.
 
 The output follows the original's COCO layout, so the ``coco`` source reads it unchanged:
 ``ROOT/annotations/instances_{train,val}2017.json`` and ``ROOT/{train,val}2017/*.jpg``.

@@ -159,9 +159,10 @@ def export(name: str, data_dir: str | None, root: str) -> None:
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
-      f"TFDS dataset {name} is not prepared in {builder.data_dir}. Prepare it first (e.g. `tfds build "
-      f"{name.split('/')[0]} --config {name.split('/')[-1]}`, with the COCO archives downloaded by hand "
-      "if this machine is offline), or use config.dataset.source='coco' with the COCO folder."
+      f"TFDS dataset {name} is not prepared in {builder.data_dir}. Prepare it first (e.g. `tfds "
+      f"build {name.split('/')[0]} --config {name.split('/')[-1]}`, with the COCO archives "
+      "downloaded by hand if this machine is offline), or use config.dataset.source='coco' with "
+      "the COCO folder."
     )
   num_labels = builder.info.features["objects"]["label"].num_classes
   if name.startswith("coco/") and num_labels == len(COCO_CATEGORY_IDS):

@@ -143,7 +143,8 @@ def limit_output_size(geometry: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def check_train_resize(ds: ml_collections.ConfigDict) -> None:
-  """Raises ValueError, naming the field, unless ``ds.train_resize`` is one of ``TRAIN_RESIZE_MODES``."""
+  """Raises ValueError, naming the field, unless ``ds.train_resize`` is one of
+  ``TRAIN_RESIZE_MODES``."""
   if ds.train_resize not in TRAIN_RESIZE_MODES:
     raise ValueError(
       f"config.dataset.train_resize={ds.train_resize!r}: expected one of {TRAIN_RESIZE_MODES}"

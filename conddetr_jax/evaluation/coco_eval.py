@@ -136,7 +136,8 @@ def class_metric_names(categories: dict[int, str]) -> dict[int, str]:
 
 def _per_class_ap(coco_eval: COCOeval) -> dict[int, float]:
   """Category id -> AP at IoU .50:.95, all areas, 100 detections (-1 without ground truth): the mean
-  of ``COCOeval.eval['precision']`` (T, R, K, A, M) over its valid entries, as ``summarize`` takes AP."""
+  of ``COCOeval.eval['precision']`` (T, R, K, A, M) over its valid entries, as ``summarize`` takes
+  AP."""
   precision = coco_eval.eval["precision"][:, :, :, coco_eval.params.areaRngLbl.index("all"), -1]
   out = {}
   for k, cid in enumerate(coco_eval.params.catIds):
@@ -305,7 +306,8 @@ def run_evaluation(
       storage.write_bytes(detections_path, json.dumps(results).encode())
     metrics, summary = coco_metrics(data.annotation_path(config, split), results, dets["image_id"])
     stats = np.array([metrics[name] for name in names], np.float64)
-  # Sent as the float64 bits (JAX arrays are 32-bit by default), so every process gets the exact values.
+  # Sent as the float64 bits (JAX arrays are 32-bit by default), so every process gets the exact
+  # values.
   stats = np.asarray(multihost_utils.broadcast_one_to_all(stats.view(np.uint32))).view(np.float64)
   return EvalResult(
     metrics=dict(zip(names, stats.tolist())), summary=summary, num_images=len(dets["image_id"])
@@ -338,7 +340,8 @@ def evaluate(
 
 
 def _to_host(x: Any) -> np.ndarray:
-  """A numpy copy of a host array or a (possibly multi-host) jax.Array; collective for the latter."""
+  """A numpy copy of a host array or a (possibly multi-host) jax.Array; collective for the
+  latter."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)

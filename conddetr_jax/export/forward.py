@@ -23,7 +23,8 @@ Forward = Callable[[Sequence[jax.Array], jax.Array, jax.Array], tuple[jax.Array,
 
 
 def buckets(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-  """The padded (height, width) sizes an export serves: landscape first, then portrait if it differs.
+  """The padded (height, width) sizes an export serves: landscape first, then portrait if it
+  differs.
 
   Raises:
     ValueError: the config has no ``eval_max_size`` (the envelope would be unbounded).
@@ -51,7 +52,8 @@ def bucket_of(hw: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> int:
 
 
 def flat_weights(variables: Any) -> tuple[list[np.ndarray], Any]:
-  """The variables' leaves as float host arrays (the order ``forward_fn`` takes them) and their tree."""
+  """The variables' leaves as float host arrays (the order ``forward_fn`` takes them) and their
+  tree."""
   leaves, treedef = jax.tree_util.tree_flatten(variables)
   return [np.asarray(leaf) for leaf in leaves], treedef
 

@@ -9,9 +9,9 @@ threshold, best first; the others are zeros. K is ``evaluation.top_k``.
 
 Everything runs in the graph, so TF Serving serves it as is: decoding (libjpeg's accurate IDCT, as
 PIL), the original's evaluation resize (PIL-exact bilinear), normalisation, padding each image to
-its bucket (``forward.buckets``), the model (``jax2tf``: the StableHLO of ``forward.detect_fn``,
-for CPU, CUDA and TPU, batch symbolic; weights as variables) and the original's post-processing
-(in TF ops: TF's XlaCallModule reads StableHLO up to v1.13, where JAX's ``top_k`` is newer). A request that
+its bucket (``forward.buckets``), the model (``jax2tf``: the StableHLO of ``forward.detect_fn``, for
+CPU, CUDA and TPU, batch symbolic; weights as variables) and the original's post-processing (in TF
+ops: TF's XlaCallModule reads StableHLO up to v1.13, where JAX's ``top_k`` is newer). A request that
 is not images fails with InvalidArgumentError naming the problem; the server keeps serving.
 """
 
@@ -149,7 +149,8 @@ class Server(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.float32)])
   def serve(self, images: tf.Tensor, score_threshold: tf.Tensor) -> dict[str, tf.Tensor]:
-    """The detections scoring at least ``score_threshold`` in each encoded image (module docstring)."""
+    """The detections scoring at least ``score_threshold`` in each encoded image (module
+    docstring)."""
     return self._detect(images, score_threshold)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])

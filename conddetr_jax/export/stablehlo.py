@@ -1,7 +1,7 @@
 """The ``stablehlo`` format: ``jax.export`` programs for CPU, CUDA and TPU, batch symbolic.
 
-``DIR/stablehlo/`` holds ``weights.npz`` (the flat weights, keys ``0000``, ``0001``, ... in order) and
-one ``forward_<H>x<W>.jax_export`` per bucket. Loading needs JAX and numpy only::
+``DIR/stablehlo/`` holds ``weights.npz`` (the flat weights, keys ``0000``, ``0001``, ... in order)
+and one ``forward_<H>x<W>.jax_export`` per bucket. Loading needs JAX and numpy only::
 
   exp = jax.export.deserialize(open("forward_832x1344.jax_export", "rb").read())
   w = np.load("weights.npz"); weights = [w[k] for k in sorted(w.files)]
@@ -35,7 +35,8 @@ def program_file(size: tuple[int, int]) -> str:
 def export_forward(
   config: ml_collections.ConfigDict, weights: list[np.ndarray], treedef: Any, size: tuple[int, int]
 ) -> export.Exported:
-  """``forward.forward_fn`` exported for ``PLATFORMS`` at the padded ``size`` (H, W), batch symbolic."""
+  """``forward.forward_fn`` exported for ``PLATFORMS`` at the padded ``size`` (H, W), batch
+  symbolic."""
   (batch,) = export.symbolic_shape("b")
   specs = (
     [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
@@ -46,7 +47,8 @@ def export_forward(
 
 
 def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> list[str]:
-  """Writes the weights and one program per bucket into ``out_dir`` (created); returns their paths."""
+  """Writes the weights and one program per bucket into ``out_dir`` (created); returns their
+  paths."""
   os.makedirs(out_dir, exist_ok=True)
   weights, treedef = forward.flat_weights(variables)
   paths = [os.path.join(out_dir, WEIGHTS_FILE)]

@@ -18,7 +18,8 @@ from conddetr_jax.data import image_files, synthetic
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.export import forward
 
-# A detections function: encoded images -> boxes (B, K, 4), scores (B, K), labels (B, K), count (B,).
+# A detections function: encoded images -> boxes (B, K, 4), scores (B, K), labels (B, K), count
+# (B,).
 Serve = Callable[[list[bytes]], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 

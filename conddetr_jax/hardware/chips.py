@@ -44,7 +44,8 @@ _OTHER_GPUS = {
 
 
 def chip_of_kind(device_kind: str) -> Chip | None:
-  """The figures of the chip JAX calls ``device_kind``, or None for a kind this table lacks (a CPU)."""
+  """The figures of the chip JAX calls ``device_kind``, or None for a kind this table lacks (a
+  CPU)."""
   gpu = gpu_targets.by_device_kind(device_kind)
   if gpu is not None:
     return Chip(gpu.name, gpu.memory_gib, gpu.bf16_tflops, gpu.memory_bandwidth_gbs)

@@ -1,10 +1,11 @@
 """NVIDIA GPUs as the XLA GPU compiler needs them described, to compile for them without one.
 
-The compiler learns a GPU from a ``GpuTargetConfig`` (XLA's ``stream_executor/device_description.proto``):
-its compute capability chooses the instructions, and the counts below feed its cost model, fusion and
-tiling decisions. On a real GPU the driver fills it in; here ``GpuTarget.target_config`` writes it
-from the vendors' published figures, so that ``jax.experimental.topologies.get_topology_desc(
-platform="cuda", target_config=...)`` gives compile-only devices of that GPU on a CPU machine.
+The compiler learns a GPU from a ``GpuTargetConfig`` (XLA's
+``stream_executor/device_description.proto``): its compute capability chooses the instructions, and
+the counts below feed its cost model, fusion and tiling decisions. On a real GPU the driver fills it
+in; here ``GpuTarget.target_config`` writes it from the vendors' published figures, so that
+``jax.experimental.topologies.get_topology_desc( platform="cuda", target_config=...)`` gives
+compile-only devices of that GPU on a CPU machine.
 
 Every figure is data in this file, each with its source. Sources:
   [CC]   NVIDIA CUDA C++ Programming Guide, "Compute Capabilities", table "Technical
@@ -158,7 +159,8 @@ DEFAULT_GPU = "h100"
 
 @dataclasses.dataclass(frozen=True)
 class GpuTopology:
-  """``<gpu>:<count>`` (one host) or ``<gpu>:<hosts>x<count>`` (``count`` GPUs on each of ``hosts``)."""
+  """``<gpu>:<count>`` (one host) or ``<gpu>:<hosts>x<count>`` (``count`` GPUs on each of
+  ``hosts``)."""
 
   gpu: GpuTarget
   hosts: int
@@ -170,7 +172,8 @@ class GpuTopology:
 
   @property
   def topology_string(self) -> str:
-    """XLA's "<partitions>x<hosts per partition>x<devices per host>", one partition (an NVLink/IB cluster)."""
+    """XLA's "<partitions>x<hosts per partition>x<devices per host>", one partition (an NVLink/IB
+    cluster)."""
     return f"1x{self.hosts}x{self.per_host}"
 
 
@@ -178,7 +181,8 @@ _TOPOLOGY = re.compile(r"(?P<gpu>[a-z0-9-]+):(?:(?P<hosts>\d+)x)?(?P<count>\d+)"
 
 
 def parse_topology(name: str) -> GpuTopology | None:
-  """``h100:8`` -> 8 H100 on one host; ``h100:2x8`` -> 2 hosts of 8; ``gpu:N`` -> N of ``DEFAULT_GPU``.
+  """``h100:8`` -> 8 H100 on one host; ``h100:2x8`` -> 2 hosts of 8; ``gpu:N`` -> N of
+  ``DEFAULT_GPU``.
 
   Returns None for a name that is no GPU's (a TPU slice such as ``v5e:2x2``).
 
@@ -200,5 +204,6 @@ def parse_topology(name: str) -> GpuTopology | None:
 
 
 def by_device_kind(device_kind: str) -> GpuTarget | None:
-  """The GPU whose driver name is ``device_kind`` (as ``GpuTarget.target_config`` sets it), or None."""
+  """The GPU whose driver name is ``device_kind`` (as ``GpuTarget.target_config`` sets it), or
+  None."""
   return next((t for t in GPUS.values() if t.device_kind == device_kind), None)

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple, Sequence
 
 from conddetr_jax import cli
 
-# The console as quiet as the commands': TensorFlow's and XLA's C++ notices silenced before they load
-# (the Python API has no -v flag; a program that loaded them first keeps its own settings).
+# The console as quiet as the commands': TensorFlow's and XLA's C++ notices silenced before they
+# load (the Python API has no -v flag; a program that loaded them first keeps its own settings).
 cli.quiet_native_logs([])
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,8 +52,8 @@ class Detections(NamedTuple):
 
 
 def get_config(config: str | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A run config from a name of ``configs.NAMES`` (the package's configs/), a config file's path, or
-  a ``ConfigDict`` (returned as is).
+  """A run config from a name of ``configs.NAMES`` (the package's configs/), a config file's path,
+  or a ``ConfigDict`` (returned as is).
 
   Raises:
     ValueError: a name that is neither a known config nor an existing ``.py`` file.
@@ -88,7 +88,8 @@ class Detector:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Any, threshold: float):
-    """Wraps ``variables`` (``{'params', 'batch_stats'}``) of ``config``'s model; see ``load_detector``."""
+    """Wraps ``variables`` (``{'params', 'batch_stats'}``) of ``config``'s model; see
+    ``load_detector``."""
     self.config = config
     self.threshold = threshold
     self.class_names = prediction.class_names(config)
@@ -161,8 +162,8 @@ def load_detector(
   Args:
     config: the model's config: a name (``"r50"``, ``"demo"``, ... as in configs/), a config file,
       or a ``ConfigDict``; it must be the checkpoint's model.
-    checkpoint: anything eval.py's ``--checkpoint`` takes: a training workdir, a step folder, an Orbax
-      checkpoint, the original's ``.pth`` or HF weights.
+    checkpoint: anything eval.py's ``--checkpoint`` takes: a training workdir, a step folder, an
+      Orbax checkpoint, the original's ``.pth`` or HF weights.
     threshold: the lowest score returned; default the config's ``evaluation.score_threshold``.
 
   Raises:

@@ -1,4 +1,5 @@
-"""predict.py's library: detections on image files, drawn into PNGs and listed in detections.json."""
+"""predict.py's library: detections on image files, drawn into PNGs and listed in
+detections.json."""
 
 import json
 import math
@@ -226,6 +227,6 @@ def describe_record(record: dict[str, Any], threshold: float) -> str:
   if record["detections"]:
     return f"{record['file']}: {len(record['detections'])} detections -> {record['png']}"
   return (
-    f"{record['file']}: no detection scores >= {threshold:g} (the best scores {record['best_score']:.3f}); "
-    f"try --threshold={suggested_threshold(record['best_score']):g}"
+    f"{record['file']}: no detection scores >= {threshold:g} (the best scores "
+    f"{record['best_score']:.3f}); try --threshold={suggested_threshold(record['best_score']):g}"
   )

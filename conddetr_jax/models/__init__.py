@@ -64,7 +64,8 @@ def param_label(path: Sequence[str], freeze_stem_and_layer1: bool = True) -> str
 
 
 def param_labels(params: Any, freeze_stem_and_layer1: bool = True) -> Any:
-  """A pytree like ``params`` holding each leaf's ``param_label`` (for ``optax.multi_transform``)."""
+  """A pytree like ``params`` holding each leaf's ``param_label`` (for
+  ``optax.multi_transform``)."""
   return jax.tree_util.tree_map_with_path(
     lambda path, _: param_label([k.key for k in path], freeze_stem_and_layer1), params
   )

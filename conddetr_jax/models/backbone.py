@@ -218,9 +218,9 @@ def _shortcut(block: _ResidualBlock, x: jax.Array, valid: jax.Array | None) -> j
 
 
 class ResNet(nn.Module):
-  """The ResNet body up to layer4 (``num_stages=4``, the original's), layer3 or layer2 (``num_stages``
-  3 or 2), returning the last stage's feature map: stride 32 (DC5: 16), 16 with 3 stages (dilated:
-  8), 8 with 2 stages (dilated: 4).
+  """The ResNet body up to layer4 (``num_stages=4``, the original's), layer3 or layer2
+  (``num_stages`` 3 or 2), returning the last stage's feature map: stride 32 (DC5: 16), 16 with 3
+  stages (dilated: 8), 8 with 2 stages (dilated: 4).
 
   Submodule names mirror torchvision's keys: ``conv1``, ``bn1``, ``layer{1..4}_{i}`` with
   ``conv{1,2,3}``, ``bn{1,2,3}``, ``downsample_conv``, ``downsample_bn``.

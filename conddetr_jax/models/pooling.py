@@ -4,10 +4,11 @@
 variadic reduce-window that carries four int32 index tensors (one iota per input axis) next to the
 values, then a scatter: on the demo's train step (ResNet-18 trained whole, 4 x 160x192) that was
 about a tenth of the step (docs/cpu-step.md). Here the pool is the maximum of its nine strided
-window taps, and the backward hands each output's gradient to the tap that won, found again from
-an int32 tap index saved in the forward. Ties go to the first maximum in row-major window order,
-as PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
-``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties included).
+window taps, and the backward hands each output's gradient to the tap that won, found again from an
+int32 tap index saved in the forward. Ties go to the first maximum in row-major window order, as
+PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
+``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties
+included).
 """
 
 import functools

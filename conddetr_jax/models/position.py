@@ -44,7 +44,8 @@ def _frequencies(num_feats: int, temperature: float) -> jax.Array:
 
 
 def _interleave_sin_cos(angles: jax.Array) -> jax.Array:
-  """(..., F) angles -> (..., F): sin of even and cos of odd entries, interleaved as the original."""
+  """(..., F) angles -> (..., F): sin of even and cos of odd entries, interleaved as the
+  original."""
   stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
   return stacked.reshape(angles.shape)
 

@@ -44,7 +44,8 @@ def linear(
 
 
 class MLP(nn.Module):
-  """``num_layers`` Linear layers with ReLU in between (the original's ``MLP``; params ``layers_i``)."""
+  """``num_layers`` Linear layers with ReLU in between (the original's ``MLP``; params
+  ``layers_i``)."""
 
   hidden_dim: int
   output_dim: int

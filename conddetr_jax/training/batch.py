@@ -91,8 +91,8 @@ def plan_batch(config: ml_collections.ConfigDict, device_count: int) -> BatchPla
 
 
 def resolved(config: ml_collections.ConfigDict, plan: BatchPlan) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose ``per_device_batch_size`` and ``grad_accum_steps`` are ``plan``'s, so
-  that the train step (which reads ``grad_accum_steps``) runs what the plan says."""
+  """A copy of ``config`` whose ``per_device_batch_size`` and ``grad_accum_steps`` are ``plan``'s,
+  so that the train step (which reads ``grad_accum_steps``) runs what the plan says."""
   config = config.copy_and_resolve_references()
   config.per_device_batch_size = plan.per_device
   config.grad_accum_steps = plan.accum_steps
@@ -109,6 +109,6 @@ def departure_from_recipe(config: ml_collections.ConfigDict, plan: BatchPlan) ->
     else "config.global_batch_size=0: per_device_batch_size x devices x grad_accum_steps"
   )
   return (
-    f"global batch {plan.global_batch} ({source}), not the original recipe's {ORIGINAL_GLOBAL_BATCH}: "
-    "learning rates and schedule are used as configured, not scaled"
+    f"global batch {plan.global_batch} ({source}), not the original recipe's "
+    f"{ORIGINAL_GLOBAL_BATCH}: learning rates and schedule are used as configured, not scaled"
   )

@@ -85,10 +85,11 @@ class Checkpointer:
     saved_ema, wanted_ema = bool(meta.get(_EMA, False)), abstract.ema_params is not None
     if saved_ema != wanted_ema:
       raise ValueError(
-        f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a moving "
-        f"average of the weights, and this run {'keeps none' if saved_ema else 'keeps one'}: resume with "
-        f"{'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in a new --workdir "
-        f"(--config.init_from={self.directory.parent} starts from its weights)"
+        f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a "
+        "moving average of the weights, and this run "
+        f"{'keeps none' if saved_ema else 'keeps one'}: "
+        f"resume with {'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in "
+        f"a new --workdir (--config.init_from={self.directory.parent} starts from its weights)"
       )
     if _EMA in meta:
       return self._restore_state(step, abstract), meta

@@ -120,8 +120,9 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "heartbeat_timeout_s",
     HEARTBEAT_TIMEOUT_S,
-    "Multi-host: seconds without a heartbeat after which a process counts as lost and the others stop "
-    "(shorter: a lost host idles the others less; longer: fewer false alarms from stalled hosts).",
+    "Multi-host: seconds without a heartbeat after which a process counts as lost and the others "
+    "stop (shorter: a lost host idles the others less; longer: fewer false alarms from stalled "
+    "hosts).",
   )
   flags.DEFINE_integer(
     "shutdown_timeout_s",

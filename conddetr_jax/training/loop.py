@@ -144,10 +144,11 @@ def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
     return False
   url = IMAGENET_WEIGHTS_URL[config.model.backbone]
   logging.warning(
-    "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone starts from "
-    "RANDOM weights with frozen BatchNorm, and this run will not converge like the original, which starts "
-    "from ImageNet weights.\n  Download %s and add --config.init_from=/path/to/%s\n  or, if random "
-    "weights are meant, --config.init.allow_random_backbone=True\n%s",
+    "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone "
+    "starts from RANDOM weights with frozen BatchNorm, and this run will not converge like the "
+    "original, which starts from ImageNet weights.\n  Download %s and add "
+    "--config.init_from=/path/to/%s\n  or, if random weights are meant, "
+    "--config.init.allow_random_backbone=True\n%s",
     "!" * 100,
     config.model.backbone,
     url,
@@ -182,7 +183,8 @@ def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _eval_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
-  """Periodic evaluation: every ``eval_every_steps``, every epoch if 0, never (but at the end) if < 0."""
+  """Periodic evaluation: every ``eval_every_steps``, every epoch if 0, never (but at the end) if <
+  0."""
   if config.eval_every_steps > 0:
     return step % config.eval_every_steps == 0
   return config.eval_every_steps == 0 and step % steps_per_epoch == 0

@@ -68,8 +68,8 @@ def lost_host_message(
     )
   else:
     lost = (
-      f"process 0 was lost: the coordination service it runs{f' at {coordinator_address}' if coordinator_address else ''} "
-      "no longer answers"
+      "process 0 was lost: the coordination service it "
+      f"runs{f' at {coordinator_address}' if coordinator_address else ''} no longer answers"
     )
   resume = (
     f"the last complete checkpoint is step {checkpoint_step} in {checkpoint_dir}"

@@ -6,8 +6,8 @@
   original puts them all in decayed groups);
 - the backbone (layer2-4) at ``lr * backbone_lr_mult``; the stem and layer1 get no update at all
   (``set_to_zero``: AdamW's weight decay would otherwise move them) unless
-  ``config.model.freeze_stem_and_layer1`` is False, when they join the backbone group. Frozen BatchNorm tensors live
-  in ``batch_stats`` and never reach the optimiser.
+  ``config.model.freeze_stem_and_layer1`` is False, when they join the backbone group. Frozen
+  BatchNorm tensors live in ``batch_stats`` and never reach the optimiser.
 """
 
 from typing import Any, Callable

@@ -77,7 +77,8 @@ class JitParallel(_Parallel):
     return state
 
   def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global batch."""
+    """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global
+    batch."""
     return batch
 
   def lower(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:

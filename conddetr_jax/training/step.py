@@ -40,7 +40,8 @@ def set_loss_fn(
   config: ml_collections.ConfigDict,
   axis_name: str | None = None,
 ) -> LossFn:
-  """``loss_fn(params, batch, dropout_rng) -> (loss, metrics)``: the training forward and the set criterion."""
+  """``loss_fn(params, batch, dropout_rng) -> (loss, metrics)``: the training forward and the set
+  criterion."""
 
   def loss_fn(params, batch, rng):
     out = model.apply(
@@ -96,8 +97,8 @@ def gradients(
     batch: the global batch under jit, one device's part under pmap; B divisible by ``accum_steps``.
     loss_fn: ``loss_fn(params, batch, dropout_rng) -> (loss, metrics)`` (``set_loss_fn``).
     rng: the dropout key of this step (micro-batch k uses ``fold_in(rng, k)`` when K > 1).
-    accum_steps: K, the number of micro-batches; 0 (a config's "derive it", when the step runs outside
-      ``train_and_evaluate``, which resolves it: training/batch.py) means one, as 1 does.
+    accum_steps: K, the number of micro-batches; 0 (a config's "derive it", when the step runs
+      outside ``train_and_evaluate``, which resolves it: training/batch.py) means one, as 1 does.
     axis_name: the pmap axis (box counts are summed over it), or None under jit.
 
   Returns:

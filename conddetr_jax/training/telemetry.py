@@ -43,7 +43,8 @@ class Telemetry:
   """Turns a log window's counts into the scalars ``metrics.jsonl`` and TensorBoard record."""
 
   def __init__(self, device_kind: str, num_devices: int, global_batch: int, accum_steps: int = 1):
-    """``num_devices``: every device of the run (all processes); ``global_batch``: images per update."""
+    """``num_devices``: every device of the run (all processes); ``global_batch``: images per
+    update."""
     self._devices = num_devices
     self._global_batch = global_batch
     self._accum_steps = max(accum_steps, 1)
