@@ -1,4 +1,5 @@
-"""The train step with the backbone's CPU-friendly ops against the ops they replaced, in one process.
+"""The train step with the backbone's CPU-friendly ops against the ops they replaced, in one
+process.
 
 Usage:
   python benchmarks/backbone_ops.py --config=configs/r50.py --batch=2 --size=384x512 [--rounds=5]
@@ -15,11 +16,11 @@ import statistics
 import sys
 import time
 
+from absl import app, flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from absl import app, flags
 from jax import lax
+import jax.numpy as jnp
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,17 +46,24 @@ def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   h, w = (int(v) for v in _SIZE.value.split("x"))
-  batch = jax.device_put(synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes,
-                                         num_classes=config.model.num_classes))
+  batch = jax.device_put(
+    synthetic_batch(
+      _BATCH.value, h, w, config.dataset.max_boxes, num_classes=config.model.num_classes
+    )
+  )
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
-  tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
+  tx = optimizer.build_optimizer(
+    config, variables["params"], optimizer.learning_rate_schedule(config, 1000)
+  )
   initial = state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config))
   fresh = lambda: jax.tree.map(jnp.copy, initial)  # each run donates its own copy
   current = (convolution.conv_general_dilated, pooling.max_pool_3x3_stride2)
   compiled = {}
-  for name, (conv, pool) in {"previous ops": (lax.conv_general_dilated, _previous_max_pool),
-                             "current ops": current}.items():
+  for name, (conv, pool) in {
+    "previous ops": (lax.conv_general_dilated, _previous_max_pool),
+    "current ops": current,
+  }.items():
     # The modules look these up when traced, so each variant compiles with its own ops.
     convolution.conv_general_dilated, pooling.max_pool_3x3_stride2 = conv, pool
     step = lambda s, b: step_lib.train_step(s, b, model=model, tx=tx, config=config)
@@ -78,8 +86,11 @@ def main(argv: list[str]) -> None:
   base = statistics.median(times["previous ops"])
   for name, record in times.items():
     median = statistics.median(record)
-    print(f"{name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s), {base / median:.2f}x the "
-          f"previous ops' speed", flush=True)
+    print(
+      f"{name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s), "
+      f"{base / median:.2f}x the previous ops' speed",
+      flush=True,
+    )
   print(f"loadavg={os.getloadavg()[0]:.1f}")
 
 

@@ -8,11 +8,11 @@ step, with the min-max band over seeds), and prints how many steps each decoder 
 the DETR decoder's final AP. ``--groups=1,5`` adds Group DETR training (``config.model.num_groups``)
 as a second axis: every decoder trains once per group count.
 
-  python benchmarks/convergence.py --out=/tmp/convergence              # 2 CPU cores: ~35 min (estimated)
+  python benchmarks/convergence.py --out=/tmp/convergence        # 2 CPU cores: ~35 min (estimated)
   python benchmarks/convergence.py --out=DIR --steps=6000 --eval_every=500 --seeds=0,1,2 \
-      --override=per_device_batch_size=16                             # a GPU: a longer run
-  python benchmarks/convergence.py --out=DIR --groups=1,5             # with and without Group DETR
-  python benchmarks/convergence.py --out=DIR --groups=1,5 --decoders=conditional   # Group DETR alone
+      --override=per_device_batch_size=16                       # a GPU: a longer run
+  python benchmarks/convergence.py --out=DIR --groups=1,5       # with and without Group DETR
+  python benchmarks/convergence.py --out=DIR --groups=1,5 --decoders=conditional  # Group DETR alone
 
 Runs already evaluated at ``--steps`` in ``--out`` are reused, so seeds can train in parallel
 processes, one per core, and a last call with all the seeds writes the CSV and the plot
@@ -29,15 +29,15 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.training.metrics import METRICS_FILE  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DECODERS = ("conditional", "detr")
 
@@ -51,16 +51,26 @@ def _parse_override(text: str) -> tuple[list[str], object]:
   return key.split("."), parsed
 
 
-def run_config(decoder: str, seed: int, steps: int, eval_every: int, overrides: list[str], num_groups: int = 1):
+def run_config(
+  decoder: str, seed: int, steps: int, eval_every: int, overrides: list[str], num_groups: int = 1
+):
   """The demo config with this decoder, Group DETR group count and seed, evaluated every
   ``eval_every`` steps."""
   config = demo.get_config()
   # The study's model is the demo's first recipe, whatever the demo uses now: the whole ResNet-18 at
   # stride 32 with plain GroupNorm, two encoder layers with 1024-wide feed-forward blocks, 50
   # queries, no dense head, one query group unless --groups says otherwise, evaluated at 128 px.
-  config.model.update(decoder=decoder, num_groups=num_groups, backbone_num_stages=4, dilation=False,
-                      backbone_norm="group_norm", enc_layers=2, dim_feedforward=1024, num_queries=50,
-                      dense_head=False)
+  config.model.update(
+    decoder=decoder,
+    num_groups=num_groups,
+    backbone_num_stages=4,
+    dilation=False,
+    backbone_norm="group_norm",
+    enc_layers=2,
+    dim_feedforward=1024,
+    num_queries=50,
+    dense_head=False,
+  )
   config.dataset.eval_size = 128
   config.seed = seed
   config.total_steps = steps
@@ -101,7 +111,8 @@ def steps_to_reach(steps: np.ndarray, ap: np.ndarray, target: float) -> int | No
 
 
 def variant_name(decoder: str, num_groups: int) -> str:
-  """A run variant's name in the plot, the printout and the workdirs: ``conditional``, ``detr_groups5`` ..."""
+  """A run variant's name in the plot, the printout and the workdirs: ``conditional``,
+  ``detr_groups5`` ..."""
   return decoder if num_groups == 1 else f"{decoder}_groups{num_groups}"
 
 
@@ -115,14 +126,21 @@ def baseline_variant(variants: list[tuple[str, int]]) -> str:
 def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
   """Mean AP per variant against step, with the min-max band over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for variant, ap in curves.items():
     decoder, _, groups = variant.partition("_groups")
     label = {"conditional": "Conditional DETR decoder", "detr": "DETR decoder"}[decoder]
     label += f", {groups} groups" if groups else ""
-    line, = ax.plot(steps, ap.mean(0), marker="o", label=f"{label} ({ap.shape[0]} seed{'s' if ap.shape[0] > 1 else ''})")
+    (line,) = ax.plot(
+      steps,
+      ap.mean(0),
+      marker="o",
+      label=f"{label} ({ap.shape[0]} seed{'s' if ap.shape[0] > 1 else ''})",
+    )
     ax.fill_between(steps, ap.min(0), ap.max(0), color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step")
   ax.set_ylabel("COCO box AP (synthetic val)")
@@ -134,22 +152,34 @@ def plot(curves: dict[str, np.ndarray], steps: np.ndarray, path: str) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--out", required=True, help="output folder (one workdir per run inside)")
   parser.add_argument("--steps", type=int, default=800)
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-  parser.add_argument("--groups", default="1", help="comma-separated config.model.num_groups values (Group DETR)")
-  parser.add_argument("--decoders", default=",".join(DECODERS), help=f"comma-separated, of {DECODERS}")
-  parser.add_argument("--override", action="append", default=[],
-                      help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20")
+  parser.add_argument(
+    "--groups", default="1", help="comma-separated config.model.num_groups values (Group DETR)"
+  )
+  parser.add_argument(
+    "--decoders", default=",".join(DECODERS), help=f"comma-separated, of {DECODERS}"
+  )
+  parser.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="extra config field, e.g. per_device_batch_size=16 or model.num_queries=20",
+  )
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)  # the training loop's progress lines (loss, images/s, ETA)
   seeds = [int(s) for s in args.seeds.split(",")]
   decoders = args.decoders.split(",")
   if not decoders or not set(decoders) <= set(DECODERS):
     parser.error(f"--decoders={args.decoders!r}: expected a comma-separated subset of {DECODERS}")
-  variants = [(decoder, int(k)) for k in args.groups.split(",") for decoder in DECODERS if decoder in decoders]
+  variants = [
+    (decoder, int(k)) for k in args.groups.split(",") for decoder in DECODERS if decoder in decoders
+  ]
   os.makedirs(args.out, exist_ok=True)
 
   rows = []
@@ -158,13 +188,20 @@ def main() -> None:
       name = variant_name(decoder, num_groups)
       workdir = os.path.join(args.out, f"{name}_seed{seed}")
       start = time.time()
-      if not run_finished(workdir, args.steps):  # finished runs (e.g. from a parallel invocation) are reused
+      if not run_finished(
+        workdir, args.steps
+      ):  # finished runs (e.g. from a parallel invocation) are reused
         loop.train_and_evaluate(
-            run_config(decoder, seed, args.steps, args.eval_every, args.override, num_groups), workdir)
+          run_config(decoder, seed, args.steps, args.eval_every, args.override, num_groups), workdir
+        )
       curve = read_ap_curve(workdir)
-      print(f"{name} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True)
-      rows += [dict(decoder=decoder, num_groups=num_groups, seed=seed, step=s, AP=ap, AP50=ap50)
-               for s, ap, ap50 in curve]
+      print(
+        f"{name} seed {seed}: final AP {curve[-1][1]:.3f} ({time.time() - start:.0f} s)", flush=True
+      )
+      rows += [
+        dict(decoder=decoder, num_groups=num_groups, seed=seed, step=s, AP=ap, AP50=ap50)
+        for s, ap, ap50 in curve
+      ]
 
   csv_path = os.path.join(args.out, "convergence.csv")
   with open(csv_path, "w", newline="", encoding="utf-8") as f:
@@ -173,9 +210,22 @@ def main() -> None:
     writer.writerows(rows)
 
   steps = np.array(sorted({r["step"] for r in rows}))
-  curves = {variant_name(d, k): np.array([[next(r["AP"] for r in rows if (r["decoder"], r["num_groups"]) == (d, k)
-                                               and r["seed"] == s and r["step"] == t)
-                                          for t in steps] for s in seeds]) for d, k in variants}
+  curves = {
+    variant_name(d, k): np.array(
+      [
+        [
+          next(
+            r["AP"]
+            for r in rows
+            if (r["decoder"], r["num_groups"]) == (d, k) and r["seed"] == s and r["step"] == t
+          )
+          for t in steps
+        ]
+        for s in seeds
+      ]
+    )
+    for d, k in variants
+  }
   png_path = os.path.join(args.out, "convergence.png")
   plot(curves, steps, png_path)
 
@@ -188,8 +238,10 @@ def main() -> None:
     print(f"{variant:{width}s} " + " ".join(f"{a:6.3f}" for a in ap.mean(0)))
   for variant, ap in curves.items():
     reached = steps_to_reach(steps, ap.mean(0), target)
-    print(f"steps for {variant} to reach {baseline}'s final AP {target:.3f}: "
-          f"{reached if reached is not None else 'not reached'}")
+    print(
+      f"steps for {variant} to reach {baseline}'s final AP {target:.3f}: "
+      f"{reached if reached is not None else 'not reached'}"
+    )
   print(f"wrote {csv_path} and {png_path}")
 
 

@@ -3,14 +3,15 @@
     python benchmarks/eval_padding.py --checkpoint=/tmp/conddetr_demo [--config=configs/demo.py]
         [--settings=all:1,shared:8,3:8,all:8]
 
-Each setting is ``eval_num_buckets:eval_per_device_batch_size`` (``shared`` = 0, the buckets of
-the train augmentation; ``all`` = one bucket per distinct eval size, i.e. no image padded beyond
-``size_divisibility`` when the batch holds one image). The first setting is the reference. For
-each setting, as soon as it is done, it prints: the padded shapes used, the padding waste (padded pixels / all pixels of
-the eval batches, blank slots included), the compile time (first evaluation minus a second one in
-the same process, whose programs are cached), COCO box AP, and against the reference the share of
-the reference's top-10 detections per image that are no longer among the setting's top 10 (same
-label and box IoU >= 0.9 counts as the same detection) and the mean score change of those kept.
+Each setting is ``eval_num_buckets:eval_per_device_batch_size`` (``shared`` = 0, the buckets of the
+train augmentation; ``all`` = one bucket per distinct eval size, i.e. no image padded beyond
+``size_divisibility`` when the batch holds one image). The first setting is the reference. For each
+setting, as soon as it is done, it prints: the padded shapes used, the padding waste (padded pixels
+/ all pixels of the eval batches, blank slots included), the compile time (first evaluation minus a
+second one in the same process, whose programs are cached), COCO box AP, and against the reference
+the share of the reference's top-10 detections per image that are no longer among the setting's top
+10 (same label and box IoU >= 0.9 counts as the same detection) and the mean score change of those
+kept.
 """
 
 import argparse
@@ -24,13 +25,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conddetr_jax import data  # pylint: disable=g-import-not-at-top
-from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
-from conddetr_jax import models  # pylint: disable=g-import-not-at-top
-from conddetr_jax import sharding  # pylint: disable=g-import-not-at-top
+from conddetr_jax import (
+  data,  # pylint: disable=g-import-not-at-top
+  models,  # pylint: disable=g-import-not-at-top
+  sharding,  # pylint: disable=g-import-not-at-top
+)
 from conddetr_jax.checkpoints import weights  # pylint: disable=g-import-not-at-top
-from conddetr_jax.data import coco  # pylint: disable=g-import-not-at-top
-from conddetr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from conddetr_jax.data import (
+  coco,  # pylint: disable=g-import-not-at-top
+  pipeline,  # pylint: disable=g-import-not-at-top
+)
+from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
 
 _TOP = 10
 _SAME_IOU = 0.9
@@ -70,7 +75,9 @@ def compare(ref: dict, other: dict) -> tuple[float, float]:
   for i in range(len(ref["image_id"])):
     assert ref["image_id"][i] == other["image_id"][i]
     overlap = iou(ref["boxes"][i, :_TOP], other["boxes"][i, :_TOP])
-    same = (overlap >= _SAME_IOU) & (ref["labels"][i, :_TOP, None] == other["labels"][i, None, :_TOP])
+    same = (overlap >= _SAME_IOU) & (
+      ref["labels"][i, :_TOP, None] == other["labels"][i, None, :_TOP]
+    )
     for j in range(_TOP):
       total += 1
       if same[j].any():
@@ -92,8 +99,12 @@ def run(config, model, variables, mesh, name: str) -> Outcome:
     start = time.perf_counter()
     dets = coco_eval.gather_detections(config, model, variables, mesh)
     times.append(time.perf_counter() - start)
-  results = coco_eval.to_coco_results(dets["image_id"], dets["scores"], dets["labels"], dets["boxes"])
-  metrics, _ = coco_eval.coco_metrics(data.annotation_path(config, "val"), results, dets["image_id"])
+  results = coco_eval.to_coco_results(
+    dets["image_id"], dets["scores"], dets["labels"], dets["boxes"]
+  )
+  metrics, _ = coco_eval.coco_metrics(
+    data.annotation_path(config, "val"), results, dets["image_id"]
+  )
   return Outcome(name, shapes, waste, times[0] - times[1], times[1], metrics["AP"], dets)
 
 
@@ -108,8 +119,11 @@ def main() -> None:
   mesh = sharding.make_mesh()
   model = models.build_model(base)
   variables, step = weights.load_variables(base, args.checkpoint, sharding.replicated(mesh))
-  print(f"checkpoint {args.checkpoint} (step {step}), {jax.device_count()} {jax.default_backend()} device(s), "
-        f"size_divisibility {base.dataset.size_divisibility}", flush=True)
+  print(
+    f"checkpoint {args.checkpoint} (step {step}), {jax.device_count()} {jax.default_backend()} "
+    f"device(s), size_divisibility {base.dataset.size_divisibility}",
+    flush=True,
+  )
   ref = None
   for setting in args.settings.split(","):
     buckets, batch = setting.split(":")
@@ -120,9 +134,12 @@ def main() -> None:
     o = run(config, model, variables, mesh, f"eval_num_buckets={buckets}, batch {batch}")
     ref = ref or o
     changed, score_diff = compare(ref.dets, o.dets)
-    print(f"{o.name:34s} shapes {len(o.shapes):2d} waste {o.waste:.3f}  compile {o.compile_s:6.1f} s  "
-          f"run {o.run_s:6.1f} s  AP {o.ap:.4f}  top-{_TOP} changed vs reference {changed:.3f} "
-          f"(kept: mean |score change| {score_diff:.4f})  shapes: {o.shapes}", flush=True)
+    print(
+      f"{o.name:34s} shapes {len(o.shapes):2d} waste {o.waste:.3f}  compile {o.compile_s:6.1f} s  "
+      f"run {o.run_s:6.1f} s  AP {o.ap:.4f}  top-{_TOP} changed vs reference {changed:.3f} "
+      f"(kept: mean |score change| {score_diff:.4f})  shapes: {o.shapes}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # pylint: disable=g-import-not-at-top
 from conddetr_jax.criterion import matching  # pylint: disable=g-import-not-at-top
+from configs import default  # pylint: disable=g-import-not-at-top
 
 
 def _timeit(fn, *args, repeats):
@@ -58,16 +58,20 @@ def main():
 
   rng = np.random.default_rng(0)
   config = default.get_config().matcher
-  logits = jnp.asarray(rng.normal(-4.6, 1.0, (args.layers, args.images, args.queries,
-                                               args.classes)), jnp.float32)
-  boxes = jnp.asarray(rng.uniform(0.1, 0.9, (args.layers, args.images, args.queries, 4)),
-                      jnp.float32)
+  logits = jnp.asarray(
+    rng.normal(-4.6, 1.0, (args.layers, args.images, args.queries, args.classes)), jnp.float32
+  )
+  boxes = jnp.asarray(
+    rng.uniform(0.1, 0.9, (args.layers, args.images, args.queries, 4)), jnp.float32
+  )
   tgt_boxes = jnp.asarray(rng.uniform(0.1, 0.5, (args.images, args.slots, 4)), jnp.float32)
   tgt_labels = jnp.asarray(rng.integers(0, args.classes, (args.images, args.slots)), jnp.int32)
 
   print(f"backend={jax.default_backend()} devices={jax.devices()}")
-  print(f"{args.layers} layers x {args.images} images x {args.queries} queries x "
-        f"{args.slots} target slots, median of {args.repeats} runs, ms")
+  print(
+    f"{args.layers} layers x {args.images} images x {args.queries} queries x "
+    f"{args.slots} target slots, median of {args.repeats} runs, ms"
+  )
   print(f"{'targets':>10} {'valid':>6} {'device':>9} {'scipy':>9} {'optax':>9}")
 
   def run_match(solver):
@@ -87,8 +91,9 @@ def main():
     counts = _counts(kind, args.images, args.slots, rng)
     valid = jnp.asarray(np.arange(args.slots)[None] < counts[:, None])
     inputs = (logits, boxes, tgt_boxes, tgt_labels, valid)
-    figures = [_timeit(fn, *inputs, repeats=args.repeats)
-               for fn in (device_match, scipy_match, optax_match)]
+    figures = [
+      _timeit(fn, *inputs, repeats=args.repeats) for fn in (device_match, scipy_match, optax_match)
+    ]
     print(f"{kind:>10} {int(counts.sum()):>6} " + " ".join(f"{t:9.1f}" for t in figures))
 
 

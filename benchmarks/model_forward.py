@@ -36,14 +36,19 @@ def main() -> None:
   parser.add_argument("--dtypes", default="float32,bfloat16")
   args = parser.parse_args()
   h, w = map(int, args.size.split("x"))
-  print(f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} batch={args.batch} size={h}x{w}")
+  print(
+    f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} batch={args.batch} "
+    f"size={h}x{w}"
+  )
   images = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, h, w, 3)), jnp.float32)
   pad_mask = jnp.zeros((args.batch, h, w), bool)
   for dtype in args.dtypes.split(","):
     config = load_config(args.config)
     config.model.dtype = dtype
     model = models.build_model(config)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1, :64, :64], pad_mask[:1, :64, :64])
+    variables = jax.jit(model.init)(
+      jax.random.PRNGKey(0), images[:1, :64, :64], pad_mask[:1, :64, :64]
+    )
     forward = jax.jit(lambda v, x, m: model.apply(v, x, m)["pred_boxes"])
     t0 = time.perf_counter()
     forward(variables, images, pad_mask).block_until_ready()
@@ -54,8 +59,10 @@ def main() -> None:
       forward(variables, images, pad_mask).block_until_ready()
       times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    print(f"{config.model.backbone} dc5={config.model.dilation} dtype={dtype}: forward_s={step:.4f} "
-          f"images_per_s={args.batch / step:.2f} (first call incl. compile {compile_s:.1f}s)")
+    print(
+      f"{config.model.backbone} dc5={config.model.dilation} dtype={dtype}: forward_s={step:.4f} "
+      f"images_per_s={args.batch / step:.2f} (first call incl. compile {compile_s:.1f}s)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Our forward's multiply-adds per image against the paper's FLOPs column (multiply-add = 1).
 
 Usage:
-  python benchmarks/paper_flops.py [--configs=r50,r50_dc5,r101,r101_dc5] [--sizes=800x1216,800x1067,800x1199]
+  python benchmarks/paper_flops.py [--configs=r50,r50_dc5,r101,r101_dc5]
+      [--sizes=800x1216,800x1067,800x1199]
 
 The original's README: Conditional DETR-R50 90 G, DC5-R50 195 G, R101 156 G, DC5-R101 262 G, by
 DETR's counter (convolutions and matrix products only, one multiply-add = one FLOP) averaged
@@ -15,9 +16,9 @@ import importlib
 import os
 import sys
 
+from absl import app, flags
 import jax
 import jax.numpy as jnp
-from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
@@ -27,7 +28,9 @@ from conddetr_jax.hardware import flops
 PAPER_GMACS = {"r50": 90, "r50_dc5": 195, "r101": 156, "r101_dc5": 262}
 
 _CONFIGS = flags.DEFINE_list("configs", list(PAPER_GMACS), "Config modules under configs/.")
-_SIZES = flags.DEFINE_list("sizes", ["800x1216", "800x1067", "800x1199"], "HxW of one unpadded image.")
+_SIZES = flags.DEFINE_list(
+  "sizes", ["800x1216", "800x1067", "800x1199"], "HxW of one unpadded image."
+)
 
 
 def forward_macs(config_name: str, h: int, w: int) -> dict[str, int]:
@@ -42,8 +45,11 @@ def forward_macs(config_name: str, h: int, w: int) -> dict[str, int]:
 
 def main(argv: list[str]) -> None:
   del argv
-  print(f"{'config':10s} {'size':>9s} {'conv GMAC':>10s} {'matmul GMAC':>12s} {'total GMAC':>11s} "
-        f"{'paper G':>8s} {'ratio':>6s}", flush=True)
+  print(
+    f"{'config':10s} {'size':>9s} {'conv GMAC':>10s} {'matmul GMAC':>12s} {'total GMAC':>11s} "
+    f"{'paper G':>8s} {'ratio':>6s}",
+    flush=True,
+  )
   gaps = []
   for name in _CONFIGS.value:
     for size in _SIZES.value:
@@ -53,8 +59,11 @@ def main(argv: list[str]) -> None:
       ratio = r["total"] / 1e9 / paper if paper else float("nan")
       if paper:
         gaps.append(abs(ratio - 1) * 100)
-      print(f"{name:10s} {size:>9s} {r['conv'] / 1e9:10.1f} {r['dot'] / 1e9:12.1f} {r['total'] / 1e9:11.1f} "
-            f"{paper or float('nan'):8.0f} {ratio:6.3f}", flush=True)
+      print(
+        f"{name:10s} {size:>9s} {r['conv'] / 1e9:10.1f} {r['dot'] / 1e9:12.1f} "
+        f"{r['total'] / 1e9:11.1f} {paper or float('nan'):8.0f} {ratio:6.3f}",
+        flush=True,
+      )
   print(f"paper_flops max_abs_gap_pct={max(gaps) if gaps else float('nan'):.1f}")
 
 

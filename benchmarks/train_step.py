@@ -27,17 +27,16 @@ import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
 from absl import flags
+import jax
 from ml_collections import config_flags
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from benchmarks.hf_step import build_hf_step
 from benchmarks.synthetic import synthetic_batch
-from conddetr_jax import cli, models
-from conddetr_jax import sharding
+from conddetr_jax import cli, models, sharding
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
@@ -47,16 +46,29 @@ _BATCH = flags.DEFINE_integer("batch", 2, "Global batch size.")
 _SIZE = flags.DEFINE_string("size", "384x512", "HxW of the padded batch for the step_s figure.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones.")
-_BUCKET = flags.DEFINE_string("bucket", "800x1216", "A COCO training bucket HxW for images/s; '' skips it.")
-_BUCKET_DTYPES = flags.DEFINE_list("bucket_dtypes", ["float32", "bfloat16"], "Compute dtypes at --bucket.")
-_HF = flags.DEFINE_enum("hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch train step (auto: on CPU).")
-_VARIANTS = flags.DEFINE_multi_string("variant", [], "Config overrides 'a.b=value,c=value' to time against the "
-                                      "config, round-robin (values are Python literals).")
-_ROUNDS = flags.DEFINE_integer("rounds", 8, "With --variant: timed rounds, after one warm-up round.")
+_BUCKET = flags.DEFINE_string(
+  "bucket", "800x1216", "A COCO training bucket HxW for images/s; '' skips it."
+)
+_BUCKET_DTYPES = flags.DEFINE_list(
+  "bucket_dtypes", ["float32", "bfloat16"], "Compute dtypes at --bucket."
+)
+_HF = flags.DEFINE_enum(
+  "hf", "auto", ["auto", "yes", "no"], "Time HF's PyTorch train step (auto: on CPU)."
+)
+_VARIANTS = flags.DEFINE_multi_string(
+  "variant",
+  [],
+  "Config overrides 'a.b=value,c=value' to time against the "
+  "config, round-robin (values are Python literals).",
+)
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 8, "With --variant: timed rounds, after one warm-up round."
+)
 
 
 def _timed(fn, steps: int, warmup: int) -> float:
-  """Median seconds of ``steps`` calls of ``fn()`` (which must block) after ``warmup`` untimed ones."""
+  """Median seconds of ``steps`` calls of ``fn()`` (which must block) after ``warmup`` untimed
+  ones."""
   for _ in range(warmup):
     fn()
   times = []
@@ -72,10 +84,16 @@ def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, 
   step and blocks, compile seconds, the compiled step's memory analysis or None)."""
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
-  tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 1000))
+  tx = optimizer.build_optimizer(
+    config, variables["params"], optimizer.learning_rate_schedule(config, 1000)
+  )
   step_fn = lambda state, b: step_lib.train_step(state, b, model=model, tx=tx, config=config)
   par = parallel.JitParallel(step_fn, sharding.make_mesh())
-  holder = {"state": par.device_state(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))}
+  holder = {
+    "state": par.device_state(
+      state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config))
+    )
+  }
   device_batch = jax.device_put(batch, par.batch_sharding)
   t0 = time.perf_counter()
   memory = par.lower(holder["state"], device_batch).compile().memory_analysis()
@@ -88,8 +106,9 @@ def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, 
   return run, compile_s, memory
 
 
-def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
-                  other_step: Any = None) -> tuple[dict[str, float], float | None]:
+def time_jax_step(
+  config, batch: dict[str, np.ndarray], steps: int, warmup: int, other_step: Any = None
+) -> tuple[dict[str, float], float | None]:
   """Median step time, compile time and the compiled step's buffer sizes, on all devices; with
   ``other_step`` (a blocking ``run()``, e.g. ``build_hf_step``'s), also its median seconds, the two
   alternating step by step (else None)."""
@@ -109,8 +128,8 @@ def time_jax_step(config, batch: dict[str, np.ndarray], steps: int, warmup: int,
 
 
 def _timed_alternating(fns: list, steps: int, warmup: int) -> list[float]:
-  """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed rounds,
-  then ``steps`` timed ones."""
+  """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed
+  rounds, then ``steps`` timed ones."""
   times = [[] for _ in fns]
   for round_index in range(warmup + steps):
     for fn, record in zip(fns, times):
@@ -138,8 +157,9 @@ def with_overrides(config, text: str):
   return config
 
 
-def time_variants_round_robin(config, variants: list[str], batch: dict[str, np.ndarray],
-                              rounds: int) -> list[list[float]]:
+def time_variants_round_robin(
+  config, variants: list[str], batch: dict[str, np.ndarray], rounds: int
+) -> list[list[float]]:
   """Step seconds of ``config`` and of each variant, one step of each in turn per round, after one
   untimed round: ``[config's times, variant 1's times, ...]``."""
   runs = [compile_jax_step(with_overrides(config, v), batch)[0] for v in [""] + variants]
@@ -162,43 +182,66 @@ def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   h, w = _hw(_SIZE.value)
-  print(f"device={jax.devices()[0].device_kind} x{jax.device_count()} backend={jax.default_backend()} "
-        f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} backbone={config.model.backbone} "
-        f"dtype={config.model.dtype} batch={_BATCH.value}", flush=True)
-  batch = synthetic_batch(_BATCH.value, h, w, config.dataset.max_boxes,
-                          num_classes=config.model.num_classes)
+  print(
+    f"device={jax.devices()[0].device_kind} x{jax.device_count()} backend={jax.default_backend()} "
+    f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.1f} backbone={config.model.backbone} "
+    f"dtype={config.model.dtype} batch={_BATCH.value}",
+    flush=True,
+  )
+  batch = synthetic_batch(
+    _BATCH.value, h, w, config.dataset.max_boxes, num_classes=config.model.num_classes
+  )
   if _VARIANTS.value:
     times = time_variants_round_robin(config, _VARIANTS.value, batch, _ROUNDS.value)
     base = statistics.median(times[0])
     for name, record in zip(["(config)"] + _VARIANTS.value, times):
       median = statistics.median(record)
-      print(f"jax {h}x{w} {name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s over "
-            f"{len(record)} rounds), {median / base:.2f}x the config's", flush=True)
+      print(
+        f"jax {h}x{w} {name}: step {median:.3f}s (range {min(record):.3f}-{max(record):.3f}s over "
+        f"{len(record)} rounds), {median / base:.2f}x the config's",
+        flush=True,
+      )
     print(f"loadavg={os.getloadavg()[0]:.1f} after the rounds")
     return
   with_hf = _HF.value == "yes" or (_HF.value == "auto" and jax.default_backend() == "cpu")
-  main_step, hf_s = time_jax_step(config, batch, _STEPS.value, _WARMUP.value,
-                                  build_hf_step(config, batch) if with_hf else None)
-  print(f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} images/s "
-        f"(compile {main_step['compile_s']:.1f}s); XLA temp buffers "
-        f"{main_step.get('temp_bytes', 0) / _BATCH.value / 2**20:.0f} MiB/image, state "
-        f"{main_step.get('state_bytes', 0) / 2**20:.0f} MiB", flush=True)
+  main_step, hf_s = time_jax_step(
+    config, batch, _STEPS.value, _WARMUP.value, build_hf_step(config, batch) if with_hf else None
+  )
+  print(
+    f"jax {h}x{w}: step {main_step['step_s']:.3f}s, {_BATCH.value / main_step['step_s']:.2f} "
+    f"images/s (compile {main_step['compile_s']:.1f}s); XLA temp buffers "
+    f"{main_step.get('temp_bytes', 0) / _BATCH.value / 2**20:.0f} MiB/image, state "
+    f"{main_step.get('state_bytes', 0) / 2**20:.0f} MiB",
+    flush=True,
+  )
 
   if _BUCKET.value:
     bh, bw = _hw(_BUCKET.value)
-    bucket_batch = synthetic_batch(_BATCH.value, bh, bw, config.dataset.max_boxes,
-                                   num_classes=config.model.num_classes)
+    bucket_batch = synthetic_batch(
+      _BATCH.value, bh, bw, config.dataset.max_boxes, num_classes=config.model.num_classes
+    )
     for dtype in _BUCKET_DTYPES.value:
       bucket_config = config.copy_and_resolve_references()
       bucket_config.model.dtype = dtype
       r, _ = time_jax_step(bucket_config, bucket_batch, max(1, _STEPS.value // 2), 1)
-      peak = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if "device_peak_bytes" in r else ""
-      print(f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step {r['step_s']:.3f}s); "
-            f"XLA temp buffers {r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}", flush=True)
+      peak = (
+        f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB"
+        if "device_peak_bytes" in r
+        else ""
+      )
+      print(
+        f"jax {bh}x{bw} {dtype}: {_BATCH.value / r['step_s']:.2f} images/s (step "
+        f"{r['step_s']:.3f}s); XLA temp buffers "
+        f"{r.get('temp_bytes', 0) / _BATCH.value / 2**30:.2f} GiB/image{peak}",
+        flush=True,
+      )
 
   if with_hf:
-    print(f"hf-torch {h}x{w}: step {hf_s:.3f}s, {_BATCH.value / hf_s:.2f} images/s; "
-          f"jax/hf speed ratio {hf_s / main_step['step_s']:.2f}x (steps alternated)", flush=True)
+    print(
+      f"hf-torch {h}x{w}: step {hf_s:.3f}s, {_BATCH.value / hf_s:.2f} images/s; "
+      f"jax/hf speed ratio {hf_s / main_step['step_s']:.2f}x (steps alternated)",
+      flush=True,
+    )
 
   print(f"step_s={main_step['step_s']:.4f}")
 

@@ -17,5 +17,6 @@ def __getattr__(name: str):
   ``import conddetr_jax`` stays cheap."""
   if name in __all__:
     from conddetr_jax.inference import api  # pylint: disable=import-outside-toplevel
+
     return getattr(api, name)
   raise AttributeError(f"module 'conddetr_jax' has no attribute {name!r}")

@@ -9,6 +9,7 @@ naming the config field, flag or path, exit status 1, no traceback. ``-v 1`` (ab
 This module does not import JAX: it must run before JAX loads.
 """
 
+import contextlib
 import difflib
 import importlib
 import logging as std_logging
@@ -16,11 +17,11 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
+
+from conddetr_jax import configs  # a list of names: loads no JAX
 
 # Mistakes a user makes (a path, a value, a missing package), printed as one line; anything else
 # is a bug and keeps its traceback. RuntimeError covers data.BadImageError (an unreadable image).
@@ -28,17 +29,18 @@ USER_ERRORS = (OSError, ValueError, ImportError, FloatingPointError, RuntimeErro
 
 # Warnings libraries print on every ordinary run; they read like errors but are expected.
 EXPECTED_WARNINGS = (
-    "Metadata file does not exist",     # Orbax, restoring a checkpoint written without it
-    "Missing metrics for step",         # Orbax CheckpointManager on a workdir it did not write
-    "CheckpointManagerOptions.read_only=True",  # Orbax, reading a training workdir's checkpoints
-    "Given directory is read only",     # (the same)
+  "Metadata file does not exist",  # Orbax, restoring a checkpoint written without it
+  "Missing metrics for step",  # Orbax CheckpointManager on a workdir it did not write
+  "CheckpointManagerOptions.read_only=True",  # Orbax, reading a training workdir's checkpoints
+  "Given directory is read only",  # (the same)
 )
 _VERBOSITY_FLAG = re.compile(r"^--?(v|verbosity)(=(?P<value>-?\d+))?$")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def verbosity(argv: Sequence[str]) -> int:
-  """absl's ``-v``/``--verbosity`` as given in ``argv`` (0 if absent), readable before flags parse."""
+  """absl's ``-v``/``--verbosity`` as given in ``argv`` (0 if absent), readable before flags
+  parse."""
   level = 0
   for i, arg in enumerate(argv):
     m = _VERBOSITY_FLAG.match(arg)
@@ -77,6 +79,12 @@ def quiet_native_logs(argv: Sequence[str] | None = None, *, load_tensorflow: boo
       os.close(devnull)
 
 
+def _expected_warning(record: std_logging.LogRecord) -> bool:
+  return record.levelno == std_logging.WARNING and any(
+    e in record.getMessage() for e in EXPECTED_WARNINGS
+  )
+
+
 class _ConsoleFilter(std_logging.Filter):
   """Passes this project's records, and other libraries' warnings unless they are expected ones."""
 
@@ -86,10 +94,27 @@ class _ConsoleFilter(std_logging.Filter):
       return True
     if record.levelno < std_logging.WARNING:
       return False
-    if record.levelno >= std_logging.ERROR:
-      return True
-    message = record.getMessage()
-    return not any(expected in message for expected in EXPECTED_WARNINGS)
+    return not _expected_warning(record)
+
+
+class _ExpectedWarningFilter(std_logging.Filter):
+  """Drops the ``EXPECTED_WARNINGS``."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not _expected_warning(record)
+
+
+@contextlib.contextmanager
+def expected_warnings_hidden() -> Iterator[None]:
+  """Within the block, libraries' ``EXPECTED_WARNINGS`` (logged through absl, as Orbax logs) are
+  dropped: for the Python API, whose console is the user's (the commands filter theirs in
+  ``setup_console_logging``)."""
+  absl_logger, hide = std_logging.getLogger("absl"), _ExpectedWarningFilter()
+  absl_logger.addFilter(hide)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(hide)
 
 
 class _ConsoleFormatter(std_logging.Formatter):
@@ -113,6 +138,7 @@ def setup_console_logging(level: int) -> None:
 
 # ------------------------------------------------------------------------------------------ errors
 
+
 def _field_names(group: Any) -> list[str]:
   return sorted(group.keys()) if hasattr(group, "keys") else []
 
@@ -121,7 +147,8 @@ _TYPE_PHRASES = {bool: "a boolean", int: "an integer", float: "a number", str: "
 
 
 def type_phrase(value: Any) -> str:
-  """``value``'s type with its article, as a sentence says it: "an integer", "a tuple", "an OrderedDict"."""
+  """``value``'s type with its article, as a sentence says it: "an integer", "a tuple", "an
+  OrderedDict"."""
   kind = type(value)
   if kind in _TYPE_PHRASES:
     return _TYPE_PHRASES[kind]
@@ -169,8 +196,12 @@ def _overrides(argv: Sequence[str], flag_name: str) -> list[tuple[str, str | Non
   return out
 
 
-def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str = "config",
-                        flag_values: flags.FlagValues = flags.FLAGS) -> str:
+def describe_flag_error(
+  error: Exception,
+  argv: Sequence[str],
+  config_flag: str = "config",
+  flag_values: flags.FlagValues = flags.FLAGS,
+) -> str:
   """One line saying which flag or config field is wrong in ``argv`` and how (or why the config
   file does not load).
 
@@ -188,25 +219,52 @@ def describe_flag_error(error: Exception, argv: Sequence[str], config_flag: str 
       config.keys()  # a config file that failed to load raises here
     except Exception as e:  # pylint: disable=broad-except
       first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
-      return f"--{config_flag}={_config_argument(argv, config_flag)}: cannot load the config file: {first}"
+      return (
+        f"--{config_flag}={_config_argument(argv, config_flag)}: cannot load the config file: "
+        f"{first}"
+      )
   if config is not None:
     for path, value in _overrides(argv, config_flag):
       problem = describe_unknown_field(config, path, config_flag)
       if problem:
         return problem
-      bad_value = re.match(rf"flag --{re.escape(config_flag)}\.{re.escape(path)}=.*?: (.*)", str(error), re.S)
+      bad_value = re.match(
+        rf"flag --{re.escape(config_flag)}\.{re.escape(path)}=.*?: (.*)", str(error), re.S
+      )
       if bad_value:
         current = config
         for key in path.split("."):
           current = current[key]
-        return (f"--{config_flag}.{path}={value}: expected {type_phrase(current)} like the default "
-                f"{current!r} ({bad_value[1].strip()})")
+        return (
+          f"--{config_flag}.{path}={value}: expected {type_phrase(current)} like the default "
+          f"{current!r} ({bad_value[1].strip()})"
+        )
   message = str(error).strip()
   if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":  # a KeyError's repr
     message = message[1:-1].replace("\\n", " ").replace("\\'", "'")
-  message = re.sub(r"^flag (--\S+?)=None: Flag --\S+ must have a value other than None\.?$", r"\1 is required",
-                   message)
+  message = re.sub(
+    r"^flag (--\S+?)=None: Flag --\S+ must have a value other than None\.?$",
+    r"\1 is required",
+    message,
+  )
   return f"{message} (see --helpshort)"
+
+
+def resolve_config_name(argv: Sequence[str], flag_name: str = "config") -> list[str]:
+  """``argv`` with ``--{flag_name}=NAME`` (a name of ``conddetr_jax.configs.NAMES``, as the Python
+  API takes) replaced by that config's file in the package; files and other values are kept."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(f"--{flag_name}="):
+      index, value = i, arg.split("=", 1)[1]
+    elif arg == f"--{flag_name}" and i + 1 < len(out):
+      index, value = i + 1, out[i + 1]
+    else:
+      continue
+    if value in configs.NAMES and not os.path.exists(value):
+      name_file = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f"{value}.py")
+      out[index] = f"--{flag_name}={name_file}" if index == i else name_file
+  return out
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -218,6 +276,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   Raises:
     SystemExit: with the ``error:`` line, if a flag is wrong.
   """
+  argv = resolve_config_name(argv)
   try:
     remaining = flag_values(argv)
     if "config" in flag_values and flag_values["config"].value is not None:
@@ -235,6 +294,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   A ``USER_ERRORS`` exception raised by ``main`` prints ``error: <message>`` and exits with 1;
   ``-v 1`` shows its traceback instead.
   """
+
   def guarded(argv: list[str]) -> Any:
     level = flags.FLAGS.verbosity
     setup_console_logging(level)
@@ -250,18 +310,23 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- summary
 
-def format_metrics(metrics: Mapping[str, float], names: Sequence[str] = ("AP", "AP50", "AP75")) -> str:
+
+def format_metrics(
+  metrics: Mapping[str, float], names: Sequence[str] = ("AP", "AP50", "AP75")
+) -> str:
   """``AP 0.412  AP50 0.622  AP75 0.437`` from a metrics dict (missing names are left out)."""
   return "  ".join(f"{name} {metrics[name]:.3f}" for name in names if name in metrics)
 
 
-def print_summary(title: str, outputs: Mapping[str, str | None], metrics: Mapping[str, float] | None = None
-                  ) -> None:
+def print_summary(
+  title: str, outputs: Mapping[str, str | None], metrics: Mapping[str, float] | None = None
+) -> None:
   """The closing lines of a command: what it did, where its outputs are, its final metrics.
 
   Args:
     title: e.g. "Trained 1000/1000 steps".
-    outputs: description -> path ("checkpoints" -> "/tmp/run/checkpoints"); None entries are skipped.
+    outputs: description -> path ("checkpoints" -> "/tmp/run/checkpoints"); None entries are
+      skipped.
     metrics: COCO metrics to show (``format_metrics``), if any.
   """
   lines = [title]

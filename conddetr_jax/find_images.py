@@ -18,9 +18,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from conddetr_jax.data import coco, find_images
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/demo.py.", lock_config=True
+)
 _SPLIT = flags.DEFINE_enum("split", "val", list(coco.SPLITS), "The split whose images are listed.")
 _COUNT = flags.DEFINE_integer("count", 1, "How many image paths to print.")
 flags.mark_flags_as_required(["config"])

@@ -14,10 +14,22 @@ class Progress:
   waited for, so the count is of work done, not merely queued.
   """
 
-  def __init__(self, what: str, total: int, unit: str = "images", every_s: float = 10.0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    what: str,
+    total: int,
+    unit: str = "images",
+    every_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     """``total``: units in the whole loop; ``clock``: seconds (a test passes a fake one)."""
-    self._what, self._total, self._unit, self._every_s, self._clock = what, total, unit, every_s, clock
+    self._what, self._total, self._unit, self._every_s, self._clock = (
+      what,
+      total,
+      unit,
+      every_s,
+      clock,
+    )
     self._start = self._last = clock()
     logging.info("%s: %d %s...", what, total, unit)
 
@@ -30,7 +42,9 @@ class Progress:
     if latest is not None:
       jax.block_until_ready(latest)
     self._last = self._clock()
-    logging.info("%s: %d/%d %s (%.0f s)", self._what, done, self._total, self._unit, self._last - self._start)
+    logging.info(
+      "%s: %d/%d %s (%.0f s)", self._what, done, self._total, self._unit, self._last - self._start
+    )
 
 
 class CompileAnnouncer:
@@ -47,9 +61,14 @@ class CompileAnnouncer:
   device of the steps run since its last call, where ``compile_step`` reports them.
   """
 
-  def __init__(self, step: Callable[..., Any], compile_step: Callable[[Any, dict[str, Any]], float | None],
-               what: str = "train step", clock: Callable[[], float] = time.perf_counter,
-               synchronize: Callable[[str], None] = lambda name: None):
+  def __init__(
+    self,
+    step: Callable[..., Any],
+    compile_step: Callable[[Any, dict[str, Any]], float | None],
+    what: str = "train step",
+    clock: Callable[[], float] = time.perf_counter,
+    synchronize: Callable[[str], None] = lambda name: None,
+  ):
     """
     Args:
       step: ``step(state, batch)``, a jitted step; ``batch['image']`` is (..., H, W, 3).
@@ -71,7 +90,9 @@ class CompileAnnouncer:
     """``step(state, batch)``; the call returns once dispatched (execution is async)."""
     hw = tuple(int(d) for d in batch["image"].shape[-3:-1])
     if hw not in self._flops:
-      logging.info("compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw)
+      logging.info(
+        "compiling the %s for %dx%d images (the first step of each batch shape)...", self._what, *hw
+      )
       start = self._clock()
       self._flops[hw] = self._compile_step(state, batch)
       seconds = self._clock() - start
@@ -79,7 +100,9 @@ class CompileAnnouncer:
       logging.info("compiled the %s for %dx%d in %.1f s", self._what, *hw, seconds)
       self._synchronize(f"{self._what} {hw[0]}x{hw[1]}".replace(" ", "_"))
     flops = self._flops[hw]
-    self._window_flops = None if flops is None or self._window_flops is None else self._window_flops + flops
+    self._window_flops = (
+      None if flops is None or self._window_flops is None else self._window_flops + flops
+    )
     return self._step(state, batch)
 
   def take_compile_seconds(self) -> float:

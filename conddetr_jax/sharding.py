@@ -7,8 +7,8 @@ with ``data.to_global_arrays(batch, batch_sharding(mesh))``.
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 DATA_AXIS = "data"
 

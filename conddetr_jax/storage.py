@@ -19,6 +19,7 @@ import re
 from typing import Callable
 
 from etils import epath
+from etils.epath import gpath
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # How long the first contact with a bucket may take before it counts as unreachable. gcsfs retries
@@ -28,7 +29,12 @@ REACH_TIMEOUT_S = 20.0
 
 def _configure_clients() -> None:
   """Points epath's ``gs://`` at gcsfs (see the module docstring). A user's own setting wins."""
-  os.environ.setdefault("EPATH_USE_TF", "false")
+  if "EPATH_USE_TF" not in os.environ:
+    os.environ["EPATH_USE_TF"] = "false"
+    # epath decides once per process whether TensorFlow serves ``gs://`` (a ``functools.cache``
+    # filled by the first path it handles, local or not): a path that the user's code, Orbax or
+    # TFDS handled before this line would keep TensorFlow's client, which ignores the emulator.
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     # gcsfs asks Google's storage-control API whether a bucket is zonal; an emulator serves no
     # such API, and every call would log the failed probe. Read when gcsfs is first imported.
@@ -52,7 +58,8 @@ def join(base: "str | os.PathLike[str]", *parts: str) -> str:
 
 
 def listdir(p: "str | os.PathLike[str]") -> list[str]:
-  """The names in folder ``p``, as ``os.listdir`` (which stays the local way: no object per name)."""
+  """The names in folder ``p``, as ``os.listdir`` (which stays the local way: no object per
+  name)."""
   return [child.name for child in path(p).iterdir()] if is_remote(p) else os.listdir(p)
 
 
@@ -70,13 +77,17 @@ def credential_setting() -> str:
   """Which emulator or credentials a ``gs://`` request goes to, for error messages."""
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")
   if emulator:
-    return (f"STORAGE_EMULATOR_HOST={emulator}, "
-            f"TENSORSTORE_GCS_HTTP_URL={os.environ.get('TENSORSTORE_GCS_HTTP_URL', '(unset)')}")
+    return (
+      f"STORAGE_EMULATOR_HOST={emulator}, "
+      f"TENSORSTORE_GCS_HTTP_URL={os.environ.get('TENSORSTORE_GCS_HTTP_URL', '(unset)')}"
+    )
   key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
   if key:
     return f"credentials GOOGLE_APPLICATION_CREDENTIALS={key}"
-  return ("application default credentials (the VM's service account, or `gcloud auth application-default "
-          "login`)")
+  return (
+    "application default credentials (the VM's service account, or `gcloud auth "
+    "application-default login`)"
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,8 +105,16 @@ def _bucket_reached(bucket: str, timeout_s: float, endpoint: str) -> None:
   try:
     # gcsfs's request method (its public calls retry for about a minute on a refused connection);
     # fsspec's own timeout bounds the whole exchange, retries included.
-    asyn.sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, json_out=True, maxResults=1,  # pylint: disable=protected-access
-              timeout=timeout_s)
+    asyn.sync(
+      fs.loop,
+      fs._call,
+      "GET",
+      "b/{}/o",
+      bucket,
+      json_out=True,
+      maxResults=1,  # pylint: disable=protected-access
+      timeout=timeout_s,
+    )
   except FileNotFoundError:
     raise OSError(f"bucket {bucket!r} does not exist") from None
   except asyn.FSTimeoutError:
@@ -106,7 +125,9 @@ def _bucket_reached(bucket: str, timeout_s: float, endpoint: str) -> None:
     raise OSError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def check_reachable(p: "str | os.PathLike[str]", what: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+def check_reachable(
+  p: "str | os.PathLike[str]", what: str, timeout_s: float = REACH_TIMEOUT_S
+) -> None:
   """For a ``gs://`` path, checks within ``timeout_s`` that its bucket exists and answers.
 
   Done before anything else touches the path: the clients behind Orbax and tf.data retry an
@@ -124,7 +145,7 @@ def check_reachable(p: "str | os.PathLike[str]", what: str, timeout_s: float = R
   if not match or match.group(1) != "gs":
     return
   _configure_clients()
-  bucket = os.fspath(p)[len("gs://"):].split("/", 1)[0]
+  bucket = os.fspath(p)[len("gs://") :].split("/", 1)[0]
   try:
     _bucket_reached(bucket, timeout_s, os.environ.get("STORAGE_EMULATOR_HOST", ""))
   except OSError as e:

@@ -14,9 +14,23 @@ from PIL import Image, ImageDraw, ImageFont
 from conddetr_jax import storage
 
 # Distinct, saturated colours; a label always gets the same one.
-_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-            (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195))
+_PALETTE = (
+  (230, 25, 75),
+  (60, 180, 75),
+  (255, 225, 25),
+  (0, 130, 200),
+  (245, 130, 48),
+  (145, 30, 180),
+  (70, 240, 240),
+  (240, 50, 230),
+  (210, 245, 60),
+  (250, 190, 212),
+  (0, 128, 128),
+  (220, 190, 255),
+  (170, 110, 40),
+  (128, 0, 0),
+  (170, 255, 195),
+)
 
 
 MIN_DRAWN_SIDE = 512  # small images are enlarged about this far when drawn, for legible captions
@@ -37,8 +51,15 @@ def label_text(label: int, score: float, class_names: Mapping[int, str]) -> str:
   return f"{class_name(label, class_names)} {float(score):.2f}"
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                    class_names: Mapping[int, str], threshold: float = 0.5, scale: int = 1) -> Image.Image:
+def draw_detections(
+  image: np.ndarray,
+  boxes: np.ndarray,
+  scores: np.ndarray,
+  labels: np.ndarray,
+  class_names: Mapping[int, str],
+  threshold: float = 0.5,
+  scale: int = 1,
+) -> Image.Image:
   """The image with every detection scoring at least ``threshold`` drawn on it.
 
   Args:
@@ -82,16 +103,25 @@ def clip_box(box: np.ndarray, height: int, width: int) -> tuple[float, float, fl
   return float(x0), float(y0), float(x1), float(y1)
 
 
-def caption_origin(x0: float, y0: float, text_width: int, text_height: int, height: int, width: int
-                   ) -> tuple[float, float]:
+def caption_origin(
+  x0: float, y0: float, text_width: int, text_height: int, height: int, width: int
+) -> tuple[float, float]:
   """Top-left corner of a box's caption: above the box, or inside it at the top edge, shifted left
   or up as needed to lie within an image of (height, width) (if the image is large enough)."""
   ty = y0 - text_height if y0 - text_height >= 0 else y0
   return max(0.0, min(x0, width - 1 - text_width)), max(0.0, min(ty, height - 1 - text_height))
 
 
-def save_detections_png(path: str, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                        class_names: Mapping[int, str], threshold: float = 0.5, scale: int | None = None) -> None:
+def save_detections_png(
+  path: str,
+  image: np.ndarray,
+  boxes: np.ndarray,
+  scores: np.ndarray,
+  labels: np.ndarray,
+  class_names: Mapping[int, str],
+  threshold: float = 0.5,
+  scale: int | None = None,
+) -> None:
   """Writes ``draw_detections(...)`` to ``path`` (local or a URL) as PNG, creating its folder
   (arguments as there; ``scale`` defaults to ``enlargement`` of the image's size)."""
   scale = enlargement(*image.shape[:2]) if scale is None else scale

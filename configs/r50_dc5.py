@@ -1,6 +1,7 @@
 r"""Conditional DETR-DC5-R50, 50 epochs (the original's 43.7 AP on COCO val2017).
 
-Command (from torchvision's ImageNet weights, as the original; a plain download, no torchvision needed):
+Command (from torchvision's ImageNet weights, as the original; a plain download, no torchvision
+needed):
   wget https://download.pytorch.org/models/resnet50-0676ba61.pth
   python train.py --config=configs/r50_dc5.py --workdir=DIR --config.dataset.root=/path/to/coco \
       --config.init_from=resnet50-0676ba61.pth

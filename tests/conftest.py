@@ -89,11 +89,26 @@ _TORCHVISION_OPS_STUB = _stub_missing_torchvision_ops()
 # modules with the most tests first, which left the two slowest, of few tests, to run last while
 # the other process idled), so starting these first keeps both busy to the end.
 # Ranked by each module's total time in a profiled run of the suite (docs/testing.md).
-_SLOWEST_MODULES = ("test_training_e2e.py", "test_multihost_faults.py", "test_parity.py", "test_model.py",
-                    "test_training_accumulation.py", "test_memory_efficient.py", "test_cli.py",
-                    "test_training_step.py", "test_group_detr.py", "test_dense_head.py", "test_convergence.py",
-                    "test_evaluation.py", "test_convert_cli.py", "test_data_pipeline.py", "test_training_ema.py",
-                    "test_training_parallel.py", "test_cloud_storage.py", "test_console.py")
+_SLOWEST_MODULES = (
+  "test_training_e2e.py",
+  "test_multihost_faults.py",
+  "test_parity.py",
+  "test_model.py",
+  "test_training_accumulation.py",
+  "test_memory_efficient.py",
+  "test_cli.py",
+  "test_training_step.py",
+  "test_group_detr.py",
+  "test_dense_head.py",
+  "test_convergence.py",
+  "test_evaluation.py",
+  "test_convert_cli.py",
+  "test_data_pipeline.py",
+  "test_training_ema.py",
+  "test_training_parallel.py",
+  "test_cloud_storage.py",
+  "test_console.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -26,10 +26,13 @@ def let_every_process_write_the_cache() -> None:
   """
   try:
     from jax._src import compiler, distributed  # pylint: disable=g-import-not-at-top
+
     write = compiler._cache_write  # pylint: disable=protected-access
     distributed.global_state.process_id  # pylint: disable=pointless-statement
   except (ImportError, AttributeError) as e:
-    print(f"tests/every_process_caches.py: not caching this process's programs ({e!r})", file=sys.stderr)
+    print(
+      f"tests/every_process_caches.py: not caching this process's programs ({e!r})", file=sys.stderr
+    )
     return
 
   def write_as_process_0(*args, **kwargs):

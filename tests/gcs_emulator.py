@@ -10,7 +10,8 @@ object's generation from that header, takes 0 when it is missing, and then refus
 conditional write ``ifGenerationMatch=0`` of that "generation" (``Malformed StorageGeneration``).
 Orbax's OCDBT checkpoints read ``manifest.ocdbt`` and rewrite it on that condition, so without the
 headers a checkpoint in the emulated bucket fails as soon as a manifest is read back before being
-rewritten. The emulator's uploads already return the generation in their JSON; only downloads lack it.
+rewritten. The emulator's uploads already return the generation in their JSON; only downloads lack
+it.
 """
 
 import sys
@@ -37,11 +38,26 @@ def main(argv: list[str]) -> None:
   # objects.get serves ``alt=media`` by calling the module's ``download``; the download routes
   # hold the function itself (a tuple built at import).
   objects.download = _download_with_generation
-  server.HANDLERS = tuple((regex, {method: _download_with_generation if handler is _download else handler
-                                   for method, handler in handlers.items()})
-                          for regex, handlers in server.HANDLERS)
-  emulator_main.main(["start", "--host=127.0.0.1", f"--port={flags['port']}", "--in-memory", "--quiet",
-                      f"--default-bucket={flags['bucket']}"])
+  server.HANDLERS = tuple(
+    (
+      regex,
+      {
+        method: _download_with_generation if handler is _download else handler
+        for method, handler in handlers.items()
+      },
+    )
+    for regex, handlers in server.HANDLERS
+  )
+  emulator_main.main(
+    [
+      "start",
+      "--host=127.0.0.1",
+      f"--port={flags['port']}",
+      "--in-memory",
+      "--quiet",
+      f"--default-bucket={flags['bucket']}",
+    ]
+  )
 
 
 if __name__ == "__main__":

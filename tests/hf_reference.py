@@ -50,8 +50,14 @@ class Reference:
   config: ConditionalDetrConfig
 
 
-def build_reference(backbone: str = "resnet50", dilation: bool = False, num_classes: int = 91,
-                    num_queries: int = 300, seed: int = 0, **small) -> Reference:
+def build_reference(
+  backbone: str = "resnet50",
+  dilation: bool = False,
+  num_classes: int = 91,
+  num_queries: int = 300,
+  seed: int = 0,
+  **small,
+) -> Reference:
   """Builds the HF Conditional DETR with strong seeded random weights.
 
   Args:
@@ -68,9 +74,16 @@ def build_reference(backbone: str = "resnet50", dilation: bool = False, num_clas
     The reference; every parameter and buffer is drawn from `seed` (see `_randomise`).
   """
   config = ConditionalDetrConfig(
-    num_labels=num_classes, num_queries=num_queries, backbone=backbone, dilation=dilation,
-    use_timm_backbone=True, use_pretrained_backbone=False, auxiliary_loss=False,
-    attn_implementation="eager", **small)
+    num_labels=num_classes,
+    num_queries=num_queries,
+    backbone=backbone,
+    dilation=dilation,
+    use_timm_backbone=True,
+    use_pretrained_backbone=False,
+    auxiliary_loss=False,
+    attn_implementation="eager",
+    **small,
+  )
   with torch.random.fork_rng():
     torch.manual_seed(seed)
     model = ConditionalDetrForObjectDetection(config)
@@ -85,7 +98,8 @@ def build_reference(backbone: str = "resnet50", dilation: bool = False, num_clas
 # Sharper attention (4x: score std ~100 in the encoder) turns float32 rounding into 1e-3 logit
 # differences between two correct implementations, i.e. the test would measure chaos, not bugs.
 _ATTENTION_QK = re.compile(
-  r"(self_attn\.[qk]_proj|[qk]_content_proj|[qk]_pos_proj|q_pos_sine_proj)$")
+  r"(self_attn\.[qk]_proj|[qk]_content_proj|[qk]_pos_proj|q_pos_sine_proj)$"
+)
 _ATTENTION_QK_GAIN = 2.0
 # 2x class head: logits differ between queries by ~0.01-0.03, >100x the 1e-4 parity tolerance.
 _CLASS_HEAD_GAIN = 2.0
@@ -113,6 +127,7 @@ def _randomise(model: ConditionalDetrForObjectDetection, generator: torch.Genera
   - frozen BatchNorm: weight U(0.5, 1.5), bias N(0, 0.1), running statistics and the input
     projection calibrated on a seeded random batch (see `_calibrate`).
   """
+
   def normal(shape, std, mean=0.0):
     return torch.randn(shape, generator=generator) * std + mean
 
@@ -156,10 +171,13 @@ def _calibrate(model: ConditionalDetrForObjectDetection, generator: torch.Genera
   absorbs the mean box delta, which the decoder's outputs share across queries and which would
   otherwise push boxes into the flat ends of the sigmoid.
   """
+
   def calibrate(module, inputs):
     x = inputs[0]
     mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3))
-    module.running_mean.copy_(mean + 0.1 * var.sqrt() * torch.randn(mean.shape, generator=generator))
+    module.running_mean.copy_(
+      mean + 0.1 * var.sqrt() * torch.randn(mean.shape, generator=generator)
+    )
     module.running_var.copy_(var * (0.5 + torch.rand(var.shape, generator=generator)) + 1e-3)
 
   norms = [m for m in model.modules() if isinstance(m, ConditionalDetrFrozenBatchNorm2d)]
@@ -186,8 +204,9 @@ def _calibrate(model: ConditionalDetrForObjectDetection, generator: torch.Genera
   model.bbox_predictor.layers[-1].bias.sub_(deltas[0].mean(dim=(0, 1)))
 
 
-def padded_batch(sizes: tuple[tuple[int, int], ...] = ((128, 160), (96, 112)),
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def padded_batch(
+  sizes: tuple[tuple[int, int], ...] = ((128, 160), (96, 112)), seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Random normalised images of the given (height, width) sizes, zero-padded to the largest.
 
   The default sizes leave padded cells in the feature maps at stride 32 and at stride 16.
@@ -210,7 +229,9 @@ def _nchw_to_nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 def forward_with_captures(
-    ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray,
+  ref: Reference,
+  images_nhwc: np.ndarray,
+  pad_mask: np.ndarray,
 ) -> tuple[ConditionalDetrObjectDetectionOutput, dict]:
   """Runs the HF model once and records the intermediate tensors the parity tests need.
 
@@ -235,6 +256,7 @@ def forward_with_captures(
   def keep(name):
     def hook(module, inputs, output):
       captures[name] = output
+
     return hook
 
   def keep_backbone(module, inputs, output):
@@ -254,8 +276,9 @@ def forward_with_captures(
   ] + [layer.register_forward_hook(keep_layer) for layer in model.decoder.layers]
   try:
     with torch.no_grad():
-      outputs = ref.model(pixel_values=pixel_values, pixel_mask=pixel_mask,
-                          output_hidden_states=True)
+      outputs = ref.model(
+        pixel_values=pixel_values, pixel_mask=pixel_mask, output_hidden_states=True
+      )
   finally:
     for handle in handles:
       handle.remove()
@@ -268,8 +291,9 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = INVERSE_SIGMOID_EPS) -> torch.
   return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def run_reference(ref: Reference, images_nhwc: np.ndarray,
-                  pad_mask: np.ndarray) -> dict[str, np.ndarray]:
+def run_reference(
+  ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray
+) -> dict[str, np.ndarray]:
   """Runs the reference and returns the original model's intermediate and final outputs.
 
   Args:
@@ -310,6 +334,27 @@ def run_reference(ref: Reference, images_nhwc: np.ndarray,
   }
 
 
+def cross_attention_weights(
+  ref: Reference, images_nhwc: np.ndarray, pad_mask: np.ndarray
+) -> np.ndarray:
+  """Each decoder layer's cross-attention weights, as HF returns them with `output_attentions=True`.
+
+  Args:
+    ref: from `build_reference`.
+    images_nhwc: (B, H, W, 3) float32, already ImageNet-normalised, zero on padding.
+    pad_mask: (B, H, W) bool, True on padded pixels.
+
+  Returns:
+    (L, B, heads, Q, h*w) float32: softmax weights over the feature map's cells in row-major
+    order (HF's `cross_attentions`, the softmax before dropout).
+  """
+  pixel_values = torch.from_numpy(np.asarray(images_nhwc, np.float32)).permute(0, 3, 1, 2)
+  pixel_mask = torch.from_numpy(~np.asarray(pad_mask, bool)).long()
+  with torch.no_grad():
+    outputs = ref.model(pixel_values=pixel_values, pixel_mask=pixel_mask, output_attentions=True)
+  return np.stack([a.detach().numpy().astype(np.float32) for a in outputs.cross_attentions])
+
+
 def _rename(key: str, rules: list[tuple[str, str]]) -> str | None:
   """Applies the first rule whose pattern matches `key`; None when none does."""
   for pattern, replacement in rules:
@@ -326,15 +371,23 @@ _HF5_TO_HF4 = [
   (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
   (r"\.(self_attn|encoder_attn)\.o_proj\.", r".\1.out_proj."),
   (r"\.layers\.(\d+)\.mlp\.(fc[12])\.", r".layers.\1.\2."),
-  (r"^model\.decoder\.layers\.(\d+)\.self_attn\.([qk])_(content|pos)_proj\.",
-   r"model.decoder.layers.\1.sa_\2\3_proj."),
+  (
+    r"^model\.decoder\.layers\.(\d+)\.self_attn\.([qk])_(content|pos)_proj\.",
+    r"model.decoder.layers.\1.sa_\2\3_proj.",
+  ),
   (r"^model\.decoder\.layers\.(\d+)\.self_attn\.v_proj\.", r"model.decoder.layers.\1.sa_v_proj."),
-  (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.([qk])_(content|pos)_proj\.",
-   r"model.decoder.layers.\1.ca_\2\3_proj."),
-  (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.v_proj\.",
-   r"model.decoder.layers.\1.ca_v_proj."),
-  (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.q_pos_sine_proj\.",
-   r"model.decoder.layers.\1.ca_qpos_sine_proj."),
+  (
+    r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.([qk])_(content|pos)_proj\.",
+    r"model.decoder.layers.\1.ca_\2\3_proj.",
+  ),
+  (
+    r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.v_proj\.",
+    r"model.decoder.layers.\1.ca_v_proj.",
+  ),
+  (
+    r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.q_pos_sine_proj\.",
+    r"model.decoder.layers.\1.ca_qpos_sine_proj.",
+  ),
 ]
 
 # HF 4.x names (without the "model." prefix of the base model) -> the original's: the inverse
@@ -349,13 +402,17 @@ _HF4_TO_ORIGINAL = [
   (r"^bbox_predictor\.", "bbox_embed."),
   (r"^decoder\.layernorm\.", "transformer.decoder.norm."),
   (r"^(encoder|decoder)\.layers\.(\d+)\.fc([12])\.", r"transformer.\1.layers.\2.linear\3."),
-  (r"^(encoder|decoder)\.layers\.(\d+)\.self_attn_layer_norm\.",
-   r"transformer.\1.layers.\2.norm1."),
+  (
+    r"^(encoder|decoder)\.layers\.(\d+)\.self_attn_layer_norm\.",
+    r"transformer.\1.layers.\2.norm1.",
+  ),
   (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
   (r"^decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
   (r"^decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
-  (r"^decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.",
-   r"transformer.decoder.layers.\1.cross_attn.out_proj."),
+  (
+    r"^decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.",
+    r"transformer.decoder.layers.\1.cross_attn.out_proj.",
+  ),
   # Same names under "transformer.": self_attn.out_proj, sa_*/ca_* projections, query_scale,
   # ref_point_head.
   (r"^(encoder|decoder)\.", r"transformer.\1."),

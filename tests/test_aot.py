@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conddetr_jax.aot import compiling, devices as aot_devices, hlo, report
+from conddetr_jax.aot import compiling, hlo, report
+from conddetr_jax.aot import devices as aot_devices
 from conddetr_jax.hardware import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,10 +32,13 @@ HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
 ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
   %a = f32[4,8]{1,0:T(8,128)} parameter(0)
   %b = bf16[1024]{0} parameter(1)
-  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)S(1)}, bf16[1024]{0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
-  %all-gather-start = (bf16[256]{0}, bf16[1024]{0}) all-gather-start(%c), channel_id=2, dimensions={0}
+  %all-reduce.1 = (f32[4,8]{1,0:T(8,128)S(1)}, bf16[1024]{0}) all-reduce(%a, %b), \
+channel_id=1, to_apply=%add
+  %all-gather-start = (bf16[256]{0}, bf16[1024]{0}) all-gather-start(%c), channel_id=2, \
+dimensions={0}
   %all-gather-done = bf16[1024]{0} all-gather-done(%all-gather-start)
-  %fusion.all-reduce = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="all-reduce("}
+  %fusion.all-reduce = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused, \
+metadata={op_name="all-reduce("}
   ROOT %add.2 = f32[4,8]{1,0} add(%a, %fusion.all-reduce)
 }
 """
@@ -43,10 +47,14 @@ ENTRY %main (a: f32[4,8], b: bf16[1024]) -> f32[4,8] {
 def test_collectives_are_counted_once_each_with_their_result_bytes():
   found = hlo.collectives(_HLO)
   assert found == {
-      "all-reduce": {"count": 1, "bytes": 4 * 8 * 4 + 1024 * 2, "bytes_by_dtype": {"f32": 4 * 8 * 4, "bf16": 1024 * 2}},
-      # the -done's result, not the start's tuple
-      "all-gather": {"count": 1, "bytes": 1024 * 2, "bytes_by_dtype": {"bf16": 1024 * 2}},
-      "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
+    "all-reduce": {
+      "count": 1,
+      "bytes": 4 * 8 * 4 + 1024 * 2,
+      "bytes_by_dtype": {"f32": 4 * 8 * 4, "bf16": 1024 * 2},
+    },
+    # the -done's result, not the start's tuple
+    "all-gather": {"count": 1, "bytes": 1024 * 2, "bytes_by_dtype": {"bf16": 1024 * 2}},
+    "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
   }
 
 
@@ -58,8 +66,10 @@ def test_shape_bytes_reads_arrays_tuples_and_scalars():
 
 def test_summary_line_fields():
   line = report.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
-  assert line == ("aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
-                  "train_gflop_per_image=550.0 eval_gmac_per_image=45.0")
+  assert line == (
+    "aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
+    "train_gflop_per_image=550.0 eval_gmac_per_image=45.0"
+  )
 
 
 def test_bad_size_names_the_flag():
@@ -82,7 +92,9 @@ def test_macs_count_convolutions_and_matrix_products_only():
   w = jax.ShapeDtypeStruct((16, 5), jnp.float32)
 
   def net(x, k, w):
-    y = jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     y = jax.nn.softmax(jax.nn.relu(y) * 3.0)  # elementwise: not counted
     return jax.jit(lambda a: jnp.einsum("bhwc,cd->bhwd", a, w))(y)  # nested call: counted
 
@@ -99,7 +111,9 @@ def _libtpu_env() -> dict[str, str] | None:
     return dict(os.environ)
   folder = os.environ.get("CONDDETR_LIBTPU_PATH")
   if folder and os.path.isdir(os.path.join(folder, "libtpu")):
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p))
+    return dict(
+      os.environ, PYTHONPATH=os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    )
   return None
 
 
@@ -109,10 +123,25 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   if env is None:
     if os.environ.get("CI"):
       pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
-    pytest.skip(f"libtpu is not installed ({aot_devices.install_command()}, or see requirements-tpu-compiler.txt)")
+    pytest.skip(
+      f"libtpu is not installed ({aot_devices.install_command()}, or see "
+      "requirements-tpu-compiler.txt)"
+    )
   proc = subprocess.run(
-      [sys.executable, "-m", "conddetr_jax.aot", "--config=configs/test_tiny.py", "--topology=v5e:2x2",
-       "--size=64x64"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    [
+      sys.executable,
+      "-m",
+      "conddetr_jax.aot",
+      "--config=configs/test_tiny.py",
+      "--topology=v5e:2x2",
+      "--size=64x64",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
   fields = dict(kv.split("=", 1) for kv in last.split()[1:])
@@ -121,7 +150,9 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   for key in ("hbm_gib", "train_gflop_per_image", "eval_gmac_per_image"):
     assert float(fields[key]) > 0, last
   # The replicated state's gradients are summed over the data axis: an all-reduce.
-  assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), proc.stdout  # float32 gradients
+  assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), (
+    proc.stdout
+  )  # float32 gradients
   assert "ESTIMATE" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
   assert "oneDNN" not in proc.stderr  # the command quiets TensorFlow's load-time notice too
@@ -129,14 +160,19 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
 
 def test_default_size_is_the_config_buckets_or_the_originals_largest_rounded_up():
   from configs import r50, test_tiny  # pylint: disable=g-import-not-at-top
+
   assert report.default_sizes(test_tiny.get_config()) == [(64, 64)]
-  assert report.default_sizes(r50.get_config()) == [(832, 1216)]  # 800x1216 rounded up to multiples of 64
+  assert report.default_sizes(r50.get_config()) == [
+    (832, 1216)
+  ]  # 800x1216 rounded up to multiples of 64
 
 
 def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_bytes():
   def lower():
-    raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
-                       "hbm. Used 17.52G of 15.75G hbm. Exceeded hbm capacity by 1.77G.")
+    raise RuntimeError(
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+      "hbm. Used 17.52G of 15.75G hbm. Exceeded hbm capacity by 1.77G."
+    )
 
   with pytest.raises(compiling.DoesNotFitError) as e:
     compiling.compile_lowered(lambda: type("L", (), {"compile": staticmethod(lower)})())
@@ -148,8 +184,10 @@ def test_an_out_of_memory_compile_is_reported_as_not_fitting_with_the_needed_byt
 
 def test_a_refusal_that_names_only_the_temporaries_is_read_too():
   # libtpu 0.0.42.1's words for DC5-R50 at 3 images of 800x1216 per v5e chip.
-  e = compiling.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                          "temporaries (17.62G) exceeds available HBM (15.75G).")
+  e = compiling.DoesNotFitError(
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (17.62G) exceeds available HBM (15.75G)."
+  )
   assert e.needed_bytes is None and e.temp_bytes == pytest.approx(17.62 * 2**30)
   assert e.capacity_bytes == pytest.approx(15.75 * 2**30)
   assert e.peak_estimate(0.5 * 2**30) == pytest.approx(18.12 * 2**30)
@@ -157,8 +195,8 @@ def test_a_refusal_that_names_only_the_temporaries_is_read_too():
 
 
 class _FakeSliceCompiler:
-  """Compiles nothing: a train step of 0.5 GiB of state and 0.8 GiB of temporaries per image, refused
-  (in libtpu's words) when its temporaries exceed 15.75 GiB."""
+  """Compiles nothing: a train step of 0.5 GiB of state and 0.8 GiB of temporaries per image,
+  refused (in libtpu's words) when its temporaries exceed 15.75 GiB."""
 
   def __init__(self):
     self.compiled = []
@@ -167,25 +205,43 @@ class _FakeSliceCompiler:
     self.compiled.append(n)
     temp = 0.8 * n * 2**30
     if temp > 15.75 * 2**30:
-      raise compiling.DoesNotFitError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                                f"temporaries ({temp / 2**30:.2f}G) exceeds available HBM (15.75G).")
-    return compiling.Compiled(seconds=1.0, argument_bytes=2**29, output_bytes=0, alias_bytes=0, temp_bytes=int(temp),
-                        code_bytes=0, flops=1.0, collectives={})
+      raise compiling.DoesNotFitError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        f"temporaries ({temp / 2**30:.2f}G) exceeds available HBM (15.75G)."
+      )
+    return compiling.Compiled(
+      seconds=1.0,
+      argument_bytes=2**29,
+      output_bytes=0,
+      alias_bytes=0,
+      temp_bytes=int(temp),
+      code_bytes=0,
+      flops=1.0,
+      collectives={},
+    )
 
 
 def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per_try():
   compiler, lines = _FakeSliceCompiler(), []
-  best = compiling.search_max_batch(compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append)
-  # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's 15.75.
+  best = compiling.search_max_batch(
+    compiler, (800, 1216), 2, compiler.train(2, (800, 1216)), 16, lines.append
+  )
+  # 0.5 + 0.8 * 19 = 15.7 GiB fits 16 GiB; 20's temporaries alone, 16 GiB, exceed the compiler's
+  # 15.75.
   assert best == 19
-  assert compiler.compiled == [2, 4, 19, 20]  # the configured batch, doubling, the prediction, the next batch
+  assert compiler.compiled == [
+    2,
+    4,
+    19,
+    20,
+  ]  # the configured batch, doubling, the prediction, the next batch
   assert [line.strip() for line in lines] == [
-      "max_batch try 2/device (the configured batch, compiled above): peak 2.10 GiB: fits",
-      "max_batch try 4/device (doubling): peak 3.70 GiB: fits [compile 0 s]",
-      "max_batch try 19/device (the line through the peaks at 2 and 4 reaches the capacity at 19.4): peak 15.70 GiB: "
-      "fits [compile 0 s]",
-      "max_batch try 20/device (to confirm: the line through the peaks at 4 and 19 reaches the capacity at 19.4): "
-      "needs about "
-      "16.50 GiB of the compiler's 15.75: does not fit [compile 0 s]",
-      "largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); 3 compiles",
+    "max_batch try 2/device (the configured batch, compiled above): peak 2.10 GiB: fits",
+    "max_batch try 4/device (doubling): peak 3.70 GiB: fits [compile 0 s]",
+    "max_batch try 19/device (the line through the peaks at 2 and 4 reaches the capacity at 19.4): "
+    "peak 15.70 GiB: fits [compile 0 s]",
+    "max_batch try 20/device (to confirm: the line through the peaks at 4 and 19 reaches the "
+    "capacity at 19.4): needs about "
+    "16.50 GiB of the compiler's 15.75: does not fit [compile 0 s]",
+    "largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); 3 compiles",
   ]

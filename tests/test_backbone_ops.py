@@ -28,13 +28,23 @@ def test_pointwise_conv_and_its_gradients_match_torch_conv2d(stride, height):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, height, 9, 16)).astype(np.float32)
   kernel = rng.normal(size=(1, 1, 16, 24)).astype(np.float32)
-  conv = nn.Conv(24, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)), use_bias=False,
-                 conv_general_dilated=convolution.conv_general_dilated)
+  conv = nn.Conv(
+    24,
+    (1, 1),
+    strides=(stride, stride),
+    padding=((0, 0), (0, 0)),
+    use_bias=False,
+    conv_general_dilated=convolution.conv_general_dilated,
+  )
   params = {"params": {"kernel": jnp.asarray(kernel)}}
 
   ref_out, (ref_dx, ref_dk), weights = _torch_grads(
-      lambda x_, k_: F.conv2d(x_.permute(0, 3, 1, 2), k_.permute(3, 2, 0, 1), stride=stride).permute(0, 2, 3, 1),
-      x, kernel)
+    lambda x_, k_: F.conv2d(x_.permute(0, 3, 1, 2), k_.permute(3, 2, 0, 1), stride=stride).permute(
+      0, 2, 3, 1
+    ),
+    x,
+    kernel,
+  )
   out, vjp = jax.vjp(lambda x_, p_: conv.apply(p_, x_), jnp.asarray(x), params)
   dx, dparams = vjp(jnp.asarray(weights))
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -45,10 +55,23 @@ def test_pointwise_conv_and_its_gradients_match_torch_conv2d(stride, height):
 def test_pointwise_path_is_taken_only_for_plain_1x1_convs():
   """A 3x3 conv (or a padded 1x1 one) must still be a real convolution."""
   x = jnp.ones((1, 6, 6, 4))
-  for kernel_size, padding in (((1, 1), ((0, 0), (0, 0))), ((3, 3), ((1, 1), (1, 1))), ((1, 1), ((1, 1), (1, 1)))):
-    conv = nn.Conv(8, kernel_size, padding=padding, use_bias=False,
-                   conv_general_dilated=convolution.conv_general_dilated)
-    hlo = jax.jit(lambda v, x_, c=conv: c.apply(v, x_)).lower(conv.init(jax.random.PRNGKey(0), x), x).as_text()
+  for kernel_size, padding in (
+    ((1, 1), ((0, 0), (0, 0))),
+    ((3, 3), ((1, 1), (1, 1))),
+    ((1, 1), ((1, 1), (1, 1))),
+  ):
+    conv = nn.Conv(
+      8,
+      kernel_size,
+      padding=padding,
+      use_bias=False,
+      conv_general_dilated=convolution.conv_general_dilated,
+    )
+    hlo = (
+      jax.jit(lambda v, x_, c=conv: c.apply(v, x_))
+      .lower(conv.init(jax.random.PRNGKey(0), x), x)
+      .as_text()
+    )
     pointwise = kernel_size == (1, 1) and padding == ((0, 0), (0, 0))
     assert ("convolution" in hlo) != pointwise, (kernel_size, padding)
 
@@ -61,7 +84,8 @@ def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
   x[0, -1, :, 0] = -2.0  # a negative border row: the -inf padding must never win
 
   ref_out, (ref_dx,), weights = _torch_grads(
-      lambda x_: F.max_pool2d(x_.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1), x)
+    lambda x_: F.max_pool2d(x_.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1), x
+  )
   out, vjp = jax.vjp(max_pool_3x3_stride2, jnp.asarray(x))
   (dx,) = vjp(jnp.asarray(weights))
   np.testing.assert_array_equal(out, ref_out)

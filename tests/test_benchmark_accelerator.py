@@ -14,14 +14,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   out = tmp_path / "acc.json"
-  proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--tiny", "--dtypes=float32", "--batches=1",
-                         "--steps=1", "--hf=yes", "--hf_batch=1",
-                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=900,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/accelerator.py",
+      "--tiny",
+      "--dtypes=float32",
+      "--batches=1",
+      "--steps=1",
+      "--hf=yes",
+      "--hf_batch=1",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   (train,) = report["train"]
-  assert train["per_device_batch"] == 1 and train["images_per_s"] > 0 and train["flops_per_device"] > 0
+  assert (
+    train["per_device_batch"] == 1 and train["images_per_s"] > 0 and train["flops_per_device"] > 0
+  )
   assert train["mfu"] is None  # the CPU has no peak in the table: no made-up MFU
   assert {m["solver"] for m in report["matcher"]} == {"hungarian", "scipy"}
   assert all(m["seconds"] > 0 for m in report["matcher"])
@@ -30,4 +46,7 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   assert hf["device"] == "cpu" and hf["batch"] == 1 and hf["images_per_s"] > 0
   assert hf["jax_over_hf"] == pytest.approx(train["images_per_s"] / hf["images_per_s"])
   last = proc.stdout.strip().splitlines()[-1]
-  assert last.startswith("accelerator best_images_per_s=") and f"jax_over_hf_float32={hf['jax_over_hf']:.2f}" in last
+  assert (
+    last.startswith("accelerator best_images_per_s=")
+    and f"jax_over_hf_float32={hf['jax_over_hf']:.2f}" in last
+  )

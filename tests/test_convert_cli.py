@@ -1,4 +1,5 @@
-"""`python -m conddetr_jax.convert`: the original's .pth -> an Orbax checkpoint that eval.py restores."""
+"""`python -m conddetr_jax.convert`: the original's .pth -> an Orbax checkpoint that eval.py
+restores."""
 
 import argparse
 import subprocess
@@ -9,14 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from configs import default
 from conddetr_jax.checkpoints import convert, weights
+from configs import default
 from tests import hf_reference
 
-SMALL = dict(num_queries=10, num_classes=7, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
-             decoder_ffn_dim=64)
-OVERRIDES = ["--config.model.num_queries=10", "--config.model.num_classes=7", "--config.model.enc_layers=1",
-             "--config.model.dec_layers=2", "--config.model.dim_feedforward=64"]
+SMALL = dict(
+  num_queries=10,
+  num_classes=7,
+  encoder_layers=1,
+  decoder_layers=2,
+  encoder_ffn_dim=64,
+  decoder_ffn_dim=64,
+)
+OVERRIDES = [
+  "--config.model.num_queries=10",
+  "--config.model.num_classes=7",
+  "--config.model.enc_layers=1",
+  "--config.model.dec_layers=2",
+  "--config.model.dim_feedforward=64",
+]
 
 
 def small_config():
@@ -34,10 +46,24 @@ def original_state():
 def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, original_state):
   state = original_state
   pth = tmp_path / "conddetr_small.pth"
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth)
+  torch.save(
+    {"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth
+  )
   out = tmp_path / "converted"
-  result = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
-                           f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "conddetr_jax.convert",
+      "--config=configs/r50.py",
+      *OVERRIDES,
+      f"--torch={pth}",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval.py" in result.stdout
   restored, step = weights.load_variables(small_config(), str(out))
@@ -45,33 +71,72 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, origi
   expected = convert.from_torch(state, small_config())
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)
 
-  again = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py", *OVERRIDES,
-                          f"--torch={pth}", f"--out={out}"], capture_output=True, text=True, timeout=600)
+  again = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "conddetr_jax.convert",
+      "--config=configs/r50.py",
+      *OVERRIDES,
+      f"--torch={pth}",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert again.returncode != 0 and "exists" in again.stderr
 
 
 def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path, original_state):
-  missing = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
-                            f"--torch={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}"],
-                           capture_output=True, text=True, timeout=600)
+  missing = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "conddetr_jax.convert",
+      "--config=configs/r50.py",
+      f"--torch={tmp_path / 'nope.pth'}",
+      f"--out={tmp_path / 'o'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert missing.returncode != 0 and "nope.pth" in missing.stderr
   state = original_state
   pth = tmp_path / "small.pth"
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
-  wrong = subprocess.run([sys.executable, "-m", "conddetr_jax.convert", "--config=configs/r50.py",
-                          f"--torch={pth}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True, timeout=600)
+  wrong = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "conddetr_jax.convert",
+      "--config=configs/r50.py",
+      f"--torch={pth}",
+      f"--out={tmp_path / 'o'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert wrong.returncode != 0
   assert "missing keys" in wrong.stderr and "skip_class_head" in wrong.stderr
 
 
-def test_a_one_group_checkpoint_loads_into_a_group_detr_model_with_fresh_extra_groups(original_state):
+def test_a_one_group_checkpoint_loads_into_a_group_detr_model_with_fresh_extra_groups(
+  original_state,
+):
   config = small_config()
   config.model.num_groups = 3
   variables = convert.from_torch(original_state, config)
   one_group = convert.from_torch(original_state, small_config())
   extra = variables["params"].pop("group_query_embed")
-  assert extra.shape == (2 * 10, 256) and np.all(np.isfinite(extra)) and np.std(extra) > 0.5  # normal(1) init
-  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, one_group)  # the rest: the checkpoint's
+  assert (
+    extra.shape == (2 * 10, 256) and np.all(np.isfinite(extra)) and np.std(extra) > 0.5
+  )  # normal(1) init
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, variables, one_group
+  )  # the rest: the checkpoint's
 
 
 def test_a_checkpoint_without_the_dense_head_loads_into_a_model_with_a_fresh_one(original_state):
@@ -79,5 +144,9 @@ def test_a_checkpoint_without_the_dense_head_loads_into_a_model_with_a_fresh_one
   config.model.dense_head = True
   variables = convert.from_torch(original_state, config)
   head = {name: variables["params"].pop(name) for name in ("dense_class_embed", "dense_bbox_embed")}
-  assert np.std(head["dense_class_embed"]["kernel"]) > 0 and np.all(head["dense_bbox_embed"]["layers_2"]["kernel"] == 0)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, convert.from_torch(original_state, small_config()))
+  assert np.std(head["dense_class_embed"]["kernel"]) > 0 and np.all(
+    head["dense_bbox_embed"]["layers_2"]["kernel"] == 0
+  )
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, variables, convert.from_torch(original_state, small_config())
+  )

@@ -4,18 +4,24 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
 from conddetr_jax import data
-from conddetr_jax.data import coco
+from conddetr_jax.data import coco, synthetic
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, W = 48, 64
 _YY, _XX = np.mgrid[0:H, 0:W]
-PIXELS = np.stack([_XX * 4, _YY * 5, (_XX + _YY) * 2], axis=-1).astype(np.uint8)  # smooth: JPEG-friendly
+PIXELS = np.stack([_XX * 4, _YY * 5, (_XX + _YY) * 2], axis=-1).astype(
+  np.uint8
+)  # smooth: JPEG-friendly
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -26,18 +32,18 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 GOOD = encode(Image.fromarray(PIXELS), "JPEG", quality=95)
 FILES = {
-    "gray.jpg": encode(Image.fromarray(PIXELS).convert("L"), "JPEG", quality=95),
-    "cmyk.jpg": encode(Image.fromarray(PIXELS).convert("CMYK"), "JPEG", quality=95),
-    "progressive.jpg": encode(Image.fromarray(PIXELS), "JPEG", quality=95, progressive=True),
-    "png_named.jpg": encode(Image.fromarray(PIXELS), "PNG"),
-    "rgba.png": encode(Image.fromarray(PIXELS).convert("RGBA"), "PNG"),
-    "truncated.jpg": GOOD[: len(GOOD) // 2],
-    "wrong_size.jpg": encode(Image.fromarray(PIXELS[:40]), "JPEG"),
-    "missing.jpg": None,
-    "crowd_only.jpg": GOOD,
-    "zero_box.jpg": GOOD,
-    "many_boxes.jpg": GOOD,
-    **{f"good{i}.jpg": GOOD for i in range(5)},
+  "gray.jpg": encode(Image.fromarray(PIXELS).convert("L"), "JPEG", quality=95),
+  "cmyk.jpg": encode(Image.fromarray(PIXELS).convert("CMYK"), "JPEG", quality=95),
+  "progressive.jpg": encode(Image.fromarray(PIXELS), "JPEG", quality=95, progressive=True),
+  "png_named.jpg": encode(Image.fromarray(PIXELS), "PNG"),
+  "rgba.png": encode(Image.fromarray(PIXELS).convert("RGBA"), "PNG"),
+  "truncated.jpg": GOOD[: len(GOOD) // 2],
+  "wrong_size.jpg": encode(Image.fromarray(PIXELS[:40]), "JPEG"),
+  "missing.jpg": None,
+  "crowd_only.jpg": GOOD,
+  "zero_box.jpg": GOOD,
+  "many_boxes.jpg": GOOD,
+  **{f"good{i}.jpg": GOOD for i in range(5)},
 }
 UNREADABLE = ("truncated.jpg", "wrong_size.jpg", "missing.jpg")
 BOX = [8.0, 4.0, 16.0, 20.0]  # xywh
@@ -47,11 +53,13 @@ def annotations_of(name: str) -> list[dict]:
   if name == "crowd_only.jpg":
     return [{"bbox": BOX, "category_id": 3, "iscrowd": 1}]
   if name == "zero_box.jpg":
-    return [{"bbox": [10.0, 10.0, 0.0, 5.0], "category_id": 3},      # zero width: dropped
-            {"bbox": [30.0, 30.0, 5.0, -1.0], "category_id": 3},     # negative height: dropped
-            {"bbox": [70.0, 10.0, 5.0, 5.0], "category_id": 3},      # outside the image: nothing left
-            {"bbox": [56.0, 40.0, 20.0, 20.0], "category_id": 17},   # clipped to [56, 40, 64, 48]
-            {"bbox": BOX, "category_id": 3}]
+    return [
+      {"bbox": [10.0, 10.0, 0.0, 5.0], "category_id": 3},  # zero width: dropped
+      {"bbox": [30.0, 30.0, 5.0, -1.0], "category_id": 3},  # negative height: dropped
+      {"bbox": [70.0, 10.0, 5.0, 5.0], "category_id": 3},  # outside the image: nothing left
+      {"bbox": [56.0, 40.0, 20.0, 20.0], "category_id": 17},  # clipped to [56, 40, 64, 48]
+      {"bbox": BOX, "category_id": 3},
+    ]
   if name == "many_boxes.jpg":
     return [{"bbox": [2.0 * k, 2.0 * k, 10.0, 10.0], "category_id": 3} for k in range(5)]
   return [{"bbox": BOX, "category_id": 17}]
@@ -70,8 +78,14 @@ def write_split(root: str, split: str, names: list[str]) -> tuple[str, str]:
       anns.append({"id": len(anns) + 1, "image_id": image_id, "area": 1.0, "iscrowd": 0, **a})
   ann_path = os.path.join(root, f"{split}.json")
   with open(ann_path, "w") as f:
-    json.dump({"images": images, "annotations": anns,
-               "categories": [{"id": 3, "name": "three"}, {"id": 17, "name": "seventeen"}]}, f)
+    json.dump(
+      {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 3, "name": "three"}, {"id": 17, "name": "seventeen"}],
+      },
+      f,
+    )
   return ann_path, image_dir
 
 
@@ -80,10 +94,24 @@ def custom_config(root: str, train: list[str], val: list[str], **dataset):
   train_ann, train_images = write_split(root, "train", train)
   val_ann, val_images = write_split(root, "val", val)
   # eval_size = the shorter side and no flip: evaluation leaves the 48x64 images untouched.
-  config.dataset.update(dict(
-      source="coco", train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images,
-      train_scales=(32, 48), train_max_size=64, crop_resize_scales=(40,), crop_min_size=24, crop_max_size=40,
-      eval_size=48, eval_max_size=64, size_divisibility=16, num_parallel_calls=2))
+  config.dataset.update(
+    dict(
+      source="coco",
+      train_ann=train_ann,
+      train_images=train_images,
+      val_ann=val_ann,
+      val_images=val_images,
+      train_scales=(32, 48),
+      train_max_size=64,
+      crop_resize_scales=(40,),
+      crop_min_size=24,
+      crop_max_size=40,
+      eval_size=48,
+      eval_max_size=64,
+      size_divisibility=16,
+      num_parallel_calls=2,
+    )
+  )
   config.dataset.update(dataset)
   return config
 
@@ -123,11 +151,16 @@ def test_crowd_only_images_are_kept_without_boxes_and_bad_boxes_are_dropped_or_c
   zero = examples["zero_box.jpg"]
   assert zero["box_valid"].sum() == 2
   cx, cy, w, h = zero["boxes"][zero["box_valid"]].T
-  np.testing.assert_allclose(np.stack([(cx - w / 2) * W, (cy - h / 2) * H, w * W, h * H], -1),
-                             [[56, 40, 8, 8], BOX], atol=1e-4)
+  np.testing.assert_allclose(
+    np.stack([(cx - w / 2) * W, (cy - h / 2) * H, w * W, h * H], -1),
+    [[56, 40, 8, 8], BOX],
+    atol=1e-4,
+  )
   np.testing.assert_array_equal(zero["labels"][zero["box_valid"]], [17, 3])
   split = coco.load_split(config, "train")
-  assert split.box_start[-1] == sum(len(annotations_of(n)) for n in READABLE) - 1 - 3  # crowd + 3 bad
+  assert (
+    split.box_start[-1] == sum(len(annotations_of(n)) for n in READABLE) - 1 - 3
+  )  # crowd + 3 bad
 
 
 def test_training_skips_unreadable_images_with_a_named_warning_and_a_count(tmp_path, caplog):
@@ -175,14 +208,18 @@ def test_images_with_more_than_max_boxes_keep_max_boxes_and_are_counted(tmp_path
     batch = next(it)
   assert batch["box_valid"].shape == (2, 3)
   np.testing.assert_array_equal(batch["box_valid"].sum(1), [3, 1])
-  np.testing.assert_allclose(batch["boxes"][0, :, 0] * W, [5, 7, 9], atol=1e-4)  # the first three kept
+  np.testing.assert_allclose(
+    batch["boxes"][0, :, 0] * W, [5, 7, 9], atol=1e-4
+  )  # the first three kept
   assert it.num_truncated == 1 and any("many_boxes.jpg" in r.getMessage() for r in caplog.records)
 
 
 def test_missing_annotation_file_names_the_path_and_the_layout(tmp_path):
   config = default.get_config()
   config.dataset.root = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json(.|\n)*Expected the COCO 2017 layout"):
+  with pytest.raises(
+    FileNotFoundError, match=r"instances_train2017\.json(.|\n)*Expected the COCO 2017 layout"
+  ):
     data.prepare_dataset(config)
 
 
@@ -221,3 +258,39 @@ def test_an_image_folder_without_any_listed_image_is_an_error(tmp_path):
   os.remove(os.path.join(config.dataset.train_images, "good0.jpg"))
   with pytest.raises(FileNotFoundError, match="None of the 1 images"):
     coco.load_split(config, "train")
+
+
+def test_training_stops_in_one_line_naming_a_category_id_beyond_num_classes(tmp_path):
+  root = str(tmp_path / "shapes")
+  synthetic.write_dataset(root, num_train=4, num_val=2)
+  train_json = os.path.join(root, "annotations", "instances_train2017.json")
+  with open(train_json) as f:
+    content = json.load(f)
+  content["categories"].append(
+    {"id": 12, "name": "star", "supercategory": "shape"}
+  )  # test_tiny: 10 classes
+  content["annotations"][0]["category_id"] = 12
+  with open(train_json, "w") as f:
+    json.dump(content, f)
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "train.py",
+      "--config=configs/test_tiny.py",
+      f"--workdir={workdir}",
+      "--config.dataset.source=coco",
+      f"--config.dataset.root={root}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"error: the largest category id of {train_json} is 12, but config.model.num_classes=10: "
+    "set --config.model.num_classes=13 (the largest id + 1)"
+  )
+  assert not (workdir / "checkpoints").exists()  # stopped before the model was built

@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import jax
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 
@@ -25,8 +23,11 @@ def _sharding() -> NamedSharding:
 
 def test_to_global_arrays_keeps_values_and_shards_the_leading_axis():
   n = len(jax.devices())
-  batch = {"image": np.arange(n * 2 * 3 * 2 * 3, dtype=np.float32).reshape(n * 2, 3, 2, 3),
-           "valid": np.ones(n * 2, bool), "image_id": np.arange(n * 2, dtype=np.int64)}
+  batch = {
+    "image": np.arange(n * 2 * 3 * 2 * 3, dtype=np.float32).reshape(n * 2, 3, 2, 3),
+    "valid": np.ones(n * 2, bool),
+    "image_id": np.arange(n * 2, dtype=np.int64),
+  }
   out = data.to_global_arrays(batch, _sharding())
   for key, value in batch.items():
     assert out[key].shape == value.shape and out[key].sharding.spec == PartitionSpec("data")
@@ -52,8 +53,10 @@ from tests.test_data_pipeline import small_config
 
 config = small_config(root)
 sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
-local = data.train_iterator(config, global_batch_size=8, start_step=2)  # process index/count from jax
-expected = data.train_iterator(config, global_batch_size=8, start_step=2, process_index=0, process_count=1)
+# process index/count from jax
+local = data.train_iterator(config, global_batch_size=8, start_step=2)
+expected = data.train_iterator(
+    config, global_batch_size=8, start_step=2, process_index=0, process_count=1)
 for step, batch in enumerate(data.prefetch_to_device(local, sharding)):
   want = next(expected)
   for key, array in batch.items():
@@ -76,11 +79,24 @@ def test_two_processes_assemble_the_same_global_batches_as_one(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.cpu_devices_xla_flags(4),
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(pid), root], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for pid in range(2)]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=conftest.cpu_devices_xla_flags(4),
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONPATH=REPO,
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(pid), root],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for pid, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0 and f"ok {pid}" in out, out[-3000:]

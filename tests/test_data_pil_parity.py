@@ -15,11 +15,9 @@ import pytest
 import tensorflow as tf
 import torch
 
-from configs import default
 from conddetr_jax import data
-from conddetr_jax.data import image_files
-from conddetr_jax.data import pil_resample
-from conddetr_jax.data import transforms
+from conddetr_jax.data import image_files, pil_resample, transforms
+from configs import default
 from tests.test_data_transforms import original_size
 
 EVAL_SIZE, EVAL_MAX_SIZE = 96, 160  # small, for speed: 600x512 shrinks; the small crop enlarges
@@ -46,16 +44,20 @@ def _rgba(rgb: Image.Image) -> Image.Image:
 def _variants() -> dict[str, tuple[Image.Image, str, dict]]:
   photo = _photo()
   return {
-      "jpeg-q50": (photo, "JPEG", dict(quality=50)),
-      "jpeg-q75": (photo, "JPEG", dict(quality=75)),
-      "jpeg-q95": (photo, "JPEG", dict(quality=95)),
-      "jpeg-444": (photo, "JPEG", dict(quality=90, subsampling=0)),
-      "progressive": (photo, "JPEG", dict(quality=85, progressive=True)),
-      "grayscale": (photo.convert("L"), "JPEG", dict(quality=85)),
-      "cmyk": (_cmyk_with_black(photo), "JPEG", dict(quality=90)),
-      "rgba-png": (_rgba(photo), "PNG", {}),
-      "small-enlarged": (photo.crop((200, 150, 290, 220)), "JPEG", dict(quality=90)),  # 70 x 90
-      "tall": (photo.crop((100, 0, 300, 600)), "JPEG", dict(quality=90)),  # 600 x 200: vertical pass first
+    "jpeg-q50": (photo, "JPEG", dict(quality=50)),
+    "jpeg-q75": (photo, "JPEG", dict(quality=75)),
+    "jpeg-q95": (photo, "JPEG", dict(quality=95)),
+    "jpeg-444": (photo, "JPEG", dict(quality=90, subsampling=0)),
+    "progressive": (photo, "JPEG", dict(quality=85, progressive=True)),
+    "grayscale": (photo.convert("L"), "JPEG", dict(quality=85)),
+    "cmyk": (_cmyk_with_black(photo), "JPEG", dict(quality=90)),
+    "rgba-png": (_rgba(photo), "PNG", {}),
+    "small-enlarged": (photo.crop((200, 150, 290, 220)), "JPEG", dict(quality=90)),  # 70 x 90
+    "tall": (
+      photo.crop((100, 0, 300, 600)),
+      "JPEG",
+      dict(quality=90),
+    ),  # 600 x 200: vertical pass first
   }
 
 
@@ -82,18 +84,43 @@ def photo_dataset(tmp_path_factory):
     image.save(root / file_name, fmt, **options)
     images.append({"id": i, "file_name": file_name, "height": image.height, "width": image.width})
     paths[i] = str(root / file_name)
-  ann = {"images": images, "categories": [{"id": 1, "name": "person"}],
-         "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 40], "area": 1200,
-                          "iscrowd": 0} for i in paths]}
+  ann = {
+    "images": images,
+    "categories": [{"id": 1, "name": "person"}],
+    "annotations": [
+      {
+        "id": i,
+        "image_id": i,
+        "category_id": 1,
+        "bbox": [10, 10, 30, 40],
+        "area": 1200,
+        "iscrowd": 0,
+      }
+      for i in paths
+    ],
+  }
   with open(root / "instances.json", "w") as f:
     json.dump(ann, f)
   config = default.get_config()
-  config.dataset.update(dict(
-      source="coco", train_ann=str(root / "instances.json"), train_images=str(root),
-      val_ann=str(root / "instances.json"), val_images=str(root), train_scales=(80, 96),
-      train_max_size=EVAL_MAX_SIZE, crop_resize_scales=(90,), crop_min_size=40, crop_max_size=80,
-      eval_size=EVAL_SIZE, eval_max_size=EVAL_MAX_SIZE, size_divisibility=32, num_buckets=3,
-      num_parallel_calls=1))
+  config.dataset.update(
+    dict(
+      source="coco",
+      train_ann=str(root / "instances.json"),
+      train_images=str(root),
+      val_ann=str(root / "instances.json"),
+      val_images=str(root),
+      train_scales=(80, 96),
+      train_max_size=EVAL_MAX_SIZE,
+      crop_resize_scales=(90,),
+      crop_min_size=40,
+      crop_max_size=80,
+      eval_size=EVAL_SIZE,
+      eval_max_size=EVAL_MAX_SIZE,
+      size_divisibility=32,
+      num_buckets=3,
+      num_parallel_calls=1,
+    )
+  )
   return config, paths
 
 
@@ -106,9 +133,17 @@ def test_evaluation_input_equals_the_originals(photo_dataset):
       h, w = batch["size"][k]
       expected = original_eval_input(paths[image_id])
       assert (h, w) == expected.shape[:2], os.path.basename(paths[image_id])
-      np.testing.assert_allclose(batch["image"][k, :h, :w], expected, atol=1e-5, rtol=0,
-                                 err_msg=os.path.basename(paths[image_id]))
-      assert not batch["pad_mask"][k, :h, :w].any() and batch["pad_mask"][k].sum() == batch["pad_mask"][k].size - h * w
+      np.testing.assert_allclose(
+        batch["image"][k, :h, :w],
+        expected,
+        atol=1e-5,
+        rtol=0,
+        err_msg=os.path.basename(paths[image_id]),
+      )
+      assert (
+        not batch["pad_mask"][k, :h, :w].any()
+        and batch["pad_mask"][k].sum() == batch["pad_mask"][k].size - h * w
+      )
       seen.add(image_id)
   assert seen == set(paths)
 
@@ -119,7 +154,9 @@ def test_predict_input_equals_the_originals(photo_dataset):
     loaded = image_files.load_image(path, config)
     expected = original_eval_input(path)
     h, w = expected.shape[:2]
-    np.testing.assert_allclose(loaded.image[0, :h, :w], expected, atol=1e-5, rtol=0, err_msg=os.path.basename(path))
+    np.testing.assert_allclose(
+      loaded.image[0, :h, :w], expected, atol=1e-5, rtol=0, err_msg=os.path.basename(path)
+    )
     assert not loaded.pad_mask[0, :h, :w].any()
 
 
@@ -140,14 +177,19 @@ def original_train_image(image: Image.Image, geometry: np.ndarray) -> np.ndarray
 def test_train_transforms_equal_the_originals_with_the_same_geometry(photo_dataset):
   config, _ = photo_dataset
   photo = _photo()
-  geometries = transforms.train_geometry(np.random.default_rng(3), np.array([[photo.height, photo.width]] * 8),
-                                         config.dataset)
-  assert len(set(geometries[:, 1].tolist())) > 1 and (geometries[:, 5] < geometries[:, 1]).any()  # both branches
+  geometries = transforms.train_geometry(
+    np.random.default_rng(3), np.array([[photo.height, photo.width]] * 8), config.dataset
+  )
+  assert (
+    len(set(geometries[:, 1].tolist())) > 1 and (geometries[:, 5] < geometries[:, 1]).any()
+  )  # both branches
   pixels = tf.constant(np.asarray(photo))
   no_boxes, no_labels = tf.zeros([0, 4]), tf.zeros([0], tf.int32)
   for geometry in geometries:
     ours, _, _ = transforms.apply_geometry(pixels, no_boxes, no_labels, tf.constant(geometry))
-    np.testing.assert_array_equal(ours.numpy(), original_train_image(photo, geometry), err_msg=str(geometry))
+    np.testing.assert_array_equal(
+      ours.numpy(), original_train_image(photo, geometry), err_msg=str(geometry)
+    )
 
 
 @pytest.mark.parametrize("size", [(600, 512), (37, 1), (1, 45), (13, 13)])
@@ -171,9 +213,13 @@ def test_fast_train_images_are_pils_single_resize_of_the_window_in_source_pixels
   del photo_dataset
   photo = _photo()
   sizes = np.array([[photo.height, photo.width]] * 8)
-  ds = default.get_config().dataset  # the original's crop; outputs that shrink and grow the 600x512 photo
+  ds = (
+    default.get_config().dataset
+  )  # the original's crop; outputs that shrink and grow the 600x512 photo
   ds.train_scales = (240, 800)
-  geometries = transforms.in_source_pixels(transforms.train_geometry(np.random.default_rng(3), sizes, ds), sizes)
+  geometries = transforms.in_source_pixels(
+    transforms.train_geometry(np.random.default_rng(3), sizes, ds), sizes
+  )
   crops = (geometries[:, 5] < photo.height) | (geometries[:, 6] < photo.width)
   shrinks = (geometries[:, 7] < geometries[:, 5]) | (geometries[:, 8] < geometries[:, 6])
   assert crops.any() and (~crops).any() and shrinks.any() and (~shrinks).any()
@@ -182,8 +228,10 @@ def test_fast_train_images_are_pils_single_resize_of_the_window_in_source_pixels
   for geometry in geometries:
     flip, _, _, top, left, crop_h, crop_w, out_h, out_w = geometry
     t, l, h, w = transforms.unflipped_window(tf.constant(geometry), photo.width).numpy()
-    ours = transforms.fast_train_image(pixels[t:t + h, l:l + w], tf.constant(geometry)).numpy()
+    ours = transforms.fast_train_image(pixels[t : t + h, l : l + w], tf.constant(geometry)).numpy()
     image = photo.transpose(Image.FLIP_LEFT_RIGHT) if flip else photo
-    pil = np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h)))
+    pil = np.asarray(
+      image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    )
     grey = (ours * std + mean) * 255
     np.testing.assert_allclose(grey[2:-2, 2:-2], pil[2:-2, 2:-2], atol=1.01, err_msg=str(geometry))

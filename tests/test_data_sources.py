@@ -5,18 +5,22 @@ import os
 
 import pytest
 
-from configs import demo, test_tiny
 from conddetr_jax import data
 from conddetr_jax.data import coco
+from configs import demo, test_tiny
 
 
 @pytest.mark.parametrize("field", coco.USER_DATA_FIELDS)
-def test_a_synthetic_config_given_a_path_to_user_data_names_the_flag_that_reads_files(tmp_path, field):
+def test_a_synthetic_config_given_a_path_to_user_data_names_the_flag_that_reads_files(
+  tmp_path, field
+):
   config = demo.get_config()
   config.dataset[field] = str(tmp_path / "mine")
-  message = (rf"^config.dataset.{field}='{tmp_path}/mine': this config's dataset.source='synthetic' generates "
-             r"its own images \(under config.dataset.synthetic_dir\) and reads no files; add "
-             r"--config.dataset.source=coco to use COCO-format files$")
+  message = (
+    rf"^config.dataset.{field}='{tmp_path}/mine': this config's dataset.source='synthetic' "
+    r"generates its own images \(under config.dataset.synthetic_dir\) and reads no files; add "
+    r"--config.dataset.source=coco to use COCO-format files$"
+  )
   with pytest.raises(ValueError, match=message):
     data.prepare_dataset(config)  # training
   with pytest.raises(ValueError, match=message):
@@ -40,8 +44,9 @@ def test_the_synthetic_dataset_goes_to_its_own_cache_folder_or_synthetic_dir(tmp
   (generated,) = os.listdir(tmp_path / "cache" / "conddetr_jax")
   assert generated.startswith("synthetic_")
   assert coco.resolve_split(config, "val") == (
-      str(tmp_path / "cache" / "conddetr_jax" / generated / "annotations" / "instances_val2017.json"),
-      str(tmp_path / "cache" / "conddetr_jax" / generated / "val2017"))
+    str(tmp_path / "cache" / "conddetr_jax" / generated / "annotations" / "instances_val2017.json"),
+    str(tmp_path / "cache" / "conddetr_jax" / generated / "val2017"),
+  )
   config.dataset.synthetic_dir = str(tmp_path / "shapes")
   data.prepare_dataset(config)
   assert sorted(os.listdir(tmp_path / "shapes" / "val2017")) == ["000000000001.jpg"]

@@ -10,8 +10,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 import pytest
 
-from configs import default
 from conddetr_jax.data import coco, synthetic
+from configs import default
 
 
 def test_images_are_a_pure_function_of_seed_split_and_index():
@@ -20,8 +20,12 @@ def test_images_are_a_pure_function_of_seed_split_and_index():
   b_img, b_obj = synthetic.draw_image(0, 0, 5, scenes)
   np.testing.assert_array_equal(a_img, b_img)
   assert a_obj == b_obj
-  assert not np.array_equal(synthetic.draw_image(1, 0, 5, scenes)[0], synthetic.draw_image(0, 0, 5, scenes)[0])
-  assert not np.array_equal(synthetic.draw_image(0, 1, 5, scenes)[0], synthetic.draw_image(0, 0, 5, scenes)[0])
+  assert not np.array_equal(
+    synthetic.draw_image(1, 0, 5, scenes)[0], synthetic.draw_image(0, 0, 5, scenes)[0]
+  )
+  assert not np.array_equal(
+    synthetic.draw_image(0, 1, 5, scenes)[0], synthetic.draw_image(0, 0, 5, scenes)[0]
+  )
 
 
 def _draw_scenes(scenes: synthetic.Scenes, num_images: int = 60) -> tuple[list[int], int]:
@@ -31,13 +35,18 @@ def _draw_scenes(scenes: synthetic.Scenes, num_images: int = 60) -> tuple[list[i
   for index in range(num_images):
     image, objects = synthetic.draw_image(3, 0, index, scenes)
     h, w, _ = image.shape
-    assert scenes.image_size[0] <= h <= scenes.image_size[1] and scenes.image_size[0] <= w <= scenes.image_size[1]
+    assert (
+      scenes.image_size[0] <= h <= scenes.image_size[1]
+      and scenes.image_size[0] <= w <= scenes.image_size[1]
+    )
     counts.append(len(objects))
     boxes = np.array([o["bbox"] for o in objects])
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= w).all()
     assert (boxes[:, 1] + boxes[:, 3] <= h).all() and (boxes[:, 2:] >= 4).all()
-    assert all(o["category_id"] in synthetic.CATEGORIES and 0 < o["area"] <= o["bbox"][2] * o["bbox"][3]
-               for o in objects)
+    assert all(
+      o["category_id"] in synthetic.CATEGORIES and 0 < o["area"] <= o["bbox"][2] * o["bbox"][3]
+      for o in objects
+    )
     x1, y1 = boxes[:, 0], boxes[:, 1]
     x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
     iw = np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None])
@@ -53,7 +62,9 @@ def test_objects_are_tight_boxes_of_drawn_shapes_inside_the_image():
 
 
 def test_max_objects_and_max_overlap_bound_every_image():
-  counts, overlaps = _draw_scenes(synthetic.Scenes(image_size=(96, 128), max_objects=3, max_overlap=0.0))
+  counts, overlaps = _draw_scenes(
+    synthetic.Scenes(image_size=(96, 128), max_objects=3, max_overlap=0.0)
+  )
   assert min(counts) >= 1 and max(counts) <= 3 and len(set(counts)) == 3
   assert overlaps == 0
 
@@ -92,7 +103,9 @@ def test_train_and_val_differ(tmp_path):
 
 def test_object_size_sets_the_side_of_every_object_relative_to_the_shorter_image_side():
   for index in range(20):
-    image, objects = synthetic.draw_image(0, 0, index, synthetic.Scenes(image_size=(100, 140), object_size=(0.4, 0.5)))
+    image, objects = synthetic.draw_image(
+      0, 0, index, synthetic.Scenes(image_size=(100, 140), object_size=(0.4, 0.5))
+    )
     shorter = min(image.shape[:2])
     for o in objects:
       # The drawn side is in [0.4, 0.5] x shorter before an aspect jitter of at most 1.4 (a disc's
@@ -100,9 +113,14 @@ def test_object_size_sets_the_side_of_every_object_relative_to_the_shorter_image
       assert max(o["bbox"][2:]) <= 0.5 * shorter * 1.4 + 1
       assert max(o["bbox"][2:]) >= 0.4 * shorter / 1.4 - 1
   with pytest.raises(ValueError, match=r"synthetic object size \(0.5, 0.2\)"):
-    synthetic.write_dataset("/nonexistent/never_written", 1, 1, synthetic.Scenes(object_size=(0.5, 0.2)))
-  for bad, message in (({"max_objects": 0}, "max_objects=0"), ({"max_overlap": 1.5}, "max_overlap=1.5"),
-                       ({"image_size": (64, 32)}, r"image size range \(64, 32\)")):
+    synthetic.write_dataset(
+      "/nonexistent/never_written", 1, 1, synthetic.Scenes(object_size=(0.5, 0.2))
+    )
+  for bad, message in (
+    ({"max_objects": 0}, "max_objects=0"),
+    ({"max_overlap": 1.5}, "max_overlap=1.5"),
+    ({"image_size": (64, 32)}, r"image size range \(64, 32\)"),
+  ):
     with pytest.raises(ValueError, match=message):
       synthetic.write_dataset("/nonexistent/never_written", 1, 1, synthetic.Scenes(**bad))
 
@@ -111,9 +129,15 @@ def test_each_generation_parameter_gets_its_own_cache_folder():
   config = default.get_config()
   config.dataset.source = "synthetic"
   roots = {coco.default_generated_root(config)}
-  for field, value in (("synthetic_num_train", 7), ("synthetic_num_val", 7), ("synthetic_image_size", (64, 96)),
-                       ("synthetic_object_size", (0.2, 0.3)), ("synthetic_max_objects", 2),
-                       ("synthetic_max_overlap", 0.0), ("synthetic_seed", 3)):
+  for field, value in (
+    ("synthetic_num_train", 7),
+    ("synthetic_num_val", 7),
+    ("synthetic_image_size", (64, 96)),
+    ("synthetic_object_size", (0.2, 0.3)),
+    ("synthetic_max_objects", 2),
+    ("synthetic_max_overlap", 0.0),
+    ("synthetic_seed", 3),
+  ):
     changed = copy.deepcopy(config)
     changed.dataset[field] = value
     roots.add(coco.default_generated_root(changed))

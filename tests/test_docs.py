@@ -1,4 +1,5 @@
-"""The README and docs/ as a user reads them: short enough to read, and every link leads somewhere."""
+"""The README and docs/ as a user reads them: short enough to read, and every link leads
+somewhere."""
 
 import os
 import re
@@ -6,8 +7,14 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))
-README_MAX_BYTES = 15_000  # as `wc -c` counts: a manual read in five minutes; measurements belong in docs/
+DOCS = sorted(
+  os.path.join("docs", name)
+  for name in os.listdir(os.path.join(REPO, "docs"))
+  if name.endswith(".md")
+)
+README_MAX_BYTES = (
+  15_000  # as `wc -c` counts: a manual read in five minutes; measurements belong in docs/
+)
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.M)
@@ -54,5 +61,47 @@ def test_every_relative_link_and_anchor_resolves(document):
 def test_docs_index_names_every_document():
   with open(os.path.join(REPO, "docs", "README.md"), encoding="utf-8") as f:
     index = f.read()
-  missing = [d for d in DOCS if d != os.path.join("docs", "README.md") and f"]({os.path.basename(d)})" not in index]
+  missing = [
+    d
+    for d in DOCS
+    if d != os.path.join("docs", "README.md") and f"]({os.path.basename(d)})" not in index
+  ]
   assert not missing, f"docs/README.md does not name {missing}"
+
+
+_JAX_EXTRA = re.compile(r"jax\[(\w+)\]([^\s\"'`)]*)")  # jax[tpu]==0.10.2 -> ("tpu", "==0.10.2")
+_INSTALL_DOCUMENTS = (
+  ["README.md"] + DOCS + sorted(n for n in os.listdir(REPO) if n.startswith("requirements"))
+)
+
+
+def _jax_installs(document: str) -> list[tuple[str, str]]:
+  """(extra, version suffix) of every ``jax[extra]`` on a line of ``document`` that runs pip
+  install."""
+  with open(os.path.join(REPO, document), encoding="utf-8") as f:
+    return [m for line in f if "pip install" in line for m in _JAX_EXTRA.findall(line)]
+
+
+def test_every_accelerator_install_line_pins_one_jax_of_the_required_range():
+  from packaging import requirements  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+    [jax] = [requirements.Requirement(line) for line in f if re.match(r"jax\W", line)]
+  assert {extra for extra, _ in _jax_installs("README.md")} >= {
+    "cuda12",
+    "tpu",
+  }  # one line per platform
+  pins = {}
+  for document in _INSTALL_DOCUMENTS:
+    for extra, suffix in _jax_installs(document):
+      if suffix.startswith("==<"):  # a placeholder that names the installed jax ("==<your jax>")
+        continue
+      assert suffix.startswith("==") and suffix[2:], (
+        f"{document}: jax[{extra}]{suffix} is not pinned"
+      )
+      pins.setdefault(extra, set()).add(suffix[2:])
+  assert all(len(versions) == 1 for versions in pins.values()), (
+    f"one release per platform, not {pins}"
+  )
+  outside = {extra: v for extra, [v] in pins.items() if v not in jax.specifier}
+  assert not outside, f"{outside} is outside requirements.txt's {jax}"

@@ -7,13 +7,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import test_tiny
-from conddetr_jax.criterion import losses
 from conddetr_jax import models
 from conddetr_jax.checkpoints import weights
+from conddetr_jax.criterion import losses
 from conddetr_jax.training import checkpoint
+from configs import test_tiny
 from tests import test_losses
-from tests.test_training_step import _Run, _batch
+from tests.test_training_step import _batch, _Run
 
 GROUPS = 3
 
@@ -27,7 +27,7 @@ def _config(num_groups: int = GROUPS, **model_overrides) -> ml_collections.Confi
 def _inputs(batch: int = 2, size: int = 64) -> tuple[jax.Array, jax.Array]:
   rng = np.random.default_rng(0)
   pad_mask = np.zeros((batch, size, size), bool)
-  pad_mask[-1, :, size // 2:] = True
+  pad_mask[-1, :, size // 2 :] = True
   return jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32), jnp.asarray(pad_mask)
 
 
@@ -53,20 +53,28 @@ def test_queries_attend_only_within_their_group_in_training(decoder):
   perturbed = apply({**variables, "params": params})
   for key in ("pred_logits", "pred_boxes"):
     before, after = _all_layers(out, key), _all_layers(perturbed, key)
-    np.testing.assert_array_equal(after[:, :, :2 * q], before[:, :, :2 * q])  # groups 0 and 1
+    np.testing.assert_array_equal(after[:, :, : 2 * q], before[:, :, : 2 * q])  # groups 0 and 1
   # (At init the box head's last layer is zero, so DETR's boxes do not yet depend on the queries.)
-  changed = np.abs(_all_layers(perturbed, "pred_logits") - _all_layers(out, "pred_logits"))[:, :, 2 * q:]
+  changed = np.abs(_all_layers(perturbed, "pred_logits") - _all_layers(out, "pred_logits"))[
+    :, :, 2 * q :
+  ]
   assert changed.max() > 1e-3
 
 
 def test_inference_runs_group_0_alone_as_a_one_group_model_with_its_weights():
-  config = _config()
+  # Masked in training too, so the training forward's group 0 can equal the inference forward.
+  config = _config(mask_padding="always")
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
-  assert variables["params"]["group_query_embed"].shape == ((GROUPS - 1) * config.model.num_queries,
-                                                            config.model.hidden_dim)
-  one_group = models.build_model(_config(num_groups=1))
-  sliced = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "group_query_embed"}}
+  assert variables["params"]["group_query_embed"].shape == (
+    (GROUPS - 1) * config.model.num_queries,
+    config.model.hidden_dim,
+  )
+  one_group = models.build_model(_config(num_groups=1, mask_padding="always"))
+  sliced = {
+    **variables,
+    "params": {k: v for k, v in variables["params"].items() if k != "group_query_embed"},
+  }
   images, pad_mask = _inputs()
 
   out = model.apply(variables, images, pad_mask, train=False)
@@ -77,27 +85,36 @@ def test_inference_runs_group_0_alone_as_a_one_group_model_with_its_weights():
   train_out = model.apply(variables, images, pad_mask, train=True)
   q = config.model.num_queries
   for key in ("pred_logits", "pred_boxes"):
-    np.testing.assert_allclose(_all_layers(train_out, key)[:, :, :q], _all_layers(expected, key), atol=1e-5)
+    np.testing.assert_allclose(
+      _all_layers(train_out, key)[:, :, :q], _all_layers(expected, key), atol=1e-5
+    )
 
 
 def test_one_group_adds_no_parameter_and_every_query_attends_to_every_other():
   """num_groups=1 (the default: configs/default.py declares the field, so every config has it) is
   the original's model: no extra embedding, one group of all queries."""
   config = _config(num_groups=1)
-  shapes = jax.tree.map(lambda x: x.shape, models.init_variables(models.build_model(config), jax.random.PRNGKey(0),
-                                                                 abstract=True))
+  shapes = jax.tree.map(
+    lambda x: x.shape,
+    models.init_variables(models.build_model(config), jax.random.PRNGKey(0), abstract=True),
+  )
   assert "group_query_embed" not in shapes["params"]
   # The training forward pass: changing the last query changes the first.
   images, pad_mask = _inputs()
   variables = models.init_variables(models.build_model(config), jax.random.PRNGKey(0))
   config.model.dropout = 0.1
   model = models.build_model(config)
-  forward = jax.jit(lambda v: model.apply(v, images, pad_mask, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+  forward = jax.jit(
+    lambda v: model.apply(v, images, pad_mask, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  )
   out = forward(variables)
   params = dict(variables["params"])
   params["query_embed"] = params["query_embed"].at[-1].add(1.0)
   perturbed = forward({**variables, "params": params})
-  assert np.abs(_all_layers(perturbed, "pred_logits") - _all_layers(out, "pred_logits"))[:, :, 0].max() > 1e-4
+  assert (
+    np.abs(_all_layers(perturbed, "pred_logits") - _all_layers(out, "pred_logits"))[:, :, 0].max()
+    > 1e-4
+  )
 
 
 def test_k_group_loss_is_the_sum_of_each_groups_one_group_loss():
@@ -115,12 +132,15 @@ def test_k_group_loss_is_the_sum_of_each_groups_one_group_loss():
   for name in total:
     if name.startswith(("loss", "cardinality_error")):
       combine = np.mean if name.startswith("cardinality_error") else np.sum
-      np.testing.assert_allclose(total[name], combine([e[name] for e in each]), rtol=1e-5, err_msg=name)
+      np.testing.assert_allclose(
+        total[name], combine([e[name] for e in each]), rtol=1e-5, err_msg=name
+      )
   assert float(each[0]["loss_bbox"]) > 0
 
 
 def _all_groups(groups: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-  """(L, B, Q, ...) per group -> (L, B, K*Q, ...), group k at [k*Q, (k+1)*Q) as the model lays them out."""
+  """(L, B, Q, ...) per group -> (L, B, K*Q, ...), group k at [k*Q, (k+1)*Q) as the model lays them
+  out."""
   return tuple(np.concatenate([g[i] for g in groups], axis=2) for i in range(2))
 
 
@@ -146,7 +166,8 @@ def test_k_group_training_updates_every_group_and_its_checkpoint_restores_for_in
   for name, value in before.items():
     assert np.abs(state.params[name] - value).max() > 0, name
 
-  # A training checkpoint keeps every group (resume is exact); eval/predict restore it whole and run group 0.
+  # A training checkpoint keeps every group (resume is exact); eval/predict restore it whole and run
+  # group 0.
   checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1, asynchronous=False)
   checkpointer.save(1, state, {"step": 1})
   checkpointer.close()

@@ -48,11 +48,17 @@ def test_output_names_and_shapes(ref_and_outputs, batch):
   layers, queries = ref.config.decoder_layers, ref.config.num_queries
   classes = ref.config.num_labels
   expected = {
-    "backbone_features": (b, h, w, 2048), "feature_mask": (b, h, w),
-    "pos_embed": (b, h, w, 256), "input_proj": (b, h, w, 256), "memory": (b, h * w, 256),
-    "decoder_hidden": (layers, b, queries, 256), "reference_points": (b, queries, 2),
-    "pred_logits": (b, queries, classes), "pred_boxes": (b, queries, 4),
-    "aux_logits": (layers - 1, b, queries, classes), "aux_boxes": (layers - 1, b, queries, 4),
+    "backbone_features": (b, h, w, 2048),
+    "feature_mask": (b, h, w),
+    "pos_embed": (b, h, w, 256),
+    "input_proj": (b, h, w, 256),
+    "memory": (b, h * w, 256),
+    "decoder_hidden": (layers, b, queries, 256),
+    "reference_points": (b, queries, 2),
+    "pred_logits": (b, queries, classes),
+    "pred_boxes": (b, queries, 4),
+    "aux_logits": (layers - 1, b, queries, classes),
+    "aux_boxes": (layers - 1, b, queries, 4),
   }
   assert {k: v.shape for k, v in out.items()} == expected
   assert out["feature_mask"].dtype == bool
@@ -105,8 +111,9 @@ def test_every_layer_output_is_rebuilt_from_hf_hidden_states(ref_and_outputs, ba
   assert not states[0].any()
   np.testing.assert_array_equal(states[-1], hf_out.last_hidden_state.numpy())
   sd = hf_reference.hf_state_dict(ref)
-  norm = lambda x: _layer_norm(x, sd["model.decoder.layernorm.weight"],
-                               sd["model.decoder.layernorm.bias"])
+  norm = lambda x: _layer_norm(
+    x, sd["model.decoder.layernorm.weight"], sd["model.decoder.layernorm.bias"]
+  )
   hidden = np.stack([norm(h) for h in states[1:-1]] + [states[-1]])
   np.testing.assert_allclose(out["decoder_hidden"], hidden, atol=1e-5, rtol=0)
 
@@ -129,8 +136,11 @@ def test_reference_points_are_the_sigmoid_of_the_reference_head(ref_and_outputs)
   ref, out = ref_and_outputs
   sd = hf_reference.hf_state_dict(ref)
   x = sd["model.query_position_embeddings.weight"]
-  x = np.maximum(x @ sd["model.decoder.ref_point_head.layers.0.weight"].T
-                 + sd["model.decoder.ref_point_head.layers.0.bias"], 0)
+  x = np.maximum(
+    x @ sd["model.decoder.ref_point_head.layers.0.weight"].T
+    + sd["model.decoder.ref_point_head.layers.0.bias"],
+    0,
+  )
   x = x @ sd["model.decoder.ref_point_head.layers.1.weight"].T
   x = x + sd["model.decoder.ref_point_head.layers.1.bias"]
   expected = np.broadcast_to(1 / (1 + np.exp(-x)), out["reference_points"].shape)
@@ -190,8 +200,10 @@ def test_a_wrong_spatial_query_is_visible(dc5, batch):
 def _original_backbone(dilation):
   """The original's backbone body: torchvision ResNet-50, frozen BN, layers up to layer4."""
   resnet = torchvision.models.resnet50(
-    weights=None, replace_stride_with_dilation=[False, False, dilation],
-    norm_layer=FrozenBatchNorm2d)
+    weights=None,
+    replace_stride_with_dilation=[False, False, dilation],
+    norm_layer=FrozenBatchNorm2d,
+  )
   return IntermediateLayerGetter(resnet, return_layers={"layer4": "0"}).eval()
 
 
@@ -199,10 +211,15 @@ def _original_transformer_shapes(config):
   """Key -> shape of the original's non-backbone weights, from models/transformer.py,
   models/attention.py and models/conditional_detr.py (MLP = `layers.i` Linears)."""
   d, ffn, c = config.d_model, config.encoder_ffn_dim, config.num_labels
-  shapes = {"input_proj.weight": (d, 2048, 1, 1), "input_proj.bias": (d,),
-            "query_embed.weight": (config.num_queries, d),
-            "class_embed.weight": (c, d), "class_embed.bias": (c,),
-            "transformer.decoder.norm.weight": (d,), "transformer.decoder.norm.bias": (d,)}
+  shapes = {
+    "input_proj.weight": (d, 2048, 1, 1),
+    "input_proj.bias": (d,),
+    "query_embed.weight": (config.num_queries, d),
+    "class_embed.weight": (c, d),
+    "class_embed.bias": (c,),
+    "transformer.decoder.norm.weight": (d,),
+    "transformer.decoder.norm.bias": (d,),
+  }
 
   def linear(name, n_in, n_out):
     shapes[name + ".weight"], shapes[name + ".bias"] = (n_out, n_in), (n_out,)
@@ -215,7 +232,10 @@ def _original_transformer_shapes(config):
     linear(f"transformer.decoder.ref_point_head.layers.{i}", n_in, n_out)
   for i in range(config.encoder_layers):
     p = f"transformer.encoder.layers.{i}."
-    shapes[p + "self_attn.in_proj_weight"], shapes[p + "self_attn.in_proj_bias"] = (3 * d, d), (3 * d,)
+    shapes[p + "self_attn.in_proj_weight"], shapes[p + "self_attn.in_proj_bias"] = (
+      (3 * d, d),
+      (3 * d,),
+    )
     linear(p + "self_attn.out_proj", d, d)
     linear(p + "linear1", d, ffn)
     linear(p + "linear2", ffn, d)
@@ -223,9 +243,20 @@ def _original_transformer_shapes(config):
       shapes[p + norm + ".weight"], shapes[p + norm + ".bias"] = (d,), (d,)
   for i in range(config.decoder_layers):
     p = f"transformer.decoder.layers.{i}."
-    projections = ["sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj",
-                   "sa_v_proj", "ca_qcontent_proj", "ca_kcontent_proj", "ca_kpos_proj",
-                   "ca_v_proj", "ca_qpos_sine_proj", "self_attn.out_proj", "cross_attn.out_proj"]
+    projections = [
+      "sa_qcontent_proj",
+      "sa_qpos_proj",
+      "sa_kcontent_proj",
+      "sa_kpos_proj",
+      "sa_v_proj",
+      "ca_qcontent_proj",
+      "ca_kcontent_proj",
+      "ca_kpos_proj",
+      "ca_v_proj",
+      "ca_qpos_sine_proj",
+      "self_attn.out_proj",
+      "cross_attn.out_proj",
+    ]
     if i == 0:  # Set to None in the later layers, so absent from their state dicts.
       projections.append("ca_qpos_proj")
     for name in projections:
@@ -238,8 +269,16 @@ def _original_transformer_shapes(config):
 
 
 def _count_by_prefix(keys):
-  prefixes = ("backbone.0.body.", "transformer.encoder.", "transformer.decoder.layers.",
-              "transformer.decoder.", "input_proj.", "query_embed.", "class_embed.", "bbox_embed.")
+  prefixes = (
+    "backbone.0.body.",
+    "transformer.encoder.",
+    "transformer.decoder.layers.",
+    "transformer.decoder.",
+    "input_proj.",
+    "query_embed.",
+    "class_embed.",
+    "bbox_embed.",
+  )
   counts = dict.fromkeys(prefixes, 0)
   for key in keys:
     counts[next(p for p in prefixes if key.startswith(p))] += 1
@@ -250,16 +289,24 @@ def _count_by_prefix(keys):
 def test_original_state_dict_has_the_original_keys_and_shapes(request, name):
   ref = request.getfixturevalue(name)
   original = hf_reference.original_state_dict(ref)
-  expected = {"backbone.0.body." + k: tuple(v.shape)
-              for k, v in _original_backbone(ref.config.dilation).state_dict().items()}
+  expected = {
+    "backbone.0.body." + k: tuple(v.shape)
+    for k, v in _original_backbone(ref.config.dilation).state_dict().items()
+  }
   expected.update(_original_transformer_shapes(ref.config))
   assert {k: v.shape for k, v in original.items()} == expected
   assert not any("num_batches_tracked" in k for k in original)
   enc, dec = ref.config.encoder_layers, ref.config.decoder_layers
   assert _count_by_prefix(original) == {
-    "backbone.0.body.": 265, "transformer.encoder.": 12 * enc,
-    "transformer.decoder.layers.": 34 * dec + 2, "transformer.decoder.": 10,
-    "input_proj.": 2, "query_embed.": 1, "class_embed.": 2, "bbox_embed.": 6}
+    "backbone.0.body.": 265,
+    "transformer.encoder.": 12 * enc,
+    "transformer.decoder.layers.": 34 * dec + 2,
+    "transformer.decoder.": 10,
+    "input_proj.": 2,
+    "query_embed.": 1,
+    "class_embed.": 2,
+    "bbox_embed.": 6,
+  }
 
 
 def test_full_size_layouts_have_the_known_key_counts(r50):
@@ -273,26 +320,57 @@ def _conversion_script(original, config):
   """HF's convert_conditional_detr_original_pytorch_checkpoint_to_pytorch.py restated:
   the original's names -> transformers 4.x names (rename_keys, rename_backbone_keys,
   read_in_q_k_v, then the "model." prefix of the base model)."""
-  pairs = [("input_proj", "input_projection"), ("query_embed", "query_position_embeddings"),
-           ("transformer.decoder.norm", "decoder.layernorm"),
-           ("class_embed", "class_labels_classifier"), ("bbox_embed", "bbox_predictor"),
-           ("transformer.decoder.ref_point_head", "decoder.ref_point_head"),
-           ("transformer.decoder.query_scale", "decoder.query_scale"),
-           ("transformer.decoder.layers.0.ca_qpos_proj", "decoder.layers.0.ca_qpos_proj")]
+  pairs = [
+    ("input_proj", "input_projection"),
+    ("query_embed", "query_position_embeddings"),
+    ("transformer.decoder.norm", "decoder.layernorm"),
+    ("class_embed", "class_labels_classifier"),
+    ("bbox_embed", "bbox_predictor"),
+    ("transformer.decoder.ref_point_head", "decoder.ref_point_head"),
+    ("transformer.decoder.query_scale", "decoder.query_scale"),
+    ("transformer.decoder.layers.0.ca_qpos_proj", "decoder.layers.0.ca_qpos_proj"),
+  ]
   for i in range(config.encoder_layers):
     src, dst = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
-    pairs += [(src + a, dst + b) for a, b in [
-      ("self_attn.out_proj", "self_attn.out_proj"), ("linear1", "fc1"), ("linear2", "fc2"),
-      ("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")]]
+    pairs += [
+      (src + a, dst + b)
+      for a, b in [
+        ("self_attn.out_proj", "self_attn.out_proj"),
+        ("linear1", "fc1"),
+        ("linear2", "fc2"),
+        ("norm1", "self_attn_layer_norm"),
+        ("norm2", "final_layer_norm"),
+      ]
+    ]
   for i in range(config.decoder_layers):
     src, dst = f"transformer.decoder.layers.{i}.", f"decoder.layers.{i}."
-    pairs += [(src + a, dst + b) for a, b in [
-      ("self_attn.out_proj", "self_attn.out_proj"), ("cross_attn.out_proj", "encoder_attn.out_proj"),
-      ("linear1", "fc1"), ("linear2", "fc2"), ("norm1", "self_attn_layer_norm"),
-      ("norm2", "encoder_attn_layer_norm"), ("norm3", "final_layer_norm")]]
-    pairs += [(src + p, dst + p) for p in [
-      "sa_qcontent_proj", "sa_kcontent_proj", "sa_qpos_proj", "sa_kpos_proj", "sa_v_proj",
-      "ca_qcontent_proj", "ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj", "ca_qpos_sine_proj"]]
+    pairs += [
+      (src + a, dst + b)
+      for a, b in [
+        ("self_attn.out_proj", "self_attn.out_proj"),
+        ("cross_attn.out_proj", "encoder_attn.out_proj"),
+        ("linear1", "fc1"),
+        ("linear2", "fc2"),
+        ("norm1", "self_attn_layer_norm"),
+        ("norm2", "encoder_attn_layer_norm"),
+        ("norm3", "final_layer_norm"),
+      ]
+    ]
+    pairs += [
+      (src + p, dst + p)
+      for p in [
+        "sa_qcontent_proj",
+        "sa_kcontent_proj",
+        "sa_qpos_proj",
+        "sa_kpos_proj",
+        "sa_v_proj",
+        "ca_qcontent_proj",
+        "ca_kcontent_proj",
+        "ca_kpos_proj",
+        "ca_v_proj",
+        "ca_qpos_sine_proj",
+      ]
+    ]
   d = config.d_model
   converted = {}
   for key, value in original.items():
@@ -300,14 +378,18 @@ def _conversion_script(original, config):
     if match:
       layer, kind = match.groups()
       for j, part in enumerate("qkv"):
-        converted[f"encoder.layers.{layer}.self_attn.{part}_proj.{kind}"] = value[j * d:(j + 1) * d]
+        converted[f"encoder.layers.{layer}.self_attn.{part}_proj.{kind}"] = value[
+          j * d : (j + 1) * d
+        ]
     elif key.startswith("backbone.0.body."):
       converted[key.replace("backbone.0.body", "backbone.conv_encoder.model")] = value
     else:
-      [new_key] = [dst + key[len(src):] for src, dst in pairs if key.startswith(src + ".")]
+      [new_key] = [dst + key[len(src) :] for src, dst in pairs if key.startswith(src + ".")]
       converted[new_key] = value
-  return {(k if k.startswith(("class_labels_classifier", "bbox_predictor")) else "model." + k): v
-          for k, v in converted.items()}
+  return {
+    (k if k.startswith(("class_labels_classifier", "bbox_predictor")) else "model." + k): v
+    for k, v in converted.items()
+  }
 
 
 def _assert_same_arrays(actual, expected):
@@ -329,27 +411,34 @@ def test_original_names_round_trip_through_hf_conversion(request, name, tmp_path
   _assert_same_arrays(hf4, hf_reference.hf_state_dict_on_disk(ref))
   if name == "dc5":  # transformers' own loader maps 4.x -> 5.x names (small model: fast).
     ref.config.save_pretrained(tmp_path)
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in hf4.items()},
-                                str(tmp_path / "model.safetensors"))
+    safetensors.numpy.save_file(
+      {k: np.ascontiguousarray(v) for k, v in hf4.items()}, str(tmp_path / "model.safetensors")
+    )
     loaded, info = ConditionalDetrForObjectDetection.from_pretrained(
-      tmp_path, output_loading_info=True)
+      tmp_path, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
-    _assert_same_arrays({k: v.numpy() for k, v in loaded.state_dict().items()},
-                        hf_reference.hf_state_dict(ref))
+    _assert_same_arrays(
+      {k: v.numpy() for k, v in loaded.state_dict().items()}, hf_reference.hf_state_dict(ref)
+    )
 
 
 @pytest.mark.parametrize("name", ["r50", "dc5"])
 def test_original_backbone_names_drive_torchvision_resnet_to_the_same_features(
-    request, name, batch):
+  request, name, batch
+):
   """Loads the original-layout backbone weights into the original's own construction
   (torchvision ResNet with replace_stride_with_dilation) and compares features."""
   ref = request.getfixturevalue(name)
   images, pad_mask = batch
   body = _original_backbone(ref.config.dilation)
   prefix = "backbone.0.body."
-  weights = {k[len(prefix):]: torch.from_numpy(v)
-             for k, v in hf_reference.original_state_dict(ref).items() if k.startswith(prefix)}
+  weights = {
+    k[len(prefix) :]: torch.from_numpy(v)
+    for k, v in hf_reference.original_state_dict(ref).items()
+    if k.startswith(prefix)
+  }
   body.load_state_dict(weights, strict=True)
   with torch.no_grad():
     features = body(torch.from_numpy(images).permute(0, 3, 1, 2))["0"]

@@ -19,31 +19,59 @@ ENTRY_POINTS = ("train", "eval", "predict")  # the scripts at the repository roo
 
 # Lowest floor first. A name covers the module or package of that name and everything inside it.
 FLOORS = (
-    ("building blocks", ("conddetr_jax.configs", "conddetr_jax.storage", "conddetr_jax.cli", "conddetr_jax.progress",
-                         "conddetr_jax.visualize", "conddetr_jax.models", "conddetr_jax.data", "conddetr_jax.hardware")),
-    ("criterion", ("conddetr_jax.criterion",)),
-    ("devices and checkpoints", ("conddetr_jax.sharding", "conddetr_jax.checkpoints")),
-    ("evaluation", ("conddetr_jax.evaluation",)),
-    ("training", ("conddetr_jax.training",)),
-    # eval.py's library writes the training run's metrics files.
-    ("running a trained model", ("conddetr_jax.evaluation.checkpoint_eval", "conddetr_jax.inference",
-                                 "conddetr_jax.aot")),
-    # The package's root re-exports the Python API (imported on first use).
-    ("the Python API", ("conddetr_jax",)),
-    # The commands: the scripts (linked into the package), their launchers, and the commands run as
-    # python -m conddetr_jax.<name> (their libraries live in checkpoints/ and data/).
-    ("entry points", ENTRY_POINTS + ("conddetr_jax.commands", "conddetr_jax.convert", "conddetr_jax.find_images",
-                                     "conddetr_jax.inspect_batches")),
+  (
+    "building blocks",
+    (
+      "conddetr_jax.configs",
+      "conddetr_jax.storage",
+      "conddetr_jax.cli",
+      "conddetr_jax.progress",
+      "conddetr_jax.visualize",
+      "conddetr_jax.models",
+      "conddetr_jax.data",
+      "conddetr_jax.hardware",
+    ),
+  ),
+  ("criterion", ("conddetr_jax.criterion",)),
+  ("devices and checkpoints", ("conddetr_jax.sharding", "conddetr_jax.checkpoints")),
+  ("evaluation", ("conddetr_jax.evaluation",)),
+  ("training", ("conddetr_jax.training",)),
+  # eval.py's library writes the training run's metrics files.
+  (
+    "running a trained model",
+    (
+      "conddetr_jax.evaluation.checkpoint_eval",
+      "conddetr_jax.inference",
+      "conddetr_jax.aot",
+      "conddetr_jax.export",
+    ),
+  ),
+  # The package's root re-exports the Python API (imported on first use).
+  ("the Python API", ("conddetr_jax",)),
+  # The commands: the scripts (linked into the package), their launchers, and the commands run as
+  # python -m conddetr_jax.<name> (their libraries live in checkpoints/ and data/).
+  (
+    "entry points",
+    ENTRY_POINTS
+    + (
+      "conddetr_jax.commands",
+      "conddetr_jax.convert",
+      "conddetr_jax.find_images",
+      "conddetr_jax.inspect_batches",
+    ),
+  ),
 )
 
 
 def module_files(repo: str = REPO) -> dict[str, str]:
   """Dotted module name -> file, for the package's modules and the entry-point scripts."""
   files = {name: os.path.join(repo, f"{name}.py") for name in ENTRY_POINTS}
-  for folder, _, names in os.walk(os.path.join(repo, PACKAGE), followlinks=True):  # configs/ is linked in
+  for folder, _, names in os.walk(
+    os.path.join(repo, PACKAGE), followlinks=True
+  ):  # configs/ is linked in
     for name in names:
       if name.endswith(".py"):
-        parts = os.path.relpath(os.path.join(folder, name), repo)[:-len(".py")].split(os.sep)
+        parts = os.path.relpath(os.path.join(folder, name), repo)[: -len(".py")].split(os.sep)
         if parts[-1] == "__init__":
           parts.pop()
         files[".".join(parts)] = os.path.join(folder, name)
@@ -64,9 +92,11 @@ def imported_modules(source: str, module: str, is_package: bool, known: set[str]
       base = node.module or ""
       if node.level:
         anchor = module.split(".")
-        anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+        anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
         base = ".".join(anchor + ([base] if base else []))
-      targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+      targets = [
+        f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names
+      ]
     else:
       continue
     for target in targets:
@@ -110,7 +140,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     path.append(module)
     for target in sorted(graph.get(module, ())):
       if state.get(target) == "open":
-        return path[path.index(target):] + [target]
+        return path[path.index(target) :] + [target]
       if target not in state:
         cycle = visit(target)
         if cycle:
@@ -143,30 +173,42 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_reader_sees_function_level_relative_and_submodule_imports():
   known = {"pkg", "pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c"}
-  source = ("import os\n"
-            "from pkg import a\n"
-            "def f():\n"
-            "  from pkg.sub import c, helper\n"
-            "  import pkg.b.thing\n"
-            "class K:\n"
-            "  def g(self):\n"
-            "    from .. import b\n")
-  assert imported_modules(source, "pkg.sub.x", False, known) == {"pkg.a", "pkg.sub.c", "pkg.sub", "pkg.b"}
+  source = (
+    "import os\n"
+    "from pkg import a\n"
+    "def f():\n"
+    "  from pkg.sub import c, helper\n"
+    "  import pkg.b.thing\n"
+    "class K:\n"
+    "  def g(self):\n"
+    "    from .. import b\n"
+  )
+  assert imported_modules(source, "pkg.sub.x", False, known) == {
+    "pkg.a",
+    "pkg.sub.c",
+    "pkg.sub",
+    "pkg.b",
+  }
   assert imported_modules("from . import c\n", "pkg.sub", True, known) == {"pkg.sub.c"}
 
 
 def test_the_checks_catch_a_circle_and_an_upward_import():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
-  assert upward_imports({"conddetr_jax.evaluation.coco_eval": {"conddetr_jax.training.parallel", "conddetr_jax.data"}}) == [
-      "conddetr_jax.evaluation.coco_eval (evaluation) -> conddetr_jax.training.parallel (training)"]
+  assert upward_imports(
+    {"conddetr_jax.evaluation.coco_eval": {"conddetr_jax.training.parallel", "conddetr_jax.data"}}
+  ) == [
+    "conddetr_jax.evaluation.coco_eval (evaluation) -> conddetr_jax.training.parallel (training)"
+  ]
 
 
 def test_the_graph_is_the_package_s():
   graph = import_graph()
   assert "conddetr_jax.training.loop" in graph and "predict" in graph
   assert "conddetr_jax.evaluation.coco_eval" in graph["conddetr_jax.training.loop"]
-  assert "conddetr_jax.models" in graph["conddetr_jax.checkpoints.convert"]  # imported inside a function
+  assert (
+    "conddetr_jax.models" in graph["conddetr_jax.checkpoints.convert"]
+  )  # imported inside a function
 
 
 # ------------------------------------------------------------------------------ the house
@@ -194,5 +236,7 @@ def test_no_import_runs_up_a_floor(graph):
 
 @pytest.mark.parametrize("floor", range(len(FLOORS)))
 def test_every_floor_names_existing_modules(graph, floor):
-  missing = [n for n in FLOORS[floor][1] if not any(floor_of(m) == floor and m.startswith(n) for m in graph)]
+  missing = [
+    n for n in FLOORS[floor][1] if not any(floor_of(m) == floor and m.startswith(n) for m in graph)
+  ]
   assert not missing, f"floor {FLOORS[floor][0]!r} names modules that do not exist: {missing}"

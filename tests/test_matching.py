@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from scipy import optimize
+import torch
 from transformers.loss import loss_deformable_detr as hf
 
-from configs import default
 from conddetr_jax.criterion import matching
+from configs import default
 
 SOLVERS = ("hungarian", "scipy")
 
@@ -50,7 +50,7 @@ def test_solver_reaches_scipy_optimum(solver, num_queries, num_slots, ties):
     cost = rng.normal(0, 3, shape).astype(np.float32)
   valid = rng.random(shape[:2] + (num_slots,)) < 0.6
   valid[0, 0] = False  # No targets.
-  valid[0, 1] = True   # All slots valid (as many targets as queries when square).
+  valid[0, 1] = True  # All slots valid (as many targets as queries when square).
   _check_optimal(cost, valid, _solve(cost, valid, solver))
 
 
@@ -85,10 +85,11 @@ def test_cost_matrix_is_the_original_formula():
   tgt_boxes = rng.uniform(0.2, 0.6, (2, 4, 4)).astype(np.float32)
   tgt_labels = rng.integers(0, 3, (2, 4))
   valid = np.array([[True, True, False, True], [False] * 4])
-  cost = np.asarray(matching.cost_matrix(logits, boxes, tgt_boxes, tgt_labels, valid,
-                                         _matcher_config()))
+  cost = np.asarray(
+    matching.cost_matrix(logits, boxes, tgt_boxes, tgt_labels, valid, _matcher_config())
+  )
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
-  focal = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p ** 2 * -np.log(1 - p + 1e-8)
+  focal = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p**2 * -np.log(1 - p + 1e-8)
 
   def xyxy(b):
     return np.concatenate([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
@@ -101,8 +102,11 @@ def test_cost_matrix_is_the_original_formula():
         union = np.prod(p1[2:] - p1[:2]) + np.prod(p2[2:] - p2[:2]) - inter
         hull = np.prod(np.maximum(p1[2:], p2[2:]) - np.minimum(p1[:2], p2[:2]))
         giou = inter / union - (hull - union) / hull
-        expected = (2 * focal[b, q, tgt_labels[b, m]]
-                    + 5 * np.abs(boxes[b, q] - tgt_boxes[b, m]).sum() - 2 * giou)
+        expected = (
+          2 * focal[b, q, tgt_labels[b, m]]
+          + 5 * np.abs(boxes[b, q] - tgt_boxes[b, m]).sum()
+          - 2 * giou
+        )
         np.testing.assert_allclose(cost[b, q, m], expected, rtol=1e-5, atol=1e-6)
   assert (cost[~np.broadcast_to(valid[:, None, :], cost.shape)] == 0).all()
 
@@ -122,11 +126,18 @@ def test_all_layers_match_as_hugging_face_matches_each(solver):
   target_index = np.asarray(match(logits, boxes, tgt_boxes, tgt_labels, valid).target_index)
 
   reference = hf.DeformableDetrHungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
-  targets = [{"class_labels": torch.from_numpy(tgt_labels[b][valid[b]]).long(),
-              "boxes": torch.from_numpy(tgt_boxes[b][valid[b]])} for b in range(batch)]
+  targets = [
+    {
+      "class_labels": torch.from_numpy(tgt_labels[b][valid[b]]).long(),
+      "boxes": torch.from_numpy(tgt_boxes[b][valid[b]]),
+    }
+    for b in range(batch)
+  ]
   for layer in range(layers):
-    indices = reference({"logits": torch.from_numpy(logits[layer]),
-                         "pred_boxes": torch.from_numpy(boxes[layer])}, targets)
+    indices = reference(
+      {"logits": torch.from_numpy(logits[layer]), "pred_boxes": torch.from_numpy(boxes[layer])},
+      targets,
+    )
     for b, (query, target) in enumerate(indices):
       expected = np.full(queries, -1)
       expected[query.numpy()] = np.flatnonzero(valid[b])[target.numpy()]

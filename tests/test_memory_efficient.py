@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import r50, test_tiny
 from conddetr_jax import models
 from conddetr_jax.models.attention import block_keep_mask, blockwise_attention
+from configs import r50, test_tiny
 
 
 def _dense_dropout_attention(q, k, v, key_padding_mask, keep, rate):
-  """The original's attention written out: masked logits, softmax, dropout of the weights, times v."""
+  """The original's attention written out: masked logits, softmax, dropout of the weights, times
+  v."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
   logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
   weights = jnp.where(keep, jax.nn.softmax(logits, axis=-1) / (1 - rate), 0.0)
@@ -28,20 +29,37 @@ def test_blockwise_attention_equals_dense_dropout_attention_given_the_same_masks
   # 11 keys in blocks of 4: three blocks, the last one padded; q/k and v widths differ as in the
   # decoder's cross-attention; image 1 has padded keys, image 2 only padded keys (uniform weights).
   batch, len_q, len_k, heads, block, rate = 3, 5, 11, 2, 4, 0.3
-  q, k, v, probe = (jax.random.normal(jax.random.key(i), s) for i, s in enumerate(
-      [(batch, len_q, heads, 6), (batch, len_k, heads, 6), (batch, len_k, heads, 3), (batch, len_q, heads, 3)]))
+  q, k, v, probe = (
+    jax.random.normal(jax.random.key(i), s)
+    for i, s in enumerate(
+      [
+        (batch, len_q, heads, 6),
+        (batch, len_k, heads, 6),
+        (batch, len_k, heads, 3),
+        (batch, len_q, heads, 3),
+      ]
+    )
+  )
   q = 3 * q  # sharp weights: the running max matters
   mask = jnp.zeros((batch, len_k), bool).at[1, 7:].set(True).at[2].set(True)
   rng = jax.random.key(7)
-  keep = jnp.concatenate([block_keep_mask(rng, j, (batch, heads, len_q, block), rate) for j in range(3)],
-                         axis=-1)[..., :len_k]
+  keep = jnp.concatenate(
+    [block_keep_mask(rng, j, (batch, heads, len_q, block), rate) for j in range(3)], axis=-1
+  )[..., :len_k]
 
   def both(q, k, v):
-    outs = (blockwise_attention(q, k, v, mask, block, rate, rng), _dense_dropout_attention(q, k, v, mask, keep, rate))
+    outs = (
+      blockwise_attention(q, k, v, mask, block, rate, rng),
+      _dense_dropout_attention(q, k, v, mask, keep, rate),
+    )
     return tuple(jnp.sum(o * probe) for o in outs), outs
 
-  (_, (blockwise, dense)), (grads_blockwise, grads_dense) = jax.jit(lambda *a: (
-      both(*a), [jax.grad(lambda *x, i=i: both(*x)[0][i], argnums=(0, 1, 2))(*a) for i in range(2)]))(q, k, v)
+  (_, (blockwise, dense)), (grads_blockwise, grads_dense) = jax.jit(
+    lambda *a: (
+      both(*a),
+      [jax.grad(lambda *x, i=i: both(*x)[0][i], argnums=(0, 1, 2))(*a) for i in range(2)],
+    )
+  )(q, k, v)
   assert 0.2 < 1 - float(keep.mean()) < 0.4  # some weights were dropped
   np.testing.assert_allclose(blockwise, dense, rtol=1e-5, atol=1e-6)
   for a, b in zip(grads_blockwise, grads_dense):
@@ -50,12 +68,17 @@ def test_blockwise_attention_equals_dense_dropout_attention_given_the_same_masks
 
 def _max_relative_difference(a, b) -> float:
   """Over the leaves of two pytrees: the largest max |a - b| / max |b| of a leaf."""
-  return max(float(jnp.abs(x - y).max() / jnp.abs(y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(jnp.abs(x - y).max() / jnp.abs(y).max())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _relative_norm_difference(a, b) -> float:
   """|a - b| / |b| with a and b two pytrees taken as one vector each (the L2 norm)."""
-  squares = lambda tree: sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(tree))
+  squares = lambda tree: sum(
+    float(np.sum(np.asarray(x, np.float64) ** 2)) for x in jax.tree.leaves(tree)
+  )
   return (squares(jax.tree.map(jnp.subtract, a, b)) / squares(b)) ** 0.5
 
 
@@ -79,8 +102,13 @@ def _outputs_and_gradients(base_config, images, pad_mask, settings):
 
     def loss(params, model=model, train=train):
       params = {**params, "backbone": variables["params"]["backbone"]}
-      out = model.apply({**variables, "params": params}, images, pad_mask, train=train,
-                        rngs={"dropout": jax.random.key(1)})
+      out = model.apply(
+        {**variables, "params": params},
+        images,
+        pad_mask,
+        train=train,
+        rngs={"dropout": jax.random.key(1)},
+      )
       return jnp.sum(out["pred_logits"] ** 2) + jnp.sum(out["pred_boxes"]), out
 
     fns.append(jax.grad(loss, has_aux=True))
@@ -102,7 +130,8 @@ def _assert_same(a, b):
 
 
 def _tiny_config():
-  """configs/test_tiny.py with its backbone stopped after layer2 (stride 8: more tokens, less compile)."""
+  """configs/test_tiny.py with its backbone stopped after layer2 (stride 8: more tokens, less
+  compile)."""
   config = test_tiny.get_config()
   config.model.backbone_num_stages = 2
   return config
@@ -112,9 +141,17 @@ def test_tiny_model_is_the_same_with_remat_and_with_blockwise_attention():
   # 64x72 images at stride 8: 8x9 tokens, which the blockwise attention takes in five blocks of 16.
   images = jax.random.normal(jax.random.key(2), (2, 64, 72, 3))
   pad_mask = jnp.zeros((2, 64, 72), bool).at[1, :, 40:].set(True)
-  dense_train, layer_train, dense_eval, blockwise_eval = _outputs_and_gradients(_tiny_config, images, pad_mask, [
-      (dict(), True), (dict(remat="layer"), True), (dict(), False),
-      (dict(attention="blockwise", attention_block_size=16, remat="attention"), False)])
+  dense_train, layer_train, dense_eval, blockwise_eval = _outputs_and_gradients(
+    _tiny_config,
+    images,
+    pad_mask,
+    [
+      (dict(), True),
+      (dict(remat="layer"), True),
+      (dict(), False),
+      (dict(attention="blockwise", attention_block_size=16, remat="attention"), False),
+    ],
+  )
   _assert_same(layer_train, dense_train)  # dropout on: the recomputed layers draw the same masks
   # Blockwise attention draws its dropout masks per key block (the attention-level test above shows
   # that with the same masks it is the dense attention), so the model is compared without dropout.
@@ -123,7 +160,8 @@ def test_tiny_model_is_the_same_with_remat_and_with_blockwise_attention():
 
 def _r50_two_layer_config():
   """configs/r50.py with 2 encoder and 2 decoder layers: each setting acts layer by layer, and two
-  of each cover a layer fed by another and the decoder's first layer, which differs from the rest."""
+  of each cover a layer fed by another and the decoder's first layer, which differs from the
+  rest."""
   config = r50.get_config()
   config.model.enc_layers = config.model.dec_layers = 2
   return config
@@ -135,9 +173,14 @@ def test_r50_is_the_same_with_remat_and_with_blockwise_attention():
   # self-attention is one block; the recipe's widths (256 wide, 8 heads, 2048 feed-forward).
   images = jax.random.normal(jax.random.key(2), (1, 128, 160, 3))
   pad_mask = jnp.zeros((1, 128, 160), bool).at[0, 96:].set(True)
-  settings = [(dict(), True), (dict(remat="attention"), True), (dict(), False),
-              (dict(attention="blockwise", attention_block_size=8, remat="layer"), False)]
+  settings = [
+    (dict(), True),
+    (dict(remat="attention"), True),
+    (dict(), False),
+    (dict(attention="blockwise", attention_block_size=8, remat="layer"), False),
+  ]
   dense_train, attention_train, dense_eval, blockwise_eval = _outputs_and_gradients(
-      _r50_two_layer_config, images, pad_mask, settings)
+    _r50_two_layer_config, images, pad_mask, settings
+  )
   _assert_same(attention_train, dense_train)
   _assert_same(blockwise_eval, dense_eval)

@@ -1,4 +1,5 @@
-"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, three-stage backbones, config errors."""
+"""The Flax model's structure: frozen parts, compilation, mask resizing, DC5, three-stage backbones,
+config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,17 +9,28 @@ import torch
 import torch.nn.functional as F
 import torchvision  # after tests/conftest.py declared the ops a CUDA torchvision wheel cannot load
 
-from configs import default
 from conddetr_jax import models
 from conddetr_jax.checkpoints import convert
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask
+from configs import default
 
 
 def tiny_config(**model_overrides):
   config = default.get_config()
-  config.model.update(dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-                           dim_feedforward=64, num_queries=8, num_classes=5, dropout=0.0))
+  config.model.update(
+    dict(
+      backbone="resnet18",
+      hidden_dim=32,
+      nheads=4,
+      enc_layers=1,
+      dec_layers=2,
+      dim_feedforward=64,
+      num_queries=8,
+      num_classes=5,
+      dropout=0.0,
+    )
+  )
   config.model.update(model_overrides)
   return config
 
@@ -27,8 +39,8 @@ def _inputs(batch=2, h=64, w=96):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(batch, h, w, 3)), jnp.float32)
   pad_mask = np.zeros((batch, h, w), bool)
-  pad_mask[-1, h - 16:, :] = True
-  pad_mask[-1, :, w - 32:] = True
+  pad_mask[-1, h - 16 :, :] = True
+  pad_mask[-1, :, w - 32 :] = True
   return images, jnp.asarray(pad_mask)
 
 
@@ -57,7 +69,8 @@ def test_stem_and_layer1_get_exactly_zero_gradient_and_the_rest_does_not():
   assert all(np.any(np.asarray(g) != 0) for g in trained)
   # Frozen BatchNorm tensors are not parameters at all.
   assert "batch_stats" in variables and not any(
-      "bn" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+    "bn" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+  )
 
 
 def test_group_norm_backbone_trains_everything_and_starts_each_block_as_the_identity():
@@ -70,7 +83,9 @@ def test_group_norm_backbone_trains_everything_and_starts_each_block_as_the_iden
   assert "frozen" not in jax.tree_util.tree_leaves(labels)
   backbone = variables["params"]["backbone"]
   convs = 1 + 2 * 2 + 3 * (2 * 2 + 1)  # stem, layer1, layer2-4 (with their 1x1 shortcuts)
-  assert len(jax.tree_util.tree_leaves(grads["backbone"])) == convs * 3  # conv kernel, norm scale, norm bias
+  assert (
+    len(jax.tree_util.tree_leaves(grads["backbone"])) == convs * 3
+  )  # conv kernel, norm scale, norm bias
   # While the norm ending a residual branch has a zero scale (at init), the layers before it in
   # the branch get no gradient; the stem, the shortcuts and that norm itself do.
   for path, g in jax.tree_util.tree_leaves_with_path(grads["backbone"]):
@@ -101,9 +116,14 @@ def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
     return leaf * rng.uniform(0.5, 2.0, out_channels) + rng.normal(0, 0.1, out_channels)
 
   perturbed = jax.tree_util.tree_map_with_path(perturb, variables)
-  # A block's branch starts switched off (its last norm's scale is 0): switch them on to see the convs.
+  # A block's branch starts switched off (its last norm's scale is 0): switch them on to see the
+  # convs.
   on = lambda tree: jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.ones_like(leaf) if path[-2].key == "bn2" and path[-1].key == "scale" else leaf, tree)
+    lambda path, leaf: (
+      jnp.ones_like(leaf) if path[-2].key == "bn2" and path[-1].key == "scale" else leaf
+    ),
+    tree,
+  )
   before = backbone.apply(on(variables), images)
   after = backbone.apply(on(perturbed), images)
   if norm == "group_norm_ws":
@@ -114,9 +134,15 @@ def test_weight_standardised_convs_ignore_each_kernels_scale_and_offset(norm):
 
 def test_weight_standardised_backbone_has_the_group_norm_params():
   images, _ = _inputs()
-  shapes = {norm: jax.tree.map(jnp.shape, jax.eval_shape(ResNet("resnet18", norm=norm, num_stages=3).init,
-                                                        jax.random.PRNGKey(0), images))
-            for norm in ("group_norm", "group_norm_ws")}
+  shapes = {
+    norm: jax.tree.map(
+      jnp.shape,
+      jax.eval_shape(
+        ResNet("resnet18", norm=norm, num_stages=3).init, jax.random.PRNGKey(0), images
+      ),
+    )
+    for norm in ("group_norm", "group_norm_ws")
+  }
   assert shapes["group_norm"] == shapes["group_norm_ws"]
 
 
@@ -139,26 +165,48 @@ def test_model_compiles_once_per_input_shape():
   assert traces == [(2, 64, 96, 3), (2, 96, 64, 3)]
 
 
-@pytest.mark.parametrize("in_size,out_size", [((800, 1216), (25, 38)), ((810, 1201), (26, 38)),
-                                              ((97, 131), (4, 5)), ((65, 64), (3, 2))])
+@pytest.mark.parametrize(
+  "in_size,out_size",
+  [((800, 1216), (25, 38)), ((810, 1201), (26, 38)), ((97, 131), (4, 5)), ((65, 64), (3, 2))],
+)
 def test_mask_downsampling_matches_torch_nearest_interpolation(in_size, out_size):
   rng = np.random.default_rng(1)
   mask = rng.random((2, *in_size)) < 0.5
-  expected = torch.nn.functional.interpolate(torch.from_numpy(mask)[None].float(), size=out_size)[0].bool().numpy()
+  expected = (
+    torch.nn.functional.interpolate(torch.from_numpy(mask)[None].float(), size=out_size)[0]
+    .bool()
+    .numpy()
+  )
   np.testing.assert_array_equal(np.asarray(downsample_mask(jnp.asarray(mask), out_size)), expected)
 
 
-@pytest.mark.parametrize("backbone,dilation,stages,stride,channels", [
-    ("resnet18", False, 4, 32, 512), ("resnet34", False, 4, 32, 512), ("resnet18", True, 4, 16, 512),
+@pytest.mark.parametrize(
+  "backbone,dilation,stages,stride,channels",
+  [
+    ("resnet18", False, 4, 32, 512),
+    ("resnet34", False, 4, 32, 512),
+    ("resnet18", True, 4, 16, 512),
     ("resnet34", True, 4, 16, 512),
-    ("resnet50", False, 4, 32, 2048), ("resnet50", True, 4, 16, 2048), ("resnet101", True, 4, 16, 2048),
-    ("resnet18", False, 3, 16, 256), ("resnet18", True, 3, 8, 256), ("resnet50", False, 3, 16, 1024),
-    ("resnet18", False, 2, 8, 128), ("resnet50", False, 2, 8, 512)])
+    ("resnet50", False, 4, 32, 2048),
+    ("resnet50", True, 4, 16, 2048),
+    ("resnet101", True, 4, 16, 2048),
+    ("resnet18", False, 3, 16, 256),
+    ("resnet18", True, 3, 8, 256),
+    ("resnet50", False, 3, 16, 1024),
+    ("resnet18", False, 2, 8, 128),
+    ("resnet50", False, 2, 8, 512),
+  ],
+)
 def test_backbone_output_stride_and_channels(backbone, dilation, stages, stride, channels):
-  model = models.build_model(tiny_config(backbone=backbone, dilation=dilation, backbone_num_stages=stages))
+  model = models.build_model(
+    tiny_config(backbone=backbone, dilation=dilation, backbone_num_stages=stages)
+  )
   images, pad_mask = _inputs(batch=1, h=97, w=130)  # not multiples of the stride: ceil division
-  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), images, pad_mask,
-                                                         mutable=["params", "batch_stats", "intermediates"]))
+  shapes = jax.eval_shape(
+    lambda: model.init_with_output(
+      jax.random.PRNGKey(0), images, pad_mask, mutable=["params", "batch_stats", "intermediates"]
+    )
+  )
   features = shapes[1]["intermediates"]["backbone_features"][0]
   assert features.shape == (1, -(-97 // stride), -(-130 // stride), channels)
 
@@ -173,7 +221,9 @@ def test_r50_has_the_originals_parameter_count():
   assert 43.0e6 < count + bn < 44.0e6
 
 
-@pytest.mark.parametrize("overrides,field", [
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
     (dict(backbone="resnet152"), "config.model.backbone"),
     (dict(dtype="float16"), "config.model.dtype"),
     (dict(backbone_norm="batch_norm"), "config.model.backbone_norm"),
@@ -182,7 +232,9 @@ def test_r50_has_the_originals_parameter_count():
     (dict(hidden_dim=30, nheads=4), "config.model.hidden_dim"),
     (dict(attention="flash"), "config.model.attention"),
     (dict(remat="full"), "config.model.remat"),
-    (dict(attention_block_size=0), "config.model.attention_block_size")])
+    (dict(attention_block_size=0), "config.model.attention_block_size"),
+  ],
+)
 def test_bad_model_config_names_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     models.build_model(tiny_config(**overrides))
@@ -223,7 +275,8 @@ def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
   leaves, treedef = jax.tree.flatten(variables["batch_stats"])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   variables["batch_stats"] = jax.tree.unflatten(
-      treedef, [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5) for k, x in zip(keys, leaves)])
+    treedef, [jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5) for k, x in zip(keys, leaves)]
+  )
   actual = np.asarray(model.apply(variables, images))
   expected = _torch_resnet18_dc5(variables, images)
   assert actual.shape == expected.shape == (1, 5, 6, 512)
@@ -231,14 +284,17 @@ def test_dc5_resnet18_matches_a_torch_dilated_resnet18():
   np.testing.assert_allclose(actual, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
 
-@pytest.mark.parametrize("arch,dilation,stages", [("resnet18", False, 3), ("resnet50", True, 3), ("resnet18", False, 2)])
+@pytest.mark.parametrize(
+  "arch,dilation,stages", [("resnet18", False, 3), ("resnet50", True, 3), ("resnet18", False, 2)]
+)
 def test_shortened_backbone_is_torchvision_resnet_up_to_its_last_stage(arch, dilation, stages):
   """A torchvision ImageNet-layout ResNet (layer4 and fc included) initialises a backbone that
   stops after layer3 or layer2, whose features are torchvision's output of that stage (dilated:
   layer3 with replace_stride_with_dilation, stride 8)."""
   torch.manual_seed(0)
   resnet = getattr(torchvision.models, arch)(
-      weights=None, replace_stride_with_dilation=[False, dilation, False] if dilation else None).eval()
+    weights=None, replace_stride_with_dilation=[False, dilation, False] if dilation else None
+  ).eval()
   with torch.no_grad():  # random statistics, so every BatchNorm is visible in the output
     for module in resnet.modules():
       if isinstance(module, torch.nn.BatchNorm2d):
@@ -250,10 +306,15 @@ def test_shortened_backbone_is_torchvision_resnet_up_to_its_last_stage(arch, dil
   variables = convert.from_torch({k: v.numpy() for k, v in resnet.state_dict().items()}, config)
   images = np.random.default_rng(3).normal(size=(1, 72, 104, 3)).astype(np.float32)
   actual = ResNet(arch, dilation, num_stages=stages).apply(
-      {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}, images)
+    {
+      "params": variables["params"]["backbone"],
+      "batch_stats": variables["batch_stats"]["backbone"],
+    },
+    images,
+  )
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")[:4 + stages]:
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")[: 4 + stages]:
       x = getattr(resnet, name)(x)
   expected = x.permute(0, 2, 3, 1).numpy()
   stride = 2 ** (stages + 1) // (2 if dilation else 1)
@@ -287,9 +348,18 @@ def test_detr_baseline_decoder_shares_everything_but_the_decoder():
     assert np.all((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1))
     shapes[decoder] = jax.tree_util.tree_map(lambda x: x.shape, variables["params"])
   conditional, detr = shapes["conditional"], shapes["detr"]
-  assert {k: v for k, v in conditional.items() if k != "decoder"} == {k: v for k, v in detr.items() if k != "decoder"}
+  assert {k: v for k, v in conditional.items() if k != "decoder"} == {
+    k: v for k, v in detr.items() if k != "decoder"
+  }
   assert "ref_point_head" in conditional["decoder"] and "ref_point_head" not in detr["decoder"]
-  assert set(detr["decoder"]["layers_0"]) == {"self_attn", "multihead_attn", "ffn", "norm1", "norm2", "norm3"}
+  assert set(detr["decoder"]["layers_0"]) == {
+    "self_attn",
+    "multihead_attn",
+    "ffn",
+    "norm1",
+    "norm2",
+    "norm3",
+  }
 
 
 def test_inverse_sigmoid_clamps_as_the_original_and_keeps_saturated_gradients_finite():

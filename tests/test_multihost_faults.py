@@ -25,7 +25,14 @@ import pytest
 
 from conddetr_jax.training import checkpoint, lost_host
 from tests import conftest
-from tests.test_training_e2e import EVERY_PROCESS_CACHES, TOTAL_STEPS, Runs, _free_port, _records, _train_records
+from tests.test_training_e2e import (
+  EVERY_PROCESS_CACHES,
+  TOTAL_STEPS,
+  Runs,
+  _free_port,
+  _records,
+  _train_records,
+)
 
 # Short, so a lost host is noticed quickly here; generous against false alarms on a loaded machine.
 HEARTBEAT_TIMEOUT_S = 15
@@ -41,7 +48,9 @@ _LAUNCHES = itertools.count()
 class Pair:
   """The two processes of one multi-host train.py run, their output going to files."""
 
-  def __init__(self, runs: Runs, workdir, *extra: str, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S):
+  def __init__(
+    self, runs: Runs, workdir, *extra: str, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S
+  ):
     self.workdir = workdir
     address = f"127.0.0.1:{_free_port()}"
     env = dict(runs.env, XLA_FLAGS=conftest.cpu_devices_xla_flags(2))
@@ -50,11 +59,27 @@ class Pair:
     self.procs = []
     for i, log in enumerate(self.logs):
       with open(log, "w", encoding="utf-8") as out:
-        self.procs.append(subprocess.Popen(
-            [sys.executable, EVERY_PROCESS_CACHES, "train.py", *runs.flags, f"--workdir={workdir}", "--config.model.dropout=0.0",
-             f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-             f"--heartbeat_timeout_s={heartbeat_timeout_s}", *extra],
-            cwd=runs.env["PYTHONPATH"], env=env, stdout=out, stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(
+            [
+              sys.executable,
+              EVERY_PROCESS_CACHES,
+              "train.py",
+              *runs.flags,
+              f"--workdir={workdir}",
+              "--config.model.dropout=0.0",
+              f"--coordinator_address={address}",
+              "--num_processes=2",
+              f"--process_id={i}",
+              f"--heartbeat_timeout_s={heartbeat_timeout_s}",
+              *extra,
+            ],
+            cwd=runs.env["PYTHONPATH"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
 
   def output(self, i: int) -> str:
     with open(self.logs[i], encoding="utf-8", errors="replace") as f:
@@ -65,7 +90,9 @@ class Pair:
       return self.procs[i].wait(timeout=timeout)
     except subprocess.TimeoutExpired:
       self.kill()
-      raise AssertionError(f"process {i} still running after {timeout} s:\n{self.output(i)[-5000:]}")
+      raise AssertionError(
+        f"process {i} still running after {timeout} s:\n{self.output(i)[-5000:]}"
+      )
 
   def finish(self) -> list[int]:
     return [self.wait(i) for i in range(2)]
@@ -77,12 +104,17 @@ class Pair:
       ended = [p.poll() for p in self.procs]
       if any(code is not None for code in ended) or time.time() > deadline:
         self.kill()
-        raise AssertionError(f"no {what} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}")
+        raise AssertionError(
+          f"no {what} (exit codes {ended}):\n{self.output(0)[-5000:]}\n{self.output(1)[-5000:]}"
+        )
       time.sleep(0.05)
 
   def wait_for_step(self, step: int, after: int = 0) -> None:
-    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records ``after:``."""
-    self.wait_until(lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}")
+    """Until process 0 (which writes metrics.jsonl) has logged ``step`` or later among records
+    ``after:``."""
+    self.wait_until(
+      lambda: any(r["step"] >= step for r in _train_records(self.workdir)[after:]), f"step {step}"
+    )
 
   def hold_back(self, i: int, seconds: float, once_logged: str) -> None:
     """Stops process ``i`` for ``seconds`` as soon as process 0 has logged ``once_logged``, so that
@@ -157,15 +189,18 @@ def _finish(runs: Runs, workdir, *extra: str) -> int:
 
 
 @pytest.mark.slow
-def test_pmap_over_two_processes_stopped_by_sigterm_to_both_logs_the_losses_of_jit(runs, reference, tmp_path):
+def test_pmap_over_two_processes_stopped_by_sigterm_to_both_logs_the_losses_of_jit(
+  runs, reference, tmp_path
+):
   workdir = tmp_path / "pmap"
   stopped = _sigterm(Pair(runs, workdir, "--config.parallel=pmap"), targets=(0, 1))
   assert _finish(runs, workdir, "--config.parallel=pmap") == stopped
   train = _train_records(workdir)
   assert [r["step"] for r in train] == list(range(1, TOTAL_STEPS + 1))
   # The same updates as jit with dropout off; reductions run in another order.
-  np.testing.assert_allclose([r["loss"] for r in train], [reference[s] for s in range(1, TOTAL_STEPS + 1)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [r["loss"] for r in train], [reference[s] for s in range(1, TOTAL_STEPS + 1)], rtol=1e-5
+  )
 
 
 def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) -> str:
@@ -181,9 +216,11 @@ def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) 
   took = time.time() - killed_at
   pair.kill()
   out = pair.output(survivor)
-  assert code == 75, out[-5000:]  # the README's documented exit code, not whatever the constant says
+  assert code == 75, out[
+    -5000:
+  ]  # the README's documented exit code, not whatever the constant says
   assert took < STOP_BOUND_S, f"stopped {took:.0f} s after the SIGKILL"
-  message = out[out.index("LOST HOST"):]
+  message = out[out.index("LOST HOST") :]
   assert f"process {survivor} of 2 is stopping" in message
   assert f"the last complete checkpoint is step {_latest_checkpoint(workdir)} in " in message
   assert "Rerun the same command on every host" in message
@@ -192,8 +229,9 @@ def _kill_and_check_survivor(runs: Runs, workdir, victim: int, after_step: int) 
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_then_sigkill_of_each_stop_both_and_every_restart_resumes_with_the_same_losses(
-    runs, reference, tmp_path):
+def test_sigterm_to_one_process_then_sigkill_of_each_stop_both_and_every_restart_resumes_with_the_same_losses(  # noqa: E501
+  runs, reference, tmp_path
+):
   workdir = tmp_path / "faults"
   # SIGTERM to process 1 (not the one that writes metrics): both save one same step and stop.
   stopped = _sigterm(Pair(runs, workdir), targets=(1,))
@@ -221,13 +259,17 @@ def test_sigterm_to_one_process_then_sigkill_of_each_stop_both_and_every_restart
 
 
 def test_lost_host_message_names_the_lost_process_the_checkpoint_and_what_to_do():
-  coordinator_gone = lost_host.lost_host_message(2, 4, "10.0.0.1:1234", False, "/runs/a/checkpoints", 6000)
+  coordinator_gone = lost_host.lost_host_message(
+    2, 4, "10.0.0.1:1234", False, "/runs/a/checkpoints", 6000
+  )
   assert "process 2 of 4 is stopping: process 0 was lost" in coordinator_gone
   assert "10.0.0.1:1234" in coordinator_gone
   assert "the last complete checkpoint is step 6000 in /runs/a/checkpoints" in coordinator_gone
   assert "Rerun the same command on every host" in coordinator_gone
   other_gone = lost_host.lost_host_message(0, 4, "10.0.0.1:1234", True, "/runs/a/checkpoints", None)
-  assert "another process of the run was lost" in other_gone and "process 0 was lost" not in other_gone
+  assert (
+    "another process of the run was lost" in other_gone and "process 0 was lost" not in other_gone
+  )
   assert "no complete checkpoint yet in /runs/a/checkpoints" in other_gone
   assert len(other_gone.strip().splitlines()) == 3
 
@@ -236,10 +278,15 @@ def test_every_process_of_a_test_run_writes_the_compilation_cache_as_process_0_w
   # The multi-host runs above start train.py through tests/every_process_caches.py; should JAX
   # rename what it wraps, this fails rather than the suite silently compiling twice as much.
   from jax._src import compiler, distributed  # pylint: disable=g-import-not-at-top
+
   from tests import every_process_caches  # pylint: disable=g-import-not-at-top
+
   writers = []
-  monkeypatch.setattr(compiler, "_cache_write", lambda *args, **kwargs: writers.append(
-      distributed.global_state.process_id))
+  monkeypatch.setattr(
+    compiler,
+    "_cache_write",
+    lambda *args, **kwargs: writers.append(distributed.global_state.process_id),
+  )
   monkeypatch.setattr(distributed.global_state, "process_id", 1)
   every_process_caches.let_every_process_write_the_cache()
   compiler._cache_write("key", 1.0, "jit_step", None, None, [])  # pylint: disable=protected-access

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from configs import default
 from conddetr_jax import models
 from conddetr_jax.checkpoints import convert
 from conddetr_jax.criterion import losses
 from conddetr_jax.models.backbone import ResNet
+from configs import default
 from tests import hf_reference
 
 LOGITS_ATOL = 1e-4
@@ -53,6 +53,7 @@ def make_config(dilation=False, dtype="float32"):
   config = default.get_config()
   config.model.dilation = dilation
   config.model.dropout = 0.0
+  config.model.mask_padding = "never"  # the original's padded forward, which the reference runs
   config.model.dtype = dtype
   return config
 
@@ -86,7 +87,9 @@ def compiled_forward(dilation, dtype, inject_features):
         return features
       return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(use_given_features if inject_features else lambda f, a, k, c: f(*a, **k)):
+    with nn.intercept_methods(
+      use_given_features if inject_features else lambda f, a, k, c: f(*a, **k)
+    ):
       return model.apply(variables, images, pad_mask, mutable=["intermediates"])
 
   return jax.jit(forward)
@@ -94,8 +97,12 @@ def compiled_forward(dilation, dtype, inject_features):
 
 def run_flax(variables, images, pad_mask, *, dilation=False, dtype="float32", features=None):
   forward = compiled_forward(dilation, dtype, features is not None)
-  out, state = forward(variables, jnp.asarray(images), jnp.asarray(pad_mask),
-                       None if features is None else jnp.asarray(features))
+  out, state = forward(
+    variables,
+    jnp.asarray(images),
+    jnp.asarray(pad_mask),
+    None if features is None else jnp.asarray(features),
+  )
   ours = {k: np.asarray(v[0], np.float32) for k, v in state["intermediates"].items()}
   ours["pred_logits"] = np.asarray(out["pred_logits"])
   ours["pred_boxes"] = np.asarray(out["pred_boxes"])
@@ -111,23 +118,42 @@ def assert_close(ours, ref, name, atol):
 @pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50_dc5"])
 def test_backbone_matches_reference_to_float32_rounding(dilation):
   images, _, ref = reference_outputs(dilation, "odd_size")
-  variables = convert.from_torch(hf_reference.original_state_dict(reference(dilation)), make_config(dilation))
+  variables = convert.from_torch(
+    hf_reference.original_state_dict(reference(dilation)), make_config(dilation)
+  )
   backbone = ResNet("resnet50", dilation)
-  features = jax.jit(backbone.apply)({"params": variables["params"]["backbone"],
-                                      "batch_stats": variables["batch_stats"]["backbone"]}, images)
+  features = jax.jit(backbone.apply)(
+    {
+      "params": variables["params"]["backbone"],
+      "batch_stats": variables["batch_stats"]["backbone"],
+    },
+    images,
+  )
   stride = 16 if dilation else 32
   assert features.shape == (2, -(-97 // stride), -(-131 // stride), 2048)
   scale = np.abs(ref["backbone_features"]).max()
-  assert_close(np.asarray(features), ref["backbone_features"], "backbone_features", BACKBONE_RTOL * scale)
+  assert_close(
+    np.asarray(features), ref["backbone_features"], "backbone_features", BACKBONE_RTOL * scale
+  )
 
 
-@pytest.mark.parametrize("dilation,case,layout", [
-    (False, "multiple_of_32", "original"), (False, "odd_size", "original"), (True, "odd_size", "original"),
-    (False, "multiple_of_32", "hf5"), (False, "multiple_of_32", "hf4")])
+@pytest.mark.parametrize(
+  "dilation,case,layout",
+  [
+    (False, "multiple_of_32", "original"),
+    (False, "odd_size", "original"),
+    (True, "odd_size", "original"),
+    (False, "multiple_of_32", "hf5"),
+    (False, "multiple_of_32", "hf4"),
+  ],
+)
 def test_detector_on_reference_backbone_features_matches_reference(dilation, case, layout):
   images, pad_mask, ref = reference_outputs(dilation, case)
-  export = {"original": hf_reference.original_state_dict, "hf5": hf_reference.hf_state_dict,
-            "hf4": hf_reference.hf_state_dict_on_disk}[layout]
+  export = {
+    "original": hf_reference.original_state_dict,
+    "hf5": hf_reference.hf_state_dict,
+    "hf4": hf_reference.hf_state_dict_on_disk,
+  }[layout]
   variables = convert.from_torch(export(reference(dilation)), make_config(dilation))
   ours = run_flax(variables, images, pad_mask, dilation=dilation, features=ref["backbone_features"])
   np.testing.assert_array_equal(ours["feature_mask"].astype(bool), ref["feature_mask"])
@@ -137,8 +163,12 @@ def test_detector_on_reference_backbone_features_matches_reference(dilation, cas
   assert_close(ours["memory"], ref["memory"], "memory", 1e-4)
   assert_close(ours["decoder_hidden"], ref["decoder_hidden"], "decoder_hidden", 1e-4)
   assert_close(ours["reference_points"], ref["reference_points"], "reference_points", 1e-6)
-  for name, atol in [("pred_logits", LOGITS_ATOL), ("aux_logits", LOGITS_ATOL),
-                     ("pred_boxes", BOXES_ATOL), ("aux_boxes", BOXES_ATOL)]:
+  for name, atol in [
+    ("pred_logits", LOGITS_ATOL),
+    ("aux_logits", LOGITS_ATOL),
+    ("pred_boxes", BOXES_ATOL),
+    ("aux_boxes", BOXES_ATOL),
+  ]:
     assert_close(ours[name], ref[name], name, atol)
 
 
@@ -146,21 +176,34 @@ def test_whole_model_matches_reference_end_to_end():
   images, pad_mask, ref = reference_outputs(False, "odd_size")
   variables = convert.from_torch(hf_reference.original_state_dict(reference(False)), make_config())
   ours = run_flax(variables, images, pad_mask)
-  for name, atol in [("pred_logits", END_TO_END_LOGITS_ATOL), ("aux_logits", END_TO_END_LOGITS_ATOL),
-                     ("pred_boxes", END_TO_END_BOXES_ATOL), ("aux_boxes", END_TO_END_BOXES_ATOL)]:
+  for name, atol in [
+    ("pred_logits", END_TO_END_LOGITS_ATOL),
+    ("aux_logits", END_TO_END_LOGITS_ATOL),
+    ("pred_boxes", END_TO_END_BOXES_ATOL),
+    ("aux_boxes", END_TO_END_BOXES_ATOL),
+  ]:
     assert_close(ours[name], ref[name], name, atol)
 
 
 def test_checkpoint_files_load_as_the_original_and_hf_write_them(tmp_path):
   """The original's {'model': ..., 'args': Namespace} .pth, HF's .safetensors and .bin."""
   from safetensors.numpy import save_file
+
   ref = reference(False)
   original = hf_reference.original_state_dict(ref)
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in original.items()},
-              "args": argparse.Namespace(lr=1e-4), "epoch": 49}, tmp_path / "conddetr_r50.pth")
+  torch.save(
+    {
+      "model": {k: torch.from_numpy(v) for k, v in original.items()},
+      "args": argparse.Namespace(lr=1e-4),
+      "epoch": 49,
+    },
+    tmp_path / "conddetr_r50.pth",
+  )
   save_file(hf_reference.hf_state_dict_on_disk(ref), str(tmp_path / "model.safetensors"))
-  torch.save({k: torch.from_numpy(v) for k, v in hf_reference.hf_state_dict(ref).items()},
-             tmp_path / "pytorch_model.bin")
+  torch.save(
+    {k: torch.from_numpy(v) for k, v in hf_reference.hf_state_dict(ref).items()},
+    tmp_path / "pytorch_model.bin",
+  )
   from_dict = convert.from_torch(original, make_config())
   for name in ("conddetr_r50.pth", "model.safetensors", "pytorch_model.bin"):
     loaded = convert.from_torch(tmp_path / name, make_config())
@@ -170,7 +213,7 @@ def test_checkpoint_files_load_as_the_original_and_hf_write_them(tmp_path):
 def test_torchvision_imagenet_backbone_initialises_the_backbone_only():
   original = hf_reference.original_state_dict(reference(False))
   prefix = "backbone.0.body."
-  torchvision_sd = {k[len(prefix):]: v for k, v in original.items() if k.startswith(prefix)}
+  torchvision_sd = {k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix)}
   torchvision_sd["fc.weight"] = np.zeros((1000, 2048), np.float32)
   torchvision_sd["fc.bias"] = np.zeros((1000,), np.float32)
   config = make_config()
@@ -178,9 +221,13 @@ def test_torchvision_imagenet_backbone_initialises_the_backbone_only():
   loaded = convert.from_torch(torchvision_sd, config, variables=init)
   full = convert.from_torch(original, config)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["batch_stats"], full["batch_stats"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["params"]["backbone"], full["params"]["backbone"])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, loaded["params"]["backbone"], full["params"]["backbone"]
+  )
   for name in ("encoder", "decoder", "class_embed", "query_embed"):
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["params"][name], init["params"][name])
+    jax.tree_util.tree_map(
+      np.testing.assert_array_equal, loaded["params"][name], init["params"][name]
+    )
 
 
 def test_class_count_mismatch_is_an_error_unless_the_class_head_is_skipped(caplog):
@@ -190,13 +237,19 @@ def test_class_count_mismatch_is_an_error_unless_the_class_head_is_skipped(caplo
   with pytest.raises(convert.CheckpointMismatchError, match="skip_class_head"):
     convert.from_torch(original, config)
   config.init.skip_class_head = True
-  # The 3-class model's fresh variables: R50's with a 3-class head (R50's init compiles in a minute).
+  # The 3-class model's fresh variables: R50's with a 3-class head (R50's init compiles in a
+  # minute).
   rng = np.random.default_rng(0)
-  head = {"kernel": rng.normal(size=(256, 3)).astype(np.float32), "bias": rng.normal(size=3).astype(np.float32)}
+  head = {
+    "kernel": rng.normal(size=(256, 3)).astype(np.float32),
+    "bias": rng.normal(size=3).astype(np.float32),
+  }
   init = {**r50_init(), "params": {**r50_init()["params"], "class_embed": head}}
   variables = convert.from_torch(original, config, variables=init)
   assert variables["params"]["class_embed"]["kernel"].shape == (256, 3)
-  np.testing.assert_array_equal(variables["params"]["class_embed"]["bias"], init["params"]["class_embed"]["bias"])
+  np.testing.assert_array_equal(
+    variables["params"]["class_embed"]["bias"], init["params"]["class_embed"]["bias"]
+  )
   assert "class_embed.weight" in caplog.text
 
 
@@ -221,7 +274,9 @@ def test_bfloat16_compute_is_finite_and_stays_near_the_float32_reference():
   variables = convert.from_torch(hf_reference.original_state_dict(reference(False)), make_config())
   relative = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
   end_to_end = run_flax(variables, images, pad_mask, dtype="bfloat16")
-  given_features = run_flax(variables, images, pad_mask, dtype="bfloat16", features=ref["backbone_features"])
+  given_features = run_flax(
+    variables, images, pad_mask, dtype="bfloat16", features=ref["backbone_features"]
+  )
   for ours in (end_to_end, given_features):
     for name in ("pred_logits", "pred_boxes", "aux_logits", "aux_boxes"):
       assert np.all(np.isfinite(ours[name])), name
@@ -235,7 +290,10 @@ def _grad_tree_from_torch(ref: hf_reference.Reference, config) -> dict:
   weight replaced by its ``.grad`` goes through the checkpoint converter (whose renaming, splits
   and transposes are permutations, so gradients map exactly as weights do)."""
   grads = {name: p.grad for name, p in ref.model.named_parameters() if p.grad is not None}
-  state = {k: (grads[k] if k in grads else v).detach().numpy().copy() for k, v in ref.model.state_dict().items()}
+  state = {
+    k: (grads[k] if k in grads else v).detach().numpy().copy()
+    for k, v in ref.model.state_dict().items()
+  }
   return convert.from_torch(state, config)["params"]
 
 
@@ -248,14 +306,23 @@ def test_loss_gradients_match_reference_autograd():
   images, pad_mask, ref_out = reference_outputs(False, "multiple_of_32")
   rng = np.random.default_rng(5)
   valid = np.array([[True, True, True, False], [True, True, False, False]])
-  boxes = np.concatenate([rng.uniform(0.25, 0.75, (2, 4, 2)), rng.uniform(0.1, 0.4, (2, 4, 2))], -1).astype(np.float32)
+  boxes = np.concatenate(
+    [rng.uniform(0.25, 0.75, (2, 4, 2)), rng.uniform(0.1, 0.4, (2, 4, 2))], -1
+  ).astype(np.float32)
   labels = rng.integers(1, 91, (2, 4)).astype(np.int32)
 
   ref.model.zero_grad()
-  targets = [{"class_labels": torch.from_numpy(labels[i][valid[i]]).long(), "boxes": torch.from_numpy(boxes[i][valid[i]])}
-             for i in range(2)]
+  targets = [
+    {
+      "class_labels": torch.from_numpy(labels[i][valid[i]]).long(),
+      "boxes": torch.from_numpy(boxes[i][valid[i]]),
+    }
+    for i in range(2)
+  ]
   pixel_values = torch.from_numpy(images).permute(0, 3, 1, 2)
-  out = ref.model(pixel_values=pixel_values, pixel_mask=torch.from_numpy(~pad_mask).long(), labels=targets)
+  out = ref.model(
+    pixel_values=pixel_values, pixel_mask=torch.from_numpy(~pad_mask).long(), labels=targets
+  )
   # HF's own total weighs loss_ce by 1; the original weighs it by cls_loss_coef = 2, as we do.
   terms = out.loss_dict
   reference_loss = 2.0 * terms["loss_ce"] + 5.0 * terms["loss_bbox"] + 2.0 * terms["loss_giou"]
@@ -268,7 +335,11 @@ def test_loss_gradients_match_reference_autograd():
   model = models.build_model(config)
   variables = convert.from_torch(hf_reference.hf_state_dict(ref), config)
   features = jnp.asarray(ref_out["backbone_features"])
-  batch = {"boxes": jnp.asarray(boxes), "labels": jnp.asarray(labels), "box_valid": jnp.asarray(valid)}
+  batch = {
+    "boxes": jnp.asarray(boxes),
+    "labels": jnp.asarray(labels),
+    "box_valid": jnp.asarray(valid),
+  }
 
   def loss(params):
     def use_reference_features(next_fun, args, kwargs, context):
@@ -277,17 +348,25 @@ def test_loss_gradients_match_reference_autograd():
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(use_reference_features):
-      outputs = model.apply({**variables, "params": params}, jnp.asarray(images), jnp.asarray(pad_mask))
+      outputs = model.apply(
+        {**variables, "params": params}, jnp.asarray(images), jnp.asarray(pad_mask)
+      )
     return losses.set_criterion(outputs, batch, config)["loss"]
 
   value, ours = jax.jit(jax.value_and_grad(loss))(variables["params"])
   np.testing.assert_allclose(float(value), float(reference_loss.detach()), rtol=1e-5)
-  pairs = [(jax.tree_util.keystr(path), np.asarray(g), np.asarray(g_ref)) for (path, g), (_, g_ref)
-           in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs))
-           if "backbone" not in jax.tree_util.keystr(path)]
+  pairs = [
+    (jax.tree_util.keystr(path), np.asarray(g), np.asarray(g_ref))
+    for (path, g), (_, g_ref) in zip(
+      jax.tree_util.tree_leaves_with_path(ours), jax.tree_util.tree_leaves_with_path(theirs)
+    )
+    if "backbone" not in jax.tree_util.keystr(path)
+  ]
   assert len(pairs) > 100
   # Gradients that are zero in exact arithmetic (a key bias shifts every logit of a query alike,
   # which softmax ignores) are rounding noise on both sides: below GRAD_NOISE of the largest.
   noise = GRAD_NOISE * max(float(np.abs(g_ref).max()) for _, _, g_ref in pairs)
   for name, g, g_ref in pairs:
-    np.testing.assert_allclose(g, g_ref, atol=GRAD_RTOL * float(np.abs(g_ref).max()) + noise, rtol=0, err_msg=name)
+    np.testing.assert_allclose(
+      g, g_ref, atol=GRAD_RTOL * float(np.abs(g_ref).max()) + noise, rtol=0, err_msg=name
+    )

@@ -9,15 +9,23 @@ import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
-from conddetr_jax import models
-from conddetr_jax import sharding
+from conddetr_jax import models, sharding
 from conddetr_jax.training import batch as batch_lib
 from conddetr_jax.training import loop, optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
+from configs import test_tiny
 
-BOXES_PER_IMAGE = (0, 1, 3, 2, 0, 2, 4, 1)  # strided micro-batches (rows k, k+K, ...): K=4 -> 0, 3, 7, 3 boxes
+BOXES_PER_IMAGE = (
+  0,
+  1,
+  3,
+  2,
+  0,
+  2,
+  4,
+  1,
+)  # strided micro-batches (rows k, k+K, ...): K=4 -> 0, 3, 7, 3 boxes
 
 
 def _batch(seed: int) -> dict[str, np.ndarray]:
@@ -26,10 +34,16 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   n, max_boxes = len(BOXES_PER_IMAGE), 8
   pad_mask = np.zeros((n, 64, 64), bool)
   pad_mask[::2, :, 40:] = True
-  boxes = np.concatenate([rng.uniform(0.3, 0.7, (n, max_boxes, 2)), rng.uniform(0.1, 0.3, (n, max_boxes, 2))], -1)
-  return {"image": rng.normal(size=(n, 64, 64, 3)).astype(np.float32), "pad_mask": pad_mask,
-          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (n, max_boxes)).astype(np.int32),
-          "box_valid": np.arange(max_boxes)[None] < np.asarray(BOXES_PER_IMAGE)[:, None]}
+  boxes = np.concatenate(
+    [rng.uniform(0.3, 0.7, (n, max_boxes, 2)), rng.uniform(0.1, 0.3, (n, max_boxes, 2))], -1
+  )
+  return {
+    "image": rng.normal(size=(n, 64, 64, 3)).astype(np.float32),
+    "pad_mask": pad_mask,
+    "boxes": boxes.astype(np.float32),
+    "labels": rng.integers(1, 10, (n, max_boxes)).astype(np.int32),
+    "box_valid": np.arange(max_boxes)[None] < np.asarray(BOXES_PER_IMAGE)[:, None],
+  }
 
 
 def _config(accum_steps: int = 1):
@@ -41,12 +55,16 @@ def _config(accum_steps: int = 1):
 
 @pytest.fixture(scope="module")
 def gradients():
-  """gradients(batch, K) -> (grads, metrics) of the tiny model at its initial params (no dropout)."""
+  """gradients(batch, K) -> (grads, metrics) of the tiny model at its initial params (no
+  dropout)."""
   config = _config()
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   loss_fn = step_lib.set_loss_fn(model, variables["batch_stats"], config)
-  jitted = {k: jax.jit(lambda p, b, k=k: step_lib.gradients(p, b, loss_fn, jax.random.PRNGKey(1), k)) for k in (1, 4)}
+  jitted = {
+    k: jax.jit(lambda p, b, k=k: step_lib.gradients(p, b, loss_fn, jax.random.PRNGKey(1), k))
+    for k in (1, 4)
+  }
   return lambda batch, accum_steps: jax.device_get(jitted[accum_steps](variables["params"], batch))
 
 
@@ -83,10 +101,16 @@ def _train(config, batches):
   """The state and per-step metrics after one jitted train_step per batch, from the same init."""
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
-  tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 100))
-  par = parallel.JitParallel(lambda s, b: step_lib.train_step(s, b, model=model, tx=tx, config=config),
-                             sharding.make_mesh(jax.devices()[:1]))
-  state = par.device_state(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))
+  tx = optimizer.build_optimizer(
+    config, variables["params"], optimizer.learning_rate_schedule(config, 100)
+  )
+  par = parallel.JitParallel(
+    lambda s, b: step_lib.train_step(s, b, model=model, tx=tx, config=config),
+    sharding.make_mesh(jax.devices()[:1]),
+  )
+  state = par.device_state(
+    state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config))
+  )
   initial = jax.device_get(state)
   history = []
   for batch in batches:
@@ -109,26 +133,42 @@ def test_accumulated_train_steps_clip_and_apply_the_whole_batch_update():
     np.testing.assert_allclose(metrics["grad_norm"], whole["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], whole["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["lr"], whole["lr"])
-  # Two AdamW updates, each moving a parameter by about lr; they agree to within 5% of it. Not closer:
-  # AdamW scales each element's step to about lr whatever its gradient's size, so an element whose
-  # gradient nearly cancels carries its float32 rounding (which differs with the summation order:
-  # micro-batches, the 1x1 convs' matrix products) into its step at lr scale, up to ~1% measured.
-  # The gradients themselves are compared closely, against a plain-mean control, in the tests above.
-  moved = max(float(np.abs(b - a).max()) for a, b in zip(jax.tree.leaves(initial.params),
-                                                         jax.tree.leaves(whole_state.params)))
+  # Two AdamW updates, each moving a parameter by about lr; they agree to within 5% of it. Not
+  # closer: AdamW scales each element's step to about lr whatever its gradient's size, so an element
+  # whose gradient nearly cancels carries its float32 rounding (which differs with the summation
+  # order: micro-batches, the 1x1 convs' matrix products) into its step at lr scale, up to ~1%
+  # measured. The gradients themselves are compared closely, against a plain-mean control, in the
+  # tests above.
+  moved = max(
+    float(np.abs(b - a).max())
+    for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(whole_state.params))
+  )
   assert moved > lr
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole_state.params)):
     np.testing.assert_allclose(a, b, rtol=0, atol=5e-2 * lr)
 
 
-@pytest.mark.parametrize("overrides, devices, message", [
-    (dict(global_batch_size=8, grad_accum_steps=3), 1,
-     r"config.global_batch_size=8 is not divisible by the number of devices \(1\) x config.grad_accum_steps \(3\)"),
-    (dict(global_batch_size=16, grad_accum_steps=2), 3,
-     r"config.global_batch_size=16 is not divisible by the number of devices \(3\) x config.grad_accum_steps \(2\)"),
+@pytest.mark.parametrize(
+  "overrides, devices, message",
+  [
+    (
+      dict(global_batch_size=8, grad_accum_steps=3),
+      1,
+      r"config.global_batch_size=8 is not divisible by the number of devices \(1\) x "
+      r"config.grad_accum_steps \(3\)",
+    ),
+    (
+      dict(global_batch_size=16, grad_accum_steps=2),
+      3,
+      r"config.global_batch_size=16 is not divisible by the number of devices \(3\) x "
+      r"config.grad_accum_steps \(2\)",
+    ),
     (dict(grad_accum_steps=-1), 1, r"config.grad_accum_steps=-1: must be >= 1, or 0 to derive it"),
-])
-def test_a_batch_that_does_not_split_into_micro_batches_over_the_devices_is_an_error(overrides, devices, message):
+  ],
+)
+def test_a_batch_that_does_not_split_into_micro_batches_over_the_devices_is_an_error(
+  overrides, devices, message
+):
   config = test_tiny.get_config()
   config.update(overrides)
   with pytest.raises(ValueError, match=message):
@@ -138,9 +178,13 @@ def test_a_batch_that_does_not_split_into_micro_batches_over_the_devices_is_an_e
 def test_global_batch_counts_devices_and_micro_batches():
   config = test_tiny.get_config()
   config.update(per_device_batch_size=2, grad_accum_steps=8)
-  assert batch_lib.plan_batch(config, device_count=1).global_batch == 16  # the original's 2 x 8 GPUs, on one
+  assert (
+    batch_lib.plan_batch(config, device_count=1).global_batch == 16
+  )  # the original's 2 x 8 GPUs, on one
   config.update(global_batch_size=16, grad_accum_steps=3)
   with pytest.raises(ValueError):
     batch_lib.plan_batch(config, device_count=1)
   config.update(grad_accum_steps=4)
-  assert batch_lib.plan_batch(config, device_count=2).global_batch == 16  # 2 per device x 2 devices x 4
+  assert (
+    batch_lib.plan_batch(config, device_count=2).global_batch == 16
+  )  # 2 per device x 2 devices x 4

@@ -9,9 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default
 from conddetr_jax.training import checkpoint, optimizer
 from conddetr_jax.training import state as state_lib
+from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Writes step 1 completely, starts writing step 2, and dies at once (as `kill -9` would).
@@ -30,12 +30,16 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_state(seed: int, size: int = 1 << 24, keep_ema: bool = False) -> state_lib.TrainState:
-  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a while;
-  with ``keep_ema``, its moving average is the tensor halved."""
+  """A train state with one large tensor (64 MiB, x3 with AdamW's moments) so writing it takes a
+  while; with ``keep_ema``, its moving average is the tensor halved."""
   config = default.get_config()
-  params = {"class_embed": {"kernel": np.random.default_rng(seed).normal(size=(size,)).astype(np.float32)}}
+  params = {
+    "class_embed": {"kernel": np.random.default_rng(seed).normal(size=(size,)).astype(np.float32)}
+  }
   tx = optimizer.build_optimizer(config, params, optimizer.learning_rate_schedule(config, 10))
-  state = state_lib.create_train_state({"params": params}, tx, state_lib.dropout_key_data(config), keep_ema)
+  state = state_lib.create_train_state(
+    {"params": params}, tx, state_lib.dropout_key_data(config), keep_ema
+  )
   if keep_ema:
     state = state.replace(ema_params=jax.tree.map(lambda p: p / 2, params))
   return state.replace(step=np.int32(seed))
@@ -43,7 +47,9 @@ def make_state(seed: int, size: int = 1 << 24, keep_ema: bool = False) -> state_
 
 def _target(state: state_lib.TrainState):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state
+  )
 
 
 def test_round_trip_restores_every_leaf_and_the_meta_record(tmp_path):
@@ -60,11 +66,18 @@ def test_round_trip_restores_every_leaf_and_the_meta_record(tmp_path):
 
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
   directory = tmp_path / "checkpoints"
-  result = subprocess.run([sys.executable, "-c", KILLED_WRITER.format(repo=REPO), str(directory)], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, "-c", KILLED_WRITER.format(repo=REPO), str(directory)],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == -9, result.stderr[-3000:]
-  assert any("tmp" in name for name in os.listdir(directory)), os.listdir(directory)  # killed mid-write
+  assert any("tmp" in name for name in os.listdir(directory)), os.listdir(
+    directory
+  )  # killed mid-write
 
   ckpt = checkpoint.Checkpointer(str(directory), keep=3)
   assert ckpt.latest_step() == 1
@@ -88,12 +101,18 @@ def test_a_weight_average_round_trips_and_cannot_be_switched_on_or_off_at_a_resu
     restored, meta = ckpt.restore(3, _target(with_ema))
     assert meta == {"step": 3, "ema": True}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(with_ema))
-    with pytest.raises(ValueError, match=r"checkpoint 3 in .* was written with a moving average of the weights, "
-                                         r"and this run keeps none: resume with config.ema_decay > 0"):
+    with pytest.raises(
+      ValueError,
+      match=r"checkpoint 3 in .* was written with a moving average of the weights, "
+      r"and this run keeps none: resume with config.ema_decay > 0",
+    ):
       ckpt.restore(3, _target(without))
-    with pytest.raises(ValueError, match=r"checkpoint 4 in .* was written without a moving average of the "
-                                         r"weights, and this run keeps one: resume with config.ema_decay=0, or "
-                                         r"start in a new --workdir \(--config.init_from=.*\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"checkpoint 4 in .* was written without a moving average of the "
+      r"weights, and this run keeps one: resume with config.ema_decay=0, or "
+      r"start in a new --workdir \(--config.init_from=.*\)",
+    ):
       ckpt.restore(4, _target(with_ema))
   finally:
     ckpt.close()
@@ -104,8 +123,13 @@ def test_a_checkpoint_written_before_weight_averages_existed_still_resumes(tmp_p
   state = make_state(5, size=1000)
   fields = {name: value for name, value in vars(state).items() if name != "ema_params"}
   with ocp.CheckpointManager(tmp_path, item_names=("state", "meta")) as manager:
-    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(fields),
-                                            meta=ocp.args.JsonSave({"step": 5, "global_batch_size": 4})))
+    manager.save(
+      5,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(fields),
+        meta=ocp.args.JsonSave({"step": 5, "global_batch_size": 4}),
+      ),
+    )
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
   restored, meta = ckpt.restore(5, _target(state))
   with pytest.raises(ValueError, match="written without a moving average of the weights"):

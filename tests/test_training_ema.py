@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
 from conddetr_jax import sharding
 from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import checkpoint, ema, loop
 from conddetr_jax.training import state as state_lib
-from tests.test_training_step import _Run, _batch
+from configs import test_tiny
+from tests.test_training_step import _batch, _Run
 
 DECAY = 0.9
 
@@ -41,12 +41,20 @@ def run():
 def test_the_average_starts_at_the_weights_and_follows_each_update(run):
   s0, s1, s2, _ = run.states
   jax.tree.map(np.testing.assert_array_equal, s0.ema_params, s0.params)
-  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, s0.ema_params, s1.params)  # decay 1/10 at update 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1.ema_params, expected)
+  expected = jax.tree.map(
+    lambda e, p: 0.1 * e + 0.9 * p, s0.ema_params, s1.params
+  )  # decay 1/10 at update 0
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1.ema_params, expected
+  )
   d = 2.0 / 11.0  # update 1
   expected = jax.tree.map(lambda e, p: d * e + (1 - d) * p, s1.ema_params, s2.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s2.ema_params, expected)
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), s2.ema_params["decoder"], s2.params["decoder"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s2.ema_params, expected
+  )
+  moved = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), s2.ema_params["decoder"], s2.params["decoder"]
+  )
   assert all(jax.tree.leaves(moved))  # an average, not a copy
 
 
@@ -71,7 +79,9 @@ def saved(run, tmp_path_factory):
   return workdir
 
 
-def test_eval_reads_the_average_from_a_training_checkpoint_and_the_raw_weights_on_request(run, saved):
+def test_eval_reads_the_average_from_a_training_checkpoint_and_the_raw_weights_on_request(
+  run, saved
+):
   config = run.config.copy_and_resolve_references()
   variables, step = weights.load_variables(config, str(saved))
   assert step == 2
@@ -98,6 +108,7 @@ def test_train_py_keeps_an_average_of_every_trainable_tensor_only_when_ema_decay
     state = jax.eval_shape(create, abstract_variables)
     if decay:
       assert jax.tree.map(lambda x: (x.shape, x.dtype), state.ema_params) == jax.tree.map(
-          lambda x: (x.shape, x.dtype), state.params)
+        lambda x: (x.shape, x.dtype), state.params
+      )
     else:
       assert state.ema_params is None

@@ -27,30 +27,34 @@ config = test_tiny.get_config()
 config.model.dropout = 0.0  # dropout masks depend on how the batch is split; the rest must not
 model = models.build_model(config)
 variables = models.init_variables(model, jax.random.PRNGKey(0))
-tx = optimizer.build_optimizer(config, variables["params"], optimizer.learning_rate_schedule(config, 100))
+tx = optimizer.build_optimizer(
+    config, variables["params"], optimizer.learning_rate_schedule(config, 100))
 # On the host: the steps donate their device copies.
-initial = jax.device_get(state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))
+initial = jax.device_get(
+    state_lib.create_train_state(variables, tx, state_lib.dropout_key_data(config)))
 accumulating = config.copy_and_resolve_references()
 accumulating.grad_accum_steps = 2
-step_fns = {k: lambda state, batch, axis_name=None, c=c: step_lib.train_step(state, batch, model=model, tx=tx, config=c,
-                                                                             axis_name=axis_name)
+step_fns = {k: lambda state, batch, axis_name=None, c=c: step_lib.train_step(
+                state, batch, model=model, tx=tx, config=c, axis_name=axis_name)
             for k, c in ((1, config), (2, accumulating))}
 
 rng = np.random.default_rng(0)
 boxes = np.concatenate([rng.uniform(0.3, 0.7, (16, 8, 2)), rng.uniform(0.1, 0.3, (16, 8, 2))], -1)
 pad_mask = np.zeros((16, 64, 64), bool)
 pad_mask[::2, 40:] = True
-box_valid = np.arange(8)[None, :] < np.arange(1, 17)[:, None] % 4  # 1, 2, 3, 0, 1, ... boxes per image
+# 1, 2, 3, 0, 1, ... boxes per image
+box_valid = np.arange(8)[None, :] < np.arange(1, 17)[:, None] % 4
 batch = {"image": rng.normal(size=(16, 64, 64, 3)).astype(np.float32), "pad_mask": pad_mask,
          "boxes": boxes.astype(np.float32), "labels": rng.integers(1, 10, (16, 8)).astype(np.int32),
          "box_valid": box_valid}
 
 compiles = []
 monitoring.register_event_duration_secs_listener(
-    lambda event, seconds, **kwargs: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
-    else None)
+    lambda event, seconds, **kwargs: compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
 out = {}
-# pmap: 2 images per device, as 2 micro-batches of 1 (their box counts, 16 and 8, summed over devices).
+# pmap: 2 images per device, as 2 micro-batches of 1 (their box counts, 16 and 8, summed over
+# devices).
 for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.devices()[:1], 1),
                                         ("jit", parallel.JitParallel, jax.devices(), 1),
                                         ("pmap", parallel.PmapParallel, jax.devices(), 2)):
@@ -63,7 +67,8 @@ for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.device
   out[name + "_compiles_in_first_step"] = len(compiles) - compiled
   out[name + "_devices"] = len(device_batch["image"].sharding.device_set)
   out[name + "_loss"] = jax.device_get(par.local(metrics))["loss"]
-  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(par.host_state(state).params)):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      jax.device_get(par.host_state(state).params)):
     out[name + jax.tree_util.keystr(path)] = leaf
 for path, leaf in jax.tree_util.tree_leaves_with_path(initial.params):
   out["initial" + jax.tree_util.keystr(path)] = leaf
@@ -72,11 +77,25 @@ np.savez(sys.argv[1], **out)
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-  result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(
+  tmp_path,
+):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+    XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip(),
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-5000:]
   out = dict(np.load(tmp_path / "out.npz"))
 
@@ -84,11 +103,13 @@ def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_a
   assert [int(out[f"{n}_compiles_in_first_step"]) for n in ("one", "jit", "pmap")] == [0, 0, 0]
   np.testing.assert_allclose(out["jit_loss"], out["one_loss"], rtol=1e-5)
   np.testing.assert_allclose(out["pmap_loss"], out["one_loss"], rtol=1e-5)
-  param_keys = [k[len("one"):] for k in out if k.startswith("one[")]
+  param_keys = [k[len("one") :] for k in out if k.startswith("one[")]
   assert param_keys
   moved = 0
   for key in param_keys:
     for name in ("jit", "pmap"):
-      np.testing.assert_allclose(out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key)
+      np.testing.assert_allclose(
+        out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key
+      )
     moved += not np.array_equal(out["one" + key], out["initial" + key])
   assert moved > len(param_keys) // 2  # the step did update the parameters being compared

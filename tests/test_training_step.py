@@ -7,41 +7,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import test_tiny
-from conddetr_jax import models
-from conddetr_jax import sharding
+from conddetr_jax import models, sharding
 from conddetr_jax.training import optimizer, parallel
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
+from configs import test_tiny
 
 
-def _batch(seed: int, batch: int = 2, hw: tuple[int, int] = (64, 64), max_boxes: int = 8) -> dict[str, np.ndarray]:
-  """A random padded batch in the data pipeline's format (3 boxes per image, the right third padded)."""
+def _batch(
+  seed: int, batch: int = 2, hw: tuple[int, int] = (64, 64), max_boxes: int = 8
+) -> dict[str, np.ndarray]:
+  """A random padded batch in the data pipeline's format (3 boxes per image, the right third
+  padded)."""
   rng = np.random.default_rng(seed)
   h, w = hw
   pad_mask = np.zeros((batch, h, w), bool)
-  pad_mask[:, :, 2 * w // 3:] = True
+  pad_mask[:, :, 2 * w // 3 :] = True
   centers = rng.uniform(0.3, 0.7, (batch, max_boxes, 2))
   sizes = rng.uniform(0.1, 0.3, (batch, max_boxes, 2))
   box_valid = np.zeros((batch, max_boxes), bool)
   box_valid[:, :3] = True
-  return {"image": rng.normal(size=(batch, h, w, 3)).astype(np.float32), "pad_mask": pad_mask,
-          "boxes": np.concatenate([centers, sizes], -1).astype(np.float32),
-          "labels": rng.integers(1, 10, (batch, max_boxes)).astype(np.int32), "box_valid": box_valid}
+  return {
+    "image": rng.normal(size=(batch, h, w, 3)).astype(np.float32),
+    "pad_mask": pad_mask,
+    "boxes": np.concatenate([centers, sizes], -1).astype(np.float32),
+    "labels": rng.integers(1, 10, (batch, max_boxes)).astype(np.int32),
+    "box_valid": box_valid,
+  }
 
 
 class _Run:
   """A tiny model's state and jitted step on one device, counting how often the step is traced."""
 
-  def __init__(self, dtype: str = "float32", variables=None, ema_decay: float = 0.0, **model_overrides):
+  def __init__(
+    self, dtype: str = "float32", variables=None, ema_decay: float = 0.0, **model_overrides
+  ):
     self.config = test_tiny.get_config()
     self.config.model.update(dtype=dtype, **model_overrides)
     self.config.ema_decay = ema_decay
     model = models.build_model(self.config)
     if variables is None:
       variables = models.init_variables(model, jax.random.PRNGKey(0))
-    tx = optimizer.build_optimizer(self.config, variables["params"],
-                                   optimizer.learning_rate_schedule(self.config, steps_per_epoch=100))
+    tx = optimizer.build_optimizer(
+      self.config,
+      variables["params"],
+      optimizer.learning_rate_schedule(self.config, steps_per_epoch=100),
+    )
     self.traces = 0
 
     def counted_step(state, batch):
@@ -49,8 +60,11 @@ class _Run:
       return step_lib.train_step(state, batch, model=model, tx=tx, config=self.config)
 
     self.par = parallel.JitParallel(counted_step, sharding.make_mesh(jax.devices()[:1]))
-    self.state = self.par.device_state(state_lib.create_train_state(
-        variables, tx, state_lib.dropout_key_data(self.config), keep_ema=ema_decay > 0))
+    self.state = self.par.device_state(
+      state_lib.create_train_state(
+        variables, tx, state_lib.dropout_key_data(self.config), keep_ema=ema_decay > 0
+      )
+    )
 
   def step(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     self.state, metrics = self.par.step(self.state, jax.device_put(batch, self.par.batch_sharding))
@@ -79,10 +93,24 @@ def test_step_trains_backbone_and_transformer_but_never_stem_layer1_or_batchnorm
 
   assert int(after.step) == int(before.step) + 1
   assert np.isfinite(metrics["loss"]) and metrics["finite"]
-  assert before.ema_params is None and after.ema_params is None  # config.ema_decay = 0: no average kept
-  assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "class_error", "lr", "grad_norm"} <= set(metrics)
+  assert (
+    before.ema_params is None and after.ema_params is None
+  )  # config.ema_decay = 0: no average kept
+  assert {
+    "loss_ce",
+    "loss_bbox",
+    "loss_giou",
+    "loss_ce_0",
+    "class_error",
+    "lr",
+    "grad_norm",
+  } <= set(metrics)
   np.testing.assert_allclose(metrics["lr"], 1e-4, rtol=1e-6)
-  weighted = sum(w * metrics[k + s] for k, w in (("loss_ce", 2), ("loss_bbox", 5), ("loss_giou", 2)) for s in ("", "_0"))
+  weighted = sum(
+    w * metrics[k + s]
+    for k, w in (("loss_ce", 2), ("loss_bbox", 5), ("loss_giou", 2))
+    for s in ("", "_0")
+  )
   np.testing.assert_allclose(metrics["loss"], weighted, rtol=1e-5)
   old, new = _leaves_by_label(before.params), _leaves_by_label(after.params)
   for a, b in zip(old["frozen"], new["frozen"]):
@@ -98,7 +126,9 @@ def test_step_trains_backbone_and_transformer_but_never_stem_layer1_or_batchnorm
 
 
 def test_step_donates_the_state(run):
-  run.step(_batch(1))  # a state no numpy view points to (on CPU, views pin buffers against donation)
+  run.step(
+    _batch(1)
+  )  # a state no numpy view points to (on CPU, views pin buffers against donation)
   old = run.state
   run.step(_batch(1))
   assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))
@@ -134,7 +164,11 @@ def test_bfloat16_compute_keeps_params_optimizer_state_and_loss_in_float32(run):
   metrics = bf16.step(_batch(0))
   state = jax.device_get(bf16.state)
   assert np.isfinite(metrics["loss"]) and metrics["loss"].dtype == np.float32
-  dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state)) if leaf.dtype.kind == "f"}
+  dtypes = {
+    leaf.dtype
+    for leaf in jax.tree.leaves((state.params, state.opt_state))
+    if leaf.dtype.kind == "f"
+  }
   assert dtypes == {np.dtype(np.float32)}
   # Same initial variables and batch: the loss differs from float32's only by bf16 rounding.
   f32_loss = float(run.first_metrics["loss"])
@@ -151,5 +185,7 @@ def test_group_norm_model_trains_its_whole_backbone_and_has_no_batch_stats():
   assert np.isfinite(gn.step(_batch(0))["loss"])
   gn.step(_batch(1))
   after = jax.device_get(gn.state)
-  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), initial.params["backbone"], after.params["backbone"])
+  moved = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b), initial.params["backbone"], after.params["backbone"]
+  )
   assert all(jax.tree.leaves(moved)), moved

@@ -11,9 +11,19 @@ def test_a_window_gives_throughput_step_times_input_share_tflops_and_mfu():
   speed = telemetry.Telemetry("TPU v5 lite", num_devices=4, global_batch=8)
   speed.compile_s, speed.eval_s = 12.0, 3.0
   scalars = speed.window(steps=4, wall_s=2.0, input_wait_s=0.5, flops_per_device=4e12)
-  assert scalars == pytest.approx({
-      "images_per_s": 16.0, "images_per_s_per_device": 4.0, "step_s": 0.5, "step_s_without_input": 0.375,
-      "input_wait_share": 0.25, "compile_s": 12.0, "eval_s": 3.0, "tflops_per_device": 2.0, "mfu": 2.0 / 197})
+  assert scalars == pytest.approx(
+    {
+      "images_per_s": 16.0,
+      "images_per_s_per_device": 4.0,
+      "step_s": 0.5,
+      "step_s_without_input": 0.375,
+      "input_wait_share": 0.25,
+      "compile_s": 12.0,
+      "eval_s": 3.0,
+      "tflops_per_device": 2.0,
+      "mfu": 2.0 / 197,
+    }
+  )
 
 
 def test_accumulated_micro_batches_count_the_scanned_flops_once_per_micro_batch():
@@ -24,11 +34,17 @@ def test_accumulated_micro_batches_count_the_scanned_flops_once_per_micro_batch(
 
 
 def test_no_mfu_for_an_unknown_device_and_no_tflops_without_a_count(caplog):
-  with caplog.at_level("INFO"):
+  # The absl logger's own level: a command run in this process earlier may have raised it.
+  with caplog.at_level("INFO", logger="absl"):
     cpu = telemetry.Telemetry("cpu", 1, 2)
   assert "MFU is not reported" in caplog.text
-  assert "mfu" not in cpu.window(2, 1.0, 0.0, 1e9) and cpu.window(2, 1.0, 0.0, 1e9)["tflops_per_device"] == 1e-3
-  assert not {"mfu", "tflops_per_device"} & set(telemetry.Telemetry("TPU v4", 1, 2).window(2, 1.0, 0.0, None))
+  assert (
+    "mfu" not in cpu.window(2, 1.0, 0.0, 1e9)
+    and cpu.window(2, 1.0, 0.0, 1e9)["tflops_per_device"] == 1e-3
+  )
+  assert not {"mfu", "tflops_per_device"} & set(
+    telemetry.Telemetry("TPU v4", 1, 2).window(2, 1.0, 0.0, None)
+  )
 
 
 def test_the_peak_table_knows_each_gpu_the_aot_tool_compiles_for_and_the_tpus():
@@ -41,7 +57,9 @@ def test_the_peak_table_knows_each_gpu_the_aot_tool_compiles_for_and_the_tpus():
 
 def test_the_compile_announcer_counts_the_flops_of_the_steps_it_ran():
   counts = {(64, 64): 5.0, (64, 128): None}
-  announcer = progress.CompileAnnouncer(lambda state, batch: state, lambda state, batch: counts[_hw(batch)])
+  announcer = progress.CompileAnnouncer(
+    lambda state, batch: state, lambda state, batch: counts[_hw(batch)]
+  )
   for hw in ((64, 64), (64, 64), (64, 64)):
     announcer(0, {"image": _Image(hw)})
   assert announcer.take_flops() == 15.0 and announcer.take_flops() == 0.0

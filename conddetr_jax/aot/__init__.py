@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation for accelerators this machine does not have: ``python -m conddetr_jax.aot``.
+"""Ahead-of-time compilation for accelerators this machine does not have:
+``python -m conddetr_jax.aot``.
 
 Needs the TPU compiler (``pip install "jax[tpu]==<installed jax version>"``) or the GPU compiler
 (requirements-gpu-compiler.txt, installed into a folder of its own named by

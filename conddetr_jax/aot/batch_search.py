@@ -3,10 +3,10 @@
 A compiled train step's peak memory is close to affine in the batch (the state, plus the batch times
 each image's activations and temporaries), so a line through two measured peaks predicts the largest
 batch that fits; a try at the prediction and one at the next batch confirm it. The prediction only
-chooses what to try: the answer is always verified (``b`` tried and fits, ``b + 1`` tried and does not,
-unless ``b`` is the cap), and when the peaks are not affine the search falls back to doubling and
-bisection, so it stays exact and its tries stay logarithmic. ``fits`` must be monotone (if ``n`` fits,
-every smaller batch fits), as for a doubling-and-bisection search.
+chooses what to try: the answer is always verified (``b`` tried and fits, ``b + 1`` tried and does
+not, unless ``b`` is the cap), and when the peaks are not affine the search falls back to doubling
+and bisection, so it stays exact and its tries stay logarithmic. ``fits`` must be monotone (if ``n``
+fits, every smaller batch fits), as for a doubling-and-bisection search.
 """
 
 import dataclasses
@@ -24,8 +24,10 @@ class BatchTry:
       the compiler said it needs; None when unknown (the try still bounds the search, but no line
       goes through it).
     capacity_bytes: the capacity the try was held against, when it says (the TPU compiler's refusal
-      names the HBM it may use, a little under the chip's nominal capacity); the search then aims at it.
+      names the HBM it may use, a little under the chip's nominal capacity); the search then aims at
+      it.
   """
+
   fits: bool
   peak_bytes: float | None = None
   capacity_bytes: float | None = None
@@ -37,13 +39,16 @@ DOUBLING = "doubling"
 BISECTION = "bisection"
 
 
-def _line_through(points: dict[int, float], capacity: float, good: int, bad: int) -> tuple[float, int, int] | None:
+def _line_through(
+  points: dict[int, float], capacity: float, good: int, bad: int
+) -> tuple[float, int, int] | None:
   """Where the line through two measured peaks reaches ``capacity``: (batch, n1, n2), or None.
 
   The two points nearest the boundary: the largest fitting batch and the smallest failing one when
-  both have known peaks (interpolation across the boundary), else the two largest fitting batches (or
-  the two smallest failing ones). Near the boundary the line follows the peaks' local growth, which
-  matters when they are not quite affine (a train step's grow a little slower at larger batches).
+  both have known peaks (interpolation across the boundary), else the two largest fitting batches
+  (or the two smallest failing ones). Near the boundary the line follows the peaks' local growth,
+  which matters when they are not quite affine (a train step's grow a little slower at larger
+  batches).
   """
   below = sorted(n for n in points if n <= good)
   above = sorted(n for n in points if n >= bad)
@@ -62,22 +67,29 @@ def _line_through(points: dict[int, float], capacity: float, good: int, bad: int
   return (at, n1, n2) if math.isfinite(at) else None
 
 
-def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_bytes: float, *, start: int = 1,
-                          limit: int = 4096) -> int:
-  """The largest batch ``b`` in [1, ``limit``] that fits, 0 if 1 does not; each batch is tried at most once.
+def largest_fitting_batch(
+  try_batch: Callable[[int, str], BatchTry],
+  capacity_bytes: float,
+  *,
+  start: int = 1,
+  limit: int = 4096,
+) -> int:
+  """The largest batch ``b`` in [1, ``limit``] that fits, 0 if 1 does not; each batch is tried at
+  most once.
 
   Args:
-    try_batch: ``try_batch(n, why) -> BatchTry``; ``why`` says why ``n`` is tried (``START``, ``DOUBLING``,
-      ``BISECTION``, or the prediction, e.g. "the line through the peaks at 2 and 4 reaches the capacity
-      at 19.4", or "to confirm: ..." for the batch next to a predicted boundary), for the caller's log.
-    capacity_bytes: the capacity the predictions aim at (``try_batch`` decides what fits); lowered to a
-      capacity a try reports, or to the peak of a batch that did not fit.
+    try_batch: ``try_batch(n, why) -> BatchTry``; ``why`` says why ``n`` is tried (``START``,
+      ``DOUBLING``, ``BISECTION``, or the prediction, e.g. "the line through the peaks at 2 and 4
+      reaches the capacity at 19.4", or "to confirm: ..." for the batch next to a predicted
+      boundary), for the caller's log.
+    capacity_bytes: the capacity the predictions aim at (``try_batch`` decides what fits); lowered
+      to a capacity a try reports, or to the peak of a batch that did not fit.
     start: the first batch tried (e.g. one already compiled, which the caller answers from a cache).
     limit: the largest batch the search tries.
 
   Returns:
-    ``b``, verified: ``try_batch(b)`` fitted (unless b == 0) and ``try_batch(b + 1)`` did not (unless
-    b == ``limit``).
+    ``b``, verified: ``try_batch(b)`` fitted (unless b == 0) and ``try_batch(b + 1)`` did not
+    (unless b == ``limit``).
   """
   if limit < 1:
     raise ValueError(f"limit={limit}: the search needs at least batch 1")
@@ -93,8 +105,8 @@ def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_by
     peak = result.peak_bytes
     if peak is not None and math.isfinite(peak):
       peaks[n] = float(peak)
-      # What fits is what try_batch says: a peak that did not fit is above the real threshold, one that
-      # fitted is not.
+      # What fits is what try_batch says: a peak that did not fit is above the real threshold, one
+      # that fitted is not.
       target = min(target, float(peak)) if not result.fits else max(target, float(peak))
     if result.fits:
       good = max(good, n)
@@ -109,7 +121,8 @@ def largest_fitting_batch(try_batch: Callable[[int, str], BatchTry], capacity_by
       line = _line_through(peaks, target, good, bad)
       if line is not None:
         at, n1, n2 = line
-        # The crossing's floor should fit and the batch after it should not: try whichever is unknown.
+        # The crossing's floor should fit and the batch after it should not: try whichever is
+        # unknown.
         candidate = min(max(math.floor(at), good + 1), bad - 1)
         line_says = f"the line through the peaks at {n1} and {n2} reaches the capacity at {at:.1f}"
         why = line_says if candidate == math.floor(at) else f"to confirm: {line_says}"

@@ -6,15 +6,16 @@ import re
 import time
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import jax
 import ml_collections
-from absl import logging
 
 from conddetr_jax import sharding
-from conddetr_jax.aot import batch_search, devices as devices_lib, hlo
-from conddetr_jax.hardware import flops
+from conddetr_jax.aot import batch_search, hlo
+from conddetr_jax.aot import devices as devices_lib
 from conddetr_jax.data import batch_spec
 from conddetr_jax.evaluation import coco_eval
+from conddetr_jax.hardware import flops
 from conddetr_jax.training import loop
 
 GIB = 2**30
@@ -26,7 +27,8 @@ def gib(n: float) -> str:
 
 
 class GpuCompileError(RuntimeError):
-  """The GPU compiler refused a program for a reason other than memory (one line: see ``compile_error_line``)."""
+  """The GPU compiler refused a program for a reason other than memory (one line: see
+  ``compile_error_line``)."""
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class Compiled:
     collectives: see ``hlo.collectives`` (count, bytes and bytes per element type of each kind).
     executable: the compiled program (callable where its devices are real).
   """
+
   seconds: float
   argument_bytes: int
   output_bytes: int
@@ -53,8 +56,11 @@ class Compiled:
 
   @property
   def peak_bytes(self) -> int:
-    """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at once."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    """Arguments + outputs not aliased to them + temporaries + code: what must fit in HBM at
+    once."""
+    return (
+      self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    )
 
 
 class DoesNotFitError(RuntimeError):
@@ -89,7 +95,8 @@ class DoesNotFitError(RuntimeError):
 
   def peak_estimate(self, other_bytes: float) -> float | None:
     """The program's peak by the compiler's figure: the whole program's need, or the temporaries'
-    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that fitted)."""
+    plus ``other_bytes`` (arguments, outputs, code: from a compile of the same program that
+    fitted)."""
     if self.needed_bytes is not None:
       return self.needed_bytes
     return None if self.temp_bytes is None else self.temp_bytes + other_bytes
@@ -98,7 +105,9 @@ class DoesNotFitError(RuntimeError):
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory")
 _SIZE = r"([\d.]+)([KMG])"
 _USED_OF = re.compile(rf"[Uu]sed\s+{_SIZE}\s+of\s+{_SIZE}")
-_TEMPORARIES_EXCEED = re.compile(rf"temporaries\s+\({_SIZE}\)\s+exceeds\s+available\s+HBM\s+\({_SIZE}\)")
+_TEMPORARIES_EXCEED = re.compile(
+  rf"temporaries\s+\({_SIZE}\)\s+exceeds\s+available\s+HBM\s+\({_SIZE}\)"
+)
 
 
 def _bytes(number: str, unit: str) -> float:
@@ -127,7 +136,9 @@ def compile_error_line(message: str) -> str:
   return head.split(" hlo: ")[0].rstrip(":; ") + (f" [at {'; '.join(where)}]" if where else "")
 
 
-def compile_lowered(lower: Callable[[], Any], compiler_options: dict[str, Any] | None = None) -> Compiled:
+def compile_lowered(
+  lower: Callable[[], Any], compiler_options: dict[str, Any] | None = None
+) -> Compiled:
   """Lowers and compiles (``lower()`` returns a ``jax.stages.Lowered``) and reads its figures.
 
   ``compiler_options``: XLA options for this compile (e.g. ``GPU_COMPILER_OPTIONS``).
@@ -144,17 +155,27 @@ def compile_lowered(lower: Callable[[], Any], compiler_options: dict[str, Any] |
     raise
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  return Compiled(seconds=seconds, argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                  alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-                  code_bytes=mem.generated_code_size_in_bytes, flops=float(flops.cost_analysis(compiled).get("flops", 0.0)),
-                  collectives=hlo.collectives(compiled.as_text()), executable=compiled)
+  return Compiled(
+    seconds=seconds,
+    argument_bytes=mem.argument_size_in_bytes,
+    output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes,
+    temp_bytes=mem.temp_size_in_bytes,
+    code_bytes=mem.generated_code_size_in_bytes,
+    flops=float(flops.cost_analysis(compiled).get("flops", 0.0)),
+    collectives=hlo.collectives(compiled.as_text()),
+    executable=compiled,
+  )
 
 
-def abstract_batch(fields: dict[str, batch_spec.Field],
-                   sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+  fields: dict[str, batch_spec.Field], sharding: jax.sharding.Sharding
+) -> dict[str, jax.ShapeDtypeStruct]:
   """``batch_spec``'s fields as shapes on ``sharding`` (int64 ids as JAX's default integer)."""
-  return {k: jax.ShapeDtypeStruct(f.shape, jax.dtypes.canonicalize_dtype(f.dtype), sharding=sharding)
-          for k, f in fields.items()}
+  return {
+    k: jax.ShapeDtypeStruct(f.shape, jax.dtypes.canonicalize_dtype(f.dtype), sharding=sharding)
+    for k, f in fields.items()
+  }
 
 
 def _replicated_shapes(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -166,14 +187,18 @@ class SliceCompiler:
 
   def __init__(self, config: ml_collections.ConfigDict, devices: Sequence[Any]):
     if config.parallel != "jit":
-      logging.warning("config.parallel=%r: compiling the jit strategy (the same train_step)", config.parallel)
+      logging.warning(
+        "config.parallel=%r: compiling the jit strategy (the same train_step)", config.parallel
+      )
       config = config.copy_and_resolve_references()
       with config.unlocked():
         config.parallel = "jit"
     self.config = config
     self.mesh = sharding.make_mesh(devices)
     # The schedule's steps per epoch only moves the LR drop: it changes no shape or op.
-    self.model, abstract_variables, create, self.par = loop.build_train_step(config, 1000, self.mesh)
+    self.model, abstract_variables, create, self.par = loop.build_train_step(
+      config, 1000, self.mesh
+    )
     replicated = sharding.replicated(self.mesh)
     self.replicated = replicated
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
@@ -186,8 +211,11 @@ class SliceCompiler:
     return self.mesh.size
 
   def train_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
-    """The train step's abstract (state, batch) for ``per_device_batch`` images of ``hw`` per device."""
-    fields = batch_spec.train_batch(per_device_batch * self.devices, hw, self.config.dataset.max_boxes)
+    """The train step's abstract (state, batch) for ``per_device_batch`` images of ``hw`` per
+    device."""
+    fields = batch_spec.train_batch(
+      per_device_batch * self.devices, hw, self.config.dataset.max_boxes
+    )
     return self._state, abstract_batch(fields, self.par.batch_sharding)
 
   def _eval_args(self, per_device_batch: int, hw: tuple[int, int]) -> tuple[Any, Any]:
@@ -209,40 +237,60 @@ class SliceCompiler:
     """The train step for ``per_device_batch`` images of ``hw`` on each device.
 
     Raises:
-      DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed otherwise.
+      DoesNotFitError: the compiler ran out of memory; GpuCompileError: a GPU compile failed
+        otherwise.
     """
     state, batch = self.train_args(per_device_batch, hw)
     return self.compile(lambda: self.par.lower(state, batch))
 
   def eval(self, per_device_batch: int, hw: tuple[int, int]) -> Compiled:
-    """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per device."""
+    """The evaluation forward + post-processing for ``per_device_batch`` images of ``hw`` per
+    device."""
     variables, batch = self._eval_args(per_device_batch, hw)
     k = coco_eval.top_k(self.config)
-    return self.compile(lambda: coco_eval.predict_batch.lower(variables, batch, model=self.model, k=k))
+    return self.compile(
+      lambda: coco_eval.predict_batch.lower(variables, batch, model=self.model, k=k)
+    )
 
   def train_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
-    """Multiply-adds of one train step per image by the project's counter (``flops.macs``: convolutions
-    and matrix products of the forward, backward and matcher; nothing else): traced, not compiled."""
-    return flops.macs(self.par.step, *self.train_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
+    """Multiply-adds of one train step per image by the project's counter (``flops.macs``:
+    convolutions and matrix products of the forward, backward and matcher; nothing else): traced,
+    not compiled."""
+    return flops.macs(self.par.step, *self.train_args(per_device_batch, hw))["total"] / (
+      per_device_batch * self.devices
+    )
 
   def eval_macs_per_image(self, per_device_batch: int, hw: tuple[int, int]) -> float:
     """``train_macs_per_image`` for the evaluation program."""
     k = coco_eval.top_k(self.config)
     predict = lambda v, b: coco_eval.predict_batch(v, b, model=self.model, k=k)
-    return flops.macs(predict, *self._eval_args(per_device_batch, hw))["total"] / (per_device_batch * self.devices)
+    return flops.macs(predict, *self._eval_args(per_device_batch, hw))["total"] / (
+      per_device_batch * self.devices
+    )
 
 
-def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, configured: Compiled | DoesNotFitError,
-                     capacity_gib: float, out: Callable[[str], None], limit: int = 4096) -> int:
-  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and returned.
+def search_max_batch(
+  compiler: SliceCompiler,
+  hw: tuple[int, int],
+  batch: int,
+  configured: Compiled | DoesNotFitError,
+  capacity_gib: float,
+  out: Callable[[str], None],
+  limit: int = 4096,
+) -> int:
+  """``--max_batch``: the largest per-device train batch that fits ``capacity_gib``, printed and
+  returned.
 
-  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the compiler's
-  refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to compile (a line
-  through the measured peaks predicts the answer; one compile confirms that it fits, one that the next
-  batch does not). Prints a line per try as it ends (each is a compile of minutes), then the answer.
+  Starts from the configured ``batch`` (already compiled: ``configured``, its program or the
+  compiler's refusal), then lets ``batch_search.largest_fitting_batch`` choose the batches to
+  compile (a line through the measured peaks predicts the answer; one compile confirms that it fits,
+  one that the next batch does not). Prints a line per try as it ends (each is a compile of
+  minutes), then the answer.
   """
   compiles = 0
-  other_bytes = 0.0  # a fitted compile's bytes besides temporaries, for refusals that name only those
+  other_bytes = (
+    0.0  # a fitted compile's bytes besides temporaries, for refusals that name only those
+  )
 
   def outcome(c: Compiled | DoesNotFitError) -> batch_search.BatchTry:
     nonlocal other_bytes
@@ -268,8 +316,13 @@ def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, c
     elif result.fits or result.capacity_bytes is None:
       peak = f"peak {gib(result.peak_bytes)} GiB"
     else:
-      peak = f"needs about {gib(result.peak_bytes)} GiB of the compiler's {gib(result.capacity_bytes)}"
-    out(f"    max_batch try {n}/device ({why}): {peak}: {'fits' if result.fits else 'does not fit'}{seconds}")
+      peak = (
+        f"needs about {gib(result.peak_bytes)} GiB of the compiler's {gib(result.capacity_bytes)}"
+      )
+    out(
+      f"    max_batch try {n}/device ({why}): {peak}: "
+      f"{'fits' if result.fits else 'does not fit'}{seconds}"
+    )
     return result
 
   best = batch_search.largest_fitting_batch(try_batch, capacity_gib * GIB, start=batch, limit=limit)
@@ -279,5 +332,8 @@ def search_max_batch(compiler: SliceCompiler, hw: tuple[int, int], batch: int, c
     verdict = f"{best} (the search's cap; more may fit)"
   else:
     verdict = f"{best} ({best} fits, {best + 1} does not)"
-  out(f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} compiles")
+  out(
+    f"    largest per-device train batch that fits {capacity_gib:g} GiB: {verdict}; {compiles} "
+    "compiles"
+  )
   return best

@@ -9,6 +9,7 @@ import jax
 
 from conddetr_jax.hardware import chips, gpu_targets
 
+
 class CompilerMissingError(RuntimeError):
   """The compiler for the named topology is not installed (the message says how to install it)."""
 
@@ -25,8 +26,9 @@ GPU_COMPILER_PATH_VAR = "CONDDETR_GPU_COMPILER_PATH"
 _GPU_PLUGIN = "jax_plugins.xla_cuda12"
 # Compile options for every GPU program. Without a GPU there is no autotuning, and XLA's Triton GEMM
 # emitter must then pick tile sizes by its heuristics, which fail for some of the model's matrix
-# products ("Couldn't find output tile sizes that satisfy hlo: %dot ... out_proj"); with it off, every
-# dot is a cuBLAS call, as XLA also falls back to when autotuning finds no better Triton tiling.
+# products ("Couldn't find output tile sizes that satisfy hlo: %dot ... out_proj"); with it off,
+# every dot is a cuBLAS call, as XLA also falls back to when autotuning finds no better Triton
+# tiling.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
@@ -61,25 +63,35 @@ def topology_devices(name: str) -> list[Any]:
     ValueError: naming the topology, if libtpu does not know it.
   """
   if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
-    raise LibtpuMissingError(f"compiling for a TPU slice needs the TPU compiler (libtpu), which is not installed. "
-                             f"Install it with: {install_command()}   (no TPU needed)")
+    raise LibtpuMissingError(
+      f"compiling for a TPU slice needs the TPU compiler (libtpu), which is not installed. "
+      f"Install it with: {install_command()}   (no TPU needed)"
+    )
   _quiet_libtpu()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
-      raise LibtpuMissingError(f"JAX found no TPU compiler: {e}. Install it with: {install_command()}") from e
+      raise LibtpuMissingError(
+        f"JAX found no TPU compiler: {e}. Install it with: {install_command()}"
+      ) from e
     if "INVALID_ARGUMENT" not in str(e) and "NOT_FOUND" not in str(e):
       raise
-    raise ValueError(f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
-                     f"v4:2x2x2, v6e:2x2): {e}") from e
+    raise ValueError(
+      f"--topology={name!r} is not a TPU slice libtpu knows (e.g. v5e:2x2, v5p:2x2x1, "
+      f"v4:2x2x2, v6e:2x2): {e}"
+    ) from e
 
 
 def gpu_install_command() -> str:
-  """The commands that install the GPU compiler into a folder of its own and point the tool at it."""
-  return (f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
-          f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler")
+  """The commands that install the GPU compiler into a folder of its own and point the tool at
+  it."""
+  return (
+    f"pip install --target ~/conddetr-gpu-compiler -r requirements-gpu-compiler.txt && "
+    f"export {GPU_COMPILER_PATH_VAR}=~/conddetr-gpu-compiler"
+  )
 
 
 def gpu_compiler_options() -> dict[str, Any]:
@@ -110,30 +122,38 @@ def gpu_devices(topology: gpu_targets.GpuTopology) -> list[Any]:
   Must run before JAX has started its backends in this process: JAX looks for plugins once.
 
   Raises:
-    CompilerMissingError: the GPU compiler is neither importable nor in ``$CONDDETR_GPU_COMPILER_PATH``.
+    CompilerMissingError: the GPU compiler is neither importable nor in
+      ``$CONDDETR_GPU_COMPILER_PATH``.
   """
   folder = os.environ.get(GPU_COMPILER_PATH_VAR)
   if folder and os.path.isdir(folder) and folder not in sys.path:
     sys.path.append(folder)
   if not gpu_compiler_importable():
-    raise CompilerMissingError("compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
-                               f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
-                               f"{gpu_install_command()}   (no GPU needed)")
+    raise CompilerMissingError(
+      "compiling for a GPU needs the GPU compiler (jax-cuda12-pjrt), which is not installed"
+      f"{f' in {GPU_COMPILER_PATH_VAR}={folder}' if folder else ''}. Install it with: "
+      f"{gpu_install_command()}   (no GPU needed)"
+    )
   # The plugin checks the CUDA runtime libraries' versions when it loads: none are installed (none
   # are needed to compile), and the host side runs on the CPU.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
-    desc = topologies.get_topology_desc(platform="cuda", target_config=topology.gpu.target_config(),
-                                        topology=topology.topology_string)
+    desc = topologies.get_topology_desc(
+      platform="cuda", target_config=topology.gpu.target_config(), topology=topology.topology_string
+    )
   except NotImplementedError as e:  # JAX registered its plugins before the folder was on the path
-    raise CompilerMissingError(f"JAX started without the GPU compiler ({e}): put {folder or 'its folder'} on "
-                               "PYTHONPATH before JAX starts") from e
+    raise CompilerMissingError(
+      f"JAX started without the GPU compiler ({e}): put {folder or 'its folder'} on "
+      "PYTHONPATH before JAX starts"
+    ) from e
   return list(desc.devices)
 
 
 def devices_of(name: str) -> list[Any]:
-  """The compile-only devices of a GPU node (``h100:8``, ``gpu:4``, ``h100:2x8``) or TPU slice (``v5e:2x2``)."""
+  """The compile-only devices of a GPU node (``h100:8``, ``gpu:4``, ``h100:2x8``) or TPU slice
+  (``v5e:2x2``)."""
   gpu = gpu_targets.parse_topology(name)
   return topology_devices(name) if gpu is None else gpu_devices(gpu)
 
@@ -149,6 +169,7 @@ def chip_of(device: Any) -> chips.Chip | None:
 
 
 def devices_per_chip(devices: Sequence[Any]) -> int:
-  """JAX devices per physical chip (2 where each TensorCore is a device, as on v4 without megacore)."""
+  """JAX devices per physical chip (2 where each TensorCore is a device, as on v4 without
+  megacore)."""
   coords = {tuple(d.coords) for d in devices if getattr(d, "coords", None) is not None}
   return max(1, len(devices) // len(coords)) if coords else 1

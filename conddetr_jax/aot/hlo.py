@@ -4,16 +4,43 @@ import re
 
 import numpy as np
 
-COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                  "collective-broadcast", "ragged-all-to-all")
-_BYTES_PER_ELEMENT = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                      "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\(")
+COLLECTIVE_OPS = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+  "collective-broadcast",
+  "ragged-all-to-all",
+)
+_BYTES_PER_ELEMENT = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
+_INSTRUCTION = re.compile(
+  r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\("
+)
 _ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
 
 
 def shape_bytes_by_dtype(shape: str) -> dict[str, int]:
-  """Bytes of an HLO result shape per element type: ``(f32[2,3]{1,0}, bf16[4])`` -> {f32: 24, bf16: 8}."""
+  """Bytes of an HLO result shape per element type: ``(f32[2,3]{1,0}, bf16[4])`` -> {f32: 24, bf16:
+  8}."""
   total: dict[str, float] = {}
   for m in _ARRAY.finditer(shape):
     dims = [int(d) for d in m["dims"].split(",") if d]
@@ -47,7 +74,7 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     op = m["op"]
     if op.endswith("-start"):
       continue
-    base = op[:-len("-done")] if op.endswith("-done") else op
+    base = op[: -len("-done")] if op.endswith("-done") else op
     if base not in COLLECTIVE_OPS:
       continue
     entry = found.setdefault(base, {"count": 0, "bytes": 0, "bytes_by_dtype": {}})

@@ -9,9 +9,16 @@ import numpy as np
 
 from conddetr_jax import data
 from conddetr_jax.aot import devices as devices_lib
-from conddetr_jax.hardware import chips
-from conddetr_jax.aot.compiling import GIB, Compiled, DoesNotFitError, SliceCompiler, gib, search_max_batch
+from conddetr_jax.aot.compiling import (
+  GIB,
+  Compiled,
+  DoesNotFitError,
+  SliceCompiler,
+  gib,
+  search_max_batch,
+)
 from conddetr_jax.data import batching
+from conddetr_jax.hardware import chips
 from conddetr_jax.training import loop
 
 # The original's largest training input (shorter side 800, longer side at most 1333: 800x1216 for
@@ -29,7 +36,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _names_dataset(config: ml_collections.ConfigDict) -> bool:
   ds = config.dataset
-  return bool(ds.buckets) or ds.source in ("synthetic", "tfds") or bool(ds.root) or bool(ds.train_ann)
+  return (
+    bool(ds.buckets) or ds.source in ("synthetic", "tfds") or bool(ds.root) or bool(ds.train_ann)
+  )
 
 
 def default_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -39,10 +48,17 @@ def default_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     if not config.dataset.buckets:
       data.prepare_dataset(config)
     return [tuple(int(v) for v in b) for b in data.buckets(config)]
-  return [tuple(int(v) for v in batching.round_up(np.array(ORIGINAL_LARGEST_SIZE), config.dataset.size_divisibility))]
+  return [
+    tuple(
+      int(v)
+      for v in batching.round_up(np.array(ORIGINAL_LARGEST_SIZE), config.dataset.size_divisibility)
+    )
+  ]
 
 
-def estimated_images_per_s(chip: chips.Chip | None, flops_per_image: float, utilization: float) -> float | None:
+def estimated_images_per_s(
+  chip: chips.Chip | None, flops_per_image: float, utilization: float
+) -> float | None:
   """ESTIMATE: images/s per chip if the step's FLOPs ran at ``utilization`` of the bf16 peak."""
   if chip is None or chip.bf16_tflops is None or flops_per_image <= 0:
     return None
@@ -51,35 +67,67 @@ def estimated_images_per_s(chip: chips.Chip | None, flops_per_image: float, util
 
 def describe(c: Compiled, capacity_gib: float | None, what: str) -> list[str]:
   """Table rows for one compiled program."""
-  fits = "unknown (chip capacity unknown)" if capacity_gib is None else (
-      "yes" if c.peak_bytes <= capacity_gib * GIB else "NO")
+  fits = (
+    "unknown (chip capacity unknown)"
+    if capacity_gib is None
+    else ("yes" if c.peak_bytes <= capacity_gib * GIB else "NO")
+  )
   cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
-  rows = [f"  {what}: compile {c.seconds:.1f} s; per device: arguments {gib(c.argument_bytes)} GiB, temporaries "
-          f"{gib(c.temp_bytes)} GiB, outputs {gib(c.output_bytes)} GiB (aliased to arguments "
-          f"{gib(c.alias_bytes)}), code {gib(c.code_bytes)}; peak {gib(c.peak_bytes)} GiB of {cap} GiB: fits {fits}"]
+  rows = [
+    f"  {what}: compile {c.seconds:.1f} s; per device: arguments {gib(c.argument_bytes)} GiB, "
+    f"temporaries {gib(c.temp_bytes)} GiB, outputs {gib(c.output_bytes)} GiB (aliased to arguments "
+    f"{gib(c.alias_bytes)}), code {gib(c.code_bytes)}; peak {gib(c.peak_bytes)} GiB of {cap} GiB: "
+    f"fits {fits}"
+  ]
   if c.collectives:
-    parts = [f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB ("
-             + ", ".join(f"{t} {b / 2**20:.1f}" for t, b in sorted(v["bytes_by_dtype"].items(), key=lambda kv: -kv[1]))
-             + ")" for op, v in sorted(c.collectives.items())]
-    rows.append(f"    collectives per device (static count, result bytes by element type): {', '.join(parts)}")
+    parts = [
+      f"{op} x{v['count']} {v['bytes'] / 2**20:.1f} MiB ("
+      + ", ".join(
+        f"{t} {b / 2**20:.1f}"
+        for t, b in sorted(v["bytes_by_dtype"].items(), key=lambda kv: -kv[1])
+      )
+      + ")"
+      for op, v in sorted(c.collectives.items())
+    ]
+    rows.append(
+      f"    collectives per device (static count, result bytes by element type): {', '.join(parts)}"
+    )
   else:
     rows.append("    collectives: none")
   return rows
 
 
-def summary_line(topology: str, devices: int, fits: bool, peak_gib: float, capacity_gib: float | None,
-                 train_gflop_per_image: float, eval_gmac_per_image: float | None) -> str:
-  """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=... train_gflop_per_image=...
-  eval_gmac_per_image=...`` ('unknown' where a figure is)."""
+def summary_line(
+  topology: str,
+  devices: int,
+  fits: bool,
+  peak_gib: float,
+  capacity_gib: float | None,
+  train_gflop_per_image: float,
+  eval_gmac_per_image: float | None,
+) -> str:
+  """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=...
+  train_gflop_per_image=... eval_gmac_per_image=...`` ('unknown' where a figure is)."""
   cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
   ev = "skipped" if eval_gmac_per_image is None else f"{eval_gmac_per_image:.1f}"
-  return (f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} hbm_gib={peak_gib:.2f} "
-          f"hbm_capacity_gib={cap} train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}")
+  return (
+    f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} "
+    f"hbm_gib={peak_gib:.2f} hbm_capacity_gib={cap} "
+    f"train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}"
+  )
 
 
-def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[int, int]], *,
-        max_batch: bool = False, with_eval: bool = True, out: Callable[[str], None] = print) -> str:
-  """Compiles and reports for each size; returns the summary line (of the first size), also printed last.
+def run(
+  config: ml_collections.ConfigDict,
+  topology: str,
+  sizes: Sequence[tuple[int, int]],
+  *,
+  max_batch: bool = False,
+  with_eval: bool = True,
+  out: Callable[[str], None] = print,
+) -> str:
+  """Compiles and reports for each size; returns the summary line (of the first size), also printed
+  last.
 
   Raises:
     CompilerMissingError, ValueError: no TPU or GPU compiler, an unknown topology, or a bad config.
@@ -99,22 +147,37 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
   loop.validate_config(config, len(devices))
   batch = config.per_device_batch_size
   m = config.model
-  out(f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) over "
-      f"{processes} host(s); chip: " + ("unknown to this tool: HBM capacity and peak not known" if chip is None else
-                                       f"{chip.name}, {chip.hbm_gib:g} GiB HBM, " + (
-                                           "no bf16 tensor cores" if chip.bf16_tflops is None else
-                                           f"{chip.bf16_tflops:g} bf16 TFLOP/s")))
-  out(f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per device "
-      f"(global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
-      f"{config.eval_per_device_batch_size} images per device")
+  out(
+    f"topology {topology}: {len(devices)} devices ({devices[0].device_kind}, {per_chip} per chip) "
+    f"over {processes} host(s); chip: "
+    + (
+      "unknown to this tool: HBM capacity and peak not known"
+      if chip is None
+      else f"{chip.name}, {chip.hbm_gib:g} GiB HBM, "
+      + (
+        "no bf16 tensor cores" if chip.bf16_tflops is None else f"{chip.bf16_tflops:g} bf16 TFLOP/s"
+      )
+    )
+  )
+  out(
+    f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per "
+    f"device (global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
+    f"{config.eval_per_device_batch_size} images per device"
+  )
   compiler = SliceCompiler(config, devices)
   if compiler.gpu:
-    out("FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of convolutions and matrix "
-        "products only; the GPU compiler gives no cost analysis); GMAC = GFLOP / 2.")
-    out("Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix product a cuBLAS call "
-        "(xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without scratch space; a GPU's autotuned program "
-        "may choose Triton fusions and convolution algorithms with workspace. JAX itself takes 75% of a GPU's memory "
-        "unless XLA_PYTHON_CLIENT_MEM_FRACTION says more.")
+    out(
+      "FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of "
+      "convolutions and matrix products only; the GPU compiler gives no cost analysis); GMAC = "
+      "GFLOP / 2."
+    )
+    out(
+      "Memory is XLA's buffer assignment without a GPU, so without autotuning: every matrix "
+      "product a cuBLAS call (xla_gpu_enable_triton_gemm=false) and cuDNN convolutions without "
+      "scratch space; a GPU's autotuned program may choose Triton fusions and convolution "
+      "algorithms with workspace. JAX itself takes 75% of a GPU's memory unless "
+      "XLA_PYTHON_CLIENT_MEM_FRACTION says more."
+    )
   else:
     out("FLOPs are XLA's (a multiply-add counts 2; elementwise ops count too); GMAC = GFLOP / 2.")
   summary = None
@@ -125,27 +188,49 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
       train = compiler.train(batch, hw)
     except DoesNotFitError as e:
       train, refusal = None, e
-      out(f"  train step ({batch}/device): does NOT fit{e.describe_need()}: {str(e).splitlines()[0][:300]}")
+      out(
+        f"  train step ({batch}/device): does NOT fit{e.describe_need()}: "
+        f"{str(e).splitlines()[0][:300]}"
+      )
     except Exception as e:  # pylint: disable=broad-except
       if processes > 1:
-        raise RuntimeError(f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
-                           f"process ({type(e).__name__}: {e}); try one host, such as v5e:2x2 or h100:8") from e
+        raise RuntimeError(
+          f"--topology={topology} spans {processes} hosts and JAX could not compile it from one "
+          f"process ({type(e).__name__}: {e}); try one host, such as v5e:2x2 or h100:8"
+        ) from e
       raise
     gflop = float("nan")
     if train is not None:
       out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
-      flops_per_image = 2 * compiler.train_macs_per_image(batch, hw) if compiler.gpu else train.flops / batch
+      flops_per_image = (
+        2 * compiler.train_macs_per_image(batch, hw) if compiler.gpu else train.flops / batch
+      )
       gflop = flops_per_image / 1e9
       est = [estimated_images_per_s(chip, flops_per_image, u) for u in (1.0, 0.4)]
-      out(f"    train: {gflop:.1f} GFLOP per image per step"
-          + ("" if est[0] is None else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
-             f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"))
+      out(
+        f"    train: {gflop:.1f} GFLOP per image per step"
+        + (
+          ""
+          if est[0] is None
+          else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
+          f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"
+        )
+      )
     gmac = None
     if with_eval:
       ev = compiler.eval(config.eval_per_device_batch_size, hw)
-      out("\n".join(describe(ev, capacity, f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)")))
-      gmac = (compiler.eval_macs_per_image(config.eval_per_device_batch_size, hw) if compiler.gpu
-              else ev.flops / 2 / config.eval_per_device_batch_size) / 1e9
+      out(
+        "\n".join(
+          describe(
+            ev, capacity, f"eval forward+postprocess ({config.eval_per_device_batch_size}/device)"
+          )
+        )
+      )
+      gmac = (
+        compiler.eval_macs_per_image(config.eval_per_device_batch_size, hw)
+        if compiler.gpu
+        else ev.flops / 2 / config.eval_per_device_batch_size
+      ) / 1e9
       out(f"    eval: {gmac:.1f} GMAC ({2 * gmac:.1f} GFLOP) per image")
     if max_batch and capacity is not None:
       search_max_batch(compiler, hw, batch, train or refusal, capacity, out)
@@ -154,6 +239,8 @@ def run(config: ml_collections.ConfigDict, topology: str, sizes: Sequence[tuple[
     if summary is None:
       fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
       peak_bytes = train.peak_bytes if train is not None else (refusal.needed_bytes or float("nan"))
-      summary = summary_line(topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac)
+      summary = summary_line(
+        topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac
+      )
   out(summary)
   return summary

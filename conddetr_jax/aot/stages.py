@@ -29,13 +29,20 @@ from conddetr_jax.hardware import chips, flops
 from conddetr_jax.training import optimizer
 
 # The detector's submodules that are stages, in the order they run, and each one's row name.
-MODULE_STAGES = {"backbone": "backbone", "input_proj": "input projection", "encoder": "encoder",
-                 "decoder": "decoder", "class_embed": "heads", "bbox_embed": "heads"}
+MODULE_STAGES = {
+  "backbone": "backbone",
+  "input_proj": "input projection",
+  "encoder": "encoder",
+  "decoder": "decoder",
+  "class_embed": "heads",
+  "bbox_embed": "heads",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class StageCost:
   """One program's cost per device, as XLA's ``cost_analysis`` counts it."""
+
   flops: float
   bytes_accessed: float
 
@@ -44,7 +51,8 @@ class StageCost:
     return self.flops / self.bytes_accessed if self.bytes_accessed else float("nan")
 
   def roofline_s(self, chip: chips.Chip) -> float | None:
-    """The larger of compute at the bf16 peak and traffic at the HBM bandwidth, or None without a peak."""
+    """The larger of compute at the bf16 peak and traffic at the HBM bandwidth, or None without a
+    peak."""
     if chip.bf16_tflops is None:
       return None
     return max(self.flops / (chip.bf16_tflops * 1e12), self.bytes_accessed / (chip.hbm_gbs * 1e9))
@@ -56,14 +64,21 @@ def cost_of(compiled: Any) -> StageCost:
   return StageCost(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
 
 
-def _module_calls(model: nn.Module, variables: Any, images: Any, pad_mask: Any) -> dict[str, tuple[nn.Module, tuple]]:
+def _module_calls(
+  model: nn.Module, variables: Any, images: Any, pad_mask: Any
+) -> dict[str, tuple[nn.Module, tuple]]:
   """Each stage module of ``model`` (unbound) with the abstract arguments it is called with."""
   calls = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module
     path = module.scope.path if module.scope is not None else ()
-    if context.method_name == "__call__" and len(path) == 1 and path[0] in MODULE_STAGES and path[0] not in calls:
+    if (
+      context.method_name == "__call__"
+      and len(path) == 1
+      and path[0] in MODULE_STAGES
+      and path[0] not in calls
+    ):
       calls[module.name] = (module.clone(parent=None), args)
     return next_fun(*args, **kwargs)
 
@@ -75,8 +90,11 @@ def _module_calls(model: nn.Module, variables: Any, images: Any, pad_mask: Any) 
   return calls
 
 
-def _forward_backward(module: nn.Module, name: str, differentiate_inputs: bool) -> Callable[..., Any]:
+def _forward_backward(
+  module: nn.Module, name: str, differentiate_inputs: bool
+) -> Callable[..., Any]:
   """fn(variables, cotangent, *args): the module's forward and the vjp of its outputs."""
+
   def run(variables, cotangent, *args):
     sub = {col: tree[name] for col, tree in variables.items() if name in tree}
     params = sub.pop("params", {})
@@ -89,23 +107,34 @@ def _forward_backward(module: nn.Module, name: str, differentiate_inputs: bool) 
     else:
       out, vjp = jax.vjp(lambda p: apply(p, *args), params)
     return vjp(jax.tree.map(lambda o, c: c.astype(o.dtype), out, cotangent))
+
   return run
 
 
 @dataclasses.dataclass
 class StageTable:
   """Per-stage costs of one train step, the whole step's, and the step minus the stages' sum."""
+
   stages: dict[str, StageCost]
   step: StageCost
 
   @property
   def rest(self) -> StageCost:
-    total = lambda field: sum(getattr(s, field) for name, s in self.stages.items() if name != "matching")
-    return StageCost(self.step.flops - total("flops"), self.step.bytes_accessed - total("bytes_accessed"))
+    total = lambda field: sum(
+      getattr(s, field) for name, s in self.stages.items() if name != "matching"
+    )
+    return StageCost(
+      self.step.flops - total("flops"), self.step.bytes_accessed - total("bytes_accessed")
+    )
 
 
-def stage_programs(config: ml_collections.ConfigDict, model: nn.Module, variables: Any,
-                   batch: dict[str, Any], abstract_state: Any) -> dict[str, tuple[Callable[..., Any], tuple]]:
+def stage_programs(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  variables: Any,
+  batch: dict[str, Any],
+  abstract_state: Any,
+) -> dict[str, tuple[Callable[..., Any], tuple]]:
   """name -> (function, abstract arguments) for every stage of the train step on ``batch``.
 
   ``variables`` and ``batch`` hold ``jax.ShapeDtypeStruct`` leaves (with shardings if the caller
@@ -113,49 +142,80 @@ def stage_programs(config: ml_collections.ConfigDict, model: nn.Module, variable
   ``params`` give the optimizer update's shapes).
   """
   programs: dict[str, tuple[Callable[..., Any], tuple]] = {}
-  as_cotangent = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), tree)
+  as_cotangent = lambda tree: jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), tree
+  )
   heads = []
-  for name, (module, args) in _module_calls(model, variables, batch["image"], batch["pad_mask"]).items():
-    out = jax.eval_shape(lambda v, *a, m=module, n=name: m.apply(
-        {c: t[n] for c, t in v.items() if n in t}, *a, rngs={"dropout": jax.random.PRNGKey(0)}), variables, *args)
+  for name, (module, args) in _module_calls(
+    model, variables, batch["image"], batch["pad_mask"]
+  ).items():
+    out = jax.eval_shape(
+      lambda v, *a, m=module, n=name: m.apply(
+        {c: t[n] for c, t in v.items() if n in t}, *a, rngs={"dropout": jax.random.PRNGKey(0)}
+      ),
+      variables,
+      *args,
+    )
     fn = _forward_backward(module, name, differentiate_inputs=name != "backbone")
     if MODULE_STAGES[name] == "heads":
       heads.append((fn, (variables, as_cotangent(out), *args)))
       continue
     programs[MODULE_STAGES[name]] = (fn, (variables, as_cotangent(out), *args))
   if heads:  # the two heads as one program: both run on the decoder's output
-    programs["heads"] = (lambda first, second: (heads[0][0](*first), heads[1][0](*second)),
-                         tuple(args for _, args in heads))
+    programs["heads"] = (
+      lambda first, second: (heads[0][0](*first), heads[1][0](*second)),
+      tuple(args for _, args in heads),
+    )
 
-  outputs = jax.eval_shape(lambda v, x, m: model.apply(v, x, m, train=True, rngs={"dropout": jax.random.PRNGKey(0)}),
-                           variables, batch["image"], batch["pad_mask"])
+  outputs = jax.eval_shape(
+    lambda v, x, m: model.apply(v, x, m, train=True, rngs={"dropout": jax.random.PRNGKey(0)}),
+    variables,
+    batch["image"],
+    batch["pad_mask"],
+  )
   outputs = as_cotangent(outputs)
   targets = {k: batch[k] for k in ("boxes", "labels", "box_valid")}
-  programs["criterion"] = (jax.grad(lambda out, b: losses.set_criterion(out, b, config)["loss"]), (outputs, targets))
+  programs["criterion"] = (
+    jax.grad(lambda out, b: losses.set_criterion(out, b, config)["loss"]),
+    (outputs, targets),
+  )
 
   def match(out, b):
-    logits = jnp.stack([o["pred_logits"] for o in out.get("aux_outputs", [])] + [out["pred_logits"]])
+    logits = jnp.stack(
+      [o["pred_logits"] for o in out.get("aux_outputs", [])] + [out["pred_logits"]]
+    )
     boxes = jnp.stack([o["pred_boxes"] for o in out.get("aux_outputs", [])] + [out["pred_boxes"]])
-    return matching.match(logits, boxes, b["boxes"], b["labels"], b["box_valid"], config.matcher).target_index
+    return matching.match(
+      logits, boxes, b["boxes"], b["labels"], b["box_valid"], config.matcher
+    ).target_index
+
   programs["matching"] = (match, (outputs, targets))
 
-  tx = optimizer.build_optimizer(config, abstract_state.params, optimizer.learning_rate_schedule(config, 1000))
+  tx = optimizer.build_optimizer(
+    config, abstract_state.params, optimizer.learning_rate_schedule(config, 1000)
+  )
 
   def update(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
-  programs["optimizer update"] = (update, (abstract_state.params, abstract_state.opt_state, abstract_state.params))
+
+  programs["optimizer update"] = (
+    update,
+    (abstract_state.params, abstract_state.opt_state, abstract_state.params),
+  )
   return programs
 
 
 def _placed(tree: Any, batch_size: int, batch_sharding: Any, replicated: Any) -> Any:
   """Abstract arrays without a sharding get one: split over the batch if their leading axis is the
   batch's, else replicated (as the whole step holds them)."""
+
   def place(x):
     if getattr(x, "sharding", None) is not None:
       return x
     sharding = batch_sharding if x.ndim and x.shape[0] == batch_size else replicated
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
   return jax.tree.map(place, tree)
 
 

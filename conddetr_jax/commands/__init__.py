@@ -1,10 +1,11 @@
 """The installed package's commands: ``conddetr-train``, ``conddetr-eval``, ``conddetr-predict``,
-``conddetr-aot`` and ``conddetr-convert`` (pyproject.toml's console scripts).
+``conddetr-aot``, ``conddetr-convert`` and ``conddetr-export`` (pyproject.toml's console scripts).
 
 Each runs its module as ``python <script>`` would, with the same flags: train/eval/predict are the
-checkout's top-level scripts (linked here so that the wheel carries them); aot and convert are
-the package's ``conddetr_jax.aot`` and ``conddetr_jax.convert``. Running the module, not importing
-a function, keeps each command's flags defined only when that command runs.
+checkout's top-level scripts (linked here so that the wheel carries them); aot, convert and export
+are the package's ``conddetr_jax.aot``, ``conddetr_jax.convert`` and ``conddetr_jax.export``.
+Running the module, not importing a function, keeps each command's flags defined only when that
+command runs.
 """
 
 import runpy
@@ -37,3 +38,8 @@ def aot() -> None:
 def convert() -> None:
   """``conddetr-convert``: ``python -m conddetr_jax.convert``."""
   _run("conddetr_jax.convert")
+
+
+def export() -> None:
+  """``conddetr-export``: ``python -m conddetr_jax.export``."""
+  _run("conddetr_jax.export")

@@ -40,14 +40,16 @@ def area(boxes: jax.Array) -> jax.Array:
 def _iou_and_giou(boxes1: jax.Array, boxes2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """IoU and GIoU of xyxy boxes that broadcast against each other: (..., 4) -> (...,)."""
   inter_wh = jnp.maximum(
-      jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
-      - jnp.maximum(boxes1[..., :2], boxes2[..., :2]), 0.0)
+    jnp.minimum(boxes1[..., 2:], boxes2[..., 2:]) - jnp.maximum(boxes1[..., :2], boxes2[..., :2]),
+    0.0,
+  )
   inter = inter_wh[..., 0] * inter_wh[..., 1]
   union = area(boxes1) + area(boxes2) - inter
   iou = inter / jnp.maximum(union, _EPS)
   hull_wh = jnp.maximum(
-      jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
-      - jnp.minimum(boxes1[..., :2], boxes2[..., :2]), 0.0)
+    jnp.maximum(boxes1[..., 2:], boxes2[..., 2:]) - jnp.minimum(boxes1[..., :2], boxes2[..., :2]),
+    0.0,
+  )
   hull = hull_wh[..., 0] * hull_wh[..., 1]
   giou = iou - (hull - union) / jnp.maximum(hull, _EPS)
   return iou, giou

@@ -32,8 +32,9 @@ from conddetr_jax.criterion.focal import sigmoid_focal_loss
 TERMS = ("loss_ce_dense", "loss_bbox_dense", "loss_giou_dense")
 
 
-def assign_tokens(centres: jax.Array, token_valid: jax.Array, tgt_boxes: jax.Array,
-                  box_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+def assign_tokens(
+  centres: jax.Array, token_valid: jax.Array, tgt_boxes: jax.Array, box_valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Each token's target slot under the one-to-many rule of the module docstring.
 
   Args:
@@ -46,8 +47,8 @@ def assign_tokens(centres: jax.Array, token_valid: jax.Array, tgt_boxes: jax.Arr
     (B, T) int32 target slot per token (-1: a negative), and (B, M) float32 each target's
     number of positives.
   """
-  x0, y0, x1, y1 = jnp.moveaxis(box_ops.cxcywh_to_xyxy(tgt_boxes), -1, 0)          # (B, M) each
-  cx, cy = centres[..., 0, None], centres[..., 1, None]                             # (B, T, 1)
+  x0, y0, x1, y1 = jnp.moveaxis(box_ops.cxcywh_to_xyxy(tgt_boxes), -1, 0)  # (B, M) each
+  cx, cy = centres[..., 0, None], centres[..., 1, None]  # (B, T, 1)
   inside = (cx > x0[:, None]) & (cx < x1[:, None]) & (cy > y0[:, None]) & (cy < y1[:, None])
   dist = jnp.sum((centres[:, :, None, :] - tgt_boxes[:, None, :, :2]) ** 2, axis=-1)  # (B, T, M)
   dist = jnp.where(token_valid[..., None], dist, jnp.inf)
@@ -55,13 +56,18 @@ def assign_tokens(centres: jax.Array, token_valid: jax.Array, tgt_boxes: jax.Arr
   candidate = (inside | nearest) & token_valid[..., None] & box_valid[:, None, :]
   area = jnp.where(candidate, box_ops.area(box_ops.cxcywh_to_xyxy(tgt_boxes))[:, None, :], jnp.inf)
   slot = jnp.where(candidate.any(-1), jnp.argmin(area, axis=-1), -1)
-  counts = jax.nn.one_hot(slot, tgt_boxes.shape[1]).sum(1)                          # -1 rows are zero
+  counts = jax.nn.one_hot(slot, tgt_boxes.shape[1]).sum(1)  # -1 rows are zero
   return slot, counts
 
 
-def dense_losses(dense: dict[str, jax.Array], tgt_boxes: jax.Array, tgt_labels: jax.Array,
-                 box_valid: jax.Array, norm: jax.Array,
-                 loss_config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+def dense_losses(
+  dense: dict[str, jax.Array],
+  tgt_boxes: jax.Array,
+  tgt_labels: jax.Array,
+  box_valid: jax.Array,
+  norm: jax.Array,
+  loss_config: ml_collections.ConfigDict,
+) -> dict[str, jax.Array]:
   """The three unweighted dense terms (``TERMS``) of the model's ``dense_outputs``.
 
   Args:
@@ -83,14 +89,19 @@ def dense_losses(dense: dict[str, jax.Array], tgt_boxes: jax.Array, tgt_labels: 
   labels = jnp.take_along_axis(tgt_labels, index, axis=1)
   onehot = jax.nn.one_hot(jnp.where(positive, labels, -1), logits.shape[-1])
   # A positive weighs 1 / its target's positives, so each object's terms weigh one box.
-  weight = jnp.where(positive, 1.0 / jnp.maximum(jnp.take_along_axis(counts, index, axis=1), 1.0), 0.0)
+  weight = jnp.where(
+    positive, 1.0 / jnp.maximum(jnp.take_along_axis(counts, index, axis=1), 1.0), 0.0
+  )
   focal = sigmoid_focal_loss(logits, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
   token_weight = jnp.where(positive, weight, token_valid.astype(jnp.float32))
   loss_ce = (token_weight[..., None] * focal).sum() / norm
 
   target = jnp.take_along_axis(tgt_boxes, index[..., None], axis=1)
-  target = jnp.where(positive[..., None], target, 0.5)                 # defined GIoU for negatives
+  target = jnp.where(positive[..., None], target, 0.5)  # defined GIoU for negatives
   l1 = jnp.abs(pred - target).sum(-1)
   giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(pred), box_ops.cxcywh_to_xyxy(target))
-  return {"loss_ce_dense": loss_ce, "loss_bbox_dense": (weight * l1).sum() / norm,
-          "loss_giou_dense": (weight * (1 - giou)).sum() / norm}
+  return {
+    "loss_ce_dense": loss_ce,
+    "loss_bbox_dense": (weight * l1).sum() / norm,
+    "loss_giou_dense": (weight * (1 - giou)).sum() / norm,
+  }

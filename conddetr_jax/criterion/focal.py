@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 
 
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
-                       gamma: float = 2.0) -> jax.Array:
+def sigmoid_focal_loss(
+  logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0
+) -> jax.Array:
   """Elementwise sigmoid focal loss (RetinaNet), unreduced.
 
   Args:

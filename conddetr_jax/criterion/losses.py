@@ -70,20 +70,24 @@ def _stack_layers(out: dict) -> tuple[jax.Array, jax.Array]:
   return logits, boxes
 
 
-def _groups_as_images(logits: jax.Array, boxes: jax.Array, num_groups: int,
-                      num_queries: int) -> tuple[jax.Array, jax.Array]:
+def _groups_as_images(
+  logits: jax.Array, boxes: jax.Array, num_groups: int, num_queries: int
+) -> tuple[jax.Array, jax.Array]:
   """(L, B, K*Q, ...) -> (L, B*K, Q, ...): each group of queries becomes an image of its own
   (image b's group k at b*K + k), so matching and losses treat it as one set."""
   layers, batch, queries = logits.shape[:3]
   if queries != num_groups * num_queries:
-    raise ValueError(f"{queries} predicted queries, expected config.model.num_groups={num_groups} x "
-                     f"num_queries={num_queries} (the criterion takes the model's train=True outputs)")
+    raise ValueError(
+      f"{queries} predicted queries, expected config.model.num_groups={num_groups} x "
+      f"num_queries={num_queries} (the criterion takes the model's train=True outputs)"
+    )
   split = lambda x: x.reshape((layers, batch * num_groups, num_queries) + x.shape[3:])
   return split(logits), split(boxes)
 
 
-def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
-                  axis_name: str | None = None) -> dict[str, jax.Array]:
+def set_criterion(
+  out: dict, batch: dict, config: ml_collections.ConfigDict, axis_name: str | None = None
+) -> dict[str, jax.Array]:
   """Matches every decoder layer to the targets and computes the original's losses.
 
   Args:
@@ -111,43 +115,57 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
   num_groups = config.model.num_groups
   if num_groups > 1:
     logits, pred_boxes = _groups_as_images(logits, pred_boxes, num_groups, config.model.num_queries)
-    tgt_boxes, tgt_labels, valid = (jnp.repeat(x, num_groups, axis=0) for x in (tgt_boxes, tgt_labels, valid))
+    tgt_boxes, tgt_labels, valid = (
+      jnp.repeat(x, num_groups, axis=0) for x in (tgt_boxes, tgt_labels, valid)
+    )
 
   target_index = matching.match(
-      jax.lax.stop_gradient(logits), jax.lax.stop_gradient(pred_boxes), tgt_boxes,
-      tgt_labels, valid, config.matcher).target_index
-  matched = target_index >= 0                                          # (L, B, Q)
+    jax.lax.stop_gradient(logits),
+    jax.lax.stop_gradient(pred_boxes),
+    tgt_boxes,
+    tgt_labels,
+    valid,
+    config.matcher,
+  ).target_index
+  matched = target_index >= 0  # (L, B, Q)
   slot = jnp.maximum(target_index, 0)
   # Per query: its matched target's label and box; unmatched queries get a dummy box
   # so the (masked-out) GIoU and its gradient are well defined.
-  q_labels = jnp.take_along_axis(tgt_labels[None], slot, axis=-1)     # (L, B, Q)
+  q_labels = jnp.take_along_axis(tgt_labels[None], slot, axis=-1)  # (L, B, Q)
   q_boxes = jnp.take_along_axis(tgt_boxes[None], slot[..., None], axis=-2)
-  q_boxes = jnp.where(matched[..., None], q_boxes, 0.5)                # (L, B, Q, 4)
+  q_boxes = jnp.where(matched[..., None], q_boxes, 0.5)  # (L, B, Q, 4)
 
   onehot = jax.nn.one_hot(jnp.where(matched, q_labels, -1), num_classes)
-  focal = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha,
-                             config.loss.focal_gamma)
+  focal = sigmoid_focal_loss(logits, onehot, config.loss.focal_alpha, config.loss.focal_gamma)
   # The original's .mean(1).sum() / num_boxes * num_queries is this sum.
   loss_ce = focal.sum((1, 2, 3)) / norm
   l1 = jnp.abs(pred_boxes - q_boxes).sum(-1)
   loss_bbox = jnp.where(matched, l1, 0.0).sum((1, 2)) / norm
-  giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(pred_boxes),
-                                     box_ops.cxcywh_to_xyxy(q_boxes))
+  giou = box_ops.generalized_box_iou(
+    box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(q_boxes)
+  )
   loss_giou = jnp.where(matched, 1 - giou, 0.0).sum((1, 2)) / norm
 
   # Logged only. The original counts queries whose argmax is not the last class, a
   # leftover of softmax DETR's "no object" column; with sigmoid classes (COCO: the
   # last one is category 90, toothbrush) it counts nearly every query. Kept as is.
-  card_pred = (logits.argmax(-1) != num_classes - 1).sum(-1)          # (L, B)
+  card_pred = (logits.argmax(-1) != num_classes - 1).sum(-1)  # (L, B)
   cardinality = jnp.abs(card_pred - valid.sum(-1)).astype(jnp.float32).mean(-1)
   correct = (logits[-1].argmax(-1) == q_labels[-1]) & matched[-1]
   # 100 - top-1 accuracy over matched queries; 100 when there are none, as the original.
   class_error = 100 - 100 * correct.sum() / jnp.maximum(matched[-1].sum(), 1)
 
-  weights = {"loss_ce": config.loss.ce_weight, "loss_bbox": config.loss.bbox_weight,
-             "loss_giou": config.loss.giou_weight}
-  per_layer = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
-               "cardinality_error": jax.lax.stop_gradient(cardinality)}
+  weights = {
+    "loss_ce": config.loss.ce_weight,
+    "loss_bbox": config.loss.bbox_weight,
+    "loss_giou": config.loss.giou_weight,
+  }
+  per_layer = {
+    "loss_ce": loss_ce,
+    "loss_bbox": loss_bbox,
+    "loss_giou": loss_giou,
+    "cardinality_error": jax.lax.stop_gradient(cardinality),
+  }
   losses = {"class_error": jax.lax.stop_gradient(class_error)}
   total = jnp.zeros((), jnp.float32)
   for layer in range(num_layers):
@@ -158,9 +176,14 @@ def set_criterion(out: dict, batch: dict, config: ml_collections.ConfigDict,
       total += weights[name] * losses[name + suffix]
   if "dense_outputs" in out:
     # The dense head's targets are the batch's own (not repeated per group).
-    dense = dense_losses.dense_losses(out["dense_outputs"], batch["boxes"].astype(jnp.float32),
-                                      batch["labels"].astype(jnp.int32), batch["box_valid"].astype(bool),
-                                      norm, config.loss)
+    dense = dense_losses.dense_losses(
+      out["dense_outputs"],
+      batch["boxes"].astype(jnp.float32),
+      batch["labels"].astype(jnp.int32),
+      batch["box_valid"].astype(bool),
+      norm,
+      config.loss,
+    )
     dense_weight = config.loss.dense_weight
     for name, value in dense.items():
       losses[name] = value

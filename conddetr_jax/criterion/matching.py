@@ -51,6 +51,7 @@ class Matching(NamedTuple):
   Attributes:
     target_index: (..., Q) int32, the target slot matched to each query, -1 if none.
   """
+
   target_index: jax.Array
 
   @property
@@ -59,9 +60,14 @@ class Matching(NamedTuple):
     return self.target_index >= 0
 
 
-def cost_matrix(pred_logits: jax.Array, pred_boxes: jax.Array, tgt_boxes: jax.Array,
-                tgt_labels: jax.Array, tgt_valid: jax.Array,
-                config: ml_collections.ConfigDict) -> jax.Array:
+def cost_matrix(
+  pred_logits: jax.Array,
+  pred_boxes: jax.Array,
+  tgt_boxes: jax.Array,
+  tgt_labels: jax.Array,
+  tgt_valid: jax.Array,
+  config: ml_collections.ConfigDict,
+) -> jax.Array:
   """The original matcher's cost of assigning each query to each target slot.
 
   Args:
@@ -84,15 +90,19 @@ def cost_matrix(pred_logits: jax.Array, pred_boxes: jax.Array, tgt_boxes: jax.Ar
 
   prob = jax.nn.sigmoid(pred_logits)
   pos = FOCAL_ALPHA * (1 - prob) ** FOCAL_GAMMA * -jnp.log(prob + 1e-8)
-  neg = (1 - FOCAL_ALPHA) * prob ** FOCAL_GAMMA * -jnp.log(1 - prob + 1e-8)
+  neg = (1 - FOCAL_ALPHA) * prob**FOCAL_GAMMA * -jnp.log(1 - prob + 1e-8)
   class_cost = jnp.take_along_axis(
-      pos - neg, jnp.broadcast_to(tgt_labels[..., None, :],
-                                  pred_logits.shape[:-1] + tgt_labels.shape[-1:]), axis=-1)
+    pos - neg,
+    jnp.broadcast_to(tgt_labels[..., None, :], pred_logits.shape[:-1] + tgt_labels.shape[-1:]),
+    axis=-1,
+  )
   bbox_cost = jnp.abs(pred_boxes[..., :, None, :] - tgt_boxes[..., None, :, :]).sum(-1)
   giou_cost = -box_ops.pairwise_generalized_box_iou(
-      box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(tgt_boxes))
-  cost = (config.cost_class * class_cost + config.cost_bbox * bbox_cost
-          + config.cost_giou * giou_cost)
+    box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(tgt_boxes)
+  )
+  cost = (
+    config.cost_class * class_cost + config.cost_bbox * bbox_cost + config.cost_giou * giou_cost
+  )
   return jnp.where(tgt_valid[..., None, :], cost, 0.0)
 
 
@@ -143,10 +153,15 @@ def _hungarian_single(cost: jax.Array, valid: jax.Array) -> jax.Array:
       min_reduced = jnp.where(free, min_reduced - delta, min_reduced)
       return u, v, used, min_reduced, via, nxt
 
-    init = (u, v, jnp.zeros(num_queries + 1, bool), jnp.full(num_queries, big),
-            jnp.zeros(num_queries, jnp.int32), jnp.int32(0))
-    u, v, _, _, via, col = jax.lax.while_loop(
-        lambda s: owner[s[-1]] != 0, search_step, init)
+    init = (
+      u,
+      v,
+      jnp.zeros(num_queries + 1, bool),
+      jnp.full(num_queries, big),
+      jnp.zeros(num_queries, jnp.int32),
+      jnp.int32(0),
+    )
+    u, v, _, _, via, col = jax.lax.while_loop(lambda s: owner[s[-1]] != 0, search_step, init)
 
     # Walk the path back to the virtual column, shifting each match along it.
     def augment(s):
@@ -157,8 +172,12 @@ def _hungarian_single(cost: jax.Array, valid: jax.Array) -> jax.Array:
     owner, _ = jax.lax.while_loop(lambda s: s[1] != 0, augment, (owner, col))
     return r + 1, u, v, owner
 
-  init = (jnp.int32(0), jnp.zeros(num_slots, cost.dtype),
-          jnp.zeros(num_queries + 1, cost.dtype), jnp.zeros(num_queries + 1, jnp.int32))
+  init = (
+    jnp.int32(0),
+    jnp.zeros(num_slots, cost.dtype),
+    jnp.zeros(num_queries + 1, cost.dtype),
+    jnp.zeros(num_queries + 1, jnp.int32),
+  )
   _, _, _, owner = jax.lax.while_loop(lambda s: s[0] < num_rows, add_row, init)
   owner = owner[1:]
   return jnp.where(owner > 0, order[jnp.maximum(owner - 1, 0)], -1).astype(jnp.int32)
@@ -207,14 +226,18 @@ def solve(cost: jax.Array, valid: jax.Array, solver: str = "hungarian") -> jax.A
     return fn(cost, valid)
   if solver == "scipy":
     out_shape = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-    return jax.pure_callback(_scipy_host, out_shape, cost, valid,
-                             vmap_method="broadcast_all")
+    return jax.pure_callback(_scipy_host, out_shape, cost, valid, vmap_method="broadcast_all")
   raise ValueError(f"unknown matcher solver {solver!r}")
 
 
-def match(pred_logits: jax.Array, pred_boxes: jax.Array, tgt_boxes: jax.Array,
-          tgt_labels: jax.Array, tgt_valid: jax.Array,
-          config: ml_collections.ConfigDict) -> Matching:
+def match(
+  pred_logits: jax.Array,
+  pred_boxes: jax.Array,
+  tgt_boxes: jax.Array,
+  tgt_labels: jax.Array,
+  tgt_valid: jax.Array,
+  config: ml_collections.ConfigDict,
+) -> Matching:
   """Matches every decoder layer's predictions to the targets in one batched call.
 
   Args:

@@ -23,6 +23,7 @@ import numpy as np
 
 class Field(NamedTuple):
   """One key of the batch: its shape and numpy dtype."""
+
   shape: tuple[int, ...]
   dtype: type
 
@@ -33,11 +34,17 @@ EVAL_KEYS = ("image", "pad_mask", "orig_size", "valid", "image_id")
 def train_batch(batch_size: int, hw: tuple[int, int], max_boxes: int) -> dict[str, Field]:
   """The training batch of ``batch_size`` images padded to ``hw`` with ``max_boxes`` box slots."""
   b, (h, w), m = batch_size, hw, max_boxes
-  return {"image": Field((b, h, w, 3), np.float32), "pad_mask": Field((b, h, w), np.bool_),
-          "boxes": Field((b, m, 4), np.float32), "labels": Field((b, m), np.int32),
-          "box_valid": Field((b, m), np.bool_), "image_id": Field((b,), np.int64),
-          "orig_size": Field((b, 2), np.int32), "size": Field((b, 2), np.int32),
-          "valid": Field((b,), np.bool_)}
+  return {
+    "image": Field((b, h, w, 3), np.float32),
+    "pad_mask": Field((b, h, w), np.bool_),
+    "boxes": Field((b, m, 4), np.float32),
+    "labels": Field((b, m), np.int32),
+    "box_valid": Field((b, m), np.bool_),
+    "image_id": Field((b,), np.int64),
+    "orig_size": Field((b, 2), np.int32),
+    "size": Field((b, 2), np.int32),
+    "valid": Field((b,), np.bool_),
+  }
 
 
 def eval_batch(batch_size: int, hw: tuple[int, int]) -> dict[str, Field]:

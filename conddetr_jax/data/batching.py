@@ -27,7 +27,9 @@ def envelope(buckets: np.ndarray) -> tuple[int, int]:
   return int(buckets[:, 0].max()), int(buckets[:, 1].max())
 
 
-def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buckets: int) -> np.ndarray:
+def derive_buckets(
+  sizes: np.ndarray, max_side: int, divisibility: int, num_buckets: int
+) -> np.ndarray:
   """Chooses ``num_buckets`` padded shapes for a sample of output sizes.
 
   The first bucket is the square (S, S), S = ``max_side`` rounded up, which holds anything. The
@@ -47,11 +49,12 @@ def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buck
   if sizes.size and sizes.max() > top:
     raise ValueError(f"an output size {sizes.max()} exceeds the largest side {max_side}")
   # Only the grid cell of a size matters for fitting: count sizes per cell.
-  cells, counts = np.unique((round_up(sizes, divisibility) // divisibility).reshape(-1, 2), axis=0,
-                            return_counts=True)
+  cells, counts = np.unique(
+    (round_up(sizes, divisibility) // divisibility).reshape(-1, 2), axis=0, return_counts=True
+  )
   n = top // divisibility
   sides = np.arange(1, n + 1)
-  cand = np.stack(np.meshgrid(sides, sides, indexing="ij"), -1).reshape(-1, 2)        # (C, 2) in cells
+  cand = np.stack(np.meshgrid(sides, sides, indexing="ij"), -1).reshape(-1, 2)  # (C, 2) in cells
   fits = (cells[None, :, 0] <= cand[:, None, 0]) & (cells[None, :, 1] <= cand[:, None, 1])  # (C, N)
   # cell_cost[c, i]: padded area of size cell i in candidate c (inf where it does not fit).
   cell_cost = np.where(fits, (cand[:, 0] * cand[:, 1]).astype(np.float64)[:, None], np.inf)
@@ -77,7 +80,7 @@ def derive_buckets(sizes: np.ndarray, max_side: int, divisibility: int, num_buck
   while improved:
     improved = False
     for j in range(1, len(chosen)):
-      best, new_total = best_addition(chosen[:j] + chosen[j + 1:])
+      best, new_total = best_addition(chosen[:j] + chosen[j + 1 :])
       if new_total < total - 1e-6:
         chosen[j], total, improved = best, new_total, True
   buckets = np.unique(cand[chosen], axis=0).astype(np.int64) * divisibility
@@ -98,8 +101,9 @@ def padding_waste(sizes: np.ndarray, buckets: np.ndarray) -> float:
   return float(1 - (sizes[:, 0] * sizes[:, 1]).sum() / (b[:, 0] * b[:, 1]).sum())
 
 
-def group_batches(sizes: np.ndarray, buckets: np.ndarray, batch_size: int
-                  ) -> tuple[list[np.ndarray], np.ndarray]:
+def group_batches(
+  sizes: np.ndarray, buckets: np.ndarray, batch_size: int
+) -> tuple[list[np.ndarray], np.ndarray]:
   """Groups items, taken in the given order, into batches whose items share one bucket.
 
   Each item goes to the queue of its own bucket; a full queue becomes a batch. What is left in the
@@ -129,16 +133,22 @@ def group_batches(sizes: np.ndarray, buckets: np.ndarray, batch_size: int
   # Leftovers ordered by bucket (then position), so that each merged chunk needs a small bucket.
   rest = np.array([p for q in queues for p in q], np.int64)
   for start in range(0, len(rest), batch_size):
-    chunk = rest[start:start + batch_size]
+    chunk = rest[start : start + batch_size]
     hw = sizes[chunk].max(axis=0)
     batches.append(chunk)
     batch_buckets.append(int(assign_buckets(hw[None], buckets)[0]))
   return batches, np.array(batch_buckets, np.int64)
 
 
-def fallback_candidates(positions: np.ndarray, slot_buckets: np.ndarray, sizes: np.ndarray,
-                        buckets: np.ndarray, count: int = NUM_FALLBACKS) -> np.ndarray:
-  """For each slot, the next ``count`` items (in epoch order, cyclically) whose size fits its bucket.
+def fallback_candidates(
+  positions: np.ndarray,
+  slot_buckets: np.ndarray,
+  sizes: np.ndarray,
+  buckets: np.ndarray,
+  count: int = NUM_FALLBACKS,
+) -> np.ndarray:
+  """For each slot, the next ``count`` items (in epoch order, cyclically) whose size fits its
+  bucket.
 
   A training slot whose image cannot be read takes the first of these that can: the choice
   depends only on the plan, never on timing, so a resumed run makes the same substitution.
@@ -162,10 +172,11 @@ def fallback_candidates(positions: np.ndarray, slot_buckets: np.ndarray, sizes: 
 
 
 def local_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  """The slots of a global batch that a process reads: a contiguous block, disjoint across processes."""
+  """The slots of a global batch that a process reads: a contiguous block, disjoint across
+  processes."""
   if global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count "
-                     f"{process_count}")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
+    )
   local = global_batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
-

@@ -1,4 +1,5 @@
-"""Host batches -> global jax.Arrays sharded over the mesh's data axis, prefetched to the devices."""
+"""Host batches -> global jax.Arrays sharded over the mesh's data axis, prefetched to the
+devices."""
 
 import collections
 from typing import Iterator
@@ -7,8 +8,9 @@ import jax
 import numpy as np
 
 
-def to_global_arrays(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
-                     ) -> dict[str, jax.Array]:
+def to_global_arrays(
+  batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
   """Assembles each process's slice into global arrays.
 
   Args:
@@ -21,8 +23,9 @@ def to_global_arrays(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedS
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding,
-                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_device(
+  iterator: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
   """Yields the batches of ``iterator`` as global arrays, keeping ``size`` transfers in flight
   (transfers are asynchronous, so the next batches move while the current step runs)."""
   queue = collections.deque()

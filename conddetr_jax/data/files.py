@@ -23,5 +23,7 @@ def require_local_path(path: str, what: str) -> None:
   and write there silently.
   """
   if _URL.match(path):
-    raise ValueError(f"{what}={path!r}: remote paths are not supported; mount the bucket (for example "
-                     "with gcsfuse) and give its local path")
+    raise ValueError(
+      f"{what}={path!r}: remote paths are not supported; mount the bucket (for example "
+      "with gcsfuse) and give its local path"
+    )

@@ -2,8 +2,7 @@
 with the class name (``python -m conddetr_jax.inspect_batches`` writes one to a PNG)."""
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from conddetr_jax.data import transforms
 
@@ -13,7 +12,9 @@ def _colour(label: int) -> tuple[int, int, int]:
   return tuple(int(v) for v in rng.integers(64, 256, size=3))
 
 
-def render_batch(batch: dict[str, np.ndarray], names: dict[int, str], columns: int = 4) -> Image.Image:
+def render_batch(
+  batch: dict[str, np.ndarray], names: dict[int, str], columns: int = 4
+) -> Image.Image:
   """A grid of the batch's padded images with boxes and class names.
 
   Args:
@@ -35,7 +36,9 @@ def render_batch(batch: dict[str, np.ndarray], names: dict[int, str], columns: i
     tile = Image.fromarray(images[i].astype(np.uint8))
     draw = ImageDraw.Draw(tile)
     sh, sw = batch["size"][i]
-    for box, label in zip(batch["boxes"][i][batch["box_valid"][i]], batch["labels"][i][batch["box_valid"][i]]):
+    for box, label in zip(
+      batch["boxes"][i][batch["box_valid"][i]], batch["labels"][i][batch["box_valid"][i]]
+    ):
       cx, cy, bw, bh = box * np.array([sw, sh, sw, sh])
       colour = _colour(int(label))
       draw.rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=colour, width=2)

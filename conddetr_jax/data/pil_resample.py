@@ -53,8 +53,11 @@ def bilinear_taps(in_size: tf.Tensor, out_size: tf.Tensor) -> tuple[tf.Tensor, t
   weight = tf.maximum(1.0 - tf.abs((position - center[:, None] + 0.5) * inverse_scale), 0.0)
   weight = tf.where(taps[None] < count[:, None], weight, 0.0)
   # Summed tap by tap, left to right, like Pillow: another order may change the last bit.
-  total = tf.foldl(lambda acc, column: acc + column, tf.transpose(weight),
-                   initializer=tf.zeros([out_size], tf.float64))
+  total = tf.foldl(
+    lambda acc, column: acc + column,
+    tf.transpose(weight),
+    initializer=tf.zeros([out_size], tf.float64),
+  )
   weight = tf.where(total[:, None] != 0.0, weight / total[:, None], weight)
   # Bilinear weights are never negative, so Pillow's rounding is trunc(0.5 + w * 2**22).
   fixed = tf.cast(0.5 + weight * float(1 << _PRECISION_BITS), tf.int32)
@@ -74,8 +77,11 @@ def _resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
 
   out_shape = tf.concat([[out_size], tf.shape(image)[1:]], axis=0)
   # Integer sums are exact in any order; Pillow starts from half a unit (rounding).
-  acc = tf.foldl(add_tap, (tf.transpose(index), tf.transpose(weight)),
-                 initializer=tf.fill(out_shape, tf.constant(1 << (_PRECISION_BITS - 1), tf.int32)))
+  acc = tf.foldl(
+    add_tap,
+    (tf.transpose(index), tf.transpose(weight)),
+    initializer=tf.fill(out_shape, tf.constant(1 << (_PRECISION_BITS - 1), tf.int32)),
+  )
   # An arithmetic shift floors, as Pillow's ``>>`` on a signed int.
   return tf.clip_by_value(tf.bitwise.right_shift(acc, _PRECISION_BITS), 0, 255)
 
@@ -102,7 +108,9 @@ def resize_bilinear(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
   vertical = lambda x: tf.cond(old[0] != hw[0], lambda: _resample_rows(x, hw[0]), lambda: x)
   shrink_h, shrink_w = old[0] - hw[0], old[1] - hw[1]
   vertical_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
-  pixels = tf.cond(vertical_first, lambda: horizontal(vertical(pixels)), lambda: vertical(horizontal(pixels)))
+  pixels = tf.cond(
+    vertical_first, lambda: horizontal(vertical(pixels)), lambda: vertical(horizontal(pixels))
+  )
   out = tf.cast(pixels, tf.uint8)
   out.set_shape([None, None, channels])
   return out

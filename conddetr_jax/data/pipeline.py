@@ -22,9 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from conddetr_jax import storage
-from conddetr_jax.data import batching
-from conddetr_jax.data import coco
-from conddetr_jax.data import transforms
+from conddetr_jax.data import batching, coco, transforms
 
 # Buckets are derived from at most this many train images, each with this many augmentation draws.
 _BUCKET_SAMPLE_IMAGES = 20000
@@ -100,16 +98,21 @@ def eval_buckets(config: ml_collections.ConfigDict, split: coco.Split) -> np.nda
   ds = config.dataset
   if ds.eval_num_buckets <= 0:
     return buckets(config)
-  out = transforms.limit_output_size(transforms.eval_geometry(split.sizes, ds), _max_side(ds))[:, 7:9]
+  out = transforms.limit_output_size(transforms.eval_geometry(split.sizes, ds), _max_side(ds))[
+    :, 7:9
+  ]
   return batching.derive_buckets(out, _max_side(ds), ds.size_divisibility, ds.eval_num_buckets)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
 
 
 # --------------------------------------------------------------------------------------- plans
+
 
 def _candidate_rows(index: np.ndarray, geometry: np.ndarray) -> np.ndarray:
   """(..., 10) int32 rows [image index, geometry...]."""
@@ -124,8 +127,13 @@ def _sentinel_rows(slot_hw: np.ndarray) -> np.ndarray:
   return _candidate_rows(np.full(len(h), _SENTINEL), geometry)
 
 
-def train_epoch_plan(config: ml_collections.ConfigDict, split: coco.Split, bucket_hw: np.ndarray, epoch: int,
-                     global_batch_size: int) -> dict[str, np.ndarray]:
+def train_epoch_plan(
+  config: ml_collections.ConfigDict,
+  split: coco.Split,
+  bucket_hw: np.ndarray,
+  epoch: int,
+  global_batch_size: int,
+) -> dict[str, np.ndarray]:
   """The global plan of one training epoch (all processes).
 
   Returns:
@@ -135,8 +143,9 @@ def train_epoch_plan(config: ml_collections.ConfigDict, split: coco.Split, bucke
   ds = config.dataset
   rng = np.random.default_rng([config.seed, epoch])
   order = rng.permutation(len(split))
-  geometry = transforms.limit_output_size(transforms.train_geometry(rng, split.sizes[order], ds),
-                                          _max_side(ds))
+  geometry = transforms.limit_output_size(
+    transforms.train_geometry(rng, split.sizes[order], ds), _max_side(ds)
+  )
   if ds.train_resize == "fast":
     geometry = transforms.in_source_pixels(geometry, split.sizes[order])
   out = geometry[:, 7:9]
@@ -151,18 +160,27 @@ def train_epoch_plan(config: ml_collections.ConfigDict, split: coco.Split, bucke
   else:
     fallbacks = batching.fallback_candidates(positions, slot_bucket, out, bucket_hw)
     chosen = np.concatenate([positions[:, None], fallbacks], axis=1)
-  candidates = np.concatenate([_candidate_rows(order[chosen], geometry[chosen]),
-                               _sentinel_rows(slot_hw)[:, None]], axis=1)
-  return {"candidates": candidates, "bucket": slot_hw.astype(np.int32),
-          "valid": np.ones(len(positions), bool)}
+  candidates = np.concatenate(
+    [_candidate_rows(order[chosen], geometry[chosen]), _sentinel_rows(slot_hw)[:, None]], axis=1
+  )
+  return {
+    "candidates": candidates,
+    "bucket": slot_hw.astype(np.int32),
+    "valid": np.ones(len(positions), bool),
+  }
 
 
-def eval_plan(config: ml_collections.ConfigDict, split: coco.Split, bucket_hw: np.ndarray,
-              global_batch_size: int) -> dict[str, np.ndarray]:
+def eval_plan(
+  config: ml_collections.ConfigDict,
+  split: coco.Split,
+  bucket_hw: np.ndarray,
+  global_batch_size: int,
+) -> dict[str, np.ndarray]:
   """The global eval plan: every image once, in id order grouped by bucket; the last batch is
   completed with blank slots marked ``valid=False``. Same arrays as ``train_epoch_plan``."""
-  geometry = transforms.limit_output_size(transforms.eval_geometry(split.sizes, config.dataset),
-                                          _max_side(config.dataset))
+  geometry = transforms.limit_output_size(
+    transforms.eval_geometry(split.sizes, config.dataset), _max_side(config.dataset)
+  )
   batches, batch_buckets = batching.group_batches(geometry[:, 7:9], bucket_hw, global_batch_size)
   positions = np.concatenate(batches)
   valid = np.ones(len(positions), bool)
@@ -178,15 +196,19 @@ def eval_plan(config: ml_collections.ConfigDict, split: coco.Split, bucket_hw: n
   return {"candidates": candidates, "bucket": slot_hw.astype(np.int32), "valid": valid}
 
 
-def local_plan(plan: dict[str, np.ndarray], global_batch_size: int, process_index: int, process_count: int
-               ) -> dict[str, np.ndarray]:
+def local_plan(
+  plan: dict[str, np.ndarray], global_batch_size: int, process_index: int, process_count: int
+) -> dict[str, np.ndarray]:
   """This process's slots: its block of every global batch, in step order."""
   block = batching.local_slice(global_batch_size, process_index, process_count)
-  return {k: v.reshape(-1, global_batch_size, *v.shape[1:])[:, block].reshape(-1, *v.shape[1:])
-          for k, v in plan.items()}
+  return {
+    k: v.reshape(-1, global_batch_size, *v.shape[1:])[:, block].reshape(-1, *v.shape[1:])
+    for k, v in plan.items()
+  }
 
 
 # ----------------------------------------------------------------------------------- tf.data
+
 
 def read_file(path: tf.Tensor, remote: bool) -> tf.Tensor:
   """The bytes of the file ``path`` (a scalar string), as ``tf.io.read_file``.
@@ -228,13 +250,15 @@ class _Loader:
     def read():
       contents = read_file(self.paths[index], self.remote)
       if self.fast:
-        image, hw = transforms.decode_window(contents, transforms.unflipped_window(candidate[1:],
-                                                                                   self.sizes[index][1]))
+        image, hw = transforms.decode_window(
+          contents, transforms.unflipped_window(candidate[1:], self.sizes[index][1])
+        )
       else:
         image = transforms.decode_image(contents)
         hw = tf.shape(image)[:2]
-      tf.debugging.assert_equal(hw, self.sizes[index], message="decoded image size differs from the json's "
-                                "(height, width)")
+      tf.debugging.assert_equal(
+        hw, self.sizes[index], message="decoded image size differs from the json's (height, width)"
+      )
       return image
 
     # A sentinel's geometry keeps the blank image whole: its window is all of it.
@@ -266,28 +290,32 @@ class _Loader:
     keep = tf.minimum(num_boxes, self.max_boxes)
     boxes = transforms.normalized_cxcywh(boxes[:keep], size)
     return {
-        "image": image,
-        "pad_mask": pad_mask,
-        "boxes": tf.pad(boxes, [[0, self.max_boxes - keep], [0, 0]]),
-        "labels": tf.pad(labels[:keep], [[0, self.max_boxes - keep]]),
-        "box_valid": tf.range(self.max_boxes) < keep,
-        "image_id": tf.where(real, self.image_ids[safe], tf.constant(-1, tf.int64)),
-        "orig_size": tf.where(real, self.sizes[safe], bucket),
-        "size": size,
-        "valid": valid,
-        "_index": index,
-        "_primary": primary,
-        "_num_boxes": num_boxes,
+      "image": image,
+      "pad_mask": pad_mask,
+      "boxes": tf.pad(boxes, [[0, self.max_boxes - keep], [0, 0]]),
+      "labels": tf.pad(labels[:keep], [[0, self.max_boxes - keep]]),
+      "box_valid": tf.range(self.max_boxes) < keep,
+      "image_id": tf.where(real, self.image_ids[safe], tf.constant(-1, tf.int64)),
+      "orig_size": tf.where(real, self.sizes[safe], bucket),
+      "size": size,
+      "valid": valid,
+      "_index": index,
+      "_primary": primary,
+      "_num_boxes": num_boxes,
     }
 
 
 def _slot_spec(num_candidates: int) -> dict[str, tf.TensorSpec]:
-  return {"candidates": tf.TensorSpec([None, num_candidates, 10], tf.int32),
-          "bucket": tf.TensorSpec([None, 2], tf.int32), "valid": tf.TensorSpec([None], tf.bool)}
+  return {
+    "candidates": tf.TensorSpec([None, num_candidates, 10], tf.int32),
+    "bucket": tf.TensorSpec([None, 2], tf.int32),
+    "valid": tf.TensorSpec([None], tf.bool),
+  }
 
 
-def make_dataset(slots: tf.data.Dataset, loader: _Loader, local_batch_size: int,
-                 ds: ml_collections.ConfigDict) -> tf.data.Dataset:
+def make_dataset(
+  slots: tf.data.Dataset, loader: _Loader, local_batch_size: int, ds: ml_collections.ConfigDict
+) -> tf.data.Dataset:
   """Slots (dicts of ``candidates``, ``bucket``, ``valid``) -> batches of padded examples.
 
   The slots come in batches of ``local_batch_size`` (from the first), each batch's slots sharing
@@ -297,12 +325,16 @@ def make_dataset(slots: tf.data.Dataset, loader: _Loader, local_batch_size: int,
   slots = slots.enumerate().map(lambda i, slot: dict(slot, first=i % local_batch_size == 0))
 
   def first_readable(slot):
-    items = tf.data.Dataset.from_tensor_slices(slot["candidates"]).map(lambda c: (loader.decode(c), slot))
+    items = tf.data.Dataset.from_tensor_slices(slot["candidates"]).map(
+      lambda c: (loader.decode(c), slot)
+    )
     return items.ignore_errors().take(1)
 
-  # Only the decode runs in each slot's own small dataset (what ignore_errors needs); the rest is one
-  # parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
-  data = slots.interleave(first_readable, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True)
+  # Only the decode runs in each slot's own small dataset (what ignore_errors needs); the rest is
+  # one parallel map over all slots: run per slot inside it, it cost ~2 ms more per image.
+  data = slots.interleave(
+    first_readable, cycle_length=parallel, num_parallel_calls=parallel, deterministic=True
+  )
   data = data.map(loader.example, num_parallel_calls=parallel, deterministic=True)
   # The first image of a batch comes padded to the bucket, so padded_batch pads the others to it as
   # it copies them into the batch: one copy of each image where padding, then batching, made two.
@@ -333,17 +365,21 @@ class DataIterator:
     return self
 
   def _reason(self, index: int) -> str:
-    """Why image ``index`` cannot be used (recomputed eagerly: tf.data only says *that* it failed)."""
+    """Why image ``index`` cannot be used (recomputed eagerly: tf.data only says *that* it
+    failed)."""
     if self._split.missing[index]:
       return "file does not exist"
     try:
-      image = transforms.decode_image(read_file(tf.constant(self._split.path(index)),
-                                                storage.is_remote(self._split.image_dir)))
+      image = transforms.decode_image(
+        read_file(tf.constant(self._split.path(index)), storage.is_remote(self._split.image_dir))
+      )
     except (tf.errors.OpError, OSError) as e:
       return f"{type(e).__name__}: {getattr(e, 'message', str(e)).splitlines()[0]}"
     if tuple(image.shape[:2]) != tuple(self._split.sizes[index]):
-      return (f"decoded size {tuple(image.shape[:2])} differs from the json's (height, width) "
-              f"{tuple(self._split.sizes[index])}")
+      return (
+        f"decoded size {tuple(image.shape[:2])} differs from the json's (height, width) "
+        f"{tuple(self._split.sizes[index])}"
+      )
     return "unknown error"
 
   def _check(self, batch: dict[str, np.ndarray]) -> None:
@@ -355,16 +391,28 @@ class DataIterator:
         hint = " (config.dataset.strict=True)" if self._what == "training" else ""
         raise BadImageError(f"Cannot read image {path} in {self._what}{hint}: {reason}")
       if used == _SENTINEL:
-        raise BadImageError(f"Cannot read image {path} ({reason}) nor any of its {batching.NUM_FALLBACKS} "
-                            "fallback images: is the image folder damaged?")
+        raise BadImageError(
+          f"Cannot read image {path} ({reason}) nor any of its {batching.NUM_FALLBACKS} "
+          "fallback images: is the image folder damaged?"
+        )
       self.num_skipped += 1
-      logging.warning("Skipped unreadable image %s (%s); used %s in its place. %d images skipped so far.",
-                      path, reason, self._split.path(used), self.num_skipped)
+      logging.warning(
+        "Skipped unreadable image %s (%s); used %s in its place. %d images skipped so far.",
+        path,
+        reason,
+        self._split.path(used),
+        self.num_skipped,
+      )
     for k in np.flatnonzero(batch["_num_boxes"] > batch["boxes"].shape[1]):
       self.num_truncated += 1
-      logging.warning("Image %s has %d boxes after augmentation; kept the first max_boxes=%d. "
-                      "%d images truncated so far.", self._split.path(int(batch["_index"][k])),
-                      batch["_num_boxes"][k], batch["boxes"].shape[1], self.num_truncated)
+      logging.warning(
+        "Image %s has %d boxes after augmentation; kept the first max_boxes=%d. "
+        "%d images truncated so far.",
+        self._split.path(int(batch["_index"][k])),
+        batch["_num_boxes"][k],
+        batch["boxes"].shape[1],
+        self.num_truncated,
+      )
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
@@ -374,21 +422,30 @@ class DataIterator:
 
 # ------------------------------------------------------------------------------- public API
 
+
 def train_steps_per_epoch(config: ml_collections.ConfigDict, global_batch_size: int) -> int:
   """Full global batches per epoch (the last partial one is dropped, as in the original)."""
   steps = len(coco.load_split(config, "train")) // global_batch_size
   if not steps:
-    raise ValueError(f"the train split has fewer images than one global batch ({global_batch_size})")
+    raise ValueError(
+      f"the train split has fewer images than one global batch ({global_batch_size})"
+    )
   return steps
 
 
-def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+def train_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  start_step: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> DataIterator:
   """Infinite training batches: this process's slice of global steps start_step, start_step + 1, ...
 
-  The batch of global step s depends only on (config, s): epoch s // steps_per_epoch, shuffled
-  with (config.seed, epoch). Resuming at ``start_step`` yields exactly what an uninterrupted run
-  would. Each batch is a dict of numpy arrays (``data.batch_spec`` lists them) with a leading axis of
+  The batch of global step s depends only on (config, s): epoch s // steps_per_epoch, shuffled with
+  (config.seed, epoch). Resuming at ``start_step`` yields exactly what an uninterrupted run would.
+  Each batch is a dict of numpy arrays (``data.batch_spec`` lists them) with a leading axis of
   global_batch_size // process_count, all padded to one bucket shape (H, W).
   """
   transforms.check_train_resize(config.dataset)
@@ -408,14 +465,24 @@ def train_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int,
       skip = first_step * local if epoch == first_epoch else 0
       yield {k: v[skip:] for k, v in plan.items()}
 
-  slots = tf.data.Dataset.from_generator(epochs, output_signature=_slot_spec(num_candidates)).unbatch()
+  slots = tf.data.Dataset.from_generator(
+    epochs, output_signature=_slot_spec(num_candidates)
+  ).unbatch()
   fast = config.dataset.train_resize == "fast"
-  dataset = make_dataset(slots, _Loader(split, config.dataset.max_boxes, fast), local, config.dataset)
+  dataset = make_dataset(
+    slots, _Loader(split, config.dataset.max_boxes, fast), local, config.dataset
+  )
   return DataIterator(dataset, split, skip_bad=not config.dataset.strict, what="training")
 
 
-def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, split: str = "val",
-                  process_index: int | None = None, process_count: int | None = None) -> DataIterator:
+def eval_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  split: str = "val",
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> DataIterator:
   """Every image of ``split`` exactly once over all processes, resized as the original's eval.
 
   The last global batch is completed with blank examples; ``batch["valid"]`` (B,) marks the real
@@ -425,17 +492,29 @@ def eval_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
   pi, pc = _process(process_index, process_count)
   data = coco.load_split(config, split)
   if data.missing.any():
-    raise BadImageError(f"Image {data.path(int(np.flatnonzero(data.missing)[0]))} listed in {data.ann_path} "
-                        f"does not exist ({int(data.missing.sum())} missing in all)")
-  plan = local_plan(eval_plan(config, data, eval_buckets(config, data), global_batch_size), global_batch_size,
-                    pi, pc)
+    raise BadImageError(
+      f"Image {data.path(int(np.flatnonzero(data.missing)[0]))} listed in {data.ann_path} "
+      f"does not exist ({int(data.missing.sum())} missing in all)"
+    )
+  plan = local_plan(
+    eval_plan(config, data, eval_buckets(config, data), global_batch_size),
+    global_batch_size,
+    pi,
+    pc,
+  )
   slots = tf.data.Dataset.from_tensor_slices(plan)
-  dataset = make_dataset(slots, _Loader(data, config.dataset.max_boxes, fast=False), global_batch_size // pc,
-                         config.dataset)
+  dataset = make_dataset(
+    slots,
+    _Loader(data, config.dataset.max_boxes, fast=False),
+    global_batch_size // pc,
+    config.dataset,
+  )
   return DataIterator(dataset, data, skip_bad=False, what="evaluation")
 
 
-def eval_steps(config: ml_collections.ConfigDict, global_batch_size: int, split: str = "val") -> int:
+def eval_steps(
+  config: ml_collections.ConfigDict, global_batch_size: int, split: str = "val"
+) -> int:
   """Global batches yielded by ``eval_iterator`` (the last one possibly part blank)."""
   data = coco.load_split(config, split)
   plan = eval_plan(config, data, eval_buckets(config, data), global_batch_size)

@@ -2,10 +2,10 @@
 
 Each image is a textured background (colour gradient, stripes, noise) with 1 to ``max_objects``
 filled shapes (``Scenes`` holds these parameters). Every class has its own shape and base colour
-(jittered), so a small detector tells the classes apart within minutes; category ids are deliberately
-non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so later
-shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden parts
-included (amodal), so heavy overlap makes some boxes impossible to see whole.
+(jittered), so a small detector tells the classes apart within minutes; category ids are
+deliberately non-contiguous, as in COCO. Boxes may overlap (pairwise IoU up to ``max_overlap``), so
+later shapes partly occlude earlier ones. Boxes are the tight extent of each drawn shape, hidden
+parts included (amodal), so heavy overlap makes some boxes impossible to see whole.
 
 The output follows the original's COCO layout, so the ``coco`` source reads it unchanged:
 ``ROOT/annotations/instances_{train,val}2017.json`` and ``ROOT/{train,val}2017/*.jpg``.
@@ -26,12 +26,12 @@ from conddetr_jax.data import files
 
 # id -> (name, base RGB colour). Ids are non-contiguous on purpose (num_classes = 10).
 CATEGORIES = {
-    2: ("square", (220, 50, 40)),
-    5: ("disc", (40, 170, 60)),
-    7: ("triangle", (40, 80, 220)),
-    9: ("cross", (235, 200, 30)),
+  2: ("square", (220, 50, 40)),
+  5: ("disc", (40, 170, 60)),
+  7: ("triangle", (40, 80, 220)),
+  9: ("cross", (235, 200, 30)),
 }
-_PLACEMENT_ATTEMPTS = 20    # an object that finds no place this often (too much overlap) is skipped
+_PLACEMENT_ATTEMPTS = 20  # an object that finds no place this often (too much overlap) is skipped
 _JPEG_QUALITY = 90
 _MARKER = "synthetic.json"  # written last: its presence (with equal parameters) means "complete"
 
@@ -47,6 +47,7 @@ class Scenes:
     max_objects: each image draws 1 to this many objects.
     max_overlap: the largest IoU allowed between two boxes of one image (0: no overlap).
   """
+
   image_size: tuple[int, int] = (128, 192)
   object_size: tuple[float, float] = (0.15, 0.45)
   max_objects: int = 6
@@ -65,9 +66,12 @@ class Scenes:
 
   def as_json(self) -> dict[str, Any]:
     """The parameters as plain json values (the dataset's marker records them)."""
-    return {"size_range": [int(v) for v in self.image_size],
-            "object_size": [float(v) for v in self.object_size],
-            "max_objects": int(self.max_objects), "max_overlap": float(self.max_overlap)}
+    return {
+      "size_range": [int(v) for v in self.image_size],
+      "object_size": [float(v) for v in self.object_size],
+      "max_objects": int(self.max_objects),
+      "max_overlap": float(self.max_overlap),
+    }
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -75,7 +79,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   c0, c1 = rng.uniform(60, 190, size=(2, 3)).astype(np.float32)
   angle = rng.uniform(0, np.pi)
-  t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h)
+  t = np.cos(angle) * xx / w + np.sin(angle) * yy / h
   t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
   img = c0 + (c1 - c0) * t[..., None]
   period = rng.uniform(6, 24)
@@ -117,8 +121,9 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
 
 
-def draw_image(seed: int, split_code: int, index: int, scenes: Scenes = Scenes()
-               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def draw_image(
+  seed: int, split_code: int, index: int, scenes: Scenes = Scenes()
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """Draws one image and its objects.
 
   Args:
@@ -154,16 +159,20 @@ def draw_image(seed: int, split_code: int, index: int, scenes: Scenes = Scenes()
     rows, cols = np.nonzero(mask)
     fill = np.clip(np.array(colour, np.float32) + rng.uniform(-25, 25, size=3), 0, 255)
     shade = fill + rng.normal(0, 6, size=(bh, bw, 3))
-    region = img[y:y + bh, x:x + bw]
+    region = img[y : y + bh, x : x + bw]
     region[mask] = shade[mask]
     x0, y0 = x + int(cols.min()), y + int(rows.min())
     tight = [x0, y0, x + int(cols.max()) + 1 - x0, y + int(rows.max()) + 1 - y0]
     boxes = np.concatenate([boxes, box[None]])
-    objects.append({"bbox": [float(v) for v in tight], "category_id": cat, "area": float(mask.sum())})
+    objects.append(
+      {"bbox": [float(v) for v in tight], "category_id": cat, "area": float(mask.sum())}
+    )
   return np.clip(img, 0, 255).astype(np.uint8), objects
 
 
-def _write_split(root: str, split: str, split_code: int, num_images: int, scenes: Scenes, seed: int) -> None:
+def _write_split(
+  root: str, split: str, split_code: int, num_images: int, scenes: Scenes, seed: int
+) -> None:
   image_dir = os.path.join(root, f"{split}2017")
   os.makedirs(image_dir, exist_ok=True)
   images, annotations = [], []
@@ -174,21 +183,37 @@ def _write_split(root: str, split: str, split_code: int, num_images: int, scenes
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=_JPEG_QUALITY)
     files.write_atomic(os.path.join(image_dir, file_name), buf.getvalue())
-    images.append({"id": image_id, "file_name": file_name, "height": pixels.shape[0],
-                   "width": pixels.shape[1]})
+    images.append(
+      {"id": image_id, "file_name": file_name, "height": pixels.shape[0], "width": pixels.shape[1]}
+    )
     for obj in objects:
       x, y, bw, bh = obj["bbox"]
-      annotations.append(dict(obj, id=len(annotations) + 1, image_id=image_id, iscrowd=0,
-                              segmentation=[[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]))
-  categories = [{"id": cid, "name": name, "supercategory": "shape"}
-                for cid, (name, _) in CATEGORIES.items()]
-  content = {"info": {"description": "conddetr_jax synthetic shapes"}, "images": images,
-             "annotations": annotations, "categories": categories}
-  files.write_atomic(os.path.join(root, "annotations", f"instances_{split}2017.json"),
-                json.dumps(content).encode())
+      annotations.append(
+        dict(
+          obj,
+          id=len(annotations) + 1,
+          image_id=image_id,
+          iscrowd=0,
+          segmentation=[[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+        )
+      )
+  categories = [
+    {"id": cid, "name": name, "supercategory": "shape"} for cid, (name, _) in CATEGORIES.items()
+  ]
+  content = {
+    "info": {"description": "conddetr_jax synthetic shapes"},
+    "images": images,
+    "annotations": annotations,
+    "categories": categories,
+  }
+  files.write_atomic(
+    os.path.join(root, "annotations", f"instances_{split}2017.json"), json.dumps(content).encode()
+  )
 
 
-def write_dataset(root: str, num_train: int, num_val: int, scenes: Scenes = Scenes(), seed: int = 0) -> bool:
+def write_dataset(
+  root: str, num_train: int, num_val: int, scenes: Scenes = Scenes(), seed: int = 0
+) -> bool:
   """Writes the dataset under ``root`` unless an identical one is already there.
 
   Args:
@@ -203,15 +228,22 @@ def write_dataset(root: str, num_train: int, num_val: int, scenes: Scenes = Scen
     ValueError: ``root`` holds a synthetic dataset with other parameters.
   """
   scenes.validate()
-  params = {"num_train": int(num_train), "num_val": int(num_val), "seed": int(seed), **scenes.as_json()}
+  params = {
+    "num_train": int(num_train),
+    "num_val": int(num_val),
+    "seed": int(seed),
+    **scenes.as_json(),
+  }
   marker = os.path.join(root, _MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
       existing = json.load(f)
     if existing == params:
       return False
-    raise ValueError(f"{root} already holds a synthetic dataset with parameters {existing}, not {params}; "
-                     "choose another config.dataset.synthetic_dir or delete it.")
+    raise ValueError(
+      f"{root} already holds a synthetic dataset with parameters {existing}, not {params}; "
+      "choose another config.dataset.synthetic_dir or delete it."
+    )
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
   _write_split(root, "train", 0, num_train, scenes, seed)
   _write_split(root, "val", 1, num_val, scenes, seed)

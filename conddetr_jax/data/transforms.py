@@ -42,8 +42,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ----------------------------------------------------------------------------- host side (numpy)
 
-def resized_size(h: np.ndarray, w: np.ndarray, size: np.ndarray, max_size: float | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+
+def resized_size(
+  h: np.ndarray, w: np.ndarray, size: np.ndarray, max_size: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The original's ``get_size_with_aspect_ratio``, vectorised: the shorter side becomes ``size``,
   shrunk so that the longer side stays <= ``max_size``; the longer side is truncated, not rounded.
 
@@ -68,11 +70,17 @@ def resized_size(h: np.ndarray, w: np.ndarray, size: np.ndarray, max_size: float
 
 
 def _geometry(flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w) -> np.ndarray:
-  return np.stack([np.asarray(v, np.int64) for v in (flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h,
-                                                     out_w)], axis=-1).astype(np.int32)
+  return np.stack(
+    [
+      np.asarray(v, np.int64) for v in (flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w)
+    ],
+    axis=-1,
+  ).astype(np.int32)
 
 
-def train_geometry(rng: np.random.Generator, sizes: np.ndarray, ds: ml_collections.ConfigDict) -> np.ndarray:
+def train_geometry(
+  rng: np.random.Generator, sizes: np.ndarray, ds: ml_collections.ConfigDict
+) -> np.ndarray:
   """Draws the train augmentation of each image.
 
   hflip (p=0.5); then with p=0.5 ``RandomResize(train_scales, max_size=train_max_size)``, else
@@ -101,9 +109,11 @@ def train_geometry(rng: np.random.Generator, sizes: np.ndarray, ds: ml_collectio
   left = rng.integers(0, mid_w - crop_w + 1)
   out_h, out_w = resized_size(crop_h, crop_w, rng.choice(scales, n), ds.train_max_size)
   zero = np.zeros(n, np.int64)
-  return np.where(plain[:, None],
-                  _geometry(flip, plain_h, plain_w, zero, zero, plain_h, plain_w, plain_h, plain_w),
-                  _geometry(flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w))
+  return np.where(
+    plain[:, None],
+    _geometry(flip, plain_h, plain_w, zero, zero, plain_h, plain_w, plain_h, plain_w),
+    _geometry(flip, mid_h, mid_w, top, left, crop_h, crop_w, out_h, out_w),
+  )
 
 
 def eval_geometry(sizes: np.ndarray, ds: ml_collections.ConfigDict) -> np.ndarray:
@@ -133,9 +143,12 @@ def limit_output_size(geometry: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def check_train_resize(ds: ml_collections.ConfigDict) -> None:
-  """Raises ValueError, naming the field, unless ``ds.train_resize`` is one of ``TRAIN_RESIZE_MODES``."""
+  """Raises ValueError, naming the field, unless ``ds.train_resize`` is one of
+  ``TRAIN_RESIZE_MODES``."""
   if ds.train_resize not in TRAIN_RESIZE_MODES:
-    raise ValueError(f"config.dataset.train_resize={ds.train_resize!r}: expected one of {TRAIN_RESIZE_MODES}")
+    raise ValueError(
+      f"config.dataset.train_resize={ds.train_resize!r}: expected one of {TRAIN_RESIZE_MODES}"
+    )
 
 
 def in_source_pixels(geometry: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -169,6 +182,7 @@ def in_source_pixels(geometry: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ TF ops (tf.data)
 
+
 def _pil_rgb(contents: np.ndarray | bytes) -> np.ndarray:
   """PIL's ``Image.open(...).convert('RGB')`` of encoded bytes (as ``tf.numpy_function`` passes a
   scalar string: bytes, or a 0-d array of them when eager), (h, w, 3) uint8."""
@@ -176,7 +190,7 @@ def _pil_rgb(contents: np.ndarray | bytes) -> np.ndarray:
     return np.asarray(image.convert("RGB"), np.uint8)
 
 
-def decode_image(contents: tf.Tensor) -> tf.Tensor:
+def decode_image(contents: tf.Tensor, pil_cmyk: bool = True) -> tf.Tensor:
   """Encoded bytes -> (h, w, 3) uint8 RGB, the pixels PIL's ``convert('RGB')`` gives (what the
   original reads), whatever the format (sniffed from the bytes, not the file name): JPEG incl.
   grayscale, CMYK and progressive; PNG incl. RGBA (alpha dropped), palette and 16-bit; BMP, GIF,
@@ -186,13 +200,20 @@ def decode_image(contents: tf.Tensor) -> tf.Tensor:
   JPEGs use libjpeg's accurate integer IDCT, as PIL does (TF's default fast IDCT is up to ~20
   grey levels off on high-quality JPEGs). Four-component (CMYK/YCCK) JPEGs, rare, are decoded by
   PIL itself: TF's CMYK -> RGB conversion truncates where PIL's rounds (a grey level off on about
-  a third of the values) and TF gives no access to the CMYK values to redo it.
+  a third of the values) and TF gives no access to the CMYK values to redo it. ``pil_cmyk=False``
+  leaves them to TF, so that the graph holds TF ops only (a SavedModel cannot carry a Python call).
   """
+
   def jpeg():
     components = tf.io.extract_jpeg_shape(contents)[2]
     accurate = lambda: tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
-    return tf.cond(components == 4, lambda: tf.numpy_function(_pil_rgb, [contents], tf.uint8, stateful=False),
-                   accurate)
+    if not pil_cmyk:
+      return accurate()
+    return tf.cond(
+      components == 4,
+      lambda: tf.numpy_function(_pil_rgb, [contents], tf.uint8, stateful=False),
+      accurate,
+    )
 
   other = lambda: tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
   image = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
@@ -215,14 +236,17 @@ def decode_window(contents: tf.Tensor, window: tf.Tensor) -> tuple[tf.Tensor, tf
     (height, width, 3) uint8 RGB, and (2,) int32 (h, w) of the whole image. Raises
     InvalidArgumentError on corrupt data or a window outside the image.
   """
+
   def jpeg():
-    return (tf.io.decode_and_crop_jpeg(contents, window, channels=3, dct_method="INTEGER_ACCURATE"),
-            tf.io.extract_jpeg_shape(contents)[:2])
+    return (
+      tf.io.decode_and_crop_jpeg(contents, window, channels=3, dct_method="INTEGER_ACCURATE"),
+      tf.io.extract_jpeg_shape(contents)[:2],
+    )
 
   def other():
     image = tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
     top, left, height, width = tf.unstack(window)
-    return image[top:top + height, left:left + width], tf.shape(image)[:2]
+    return image[top : top + height, left : left + width], tf.shape(image)[:2]
 
   image, hw = tf.cond(tf.io.is_jpeg(contents), jpeg, other)
   image.set_shape([None, None, 3])
@@ -249,8 +273,9 @@ def resize_boxes(boxes: tf.Tensor, old_hw: tf.Tensor, new_hw: tf.Tensor) -> tf.T
   return boxes * tf.stack([ratio[1], ratio[0], ratio[1], ratio[0]])
 
 
-def crop_boxes(boxes: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.Tensor, width: tf.Tensor
-               ) -> tuple[tf.Tensor, tf.Tensor]:
+def crop_boxes(
+  boxes: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """The original's ``crop`` on boxes: shift, clip to the window, flag the boxes left with area.
 
   Args:
@@ -273,14 +298,32 @@ def normalized_cxcywh(boxes: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
   return tf.stack([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h], axis=-1)
 
 
+def eval_resized_size(hw: tf.Tensor, size: int, max_size: int) -> tf.Tensor:
+  """``resized_size`` of one image as TF ops, in the same float64 operations: (2,) int32 (h, w)
+  -> (2,) int32 (out_h, out_w), the shorter side ``size``, the longer at most ``max_size``."""
+  h, w = tf.unstack(tf.cast(hw, tf.int64))
+  lo, hi = tf.cast(tf.minimum(h, w), tf.float64), tf.cast(tf.maximum(h, w), tf.float64)
+  # tf.round rounds half to even, as Python's round in the original.
+  size = tf.where(
+    hi / lo * size > max_size,
+    tf.cast(tf.round(max_size * lo / hi), tf.int64),
+    tf.constant(size, tf.int64),
+  )
+  unchanged = ((w <= h) & (w == size)) | ((h <= w) & (h == size))
+  long_side = lambda a, b: tf.cast(tf.cast(size * a, tf.float64) / tf.cast(b, tf.float64), tf.int64)
+  out = tf.where(w < h, tf.stack([long_side(h, w), size]), tf.stack([size, long_side(w, h)]))
+  return tf.cast(tf.where(unchanged, tf.stack([h, w]), out), tf.int32)
+
+
 def resize_image(image: tf.Tensor, hw: tf.Tensor) -> tf.Tensor:
   """(h, w, C) uint8 -> (hw[0], hw[1], C) uint8: PIL's bilinear resize (which the original uses),
   exactly (see ``pil_resample``); the identity when the size is unchanged."""
   return pil_resample.resize_bilinear(image, hw)
 
 
-def geometry_boxes(boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor, hw: tf.Tensor
-                   ) -> tuple[tf.Tensor, tf.Tensor]:
+def geometry_boxes(
+  boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor, hw: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
   """The boxes of one geometry (see the module docstring): flip, resize, crop, resize, as the
   original's transforms move them.
 
@@ -302,8 +345,9 @@ def geometry_boxes(boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor, hw:
   return resize_boxes(boxes, tf.stack([crop_h, crop_w]), tf.stack([out_h, out_w])), labels
 
 
-def apply_geometry(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor
-                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def apply_geometry(
+  image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geometry: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Applies one geometry (see the module docstring) to an image and its boxes, PIL-exact.
 
   The original's order on a PIL image: flip, resize (to 8 bits), crop, resize (to 8 bits).
@@ -321,7 +365,7 @@ def apply_geometry(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, geomet
   hw = tf.shape(image)[:2]
   image = tf.cond(flip > 0, lambda: tf.reverse(image, axis=[1]), lambda: image)
   image = resize_image(image, tf.stack([mid_h, mid_w]))
-  image = resize_image(image[top:top + crop_h, left:left + crop_w], tf.stack([out_h, out_w]))
+  image = resize_image(image[top : top + crop_h, left : left + crop_w], tf.stack([out_h, out_w]))
   boxes, labels = geometry_boxes(boxes, labels, geometry, hw)
   return image, boxes, labels
 
@@ -346,11 +390,17 @@ def fast_train_image(window: tf.Tensor, geometry: tf.Tensor) -> tf.Tensor:
   # convolution with a diagonal kernel is the same affine map at a fraction of the cost.
   scale = tf.linalg.diag(1.0 / (255.0 * tf.constant(IMAGENET_STD, tf.float32)))
   offset = -tf.constant(IMAGENET_MEAN, tf.float32) / tf.constant(IMAGENET_STD, tf.float32)
-  image = tf.nn.bias_add(tf.nn.conv2d(tf.cast(window, tf.float32)[None], scale[None, None], 1, "VALID"), offset)
+  image = tf.nn.bias_add(
+    tf.nn.conv2d(tf.cast(window, tf.float32)[None], scale[None, None], 1, "VALID"), offset
+  )
   shrinks = tf.reduce_any(out < tf.shape(window)[:2])
   # Antialiasing (tf.image.resize's scale-and-translate kernel) costs ~3x the plain bilinear one and
   # equals it when enlarging: only pay for it when an axis shrinks.
-  image = tf.cond(shrinks, lambda: tf.image.resize(image, out, antialias=True), lambda: tf.image.resize(image, out))
+  image = tf.cond(
+    shrinks,
+    lambda: tf.image.resize(image, out, antialias=True),
+    lambda: tf.image.resize(image, out),
+  )
   return image[0]
 
 

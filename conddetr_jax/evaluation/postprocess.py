@@ -6,7 +6,9 @@ import jax.numpy as jnp
 from conddetr_jax.criterion import boxes as box_ops
 
 
-def postprocess(out: dict, orig_sizes: jax.Array, top_k: int = 100) -> dict[str, jax.Array]:
+def postprocess(
+  out: dict, orig_sizes: jax.Array, top_k: int = 100, with_queries: bool = False
+) -> dict[str, jax.Array]:
   """The original's PostProcess: the top_k (query, class) pairs of each image.
 
   Every query scores every class independently (sigmoid, no background), so one
@@ -17,10 +19,12 @@ def postprocess(out: dict, orig_sizes: jax.Array, top_k: int = 100) -> dict[str,
       in [0, 1] of the unpadded image.
     orig_sizes: (B, 2) the size (h, w) to scale boxes to, e.g. the original image's.
     top_k: detections per image; at most Q * C.
+    with_queries: also return each detection's query index (which decoder query made it).
 
   Returns:
     "scores" (B, top_k) float32 in decreasing order, "labels" (B, top_k) int32,
-    "boxes" (B, top_k, 4) float32 absolute xyxy.
+    "boxes" (B, top_k, 4) float32 absolute xyxy; with ``with_queries``, "queries" (B, top_k) int32
+    in [0, Q).
   """
   logits = out["pred_logits"].astype(jnp.float32)
   batch, _, num_classes = logits.shape
@@ -31,5 +35,7 @@ def postprocess(out: dict, orig_sizes: jax.Array, top_k: int = 100) -> dict[str,
   boxes = jnp.take_along_axis(boxes, query[..., None], axis=1)
   h, w = jnp.moveaxis(orig_sizes.astype(jnp.float32), -1, 0)
   scale = jnp.stack([w, h, w, h], axis=-1)
-  return {"scores": scores, "labels": labels.astype(jnp.int32),
-          "boxes": boxes * scale[:, None, :]}
+  dets = {"scores": scores, "labels": labels.astype(jnp.int32), "boxes": boxes * scale[:, None, :]}
+  if with_queries:
+    dets["queries"] = query.astype(jnp.int32)
+  return dets

@@ -18,6 +18,7 @@ from conddetr_jax.hardware import gpu_targets
 class Chip:
   """One chip: ``name`` as in topology names, HBM per chip, dense bf16 peak per chip (None: no bf16
   tensor cores, as on a V100) and HBM bandwidth per chip."""
+
   name: str
   hbm_gib: float
   bf16_tflops: float | None
@@ -26,24 +27,25 @@ class Chip:
 
 # device_kind -> chip. JAX names a v5e "TPU v5 lite" and a v6e "TPU v6 lite".
 TPUS = {
-    "TPU v4": Chip("v4", 32, 275, 1200),
-    "TPU v5 lite": Chip("v5e", 16, 197, 819),
-    "TPU v5e": Chip("v5e", 16, 197, 819),
-    "TPU v5": Chip("v5p", 95, 459, 2765),
-    "TPU v5p": Chip("v5p", 95, 459, 2765),
-    "TPU v6 lite": Chip("v6e", 32, 918, 1640),
-    "TPU v6e": Chip("v6e", 32, 918, 1640),
+  "TPU v4": Chip("v4", 32, 275, 1200),
+  "TPU v5 lite": Chip("v5e", 16, 197, 819),
+  "TPU v5e": Chip("v5e", 16, 197, 819),
+  "TPU v5": Chip("v5p", 95, 459, 2765),
+  "TPU v5p": Chip("v5p", 95, 459, 2765),
+  "TPU v6 lite": Chip("v6e", 32, 918, 1640),
+  "TPU v6e": Chip("v6e", 32, 918, 1640),
 }
 _OTHER_GPUS = {
-    "NVIDIA L4": Chip("l4", 24, 121, 300),
-    "NVIDIA H100 PCIe": Chip("h100-pcie", 80, 756, 2000),
-    "NVIDIA A100 80GB PCIe": Chip("a100-80g-pcie", 80, 312, 1935),
-    "NVIDIA A100-PCIE-40GB": Chip("a100-40g-pcie", 40, 312, 1555),
+  "NVIDIA L4": Chip("l4", 24, 121, 300),
+  "NVIDIA H100 PCIe": Chip("h100-pcie", 80, 756, 2000),
+  "NVIDIA A100 80GB PCIe": Chip("a100-80g-pcie", 80, 312, 1935),
+  "NVIDIA A100-PCIE-40GB": Chip("a100-40g-pcie", 40, 312, 1555),
 }
 
 
 def chip_of_kind(device_kind: str) -> Chip | None:
-  """The figures of the chip JAX calls ``device_kind``, or None for a kind this table lacks (a CPU)."""
+  """The figures of the chip JAX calls ``device_kind``, or None for a kind this table lacks (a
+  CPU)."""
   gpu = gpu_targets.by_device_kind(device_kind)
   if gpu is not None:
     return Chip(gpu.name, gpu.memory_gib, gpu.bf16_tflops, gpu.memory_bandwidth_gbs)

@@ -13,8 +13,8 @@ program instead (a multiply-add is 2 FLOPs; elementwise ops count too).
 from typing import Any, Callable
 
 import jax
-import numpy as np
 from jax.extend import core as jex_core
+import numpy as np
 
 
 def _conv_macs(eqn: Any) -> int:

@@ -1,10 +1,11 @@
 """NVIDIA GPUs as the XLA GPU compiler needs them described, to compile for them without one.
 
-The compiler learns a GPU from a ``GpuTargetConfig`` (XLA's ``stream_executor/device_description.proto``):
-its compute capability chooses the instructions, and the counts below feed its cost model, fusion and
-tiling decisions. On a real GPU the driver fills it in; here ``GpuTarget.target_config`` writes it
-from the vendors' published figures, so that ``jax.experimental.topologies.get_topology_desc(
-platform="cuda", target_config=...)`` gives compile-only devices of that GPU on a CPU machine.
+The compiler learns a GPU from a ``GpuTargetConfig`` (XLA's
+``stream_executor/device_description.proto``): its compute capability chooses the instructions, and
+the counts below feed its cost model, fusion and tiling decisions. On a real GPU the driver fills it
+in; here ``GpuTarget.target_config`` writes it from the vendors' published figures, so that
+``jax.experimental.topologies.get_topology_desc( platform="cuda", target_config=...)`` gives
+compile-only devices of that GPU on a CPU machine.
 
 Every figure is data in this file, each with its source. Sources:
   [CC]   NVIDIA CUDA C++ Programming Guide, "Compute Capabilities", table "Technical
@@ -30,6 +31,7 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class ComputeCapabilityLimits:
   """Per-SM and per-block limits fixed by the compute capability [CC]."""
+
   shared_memory_per_sm_kib: int
   shared_memory_per_block_optin_kib: int
   threads_per_sm: int
@@ -40,9 +42,9 @@ class ComputeCapabilityLimits:
 # 1024 threads per block, warp 32, 64 K 32-bit registers per SM and per block, 48 KiB of shared
 # memory per block without opt-in, grid limits 2^31-1 x 65535 x 65535.
 CC_LIMITS = {
-    (7, 0): ComputeCapabilityLimits(96, 96, 2048),
-    (8, 0): ComputeCapabilityLimits(164, 163, 2048),
-    (9, 0): ComputeCapabilityLimits(228, 227, 2048),
+  (7, 0): ComputeCapabilityLimits(96, 96, 2048),
+  (8, 0): ComputeCapabilityLimits(164, 163, 2048),
+  (9, 0): ComputeCapabilityLimits(228, 227, 2048),
 }
 
 
@@ -60,6 +62,7 @@ class GpuTarget:
     sm_count, fp32_cores_per_sm, memory_bandwidth_gbs, l2_cache_kib, boost_clock_ghz: the
       architecture whitepaper's and datasheet's figures (module docstring).
   """
+
   name: str
   device_kind: str
   memory_gib: float
@@ -106,34 +109,59 @@ device_description_str: "{self.device_kind}"
 
 def _v100(memory_gib: int) -> GpuTarget:
   # [V100]: 80 SMs of 64 FP32 cores, 6144 KB L2, 1530 MHz boost (SXM2), 900 GB/s.
-  return GpuTarget(f"v100-{memory_gib}g", f"Tesla V100-SXM2-{memory_gib}GB", memory_gib, None, (7, 0),
-                   80, 64, 900, 6144, 1.53)
+  return GpuTarget(
+    f"v100-{memory_gib}g",
+    f"Tesla V100-SXM2-{memory_gib}GB",
+    memory_gib,
+    None,
+    (7, 0),
+    80,
+    64,
+    900,
+    6144,
+    1.53,
+  )
 
 
 def _a100(memory_gib: int, bandwidth_gbs: float) -> GpuTarget:
   # [A100]: 108 SMs of 64 FP32 cores, 40 MB L2, 1410 MHz boost.
-  return GpuTarget(f"a100-{memory_gib}g", f"NVIDIA A100-SXM4-{memory_gib}GB", memory_gib, 312, (8, 0),
-                   108, 64, bandwidth_gbs, 40 * 1024, 1.41)
+  return GpuTarget(
+    f"a100-{memory_gib}g",
+    f"NVIDIA A100-SXM4-{memory_gib}GB",
+    memory_gib,
+    312,
+    (8, 0),
+    108,
+    64,
+    bandwidth_gbs,
+    40 * 1024,
+    1.41,
+  )
 
 
 # --topology names -> GPU. H100 and H200 [H100], [H200]: 132 SMs of 128 FP32 cores, 50 MB L2;
 # 1980 MHz, the SXM5 part's maximum boost clock (the datasheet gives none; the whitepaper's table
 # left it "not finalized"; 1980 MHz is what the driver reports as the clock rate of an H100 SXM5).
-GPUS = {t.name: t for t in (
+GPUS = {
+  t.name: t
+  for t in (
     GpuTarget("h100", "NVIDIA H100 80GB HBM3", 80, 989, (9, 0), 132, 128, 3350, 50 * 1024, 1.98),
     GpuTarget("h200", "NVIDIA H200", 141, 989, (9, 0), 132, 128, 4800, 50 * 1024, 1.98),
     _a100(80, 2039),
     _a100(40, 1555),
     _v100(16),
     _v100(32),
-)}
+  )
+}
 # `gpu:N`: the GPU of most training nodes bought today.
 DEFAULT_GPU = "h100"
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuTopology:
-  """``<gpu>:<count>`` (one host) or ``<gpu>:<hosts>x<count>`` (``count`` GPUs on each of ``hosts``)."""
+  """``<gpu>:<count>`` (one host) or ``<gpu>:<hosts>x<count>`` (``count`` GPUs on each of
+  ``hosts``)."""
+
   gpu: GpuTarget
   hosts: int
   per_host: int
@@ -144,7 +172,8 @@ class GpuTopology:
 
   @property
   def topology_string(self) -> str:
-    """XLA's "<partitions>x<hosts per partition>x<devices per host>", one partition (an NVLink/IB cluster)."""
+    """XLA's "<partitions>x<hosts per partition>x<devices per host>", one partition (an NVLink/IB
+    cluster)."""
     return f"1x{self.hosts}x{self.per_host}"
 
 
@@ -152,7 +181,8 @@ _TOPOLOGY = re.compile(r"(?P<gpu>[a-z0-9-]+):(?:(?P<hosts>\d+)x)?(?P<count>\d+)"
 
 
 def parse_topology(name: str) -> GpuTopology | None:
-  """``h100:8`` -> 8 H100 on one host; ``h100:2x8`` -> 2 hosts of 8; ``gpu:N`` -> N of ``DEFAULT_GPU``.
+  """``h100:8`` -> 8 H100 on one host; ``h100:2x8`` -> 2 hosts of 8; ``gpu:N`` -> N of
+  ``DEFAULT_GPU``.
 
   Returns None for a name that is no GPU's (a TPU slice such as ``v5e:2x2``).
 
@@ -167,10 +197,13 @@ def parse_topology(name: str) -> GpuTopology | None:
     return None
   hosts, count = int(m["hosts"] or 1), int(m["count"])
   if hosts < 1 or count < 1:
-    raise ValueError(f"--topology={name!r}: the counts must be at least 1, e.g. {gpu}:8 or {gpu}:2x8")
+    raise ValueError(
+      f"--topology={name!r}: the counts must be at least 1, e.g. {gpu}:8 or {gpu}:2x8"
+    )
   return GpuTopology(GPUS[gpu], hosts, count)
 
 
 def by_device_kind(device_kind: str) -> GpuTarget | None:
-  """The GPU whose driver name is ``device_kind`` (as ``GpuTarget.target_config`` sets it), or None."""
+  """The GPU whose driver name is ``device_kind`` (as ``GpuTarget.target_config`` sets it), or
+  None."""
   return next((t for t in GPUS.values() if t.device_kind == device_kind), None)

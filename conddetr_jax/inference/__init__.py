@@ -1,1 +1,2 @@
-"""A trained detector on images: the Python API (``api``) and predict.py's library (``prediction``)."""
+"""A trained detector on images: the Python API (``api``) and predict.py's library
+(``prediction``)."""

@@ -8,7 +8,7 @@ import ml_collections
 
 from conddetr_jax.models.attention import IMPLEMENTATIONS
 from conddetr_jax.models.backbone import NORMS, NUM_STAGES, RESNET_SPECS, is_frozen_backbone_param
-from conddetr_jax.models.detector import DTYPES, ConditionalDETR, DetectorConfig
+from conddetr_jax.models.detector import DTYPES, MASK_PADDING, ConditionalDETR, DetectorConfig
 from conddetr_jax.models.transformer import REMAT
 
 _DECODERS = ("conditional", "detr")
@@ -17,8 +17,16 @@ _DECODERS = ("conditional", "detr")
 def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
   """The detector described by ``config.model`` (see configs/default.py), with checked fields."""
   m = config.model
-  choices = {"backbone": sorted(RESNET_SPECS), "backbone_norm": NORMS, "backbone_num_stages": NUM_STAGES,
-             "dtype": sorted(DTYPES), "decoder": _DECODERS, "attention": IMPLEMENTATIONS, "remat": REMAT}
+  choices = {
+    "backbone": sorted(RESNET_SPECS),
+    "backbone_norm": NORMS,
+    "backbone_num_stages": NUM_STAGES,
+    "dtype": sorted(DTYPES),
+    "decoder": _DECODERS,
+    "mask_padding": MASK_PADDING,
+    "attention": IMPLEMENTATIONS,
+    "remat": REMAT,
+  }
   for field, allowed in choices.items():
     if m[field] not in allowed:
       raise ValueError(f"config.model.{field}={m[field]!r}: expected one of {tuple(allowed)}")
@@ -26,7 +34,9 @@ def build_model(config: ml_collections.ConfigDict) -> ConditionalDETR:
     if not isinstance(m[field], int) or m[field] < 1:
       raise ValueError(f"config.model.{field}={m[field]!r}: expected an integer >= 1")
   if m.hidden_dim % m.nheads or m.hidden_dim % 2:
-    raise ValueError(f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}")
+    raise ValueError(
+      f"config.model.hidden_dim={m.hidden_dim} must be even and divisible by nheads={m.nheads}"
+    )
   return ConditionalDETR(DetectorConfig.from_config(m))
 
 
@@ -54,6 +64,8 @@ def param_label(path: Sequence[str], freeze_stem_and_layer1: bool = True) -> str
 
 
 def param_labels(params: Any, freeze_stem_and_layer1: bool = True) -> Any:
-  """A pytree like ``params`` holding each leaf's ``param_label`` (for ``optax.multi_transform``)."""
+  """A pytree like ``params`` holding each leaf's ``param_label`` (for
+  ``optax.multi_transform``)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: param_label([k.key for k in path], freeze_stem_and_layer1), params)
+    lambda path, _: param_label([k.key for k in path], freeze_stem_and_layer1), params
+  )

@@ -26,7 +26,9 @@ from conddetr_jax.models import initializers
 IMPLEMENTATIONS = ("dense", "blockwise")
 
 
-def block_keep_mask(rng: jax.Array, block: jax.Array | int, shape: tuple[int, ...], rate: float) -> jax.Array:
+def block_keep_mask(
+  rng: jax.Array, block: jax.Array | int, shape: tuple[int, ...], rate: float
+) -> jax.Array:
   """The attention-dropout keep mask (True = kept, probability 1 - rate) of key block ``block``.
 
   Each block draws from its own key ``fold_in(rng, block)``, so a block's mask can be drawn (and
@@ -36,9 +38,15 @@ def block_keep_mask(rng: jax.Array, block: jax.Array | int, shape: tuple[int, ..
   return jax.random.bernoulli(jax.random.fold_in(rng, block), 1.0 - rate, shape)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_mask: jax.Array | None,
-                        block_size: int, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None
-                        ) -> jax.Array:
+def blockwise_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  key_padding_mask: jax.Array | None,
+  block_size: int,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+) -> jax.Array:
   """softmax(q k^T) v over blocks of ``block_size`` keys, with a running max and sum in float32.
 
   Equal to the dense attention (``where(mask, finfo.min, logits)``, softmax, dropout of the
@@ -81,8 +89,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_ma
   # Keys past Lk are excluded outright (-inf), unlike padded keys (finfo.min, as the dense path).
   outside = (jnp.arange(num_blocks * block) >= len_k).reshape(num_blocks, block)
 
-  def step(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[jax.Array, ...]
-           ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+  def step(
+    carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[jax.Array, ...]
+  ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
     row_max, row_sum, acc = carry  # (B, h, Lq), (B, h, Lq), (B, h, Lq, Dv), float32
     index, k_j, v_j, padded_j, outside_j = xs
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k_j, preferred_element_type=jnp.float32)
@@ -95,15 +104,33 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_padding_ma
     if dropout_rate > 0.0:
       keep = block_keep_mask(dropout_rng, index, p.shape, dropout_rate)
       p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-    acc = acc * rescale[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_j,
-                                                 preferred_element_type=jnp.float32)
+    acc = acc * rescale[..., None] + jnp.einsum(
+      "bhqk,bkhd->bhqd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+    )
     return (new_max, row_sum, acc), None
 
-  init = (jnp.full((batch, heads, len_q), -jnp.inf, jnp.float32), jnp.zeros((batch, heads, len_q), jnp.float32),
-          jnp.zeros((batch, heads, len_q, d_v), jnp.float32))
+  init = (
+    jnp.full((batch, heads, len_q), -jnp.inf, jnp.float32),
+    jnp.zeros((batch, heads, len_q), jnp.float32),
+    jnp.zeros((batch, heads, len_q, d_v), jnp.float32),
+  )
   xs = (jnp.arange(num_blocks), blocks(k), blocks(v), blocks(key_padding_mask), outside)
   (_, row_sum, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, xs)
   return jnp.moveaxis(acc / row_sum[..., None], 1, 2).astype(v.dtype)
+
+
+def head_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Per-head dot products: q (B, Lq, heads, D), already scaled; k (B, Lk, heads, D) ->
+  (B, heads, Lq, Lk) float32."""
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+
+
+def masked_softmax(logits: jax.Array, key_padding_mask: jax.Array | None) -> jax.Array:
+  """Softmax over the last axis of (B, heads, Lq, Lk) float32 logits with the padded keys
+  (``key_padding_mask`` (B, Lk) True on padding) at finfo.min, so that they get weight 0."""
+  if key_padding_mask is not None:
+    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -116,6 +143,7 @@ class MultiHeadAttention(nn.Module):
   whole (B, heads, Lq, Lk) mask, as the original, or one per key block), with the same
   distribution.
   """
+
   num_heads: int
   dropout: float = 0.0
   # True: project q, k, v first (``q_proj``, ``k_proj``, ``v_proj``), i.e. torch's
@@ -124,17 +152,30 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = "dense"
   block_size: int = 512
+  # True: sow the (B, heads, Lq, Lk) float32 ``logits`` (before the padding mask) and ``weights``
+  # (the softmax, before dropout) into ``intermediates``; only the dense implementation has them.
+  record: bool = False
 
   @nn.compact
-  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array,
-               key_padding_mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    key_padding_mask: jax.Array | None = None,
+    train: bool = False,
+  ) -> jax.Array:
     """query (B, Lq, Dqk), key (B, Lk, Dqk), value (B, Lk, Dv), key_padding_mask (B, Lk) True on
     padding -> (B, Lq, Dv)."""
     if self.in_proj:
       # xavier over torch's packed (3d, d) in_proj_weight; zero in_proj_bias.
-      proj = lambda name, width: nn.Dense(width, dtype=self.dtype, name=name,
-                                          kernel_init=initializers.packed_xavier_uniform(3),
-                                          bias_init=nn.initializers.zeros)
+      proj = lambda name, width: nn.Dense(
+        width,
+        dtype=self.dtype,
+        name=name,
+        kernel_init=initializers.packed_xavier_uniform(3),
+        bias_init=nn.initializers.zeros,
+      )
       query = proj("q_proj", query.shape[-1])(query)
       key = proj("k_proj", key.shape[-1])(key)
       value = proj("v_proj", value.shape[-1])(value)
@@ -148,17 +189,29 @@ class MultiHeadAttention(nn.Module):
     v = value.reshape(batch, value.shape[1], h, d_v // h)
     if self.implementation == "blockwise":
       dropping = train and self.dropout > 0.0
-      out = blockwise_attention(q, k, v, key_padding_mask, self.block_size,
-                                self.dropout if dropping else 0.0,
-                                self.make_rng("dropout") if dropping else None)
+      out = blockwise_attention(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        self.block_size,
+        self.dropout if dropping else 0.0,
+        self.make_rng("dropout") if dropping else None,
+      )
     else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-      if key_padding_mask is not None:
-        logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
-      weights = jax.nn.softmax(logits, axis=-1)
+      logits = head_logits(q, k)
+      weights = masked_softmax(logits, key_padding_mask)
+      if self.record:
+        self.sow("intermediates", "logits", logits)
+        self.sow("intermediates", "weights", weights)
       weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = out.reshape(batch, len_q, d_v)
     # The original's out_proj: xavier weight (Transformer._reset_parameters), zero bias.
-    return nn.Dense(d_v, dtype=self.dtype, kernel_init=initializers.xavier_uniform,
-                    bias_init=nn.initializers.zeros, name="out_proj")(out)
+    return nn.Dense(
+      d_v,
+      dtype=self.dtype,
+      kernel_init=initializers.xavier_uniform,
+      bias_init=nn.initializers.zeros,
+      name="out_proj",
+    )(out)

@@ -18,28 +18,52 @@ from typing import Any, Sequence
 import jax
 from jax import lax
 
-_CHANNELS_LAST = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+_CHANNELS_LAST = lax.ConvDimensionNumbers(
+  lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
 
 
-def _is_pointwise(kernel: jax.Array, padding: Any, lhs_dilation: Sequence[int] | None,
-                  dimension_numbers: Any, feature_group_count: int) -> bool:
+def _is_pointwise(
+  kernel: jax.Array,
+  padding: Any,
+  lhs_dilation: Sequence[int] | None,
+  dimension_numbers: Any,
+  feature_group_count: int,
+) -> bool:
   """Whether the conv is a plain 1x1 NHWC/HWIO conv (any stride, no padding, groups or dilation)."""
-  return (kernel.ndim == 4 and kernel.shape[:2] == (1, 1) and dimension_numbers == _CHANNELS_LAST
-          and feature_group_count == 1 and not isinstance(padding, str)
-          and all(tuple(p) == (0, 0) for p in padding) and all(d == 1 for d in (lhs_dilation or (1, 1))))
+  return (
+    kernel.ndim == 4
+    and kernel.shape[:2] == (1, 1)
+    and dimension_numbers == _CHANNELS_LAST
+    and feature_group_count == 1
+    and not isinstance(padding, str)
+    and all(tuple(p) == (0, 0) for p in padding)
+    and all(d == 1 for d in (lhs_dilation or (1, 1)))
+  )
 
 
-def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: Sequence[int], padding: Any,
-                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                         dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
-                         **kwargs: Any) -> jax.Array:
+def conv_general_dilated(
+  inputs: jax.Array,
+  kernel: jax.Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  precision: Any = None,
+  **kwargs: Any,
+) -> jax.Array:
   """``lax.conv_general_dilated``, except that a 1x1 conv is a ``dot_general``.
 
   inputs (B, H, W, Cin), kernel (1, 1, Cin, Cout) -> (B, ceil(H / sh), ceil(W / sw), Cout) for the
   1x1 case (a strided 1x1 conv reads every stride-th pixel, as the conv does); anything else goes
   to ``lax.conv_general_dilated`` unchanged. ``rhs_dilation`` does not matter for a 1x1 kernel.
   """
-  if _is_pointwise(kernel, padding, lhs_dilation, dimension_numbers, feature_group_count) and not kwargs:
+  if (
+    _is_pointwise(kernel, padding, lhs_dilation, dimension_numbers, feature_group_count)
+    and not kwargs
+  ):
     sh, sw = window_strides
     if (sh, sw) != (1, 1):
       inputs = inputs[:, ::sh, ::sw, :]
@@ -48,6 +72,15 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
     batch_shape = inputs.shape[:3]
     out = lax.dot(inputs.reshape(-1, inputs.shape[3]), kernel[0, 0], precision=precision)
     return out.reshape(batch_shape + (kernel.shape[3],))
-  return lax.conv_general_dilated(inputs, kernel, window_strides, padding, lhs_dilation=lhs_dilation,
-                                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                  feature_group_count=feature_group_count, precision=precision, **kwargs)
+  return lax.conv_general_dilated(
+    inputs,
+    kernel,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    precision=precision,
+    **kwargs,
+  )

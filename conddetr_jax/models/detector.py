@@ -9,13 +9,20 @@ import jax
 import jax.numpy as jnp
 
 from conddetr_jax.models import convolution, initializers
-from conddetr_jax.models.backbone import ResNet
+from conddetr_jax.models.backbone import ResNet, feature_stride
 from conddetr_jax.models.position import downsample_mask, sine_position_embedding
-from conddetr_jax.models.transformer import MLP, ConditionalDecoder, DetrDecoder, Encoder, TransformerConfig
+from conddetr_jax.models.transformer import (
+  MLP,
+  ConditionalDecoder,
+  DetrDecoder,
+  Encoder,
+  TransformerConfig,
+)
 
 PRIOR_PROB = 0.01  # class bias starts at -log((1 - p) / p) so the focal loss starts stable
 INVERSE_SIGMOID_EPS = 1e-5  # the original's util.misc.inverse_sigmoid
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype -> compute dtype
+MASK_PADDING = ("eval", "always", "never")  # when the backbone masks padding (train=False, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +30,7 @@ class DetectorConfig:
   """The detector's fields, as ``config.model`` names them (configs/default.py declares each, with
   its default and meaning); ``from_config`` copies them all, so a new field is declared in two
   places only: here and in default.py."""
+
   backbone: str
   dilation: bool
   freeze_stem_and_layer1: bool
@@ -40,6 +48,7 @@ class DetectorConfig:
   dense_head: bool
   aux_loss: bool
   decoder: str
+  mask_padding: str
   dtype: str
   attention: str
   attention_block_size: int
@@ -52,10 +61,17 @@ class DetectorConfig:
 
   def transformer(self, deterministic: bool) -> TransformerConfig:
     """The encoder's and decoder's ``TransformerConfig``."""
-    return TransformerConfig(d_model=self.hidden_dim, nhead=self.nheads, dim_feedforward=self.dim_feedforward,
-                             dropout=self.dropout, dtype=DTYPES[self.dtype], attention=self.attention,
-                             attention_block_size=self.attention_block_size, remat=self.remat,
-                             deterministic=deterministic)
+    return TransformerConfig(
+      d_model=self.hidden_dim,
+      nhead=self.nheads,
+      dim_feedforward=self.dim_feedforward,
+      dropout=self.dropout,
+      dtype=DTYPES[self.dtype],
+      attention=self.attention,
+      attention_block_size=self.attention_block_size,
+      remat=self.remat,
+      deterministic=deterministic,
+    )
 
 
 def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array:
@@ -87,48 +103,96 @@ class ConditionalDETR(nn.Module):
   adds training signal to the encoder and backbone: under ``train=False`` it is not in the output
   (XLA drops its computation), so inference cost and outputs are those of a model without it.
 
+  ``mask_padding`` (one of ``MASK_PADDING``) says when the backbone masks the padded region
+  (backbone.py): under ``train=False`` only ("eval"), always, or never (the original's padded
+  forward, whose outputs depend on the padding). Masked, each image's outputs are those of the
+  same image alone and unpadded, whatever its batch, canvas or neighbours: the transformer already
+  ignores padded keys, and the feature mask is then the backbone's valid extent.
+
   ``decoder='detr'`` swaps in DETR's decoder (no reference points, boxes = sigmoid(MLP(h))) with
   everything else unchanged: the baseline of the convergence study.
+
+  ``cross_attention_layer`` (None by default: off) names the conditional decoder layer whose
+  cross-attention is sown into ``intermediates`` when that collection is collected: the weights
+  and logits the model uses and their content and spatial parts (``ConditionalDecoderLayer``;
+  read by ``inference.attention_maps``). Parameters are the same either way.
   """
+
   config: DetectorConfig
+  cross_attention_layer: int | None = None  # decoder layer whose cross-attention is sown; None: off
 
   @nn.compact
   def __call__(self, images: jax.Array, pad_mask: jax.Array, train: bool = False) -> dict[str, Any]:
     """images (B, H, W, 3) ImageNet-normalised; pad_mask (B, H, W) bool, True on padding."""
     if images.ndim != 4 or images.shape[-1] != 3 or pad_mask.shape != images.shape[:3]:
-      raise ValueError(f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}")
+      raise ValueError(
+        f"expected images (B,H,W,3) and pad_mask (B,H,W), got {images.shape} and {pad_mask.shape}"
+      )
     c = self.config
     d, dtype = c.hidden_dim, DTYPES[c.dtype]
-    features = ResNet(c.backbone, dilation=c.dilation, dtype=dtype, freeze_stem_and_layer1=c.freeze_stem_and_layer1,
-                      norm=c.backbone_norm, num_stages=c.backbone_num_stages, name="backbone")(images)
+    masked = c.mask_padding == "always" or (c.mask_padding == "eval" and not train)
+    backbone = ResNet(
+      c.backbone,
+      dilation=c.dilation,
+      dtype=dtype,
+      freeze_stem_and_layer1=c.freeze_stem_and_layer1,
+      norm=c.backbone_norm,
+      num_stages=c.backbone_num_stages,
+      name="backbone",
+    )
+    features = backbone(images, pad_mask if masked else None)
     batch, h, w, channels = features.shape
-    mask = downsample_mask(pad_mask, (h, w))
+    if masked:
+      # The backbone's own valid extent, ceil(valid / stride): the unpadded image's feature size,
+      # also where the canvas is not a multiple of the stride (where nearest resizing is not).
+      stride = feature_stride(c.backbone_num_stages, c.dilation)
+      mask = pad_mask[:, ::stride, ::stride]
+    else:
+      mask = downsample_mask(pad_mask, (h, w))
     pos = sine_position_embedding(mask, d // 2)
-    src = nn.Conv(d, (1, 1), dtype=dtype, kernel_init=initializers.torch_default_kernel,
-                  bias_init=initializers.torch_default_bias(channels),
-                  conv_general_dilated=convolution.conv_general_dilated, name="input_proj")(features)
+    src = nn.Conv(
+      d,
+      (1, 1),
+      dtype=dtype,
+      kernel_init=initializers.torch_default_kernel,
+      bias_init=initializers.torch_default_bias(channels),
+      conv_general_dilated=convolution.conv_general_dilated,
+      name="input_proj",
+    )(features)
     self.sow("intermediates", "backbone_features", features)
     self.sow("intermediates", "feature_mask", mask)
     self.sow("intermediates", "pos_embed", pos)
     self.sow("intermediates", "projected_features", src)
 
-    src, pos, mask = src.reshape(batch, h * w, d), pos.reshape(batch, h * w, d), mask.reshape(batch, h * w)
+    src, pos, mask = (
+      src.reshape(batch, h * w, d),
+      pos.reshape(batch, h * w, d),
+      mask.reshape(batch, h * w),
+    )
     pos = pos.astype(dtype)
     transformer = c.transformer(deterministic=not train)
     memory = Encoder(transformer, c.enc_layers, name="encoder")(src, pos, mask)
     query_embed = self.param("query_embed", nn.initializers.normal(1.0), (c.num_queries, d))
     groups = 1
     if c.num_groups > 1:
-      extra = self.param("group_query_embed", nn.initializers.normal(1.0), ((c.num_groups - 1) * c.num_queries, d))
+      extra = self.param(
+        "group_query_embed", nn.initializers.normal(1.0), ((c.num_groups - 1) * c.num_queries, d)
+      )
       if train:
         query_embed, groups = jnp.concatenate([query_embed, extra]), c.num_groups
     query_pos = jnp.broadcast_to(query_embed.astype(dtype), (batch,) + query_embed.shape)
     if c.decoder == "detr":
-      hidden = DetrDecoder(transformer, c.dec_layers, groups, name="decoder")(memory, mask, pos, query_pos)
+      if self.cross_attention_layer is not None:
+        raise ValueError("cross_attention_layer: the DETR decoder has no conditional spatial query")
+      hidden = DetrDecoder(transformer, c.dec_layers, groups, name="decoder")(
+        memory, mask, pos, query_pos
+      )
       offset = 0.0
     else:
-      hidden, reference = ConditionalDecoder(transformer, c.dec_layers, groups, name="decoder")(
-          memory, mask, pos, query_pos)
+      decoder = ConditionalDecoder(
+        transformer, c.dec_layers, groups, record_layer=self.cross_attention_layer, name="decoder"
+      )
+      hidden, reference = decoder(memory, mask, pos, query_pos)
       # The box head predicts the centre as an offset from the reference point, in logit space.
       offset = jnp.concatenate([inverse_sigmoid(reference), jnp.zeros_like(reference)], axis=-1)
       self.sow("intermediates", "reference_points", reference)
@@ -136,16 +200,28 @@ class ConditionalDETR(nn.Module):
     self.sow("intermediates", "decoder_hidden", hidden)
 
     # Heads run in float32: they are tiny, and the logits feed a focal loss and top-k.
-    logits = nn.Dense(c.num_classes, kernel_init=initializers.torch_default_kernel,
-                      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
-                      name="class_embed")(hidden)
-    delta = MLP(d, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
-                name="bbox_embed")(hidden)
+    logits = nn.Dense(
+      c.num_classes,
+      kernel_init=initializers.torch_default_kernel,
+      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
+      name="class_embed",
+    )(hidden)
+    delta = MLP(
+      d,
+      4,
+      3,
+      jnp.float32,
+      initializers.torch_default_kernel,
+      last_layer_zero=True,
+      name="bbox_embed",
+    )(hidden)
     boxes = jax.nn.sigmoid(delta + offset)
 
     out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
     if c.aux_loss:
-      out["aux_outputs"] = [{"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])]
+      out["aux_outputs"] = [
+        {"pred_logits": l, "pred_boxes": b} for l, b in zip(logits[:-1], boxes[:-1])
+      ]
     if c.dense_head:
       # Built at init too (train=False), so its params exist; only training outputs carry it.
       dense = self._dense_outputs(memory, mask.reshape(batch, h, w))
@@ -156,14 +232,28 @@ class ConditionalDETR(nn.Module):
   def _dense_outputs(self, memory: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """The dense head on the encoder's (B, h*w, d) memory; ``mask`` (B, h, w) True on padding."""
     centres = token_centres(mask)
-    logits = nn.Dense(self.config.num_classes, kernel_init=initializers.torch_default_kernel,
-                      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
-                      name="dense_class_embed")(memory)
-    delta = MLP(self.config.hidden_dim, 4, 3, jnp.float32, initializers.torch_default_kernel, last_layer_zero=True,
-                name="dense_bbox_embed")(memory)
+    logits = nn.Dense(
+      self.config.num_classes,
+      kernel_init=initializers.torch_default_kernel,
+      bias_init=nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB)),
+      name="dense_class_embed",
+    )(memory)
+    delta = MLP(
+      self.config.hidden_dim,
+      4,
+      3,
+      jnp.float32,
+      initializers.torch_default_kernel,
+      last_layer_zero=True,
+      name="dense_bbox_embed",
+    )(memory)
     offset = jnp.concatenate([inverse_sigmoid(centres), jnp.zeros_like(centres)], axis=-1)
-    return {"pred_logits": logits, "pred_boxes": jax.nn.sigmoid(delta + offset), "token_centres": centres,
-            "token_valid": ~mask.reshape(mask.shape[0], -1)}
+    return {
+      "pred_logits": logits,
+      "pred_boxes": jax.nn.sigmoid(delta + offset),
+      "token_centres": centres,
+      "token_valid": ~mask.reshape(mask.shape[0], -1),
+    }
 
 
 def token_centres(mask: jax.Array) -> jax.Array:

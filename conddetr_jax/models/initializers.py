@@ -1,4 +1,5 @@
-"""Parameter initialisers that reproduce PyTorch's defaults, so a fresh model starts as the original.
+"""Parameter initialisers that reproduce PyTorch's defaults, so a fresh model starts as the
+original.
 
 PyTorch's ``nn.Linear``/``nn.Conv2d`` draw weights from kaiming_uniform(a=sqrt(5)) and biases from
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the original's Transformer then re-draws every matrix with

@@ -4,17 +4,18 @@
 variadic reduce-window that carries four int32 index tensors (one iota per input axis) next to the
 values, then a scatter: on the demo's train step (ResNet-18 trained whole, 4 x 160x192) that was
 about a tenth of the step (docs/cpu-step.md). Here the pool is the maximum of its nine strided
-window taps, and the backward hands each output's gradient to the tap that won, found again from
-an int32 tap index saved in the forward. Ties go to the first maximum in row-major window order,
-as PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
-``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties included).
+window taps, and the backward hands each output's gradient to the tap that won, found again from an
+int32 tap index saved in the forward. Ties go to the first maximum in row-major window order, as
+PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
+``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties
+included).
 """
 
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 _WINDOW, _STRIDE, _PAD = 3, 2, 1
 
@@ -24,10 +25,16 @@ def _taps(x: jax.Array) -> tuple[list[jax.Array], tuple[int, int]]:
   _, h, w, _ = x.shape
   out_h, out_w = (h + 2 * _PAD - _WINDOW) // _STRIDE + 1, (w + 2 * _PAD - _WINDOW) // _STRIDE + 1
   padded = jnp.pad(x, ((0, 0), (_PAD, _PAD), (_PAD, _PAD), (0, 0)), constant_values=-jnp.inf)
-  taps = [lax.slice(padded, (0, i, j, 0),
-                    (x.shape[0], i + _STRIDE * (out_h - 1) + 1, j + _STRIDE * (out_w - 1) + 1, x.shape[3]),
-                    (1, _STRIDE, _STRIDE, 1))
-          for i in range(_WINDOW) for j in range(_WINDOW)]
+  taps = [
+    lax.slice(
+      padded,
+      (0, i, j, 0),
+      (x.shape[0], i + _STRIDE * (out_h - 1) + 1, j + _STRIDE * (out_w - 1) + 1, x.shape[3]),
+      (1, _STRIDE, _STRIDE, 1),
+    )
+    for i in range(_WINDOW)
+    for j in range(_WINDOW)
+  ]
   return taps, (out_h, out_w)
 
 
@@ -62,11 +69,18 @@ def _max_pool_bwd(residuals: tuple[jax.Array, tuple[int, ...]], g: jax.Array) ->
   for k in range(_WINDOW * _WINDOW):
     i, j = divmod(k, _WINDOW)
     # Place tap k's share back at its strided input positions (interior padding = stride - 1).
-    share = lax.pad(jnp.where(index == k, g, zero), zero,
-                    ((0, 0, 0), (i, padded_h - i - _STRIDE * (out_h - 1) - 1, _STRIDE - 1),
-                     (j, padded_w - j - _STRIDE * (out_w - 1) - 1, _STRIDE - 1), (0, 0, 0)))
+    share = lax.pad(
+      jnp.where(index == k, g, zero),
+      zero,
+      (
+        (0, 0, 0),
+        (i, padded_h - i - _STRIDE * (out_h - 1) - 1, _STRIDE - 1),
+        (j, padded_w - j - _STRIDE * (out_w - 1) - 1, _STRIDE - 1),
+        (0, 0, 0),
+      ),
+    )
     grad = share if grad is None else grad + share
-  return (grad[:, _PAD:_PAD + h, _PAD:_PAD + w, :],)
+  return (grad[:, _PAD : _PAD + h, _PAD : _PAD + w, :],)
 
 
 max_pool_3x3_stride2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -44,13 +44,18 @@ def _frequencies(num_feats: int, temperature: float) -> jax.Array:
 
 
 def _interleave_sin_cos(angles: jax.Array) -> jax.Array:
-  """(..., F) angles -> (..., F): sin of even and cos of odd entries, interleaved as the original."""
+  """(..., F) angles -> (..., F): sin of even and cos of odd entries, interleaved as the
+  original."""
   stacked = jnp.stack([jnp.sin(angles[..., 0::2]), jnp.cos(angles[..., 1::2])], axis=-1)
   return stacked.reshape(angles.shape)
 
 
-def sine_position_embedding(mask: jax.Array, num_pos_feats: int = 128, temperature: float = 10000.0,
-                            scale: float = 2 * math.pi) -> jax.Array:
+def sine_position_embedding(
+  mask: jax.Array,
+  num_pos_feats: int = 128,
+  temperature: float = 10000.0,
+  scale: float = 2 * math.pi,
+) -> jax.Array:
   """The original's PositionEmbeddingSine(normalize=True) of a feature-level padding mask.
 
   Coordinates are the cumulative count of valid pixels, normalised by the valid extent of each
@@ -73,8 +78,12 @@ def sine_position_embedding(mask: jax.Array, num_pos_feats: int = 128, temperatu
   return jnp.concatenate([pos_y, pos_x], axis=-1)
 
 
-def sine_embedding_of_points(points: jax.Array, num_pos_feats: int = 128, temperature: float = 10000.0,
-                             scale: float = 2 * math.pi) -> jax.Array:
+def sine_embedding_of_points(
+  points: jax.Array,
+  num_pos_feats: int = 128,
+  temperature: float = 10000.0,
+  scale: float = 2 * math.pi,
+) -> jax.Array:
   """The original's ``gen_sineembed_for_position``: sine embedding of normalised 2-d points.
 
   Args:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from conddetr_jax.models import initializers
-from conddetr_jax.models.attention import MultiHeadAttention
+from conddetr_jax.models.attention import MultiHeadAttention, head_logits, masked_softmax
 from conddetr_jax.models.position import sine_embedding_of_points
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
@@ -26,15 +26,27 @@ def layer_norm(name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=jnp.float32, name=name)
 
 
-def linear(features: int, fan_in: int, name: str, dtype: Any,
-           kernel_init: Callable[..., jax.Array] = initializers.xavier_uniform) -> nn.Dense:
+def linear(
+  features: int,
+  fan_in: int,
+  name: str,
+  dtype: Any,
+  kernel_init: Callable[..., jax.Array] = initializers.xavier_uniform,
+) -> nn.Dense:
   """A Linear layer initialised as the original's transformer (xavier weight, torch bias)."""
-  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
-                  bias_init=initializers.torch_default_bias(fan_in), name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    kernel_init=kernel_init,
+    bias_init=initializers.torch_default_bias(fan_in),
+    name=name,
+  )
 
 
 class MLP(nn.Module):
-  """``num_layers`` Linear layers with ReLU in between (the original's ``MLP``; params ``layers_i``)."""
+  """``num_layers`` Linear layers with ReLU in between (the original's ``MLP``; params
+  ``layers_i``)."""
+
   hidden_dim: int
   output_dim: int
   num_layers: int
@@ -49,8 +61,13 @@ class MLP(nn.Module):
       last = i == self.num_layers - 1
       features = self.output_dim if last else self.hidden_dim
       if last and self.last_layer_zero:
-        x = nn.Dense(features, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                     bias_init=nn.initializers.zeros, name=f"layers_{i}")(x)
+        x = nn.Dense(
+          features,
+          dtype=self.dtype,
+          kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.zeros,
+          name=f"layers_{i}",
+        )(x)
       else:
         x = linear(features, x.shape[-1], f"layers_{i}", self.dtype, self.kernel_init)(x)
       if not last:
@@ -67,6 +84,7 @@ class TransformerConfig:
   sets it from ``train``). The detector builds it from ``config.model``, whose fields declare the
   defaults.
   """
+
   d_model: int
   nhead: int
   dim_feedforward: int
@@ -77,10 +95,20 @@ class TransformerConfig:
   remat: str
   deterministic: bool = True
 
-  def attend(self, name: str, in_proj: bool = False) -> MultiHeadAttention:
-    """An attention submodule ``name`` of the layer being built (see ``MultiHeadAttention``)."""
-    return MultiHeadAttention(self.nhead, self.dropout, in_proj=in_proj, dtype=self.dtype,
-                              implementation=self.attention, block_size=self.attention_block_size, name=name)
+  def attend(self, name: str, in_proj: bool = False, record: bool = False) -> MultiHeadAttention:
+    """An attention submodule ``name`` of the layer being built (see ``MultiHeadAttention``);
+    ``record`` sows its logits and weights, which only the dense implementation materialises, so
+    it runs dense then."""
+    return MultiHeadAttention(
+      self.nhead,
+      self.dropout,
+      in_proj=in_proj,
+      dtype=self.dtype,
+      implementation="dense" if record else self.attention,
+      block_size=self.attention_block_size,
+      record=record,
+      name=name,
+    )
 
   def drop(self, x: jax.Array) -> jax.Array:
     """The layers' residual dropout (identity when ``deterministic``)."""
@@ -89,6 +117,7 @@ class TransformerConfig:
 
 class FeedForward(nn.Module):
   """linear1 -> ReLU -> dropout -> linear2, as the original's layers."""
+
   config: TransformerConfig
 
   @nn.compact
@@ -98,8 +127,14 @@ class FeedForward(nn.Module):
     return linear(c.d_model, c.dim_feedforward, "linear2", c.dtype)(c.drop(y))
 
 
-def attend_within_groups(attention: nn.Module, query: jax.Array, key: jax.Array, value: jax.Array,
-                         num_groups: int, train: bool) -> jax.Array:
+def attend_within_groups(
+  attention: nn.Module,
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  num_groups: int,
+  train: bool,
+) -> jax.Array:
   """Self-attention in which each query attends only to the queries of its own group (Group DETR).
 
   The B x (K*Q) queries are K consecutive groups of Q; attending within each group is the
@@ -139,12 +174,15 @@ def remat_layer(layer_cls: type[nn.Module], remat: str) -> type[nn.Module]:
   """
   if remat == "none":
     return layer_cls
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "attention" else None
+  policy = (
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "attention" else None
+  )
   return nn.remat(layer_cls, policy=policy)
 
 
 class EncoderLayer(nn.Module):
   """Post-norm encoder layer; positions are added to queries and keys only."""
+
   config: TransformerConfig
 
   @nn.compact
@@ -160,6 +198,7 @@ class EncoderLayer(nn.Module):
 
 class Encoder(nn.Module):
   """A stack of post-norm encoder layers (no final norm, as the original's post-norm encoder)."""
+
   config: TransformerConfig
   num_layers: int
 
@@ -181,14 +220,27 @@ class ConditionalDecoderLayer(nn.Module):
   query_pos to the content query and the memory pos to the content key (``ca_qpos_proj``).
   With ``num_groups`` K, the queries are K groups that self-attend within their group only
   (``attend_within_groups``).
+
+  With ``record_attention``, a call whose ``intermediates`` collection is mutable sows the
+  cross-attention split as the paper's Figure 1 splits it (``_sow_content_and_spatial``), and
+  ``cross_attn`` sows the logits and weights the layer uses; otherwise nothing is computed for it.
   """
+
   config: TransformerConfig
   is_first: bool
   num_groups: int = 1
+  record_attention: bool = False
 
   @nn.compact
-  def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array, query_sine_embed: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    tgt: jax.Array,
+    memory: jax.Array,
+    memory_mask: jax.Array,
+    pos: jax.Array,
+    query_pos: jax.Array,
+    query_sine_embed: jax.Array,
+  ) -> jax.Array:
     """tgt, query_pos, query_sine_embed (B, Q, d); memory, pos (B, L, d); memory_mask (B, L)
     -> (B, Q, d)."""
     c = self.config
@@ -212,15 +264,46 @@ class ConditionalDecoderLayer(nn.Module):
 
     def per_head_concat(content: jax.Array, spatial: jax.Array) -> jax.Array:
       b, n, _ = content.shape
-      both = jnp.concatenate([content.reshape(b, n, h, d // h), spatial.reshape(b, n, h, d // h)], -1)
+      both = jnp.concatenate(
+        [content.reshape(b, n, h, d // h), spatial.reshape(b, n, h, d // h)], -1
+      )
       return both.reshape(b, n, 2 * d)
 
     q = per_head_concat(q_content, q_sine)
     k = per_head_concat(k_content, k_pos)
-    tgt2 = c.attend("cross_attn")(q, k, v, memory_mask, train=train)
+    # Train and eval programs never collect intermediates: they trace none of this.
+    record = self.record_attention and self.is_mutable_collection("intermediates")
+    if record:
+      self._sow_content_and_spatial(q_content, k_content, q_sine, k_pos, memory_mask)
+    tgt2 = c.attend("cross_attn", record=record)(q, k, v, memory_mask, train=train)
     tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
     tgt2 = FeedForward(c, name="ffn")(tgt)
     return layer_norm("norm3")(tgt + c.drop(tgt2))
+
+  def _sow_content_and_spatial(
+    self,
+    q_content: jax.Array,
+    k_content: jax.Array,
+    q_spatial: jax.Array,
+    k_pos: jax.Array,
+    memory_mask: jax.Array,
+  ) -> None:
+    """Sows the two parts of the cross-attention, each (B, heads, Q, L) float32.
+
+    ``content_logits`` (q_content_h . k_content_h) and ``spatial_logits`` (the conditional spatial
+    query's q_spatial_h . k_pos_h) are scaled as the attention scales their per-head concatenation,
+    so they sum to its logits; ``content_weights`` and ``spatial_weights`` are each part's own
+    softmax over the valid keys (``memory_mask`` (B, L) True on padding).
+    """
+    h = self.config.nhead
+    heads = lambda x: x.reshape(x.shape[:2] + (h, x.shape[-1] // h))
+    scale = (
+      2 * self.config.d_model // h
+    ) ** -0.5  # the concatenated head's width, as the attention's
+    for part, (q, k) in (("content", (q_content, k_content)), ("spatial", (q_spatial, k_pos))):
+      logits = head_logits(heads(q) * scale, heads(k))
+      self.sow("intermediates", f"{part}_logits", logits)
+      self.sow("intermediates", f"{part}_weights", masked_softmax(logits, memory_mask))
 
 
 class ConditionalDecoder(nn.Module):
@@ -230,17 +313,24 @@ class ConditionalDecoder(nn.Module):
   spatial query is sine(s) * T_i with T_0 = 1 and T_i = query_scale(output of layer i-1), where
   that output is *not* layer-normed (the original; HF's aux-loss path normalises it).
   """
+
   config: TransformerConfig
   num_layers: int
   num_groups: int = 1  # groups of queries (see ``attend_within_groups``)
+  # The layer that sows its cross-attention (``ConditionalDecoderLayer.record_attention``);
+  # negative: counted from the last; None: none.
+  record_layer: int | None = None
 
   @nn.compact
-  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (hidden (num_layers, B,
     Q, d) float32 after the final LayerNorm, reference (B, Q, 2) float32)."""
     d, dtype = self.config.d_model, self.config.dtype
-    reference = jax.nn.sigmoid(MLP(d, 2, 2, dtype, name="ref_point_head")(query_pos).astype(jnp.float32))
+    reference = jax.nn.sigmoid(
+      MLP(d, 2, 2, dtype, name="ref_point_head")(query_pos).astype(jnp.float32)
+    )
     query_scale = MLP(d, d, 2, dtype, name="query_scale")
     norm = layer_norm("norm")
     sine = sine_embedding_of_points(reference, d // 2)
@@ -248,10 +338,20 @@ class ConditionalDecoder(nn.Module):
     output = jnp.zeros(query_pos.shape, jnp.float32)
     hidden = []
     layer_cls = remat_layer(ConditionalDecoderLayer, self.config.remat)
-    for i in range(self.num_layers):
+    layers = self.num_layers
+    if self.record_layer is not None and not -layers <= self.record_layer < layers:
+      raise ValueError(f"decoder layer {self.record_layer} to record: there are {layers} layers")
+    for i in range(layers):
       query_sine_embed = sine if i == 0 else sine * query_scale(output)
-      output = layer_cls(self.config, is_first=i == 0, num_groups=self.num_groups, name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos, query_sine_embed)
+      record = self.record_layer is not None and i == self.record_layer % layers
+      layer = layer_cls(
+        self.config,
+        is_first=i == 0,
+        num_groups=self.num_groups,
+        record_attention=record,
+        name=f"layers_{i}",
+      )
+      output = layer(output, memory, memory_mask, pos, query_pos, query_sine_embed)
       hidden.append(norm(output))
     return jnp.stack(hidden), reference
 
@@ -264,19 +364,30 @@ class DetrDecoderLayer(nn.Module):
   projections of torch's nn.MultiheadAttention. The queries are ``num_groups`` groups (see
   ``attend_within_groups``).
   """
+
   config: TransformerConfig
   num_groups: int = 1
 
   @nn.compact
-  def __call__(self, tgt: jax.Array, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array,
-               query_pos: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    tgt: jax.Array,
+    memory: jax.Array,
+    memory_mask: jax.Array,
+    pos: jax.Array,
+    query_pos: jax.Array,
+  ) -> jax.Array:
     """tgt, query_pos (B, Q, d); memory, pos (B, L, d); memory_mask (B, L) -> (B, Q, d)."""
     c = self.config
     train = not c.deterministic
     q = k = tgt + query_pos
-    tgt2 = attend_within_groups(c.attend("self_attn", in_proj=True), q, k, tgt, self.num_groups, train)
+    tgt2 = attend_within_groups(
+      c.attend("self_attn", in_proj=True), q, k, tgt, self.num_groups, train
+    )
     tgt = layer_norm("norm1")(tgt + c.drop(tgt2))
-    tgt2 = c.attend("multihead_attn", in_proj=True)(tgt + query_pos, memory + pos, memory, memory_mask, train=train)
+    tgt2 = c.attend("multihead_attn", in_proj=True)(
+      tgt + query_pos, memory + pos, memory, memory_mask, train=train
+    )
     tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
     tgt2 = FeedForward(c, name="ffn")(tgt)
     return layer_norm("norm3")(tgt + c.drop(tgt2))
@@ -284,12 +395,15 @@ class DetrDecoderLayer(nn.Module):
 
 class DetrDecoder(nn.Module):
   """DETR's decoder: no reference points; returns every layer's output after the final LayerNorm."""
+
   config: TransformerConfig
   num_layers: int
   num_groups: int = 1
 
   @nn.compact
-  def __call__(self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array) -> jax.Array:
+  def __call__(
+    self, memory: jax.Array, memory_mask: jax.Array, pos: jax.Array, query_pos: jax.Array
+  ) -> jax.Array:
     """memory, pos (B, L, d); memory_mask (B, L); query_pos (B, Q, d) -> (num_layers, B, Q, d)."""
     norm = layer_norm("norm")
     output = jnp.zeros(query_pos.shape, jnp.float32)
@@ -297,6 +411,7 @@ class DetrDecoder(nn.Module):
     layer_cls = remat_layer(DetrDecoderLayer, self.config.remat)
     for i in range(self.num_layers):
       output = layer_cls(self.config, num_groups=self.num_groups, name=f"layers_{i}")(
-          output, memory, memory_mask, pos, query_pos)
+        output, memory, memory_mask, pos, query_pos
+      )
       hidden.append(norm(output))
     return jnp.stack(hidden)

@@ -23,6 +23,7 @@ class BatchPlan:
     devices: devices the batch is split over.
     accum_steps: micro-batches whose gradients make one update.
   """
+
   global_batch: int
   per_device: int
   devices: int
@@ -30,8 +31,10 @@ class BatchPlan:
 
   def describe(self) -> str:
     """``global batch 16 = 2 per device x 1 devices x 8 accumulation steps``."""
-    return (f"global batch {self.global_batch} = {self.per_device} per device x {self.devices} devices x "
-            f"{self.accum_steps} accumulation steps")
+    return (
+      f"global batch {self.global_batch} = {self.per_device} per device x {self.devices} devices x "
+      f"{self.accum_steps} accumulation steps"
+    )
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -52,9 +55,15 @@ def plan_batch(config: ml_collections.ConfigDict, device_count: int) -> BatchPla
     ValueError: one line naming the fields and the values that would work, when the batch does not
       split over the devices (or the accumulation steps), or a field is out of range.
   """
-  accum, per_device, total = config.grad_accum_steps, config.per_device_batch_size, config.global_batch_size
+  accum, per_device, total = (
+    config.grad_accum_steps,
+    config.per_device_batch_size,
+    config.global_batch_size,
+  )
   if accum < 0:
-    raise ValueError(f"config.grad_accum_steps={accum}: must be >= 1, or 0 to derive it from the global batch")
+    raise ValueError(
+      f"config.grad_accum_steps={accum}: must be >= 1, or 0 to derive it from the global batch"
+    )
   if per_device < 1:
     raise ValueError(f"config.per_device_batch_size={per_device}: must be >= 1")
   if total <= 0:
@@ -62,24 +71,28 @@ def plan_batch(config: ml_collections.ConfigDict, device_count: int) -> BatchPla
     return BatchPlan(per_device * device_count * accum, per_device, device_count, accum)
   if accum > 0:
     if total % (device_count * accum):
-      raise ValueError(f"config.global_batch_size={total} is not divisible by the number of devices "
-                       f"({device_count}) x config.grad_accum_steps ({accum}): each device takes an equal "
-                       "share of every micro-batch; set --config.grad_accum_steps=0 to derive it")
+      raise ValueError(
+        f"config.global_batch_size={total} is not divisible by the number of devices "
+        f"({device_count}) x config.grad_accum_steps ({accum}): each device takes an equal "
+        "share of every micro-batch; set --config.grad_accum_steps=0 to derive it"
+      )
     return BatchPlan(total, total // (device_count * accum), device_count, accum)
   if total % device_count:
     lower, upper = total // device_count * device_count, -(-total // device_count) * device_count
     choices = " or ".join(str(n) for n in (lower, upper) if n > 0)
-    raise ValueError(f"config.global_batch_size={total} does not split over {device_count} devices: run on a "
-                     f"device count that divides {total}, or change the global batch with "
-                     f"--config.global_batch_size={choices} (the learning rates stay as configured)")
+    raise ValueError(
+      f"config.global_batch_size={total} does not split over {device_count} devices: run on a "
+      f"device count that divides {total}, or change the global batch with "
+      f"--config.global_batch_size={choices} (the learning rates stay as configured)"
+    )
   share = total // device_count
   micro = _largest_divisor_at_most(share, per_device)
   return BatchPlan(total, micro, device_count, share // micro)
 
 
 def resolved(config: ml_collections.ConfigDict, plan: BatchPlan) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose ``per_device_batch_size`` and ``grad_accum_steps`` are ``plan``'s, so
-  that the train step (which reads ``grad_accum_steps``) runs what the plan says."""
+  """A copy of ``config`` whose ``per_device_batch_size`` and ``grad_accum_steps`` are ``plan``'s,
+  so that the train step (which reads ``grad_accum_steps``) runs what the plan says."""
   config = config.copy_and_resolve_references()
   config.per_device_batch_size = plan.per_device
   config.grad_accum_steps = plan.accum_steps
@@ -90,7 +103,12 @@ def departure_from_recipe(config: ml_collections.ConfigDict, plan: BatchPlan) ->
   """The one line a run prints when its global batch is not the original's 16, else None."""
   if plan.global_batch == ORIGINAL_GLOBAL_BATCH:
     return None
-  source = ("config.global_batch_size" if config.global_batch_size > 0 else
-            "config.global_batch_size=0: per_device_batch_size x devices x grad_accum_steps")
-  return (f"global batch {plan.global_batch} ({source}), not the original recipe's {ORIGINAL_GLOBAL_BATCH}: "
-          "learning rates and schedule are used as configured, not scaled")
+  source = (
+    "config.global_batch_size"
+    if config.global_batch_size > 0
+    else "config.global_batch_size=0: per_device_batch_size x devices x grad_accum_steps"
+  )
+  return (
+    f"global batch {plan.global_batch} ({source}), not the original recipe's "
+    f"{ORIGINAL_GLOBAL_BATCH}: learning rates and schedule are used as configured, not scaled"
+  )

@@ -32,10 +32,16 @@ class Checkpointer:
       asynchronous: write in a background thread; the train loop only waits for the copy of
         the arrays to host memory.
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=asynchronous)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=asynchronous,
+    )
     self.directory = storage.path(storage.display(directory))
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(_STATE, _META)
+    )
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None if there is none."""
@@ -49,8 +55,13 @@ class Checkpointer:
     Every process must call it.
     """
     meta = dict(meta, **{_EMA: state.ema_params is not None})
-    self._manager.save(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                                         _META: ocp.args.JsonSave(meta)}), force=True)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+      ),
+      force=True,
+    )
 
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Reads checkpoint ``step`` into arrays shaped and sharded like ``target``.
@@ -74,22 +85,32 @@ class Checkpointer:
     saved_ema, wanted_ema = bool(meta.get(_EMA, False)), abstract.ema_params is not None
     if saved_ema != wanted_ema:
       raise ValueError(
-          f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a moving "
-          f"average of the weights, and this run {'keeps none' if saved_ema else 'keeps one'}: resume with "
-          f"{'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in a new --workdir "
-          f"(--config.init_from={self.directory.parent} starts from its weights)")
+        f"checkpoint {step} in {self.directory} was written {'with' if saved_ema else 'without'} a "
+        "moving average of the weights, and this run "
+        f"{'keeps none' if saved_ema else 'keeps one'}: "
+        f"resume with {'config.ema_decay > 0' if saved_ema else 'config.ema_decay=0'}, or start in "
+        f"a new --workdir (--config.init_from={self.directory.parent} starts from its weights)"
+      )
     if _EMA in meta:
       return self._restore_state(step, abstract), meta
-    fields = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract) if f.name != "ema_params"}
+    fields = {
+      f.name: getattr(abstract, f.name)
+      for f in dataclasses.fields(abstract)
+      if f.name != "ema_params"
+    }
     return TrainState(**self._restore_state(step, fields)), meta
 
   def _restore_state(self, step: int, abstract: Any) -> Any:
     """The ``state`` item of checkpoint ``step``, restored into ``abstract``'s structure."""
-    return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    return self._manager.restore(
+      step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+    )[_STATE]
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The ``meta`` record of checkpoint ``step`` alone, without reading the state."""
-    return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[
+      _META
+    ]
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""

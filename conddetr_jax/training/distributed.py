@@ -12,9 +12,9 @@ so 120 s is ample and keeps a single failing host from holding the job for JAX's
 
 import os
 
+from absl import flags, logging
 import jax
 import orbax.checkpoint as ocp
-from absl import flags, logging
 
 
 def _env_int(name: str) -> int:
@@ -32,8 +32,12 @@ def wants_distributed() -> bool:
   (several ``TPU_WORKER_HOSTNAMES``) or an explicit ``JAX_COORDINATOR_ADDRESS``.
   """
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  return (_env_int("SLURM_NTASKS") > 1 or _env_int("OMPI_COMM_WORLD_SIZE") > 1 or len(tpu_hosts) > 1
-          or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  return (
+    _env_int("SLURM_NTASKS") > 1
+    or _env_int("OMPI_COMM_WORLD_SIZE") > 1
+    or len(tpu_hosts) > 1
+    or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+  )
 
 
 HEARTBEAT_TIMEOUT_S = 100
@@ -54,9 +58,14 @@ def _orbax_barriers_through_the_coordination_service() -> None:
     flags.FLAGS[_ORBAX_DISTRIBUTED_BARRIER_FLAG].value = True
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
-                     shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> bool:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+  shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+) -> bool:
   """Joins the multi-process job if asked to; must run before anything touches a JAX device.
 
   Args:
@@ -73,15 +82,27 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
   explicit = coordinator_address is not None or num_processes is not None or process_id is not None
   if not explicit and not wants_distributed():
     return False
-  for name, seconds in (("heartbeat_timeout_s", heartbeat_timeout_s), ("shutdown_timeout_s", shutdown_timeout_s)):
+  for name, seconds in (
+    ("heartbeat_timeout_s", heartbeat_timeout_s),
+    ("shutdown_timeout_s", shutdown_timeout_s),
+  ):
     if seconds < 1:
       raise ValueError(f"{name}={seconds}: must be >= 1 second")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,
-                             shutdown_timeout_seconds=shutdown_timeout_s)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_s,
+    shutdown_timeout_seconds=shutdown_timeout_s,
+  )
   _orbax_barriers_through_the_coordination_service()
-  logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local of %d devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -89,22 +110,37 @@ def define_flags() -> None:
   """Defines the multi-host flags of train.py and eval.py (needed only where no SLURM, MPI or TPU
   VM environment describes the job): ``--coordinator_address``, ``--num_processes``,
   ``--process_id``, ``--heartbeat_timeout_s`` and ``--shutdown_timeout_s``."""
-  flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0, for jax.distributed.initialize.")
+  flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0, for jax.distributed.initialize.",
+  )
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
   flags.DEFINE_integer(
-      "heartbeat_timeout_s", HEARTBEAT_TIMEOUT_S,
-      "Multi-host: seconds without a heartbeat after which a process counts as lost and the others stop "
-      "(shorter: a lost host idles the others less; longer: fewer false alarms from stalled hosts).")
-  flags.DEFINE_integer("shutdown_timeout_s", SHUTDOWN_TIMEOUT_S,
-                       "Multi-host: seconds a process that has finished or failed waits at exit for the others.")
+    "heartbeat_timeout_s",
+    HEARTBEAT_TIMEOUT_S,
+    "Multi-host: seconds without a heartbeat after which a process counts as lost and the others "
+    "stop (shorter: a lost host idles the others less; longer: fewer false alarms from stalled "
+    "hosts).",
+  )
+  flags.DEFINE_integer(
+    "shutdown_timeout_s",
+    SHUTDOWN_TIMEOUT_S,
+    "Multi-host: seconds a process that has finished or failed waits at exit for the others.",
+  )
 
 
 def initialize_from_flags() -> bool:
   """``maybe_initialize`` with the values of the flags ``define_flags`` defined."""
   f = flags.FLAGS
-  return maybe_initialize(f.coordinator_address, f.num_processes, f.process_id,
-                          heartbeat_timeout_s=f.heartbeat_timeout_s, shutdown_timeout_s=f.shutdown_timeout_s)
+  return maybe_initialize(
+    f.coordinator_address,
+    f.num_processes,
+    f.process_id,
+    heartbeat_timeout_s=f.heartbeat_timeout_s,
+    shutdown_timeout_s=f.shutdown_timeout_s,
+  )
 
 
 def wait_for_all_processes(name: str) -> None:

@@ -1,11 +1,12 @@
-"""An exponential moving average of the weights (``config.ema_decay`` > 0), evaluated in their place.
+"""An exponential moving average of the weights (``config.ema_decay`` > 0), evaluated in their
+place.
 
 The average after update ``t`` (counted from 0) is ``ema = d_t * ema + (1 - d_t) * params`` with
 ``d_t = min(ema_decay, (1 + t) / (10 + t))``, the warm-up of TensorFlow's
 ``ExponentialMovingAverage(num_updates=...)``: early weights, far from the final ones, fade within
 about ``t / 9`` steps instead of ``1 / (1 - ema_decay)``, so the average is useful from the first
-evaluation on, and a short run's average never lags far behind its weights. Not in the original (its runs evaluate
-the raw weights); measured on the demo in docs/demo-levers.md.
+evaluation on, and a short run's average never lags far behind its weights. Not in the original (its
+runs evaluate the raw weights); measured on the demo in docs/demo-levers.md.
 """
 
 from typing import Any

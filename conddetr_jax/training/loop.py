@@ -14,16 +14,16 @@ import threading
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from conddetr_jax import cli, data, models, progress, storage
+from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.checkpoints import weights
 from conddetr_jax.data import coco
 from conddetr_jax.evaluation import coco_eval
-from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
 from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel, telemetry
 from conddetr_jax.training import state as state_lib
@@ -45,6 +45,7 @@ class TrainResult:
     eval_metrics: the last evaluation's metrics (empty if none ran in this call).
     prediction_images: the PNGs drawn at the end (``config.evaluation.prediction_images``).
   """
+
   step: int
   total_steps: int
   preempted: bool
@@ -65,15 +66,21 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   models.build_model(config)  # checks config.model.*
   data.check_train_resize(config.dataset)
   if config.parallel not in parallel.PARALLEL_MODES:
-    raise ValueError(f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}")
+    raise ValueError(
+      f"config.parallel={config.parallel!r}: expected one of {parallel.PARALLEL_MODES}"
+    )
   batch_lib.plan_batch(config, device_count)
   if config.rng_impl not in RNG_IMPLS:
     raise ValueError(f"config.rng_impl={config.rng_impl!r}: expected one of {RNG_IMPLS}")
   if config.total_steps <= 0 and config.num_epochs <= 0:
-    raise ValueError(f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps}: "
-                     "one of them must be > 0")
+    raise ValueError(
+      f"config.num_epochs={config.num_epochs} and config.total_steps={config.total_steps}: "
+      "one of them must be > 0"
+    )
   if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = no weight average)")
+    raise ValueError(
+      f"config.ema_decay={config.ema_decay}: must be in [0, 1) (0 = no weight average)"
+    )
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[field] < 1:
       raise ValueError(f"config.{field}={config[field]}: must be >= 1")
@@ -107,10 +114,10 @@ class _PreemptionWatch:
 
 # torchvision's ImageNet weights (IMAGENET1K_V1, the ones the original starts from), by backbone.
 IMAGENET_WEIGHTS_URL = {
-    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
-    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+  "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+  "resnet34": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+  "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+  "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
 }
 
 
@@ -129,21 +136,35 @@ def check_initial_weights(config: ml_collections.ConfigDict) -> bool:
     storage.check_reachable(config.init_from, "config.init_from")
   if config.init_from and not storage.path(config.init_from).exists():
     raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such file or folder")
-  if (config.model.backbone_norm != "frozen_bn" or config.init_from
-      or config.init.allow_random_backbone):
+  if (
+    config.model.backbone_norm != "frozen_bn"
+    or config.init_from
+    or config.init.allow_random_backbone
+  ):
     return False
   url = IMAGENET_WEIGHTS_URL[config.model.backbone]
   logging.warning(
-      "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone starts from "
-      "RANDOM weights with frozen BatchNorm, and this run will not converge like the original, which starts "
-      "from ImageNet weights.\n  Download %s and add --config.init_from=/path/to/%s\n  or, if random "
-      "weights are meant, --config.init.allow_random_backbone=True\n%s",
-      "!" * 100, config.model.backbone, url, os.path.basename(url), "!" * 100)
+    "\n%s\nconfig.model.backbone_norm='frozen_bn' but config.init_from is empty: the %s backbone "
+    "starts from RANDOM weights with frozen BatchNorm, and this run will not converge like the "
+    "original, which starts from ImageNet weights.\n  Download %s and add "
+    "--config.init_from=/path/to/%s\n  or, if random weights are meant, "
+    "--config.init.allow_random_backbone=True\n%s",
+    "!" * 100,
+    config.model.backbone,
+    url,
+    os.path.basename(url),
+    "!" * 100,
+  )
   return True
 
 
-def _initial_state(config: ml_collections.ConfigDict, model: Any, create: Any, rng: jax.Array,
-                   sharding: jax.sharding.Sharding) -> state_lib.TrainState:
+def _initial_state(
+  config: ml_collections.ConfigDict,
+  model: Any,
+  create: Any,
+  rng: jax.Array,
+  sharding: jax.sharding.Sharding,
+) -> state_lib.TrainState:
   """A step-0 state, replicated: fresh init, or ``config.init_from``'s weights."""
   logging.info("initialising the model (compiling its init function)...")
   variables = models.init_variables(model, rng)
@@ -162,14 +183,16 @@ def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _eval_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
-  """Periodic evaluation: every ``eval_every_steps``, every epoch if 0, never (but at the end) if < 0."""
+  """Periodic evaluation: every ``eval_every_steps``, every epoch if 0, never (but at the end) if <
+  0."""
   if config.eval_every_steps > 0:
     return step % config.eval_every_steps == 0
   return config.eval_every_steps == 0 and step % steps_per_epoch == 0
 
 
-def build_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: jax.sharding.Mesh
-                     ) -> tuple[Any, Any, Callable[[Any], state_lib.TrainState], Any]:
+def build_train_step(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: jax.sharding.Mesh
+) -> tuple[Any, Any, Callable[[Any], state_lib.TrainState], Any]:
   """The run's model, optimiser and parallel train step, as ``train_and_evaluate`` runs them.
 
   Shared with ``conddetr_jax.aot``, which compiles this very step for TPU slices.
@@ -183,8 +206,12 @@ def build_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, me
   abstract_variables = models.init_variables(model, jax.random.PRNGKey(config.seed), abstract=True)
   schedule = optimizer.learning_rate_schedule(config, steps_per_epoch)
   tx = optimizer.build_optimizer(config, abstract_variables["params"], schedule)
-  create = functools.partial(state_lib.create_train_state, tx=tx, rng=state_lib.dropout_key_data(config),
-                             keep_ema=config.ema_decay > 0)
+  create = functools.partial(
+    state_lib.create_train_state,
+    tx=tx,
+    rng=state_lib.dropout_key_data(config),
+    keep_ema=config.ema_decay > 0,
+  )
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
   return model, abstract_variables, create, parallel.make_parallel(config.parallel, step_fn, mesh)
 
@@ -222,14 +249,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config = batch_lib.resolved(config, plan)  # the step reads the derived grad_accum_steps
   batch_size = plan.global_batch
   data.prepare_dataset(config)
-  dataset_classes = data.num_classes(config)
-  if dataset_classes > config.model.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than the dataset's "
-                     f"max category id + 1 ({dataset_classes})")
+  data.check_num_classes(config)
   steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
-  total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
-  logging.info("%s (%d processes); %d updates per epoch, %d updates", plan.describe(), jax.process_count(),
-               steps_per_epoch, total_steps)
+  total_steps = (
+    config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  )
+  logging.info(
+    "%s (%d processes); %d updates per epoch, %d updates",
+    plan.describe(),
+    jax.process_count(),
+    steps_per_epoch,
+    total_steps,
+  )
   departure = batch_lib.departure_from_recipe(config, plan)
   if departure:
     logging.info("%s", departure)
@@ -240,26 +271,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   replicated = sharding_lib.replicated(mesh)
   model, abstract_variables, create, par = build_train_step(config, steps_per_epoch, mesh)
 
-  checkpointer = checkpoint.Checkpointer(storage.path(workdir) / weights.CHECKPOINT_DIR, config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(
+    storage.path(workdir) / weights.CHECKPOINT_DIR, config.keep_checkpoints
+  )
   latest = checkpointer.latest_step()
   if latest is None:
     host_state = _initial_state(config, model, create, init_rng, replicated)
   else:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(create, abstract_variables))
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(create, abstract_variables),
+    )
     host_state, meta = checkpointer.restore(latest, target)
     if meta.get("global_batch_size") != batch_size:
-      logging.warning("checkpoint %d was written with global batch %s, this run uses %d: the data order "
-                      "differs from an uninterrupted run", latest, meta.get("global_batch_size"), batch_size)
+      logging.warning(
+        "checkpoint %d was written with global batch %s, this run uses %d: the data order "
+        "differs from an uninterrupted run",
+        latest,
+        meta.get("global_batch_size"),
+        batch_size,
+      )
     logging.info("Resumed from %s at step %d", checkpointer.directory, latest)
   start_step = int(jax.device_get(host_state.step))
   state = par.device_state(host_state)
   del host_state
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  speed = telemetry.Telemetry(jax.devices()[0].device_kind, jax.device_count(), batch_size, config.grad_accum_steps)
-  profiler = telemetry.StepProfiler(_profile_dir(workdir), config.profile_steps, start_step + 1,
-                                    enabled=config.profile_all_processes or jax.process_index() == 0)
+  speed = telemetry.Telemetry(
+    jax.devices()[0].device_kind, jax.device_count(), batch_size, config.grad_accum_steps
+  )
+  profiler = telemetry.StepProfiler(
+    _profile_dir(workdir),
+    config.profile_steps,
+    start_step + 1,
+    enabled=config.profile_all_processes or jax.process_index() == 0,
+  )
   preemption = _PreemptionWatch(checkpointer)
   last_saved = latest
 
@@ -271,9 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if first > 0 and not config.skip_nonfinite:
       checkpointer.wait()
       raise FloatingPointError(
-          f"Non-finite loss or gradient at step {first}. Stopping; the last checkpoint "
-          f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
-          "Set config.skip_nonfinite=True to skip such updates instead.")
+        f"Non-finite loss or gradient at step {first}. Stopping; the last checkpoint "
+        f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is intact. "
+        "Set config.skip_nonfinite=True to skip such updates instead."
+      )
 
   def save(step: int) -> None:
     nonlocal last_saved
@@ -291,24 +338,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     seconds = time.perf_counter() - start
     speed.eval_s += seconds
     images_per_s = len(coco.load_split(config, "val")) / seconds
-    writer.write(step, {"epoch": round(step / steps_per_epoch, 4), **results, "eval_s": seconds,
-                        "eval_images_per_s": images_per_s})
+    writer.write(
+      step,
+      {
+        "epoch": round(step / steps_per_epoch, 4),
+        **results,
+        "eval_s": seconds,
+        "eval_images_per_s": images_per_s,
+      },
+    )
     writer.flush()  # not left to the next upload: an evaluation is rare and costly to redo
-    of_average = " of the weights' moving average" if config.ema_decay > 0 and config.evaluation.use_ema else ""
-    logging.info("eval at step %d%s: %s (all 12 in %s)", step, of_average, cli.format_metrics(results),
-                 metrics.METRICS_FILE)
+    of_average = (
+      " of the weights' moving average"
+      if config.ema_decay > 0 and config.evaluation.use_ema
+      else ""
+    )
+    logging.info(
+      "eval at step %d%s: %s (all 12 in %s)",
+      step,
+      of_average,
+      cli.format_metrics(results),
+      metrics.METRICS_FILE,
+    )
     return dict(results)
 
   train_scalars, eval_scalars = {}, {}
   preempted = False
   batches = data.prefetch_to_device(
-      map(par.host_batch, data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)),
-      par.batch_sharding)
+    map(
+      par.host_batch,
+      data.train_iterator(config, global_batch_size=batch_size, start_step=start_step),
+    ),
+    par.batch_sharding,
+  )
   # Every process compiles each batch shape's step, then waits for the others before its first run:
   # the steps' collectives must start together. One announcer per train(), so each name is new.
   train_step = progress.CompileAnnouncer(
-      par.step, par.compile,
-      synchronize=lambda name: distributed.wait_for_all_processes(f"conddetr_jax_compiled_{name}"))
+    par.step,
+    par.compile,
+    synchronize=lambda name: distributed.wait_for_all_processes(f"conddetr_jax_compiled_{name}"),
+  )
   prediction_paths = []
   window, window_start, input_wait = [], time.time(), 0.0
   try:
@@ -328,16 +397,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         compile_s = train_step.take_compile_seconds()
         speed.compile_s += compile_s
         elapsed = time.time() - window_start - compile_s  # step time only
-        train_scalars.update(epoch=round(step / steps_per_epoch, 4), skipped_updates=host_scalar(state.nonfinite_count),
-                             **speed.window(len(window), elapsed, input_wait, train_step.take_flops()))
+        train_scalars.update(
+          epoch=round(step / steps_per_epoch, 4),
+          skipped_updates=host_scalar(state.nonfinite_count),
+          **speed.window(len(window), elapsed, input_wait, train_step.take_flops()),
+        )
         writer.write(step, train_scalars)
-        metrics.log_progress(step, total_steps, train_scalars, (total_steps - step) * elapsed / len(window))
+        metrics.log_progress(
+          step, total_steps, train_scalars, (total_steps - step) * elapsed / len(window)
+        )
         window, window_start, input_wait = [], time.time(), 0.0
         check_finite()
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         save(step)
       if preempted:
-        logging.warning("SIGTERM: saved step %d and stopping; rerun the same command to resume", step)
+        logging.warning(
+          "SIGTERM: saved step %d and stopping; rerun the same command to resume", step
+        )
         break
       if _eval_due(config, step, steps_per_epoch) and not is_last:
         eval_scalars = evaluate(step)
@@ -346,23 +422,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       save(total_steps)
       # Every process reads the record: the workdir is shared, as its checkpoints need it to be, so
       # all skip the (collective) evaluation together.
-      recorded = metrics.recorded_evaluation(workdir, total_steps) if start_step == total_steps else None
+      recorded = (
+        metrics.recorded_evaluation(workdir, total_steps) if start_step == total_steps else None
+      )
       if recorded is None:
         eval_scalars = evaluate(total_steps)
       else:
         eval_scalars = recorded
-        logging.info("the run is finished and step %d was evaluated already: %s (%s; eval.py evaluates it "
-                     "again)", total_steps, cli.format_metrics(recorded), metrics.METRICS_FILE)
+        logging.info(
+          "the run is finished and step %d was evaluated already: %s (%s; eval.py evaluates it "
+          "again)",
+          total_steps,
+          cli.format_metrics(recorded),
+          metrics.METRICS_FILE,
+        )
       if config.evaluation.prediction_images > 0:
         logging.info("drawing the detections on %d val images", config.evaluation.prediction_images)
         variables = state_lib.evaluated_variables(par.host_state(state), config.evaluation.use_ema)
-        prediction_paths = coco_eval.write_prediction_images(config, model, variables,
-                                                              storage.path(workdir) / PREDICTIONS_DIR,
-                                                              config.evaluation.prediction_images)
+        prediction_paths = coco_eval.write_prediction_images(
+          config,
+          model,
+          variables,
+          storage.path(workdir) / PREDICTIONS_DIR,
+          config.evaluation.prediction_images,
+        )
   finally:
     profiler.close(state)
     preemption.close()
     checkpointer.close()
     writer.close()
-  return TrainResult(step=last_saved or 0, total_steps=total_steps, preempted=preempted,
-                     train_metrics=train_scalars, eval_metrics=eval_scalars, prediction_images=prediction_paths)
+  return TrainResult(
+    step=last_saved or 0,
+    total_steps=total_steps,
+    preempted=preempted,
+    train_metrics=train_scalars,
+    eval_metrics=eval_scalars,
+    prediction_images=prediction_paths,
+  )

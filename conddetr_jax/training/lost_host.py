@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Iterator
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 # sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run itself is
 # fine, one of its hosts is gone.
@@ -37,8 +37,14 @@ _PROBE_TIMEOUT_S = 3.0
 _VERDICT_GRACE_S = 15.0
 
 
-def lost_host_message(process_index: int, process_count: int, coordinator_address: str | None,
-                      coordinator_reachable: bool, checkpoint_dir: str, checkpoint_step: int | None) -> str:
+def lost_host_message(
+  process_index: int,
+  process_count: int,
+  coordinator_address: str | None,
+  coordinator_reachable: bool,
+  checkpoint_dir: str,
+  checkpoint_step: int | None,
+) -> str:
   """The message a surviving process prints when JAX's distributed runtime aborts it.
 
   Args:
@@ -56,16 +62,25 @@ def lost_host_message(process_index: int, process_count: int, coordinator_addres
   """
   if coordinator_reachable:
     # Any abort lands here, not only JAX's; its fatal line above tells them apart.
-    lost = ("JAX's distributed runtime stopped it (its fatal line above says why), most often because "
-            "another process of the run was lost: that line lists the 'unhealthy' ones by index")
+    lost = (
+      "JAX's distributed runtime stopped it (its fatal line above says why), most often because "
+      "another process of the run was lost: that line lists the 'unhealthy' ones by index"
+    )
   else:
-    lost = (f"process 0 was lost: the coordination service it runs{f' at {coordinator_address}' if coordinator_address else ''} "
-            "no longer answers")
-  resume = (f"the last complete checkpoint is step {checkpoint_step} in {checkpoint_dir}" if checkpoint_step is not None
-            else f"there is no complete checkpoint yet in {checkpoint_dir} (a rerun starts from step 0)")
-  return (f"\nLOST HOST: process {process_index} of {process_count} is stopping: {lost}.\n"
-          f"Nothing is lost but the steps after the last checkpoint: {resume}.\n"
-          f"Rerun the same command on every host to resume. (exit code {EXIT_CODE})\n")
+    lost = (
+      "process 0 was lost: the coordination service it "
+      f"runs{f' at {coordinator_address}' if coordinator_address else ''} no longer answers"
+    )
+  resume = (
+    f"the last complete checkpoint is step {checkpoint_step} in {checkpoint_dir}"
+    if checkpoint_step is not None
+    else f"there is no complete checkpoint yet in {checkpoint_dir} (a rerun starts from step 0)"
+  )
+  return (
+    f"\nLOST HOST: process {process_index} of {process_count} is stopping: {lost}.\n"
+    f"Nothing is lost but the steps after the last checkpoint: {resume}.\n"
+    f"Rerun the same command on every host to resume. (exit code {EXIT_CODE})\n"
+  )
 
 
 def _accepts_connections(address: str | None) -> bool:
@@ -123,8 +138,14 @@ def report_lost_host(checkpoint_dir: str, heartbeat_timeout_s: float) -> Iterato
     del signum
     # Runs on the aborting C++ thread, with the GIL (ctypes takes it); os.write and os._exit
     # avoid Python's stream locks, which the interrupted main thread may hold.
-    message = lost_host_message(index, count, coordinator, _accepts_connections(coordinator), checkpoint_dir,
-                                _last_complete_step(checkpoint_dir))
+    message = lost_host_message(
+      index,
+      count,
+      coordinator,
+      _accepts_connections(coordinator),
+      checkpoint_dir,
+      _last_complete_step(checkpoint_dir),
+    )
     os.write(2, message.encode())
     os._exit(EXIT_CODE)
 
@@ -137,7 +158,10 @@ def report_lost_host(checkpoint_dir: str, heartbeat_timeout_s: float) -> Iterato
     yield
   except jax.errors.JaxRuntimeError:
     wait_s = heartbeat_timeout_s + _VERDICT_GRACE_S
-    logging.error("A collective failed; waiting up to %.0f s for JAX to tell whether a process was lost.", wait_s)
+    logging.error(
+      "A collective failed; waiting up to %.0f s for JAX to tell whether a process was lost.",
+      wait_s,
+    )
     time.sleep(wait_s)  # JAX's abort, if it comes, ends the process from its own thread meanwhile
     raise
   finally:

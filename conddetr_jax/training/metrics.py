@@ -60,8 +60,12 @@ class MetricWriter:
     if not self._enabled:
       return
     line = json.dumps({"step": step, **scalars}) + "\n"
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, simple_value=float(value))
-                                         for name, value in scalars.items()])
+    summary = summary_pb2.Summary(
+      value=[
+        summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+        for name, value in scalars.items()
+      ]
+    )
     self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
     if self._remote:
       self._lines += line
@@ -140,5 +144,13 @@ def log_progress(step: int, total_steps: int, scalars: Mapping[str, float], eta_
     speed += f"  {scalars['tflops_per_device']:.3g} TFLOP/s/device"
   if "mfu" in scalars:
     speed += f"  MFU {scalars['mfu']:.1%}"
-  logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s  ETA %s", step, total_steps, scalars["loss"],
-               scalars["lr"], scalars["grad_norm"], speed, format_eta(eta_s))
+  logging.info(
+    "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s  ETA %s",
+    step,
+    total_steps,
+    scalars["loss"],
+    scalars["lr"],
+    scalars["grad_norm"],
+    speed,
+    format_eta(eta_s),
+  )

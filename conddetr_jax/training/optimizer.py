@@ -6,8 +6,8 @@
   original puts them all in decayed groups);
 - the backbone (layer2-4) at ``lr * backbone_lr_mult``; the stem and layer1 get no update at all
   (``set_to_zero``: AdamW's weight decay would otherwise move them) unless
-  ``config.model.freeze_stem_and_layer1`` is False, when they join the backbone group. Frozen BatchNorm tensors live
-  in ``batch_stats`` and never reach the optimiser.
+  ``config.model.freeze_stem_and_layer1`` is False, when they join the backbone group. Frozen
+  BatchNorm tensors live in ``batch_stats`` and never reach the optimiser.
 """
 
 from typing import Any, Callable
@@ -51,8 +51,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   return schedule
 
 
-def build_optimizer(config: ml_collections.ConfigDict, params: Any,
-                    schedule: Schedule) -> optax.GradientTransformation:
+def build_optimizer(
+  config: ml_collections.ConfigDict, params: Any, schedule: Schedule
+) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW per group of ``models.param_labels(params)``.
 
   The learning rate is an injected hyperparameter, so the optimiser state records the rate each
@@ -72,14 +73,17 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any,
 
   def clipped_adamw(learning_rate):
     return optax.chain(
-        optax.clip_by_global_norm(opt.clip_grad_norm),
-        optax.multi_transform(
-            {
-                "transformer": optax.adamw(learning_rate, weight_decay=opt.weight_decay),
-                "backbone": optax.adamw(learning_rate * opt.backbone_lr_mult, weight_decay=opt.weight_decay),
-                "frozen": optax.set_to_zero(),
-            },
-            labels),
+      optax.clip_by_global_norm(opt.clip_grad_norm),
+      optax.multi_transform(
+        {
+          "transformer": optax.adamw(learning_rate, weight_decay=opt.weight_decay),
+          "backbone": optax.adamw(
+            learning_rate * opt.backbone_lr_mult, weight_decay=opt.weight_decay
+          ),
+          "frozen": optax.set_to_zero(),
+        },
+        labels,
+      ),
     )
 
   return optax.inject_hyperparams(clipped_adamw)(learning_rate=schedule)

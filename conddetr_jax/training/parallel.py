@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import flax.jax_utils
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 from conddetr_jax.hardware import flops
 from conddetr_jax.sharding import DATA_AXIS, batch_sharding, replicated
@@ -34,7 +34,9 @@ class _Parallel:
 
   _step: Any
 
-  def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+  def step(
+    self, state: TrainState, batch: dict[str, jax.Array]
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update; ``state`` is donated. Metrics are replicated scalars under jit and have a
     leading local-device axis under pmap (``local`` takes it off)."""
     return self._step(state, batch)
@@ -59,8 +61,12 @@ class JitParallel(_Parallel):
     self.mesh = mesh
     self._replicated = replicated(mesh)
     self.batch_sharding = batch_sharding(mesh)
-    self._step = jax.jit(step_fn, in_shardings=(self._replicated, self.batch_sharding),
-                         out_shardings=(self._replicated, self._replicated), donate_argnums=0)
+    self._step = jax.jit(
+      step_fn,
+      in_shardings=(self._replicated, self.batch_sharding),
+      out_shardings=(self._replicated, self._replicated),
+      donate_argnums=0,
+    )
 
   def device_state(self, host_state: TrainState) -> TrainState:
     """The step's layout of a state given with replicated leaves (or host arrays)."""
@@ -71,7 +77,8 @@ class JitParallel(_Parallel):
     return state
 
   def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global batch."""
+    """This process's slice (B_local, ...), as ``batch_sharding`` assembles it into the global
+    batch."""
     return batch
 
   def lower(self, state: TrainState, batch: dict[str, jax.Array]) -> jax.stages.Lowered:
@@ -91,10 +98,12 @@ class PmapParallel(_Parallel):
     self.mesh = mesh
     self._local_devices = jax.local_devices()
     # pmap takes per-process arrays whose leading axis is the local devices.
-    self.batch_sharding = NamedSharding(Mesh(np.asarray(self._local_devices), (DATA_AXIS,)),
-                                        PartitionSpec(DATA_AXIS))
-    self._step = jax.pmap(functools.partial(step_fn, axis_name=DATA_AXIS), axis_name=DATA_AXIS,
-                          donate_argnums=0)
+    self.batch_sharding = NamedSharding(
+      Mesh(np.asarray(self._local_devices), (DATA_AXIS,)), PartitionSpec(DATA_AXIS)
+    )
+    self._step = jax.pmap(
+      functools.partial(step_fn, axis_name=DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=0
+    )
 
   def device_state(self, host_state: TrainState) -> TrainState:
     """One copy of the state per local device (leading axis = local devices)."""
@@ -104,8 +113,10 @@ class PmapParallel(_Parallel):
     """The first device's copy, replicated on the mesh like the jit path's state (every process
     holds the same values, so each supplies the whole array)."""
     sharding = replicated(self.mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        jax.device_get(flax.jax_utils.unreplicate(state)))
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      jax.device_get(flax.jax_utils.unreplicate(state)),
+    )
 
   def host_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's slice (B_local, ...) -> (local devices, B_local / local devices, ...)."""

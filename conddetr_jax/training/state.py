@@ -28,6 +28,7 @@ class TrainState:
     ema_params: the exponential moving average of ``params`` (``training/ema.py``) when
       ``config.ema_decay`` > 0, else None (no leaves: the state and its checkpoints are as without).
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -43,8 +44,9 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(variables: Any, tx: optax.GradientTransformation, rng: jax.Array,
-                       keep_ema: bool = False) -> TrainState:
+def create_train_state(
+  variables: Any, tx: optax.GradientTransformation, rng: jax.Array, keep_ema: bool = False
+) -> TrainState:
   """A state at step 0 from the model's variables.
 
   Args:
@@ -57,11 +59,16 @@ def create_train_state(variables: Any, tx: optax.GradientTransformation, rng: ja
     The state; call under ``jax.jit`` to create it directly with the wanted shardings.
   """
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=rng,
-                    nonfinite_count=jnp.zeros((), jnp.int32),
-                    first_nonfinite_step=jnp.full((), -1, jnp.int32),
-                    ema_params=jax.tree.map(jnp.copy, params) if keep_ema else None)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=rng,
+    nonfinite_count=jnp.zeros((), jnp.int32),
+    first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    ema_params=jax.tree.map(jnp.copy, params) if keep_ema else None,
+  )
 
 
 def evaluated_variables(state: TrainState, use_ema: bool) -> dict[str, Any]:
@@ -78,4 +85,6 @@ def dropout_key_data(config: ml_collections.ConfigDict) -> jax.Array:
   RBG (XLA's RngBitGenerator) is the default: threefry's dropout masks made the tiny test
   model's train step 2.5x slower to compile on CPU.
   """
-  return jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), 1))
+  return jax.random.key_data(
+    jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), 1)
+  )

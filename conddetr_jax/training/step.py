@@ -34,13 +34,23 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def set_loss_fn(model: flax.linen.Module, batch_stats: Any, config: ml_collections.ConfigDict,
-                axis_name: str | None = None) -> LossFn:
-  """``loss_fn(params, batch, dropout_rng) -> (loss, metrics)``: the training forward and the set criterion."""
+def set_loss_fn(
+  model: flax.linen.Module,
+  batch_stats: Any,
+  config: ml_collections.ConfigDict,
+  axis_name: str | None = None,
+) -> LossFn:
+  """``loss_fn(params, batch, dropout_rng) -> (loss, metrics)``: the training forward and the set
+  criterion."""
 
   def loss_fn(params, batch, rng):
-    out = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], batch["pad_mask"],
-                      train=True, rngs={"dropout": rng})
+    out = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      batch["image"],
+      batch["pad_mask"],
+      train=True,
+      rngs={"dropout": rng},
+    )
     terms = losses.set_criterion(out, batch, config, axis_name=axis_name)
     return terms["loss"], terms
 
@@ -54,7 +64,9 @@ def _micro_batches(batch: Batch, accum_steps: int) -> Batch:
   device), so this strided split keeps each micro-batch's rows where they are: every device holds
   B / (K x devices) rows of each micro-batch, and the split moves no data between devices.
   """
-  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum_steps) + x.shape[1:]), 0, 1), batch)
+  return jax.tree.map(
+    lambda x: jnp.swapaxes(x.reshape((-1, accum_steps) + x.shape[1:]), 0, 1), batch
+  )
 
 
 def _box_count(batch: Batch, axis_name: str | None) -> jax.Array:
@@ -63,8 +75,14 @@ def _box_count(batch: Batch, axis_name: str | None) -> jax.Array:
   return count if axis_name is None else jax.lax.psum(count, axis_name)
 
 
-def gradients(params: Any, batch: Batch, loss_fn: LossFn, rng: jax.Array, accum_steps: int = 1,
-              axis_name: str | None = None) -> tuple[Any, Metrics]:
+def gradients(
+  params: Any,
+  batch: Batch,
+  loss_fn: LossFn,
+  rng: jax.Array,
+  accum_steps: int = 1,
+  axis_name: str | None = None,
+) -> tuple[Any, Metrics]:
   """The gradient of the batch's set loss, over ``accum_steps`` micro-batches if > 1.
 
   Every loss term is divided by the batch's box count N (clamped at 1), so a micro-batch's
@@ -79,8 +97,8 @@ def gradients(params: Any, batch: Batch, loss_fn: LossFn, rng: jax.Array, accum_
     batch: the global batch under jit, one device's part under pmap; B divisible by ``accum_steps``.
     loss_fn: ``loss_fn(params, batch, dropout_rng) -> (loss, metrics)`` (``set_loss_fn``).
     rng: the dropout key of this step (micro-batch k uses ``fold_in(rng, k)`` when K > 1).
-    accum_steps: K, the number of micro-batches; 0 (a config's "derive it", when the step runs outside
-      ``train_and_evaluate``, which resolves it: training/batch.py) means one, as 1 does.
+    accum_steps: K, the number of micro-batches; 0 (a config's "derive it", when the step runs
+      outside ``train_and_evaluate``, which resolves it: training/batch.py) means one, as 1 does.
     axis_name: the pmap axis (box counts are summed over it), or None under jit.
 
   Returns:
@@ -101,17 +119,32 @@ def gradients(params: Any, batch: Batch, loss_fn: LossFn, rng: jax.Array, accum_
     return (grad_sum, metric_sums), None
 
   micro = _micro_batches(batch, accum_steps)
-  metric_shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1])
-  zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+  metric_shapes = jax.eval_shape(
+    lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+  )
+  zeros = (
+    jax.tree.map(jnp.zeros_like, params),
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+  )
   (grad_sum, metric_sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
   norm = jnp.maximum(_box_count(batch, axis_name), 1.0)
   grads = jax.tree.map(lambda s: s / norm, grad_sum)
-  terms = {name: value / (norm if name.startswith("loss") else accum_steps) for name, value in metric_sums.items()}
+  terms = {
+    name: value / (norm if name.startswith("loss") else accum_steps)
+    for name, value in metric_sums.items()
+  }
   return grads, terms
 
 
-def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  model: flax.linen.Module,
+  tx: optax.GradientTransformation,
+  config: ml_collections.ConfigDict,
+  axis_name: str | None = None,
+) -> tuple[TrainState, Metrics]:
   """Applies one optimiser update for ``batch``.
 
   A non-finite loss or gradient norm leaves params, optimiser state and the weights' moving
@@ -136,12 +169,16 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
     ``class_error``, ``cardinality_error``, ``lr`` (the base rate of this update), ``grad_norm``
     (before clipping) and ``finite`` (whether the update was applied).
   """
-  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=config.rng_impl), state.step)
+  dropout_rng = jax.random.fold_in(
+    jax.random.wrap_key_data(state.rng, impl=config.rng_impl), state.step
+  )
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
   loss_fn = set_loss_fn(model, state.batch_stats, config, axis_name)
-  grads, terms = gradients(state.params, batch, loss_fn, dropout_rng, config.grad_accum_steps, axis_name)
+  grads, terms = gradients(
+    state.params, batch, loss_fn, dropout_rng, config.grad_accum_steps, axis_name
+  )
   if axis_name is not None:
     # Each device's loss is its share of the global one (the box count is global), so the mean
     # gradient over devices is the global batch's gradient, as with DDP in the original.
@@ -153,14 +190,20 @@ def train_step(state: TrainState, batch: Batch, *, model: flax.linen.Module, tx:
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
-    ema_params = _select(finite, ema.update(ema_params, params, state.step, config.ema_decay), ema_params)
+    ema_params = _select(
+      finite, ema.update(ema_params, params, state.step, config.ema_decay), ema_params
+    )
   new_state = state.replace(
-      step=state.step + 1,
-      params=_select(finite, params, state.params),
-      opt_state=_select(finite, opt_state, state.opt_state),
-      ema_params=ema_params,
-      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
-                                     state.first_nonfinite_step))
-  metrics = dict(terms, lr=optimizer.applied_learning_rate(opt_state), grad_norm=grad_norm, finite=finite)
+    step=state.step + 1,
+    params=_select(finite, params, state.params),
+    opt_state=_select(finite, opt_state, state.opt_state),
+    ema_params=ema_params,
+    nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+    first_nonfinite_step=jnp.where(
+      (state.first_nonfinite_step < 0) & ~finite, state.step + 1, state.first_nonfinite_step
+    ),
+  )
+  metrics = dict(
+    terms, lr=optimizer.applied_learning_rate(opt_state), grad_norm=grad_norm, finite=finite
+  )
   return new_state, metrics

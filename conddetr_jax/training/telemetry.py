@@ -16,10 +16,27 @@ K times.
 
 from typing import Any
 
-import jax
 from absl import logging
+import jax
 
 from conddetr_jax.hardware import chips
+
+# The fields that time something: they differ between two runs that compute the same (a resumed
+# run's records equal an uninterrupted run's but for these).
+TIMING_KEYS = frozenset(
+  {
+    "images_per_s",
+    "images_per_s_per_device",
+    "step_s",
+    "step_s_without_input",
+    "input_wait_share",
+    "tflops_per_device",
+    "mfu",
+    "compile_s",
+    "eval_s",
+    "eval_images_per_s",
+  }
+)
 
 
 # The fields that time something: they differ between two runs that compute the same (a resumed
@@ -32,7 +49,8 @@ class Telemetry:
   """Turns a log window's counts into the scalars ``metrics.jsonl`` and TensorBoard record."""
 
   def __init__(self, device_kind: str, num_devices: int, global_batch: int, accum_steps: int = 1):
-    """``num_devices``: every device of the run (all processes); ``global_batch``: images per update."""
+    """``num_devices``: every device of the run (all processes); ``global_batch``: images per
+    update."""
     self._devices = num_devices
     self._global_batch = global_batch
     self._accum_steps = max(accum_steps, 1)
@@ -41,19 +59,28 @@ class Telemetry:
     self.compile_s = 0.0  # compiling, over the run so far: not in any window
     self.eval_s = 0.0  # evaluating, likewise
     if self._peak_tflops is None:
-      logging.info("device kind %r has no bf16 peak in conddetr_jax/hardware/chips.py: MFU is not reported",
-                   device_kind)
+      logging.info(
+        "device kind %r has no bf16 peak in conddetr_jax/hardware/chips.py: MFU is not reported",
+        device_kind,
+      )
 
-  def window(self, steps: int, wall_s: float, input_wait_s: float, flops_per_device: float | None) -> dict[str, Any]:
+  def window(
+    self, steps: int, wall_s: float, input_wait_s: float, flops_per_device: float | None
+  ) -> dict[str, Any]:
     """The scalars of a window of ``steps`` updates taking ``wall_s`` seconds (compile and
     evaluation excluded), ``input_wait_s`` of them waiting for batches; ``flops_per_device``: the
     window's FLOPs per device as XLA counts them, or None where the backend counts none."""
     wall_s = max(wall_s, 1e-9)
     images_per_s = self._global_batch * steps / wall_s
-    scalars = {"images_per_s": images_per_s, "images_per_s_per_device": images_per_s / self._devices,
-               "step_s": wall_s / steps, "step_s_without_input": max(wall_s - input_wait_s, 0.0) / steps,
-               "input_wait_share": min(input_wait_s / wall_s, 1.0), "compile_s": self.compile_s,
-               "eval_s": self.eval_s}
+    scalars = {
+      "images_per_s": images_per_s,
+      "images_per_s_per_device": images_per_s / self._devices,
+      "step_s": wall_s / steps,
+      "step_s_without_input": max(wall_s - input_wait_s, 0.0) / steps,
+      "input_wait_share": min(input_wait_s / wall_s, 1.0),
+      "compile_s": self.compile_s,
+      "eval_s": self.eval_s,
+    }
     if flops_per_device:
       tflops = flops_per_device * self._accum_steps / wall_s / 1e12
       scalars["tflops_per_device"] = tflops
@@ -95,4 +122,9 @@ class StepProfiler:
     jax.block_until_ready(outputs)
     jax.profiler.stop_trace()
     self._tracing = False
-    logging.info("profiled steps %d-%d: open %s with TensorBoard's profile tab", self._start, self._stop, self._logdir)
+    logging.info(
+      "profiled steps %d-%d: open %s with TensorBoard's profile tab",
+      self._start,
+      self._stop,
+      self._logdir,
+    )
