@@ -39,12 +39,6 @@ TIMING_KEYS = frozenset(
 )
 
 
-# The fields that time something: they differ between two runs that compute the same (a resumed
-# run's records equal an uninterrupted run's but for these).
-TIMING_KEYS = frozenset({"images_per_s", "images_per_s_per_device", "step_s", "step_s_without_input",
-                         "input_wait_share", "tflops_per_device", "mfu", "compile_s", "eval_s",
-                         "eval_images_per_s"})
-
 class Telemetry:
   """Turns a log window's counts into the scalars ``metrics.jsonl`` and TensorBoard record."""
 
