@@ -164,6 +164,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2000
   config.eval_every_steps = 0  # 0 = at the end of every epoch; < 0 = only at the end
   config.keep_checkpoints = 3
+  # The evaluated weights with the best value of this metric so far stay in <workdir>/best (eval.py
+  # --checkpoint=<workdir>/best): AP, AP50, ..., or a class's AP/<name>; '' keeps none.
+  config.keep_best = "AP"
+  # Training images drawn with their boxes and class names, as the model is fed them (after
+  # augmentation), to TensorBoard at the start of a run: the first N of the first batch.
+  config.tensorboard_train_images = 4
   config.skip_nonfinite = False
   # > 0: keep an exponential moving average of the weights (decay min(ema_decay, (1+t)/(10+t)) at
   # update t) and evaluate it instead of the raw weights (training/ema.py); not in the original.

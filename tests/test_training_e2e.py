@@ -7,6 +7,7 @@ deterministic.
 """
 
 import glob
+import io
 import json
 import os
 import re
@@ -20,9 +21,11 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from conddetr_jax.checkpoints import weights
 from conddetr_jax.training import checkpoint, loop, telemetry
 from configs import test_tiny
 
@@ -198,6 +201,23 @@ def test_train_py_writes_metrics_tensorboard_checkpoints_and_evaluates_at_the_en
   ]
   tags = {v.tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value}
   assert {"loss", "tflops_per_device", "input_wait_share", "eval_images_per_s"} <= tags
+  # config.tensorboard_train_images=4: the first batch's 4 images as fed, side by side (64x64 each).
+  # The loader hands images as the image plugin's tensor: width, height, PNG.
+  drawn = [
+    v.tensor.string_val
+    for e in EventFileLoader(str(events)).Load()
+    for v in e.summary.value
+    if v.tag == "train/batch" and v.metadata.plugin_data.plugin_name == "images"
+  ]
+  assert len(drawn) == 1 and Image.open(io.BytesIO(drawn[0][2])).size == (4 * 64, 64)
+  # config.keep_best="AP": the evaluated weights of step 10 kept apart, named in the summary, read
+  # back as eval.py reads them.
+  assert os.listdir(workdir / "best") == ["10"]
+  assert re.search(rf"best AP: +{re.escape(str(workdir))}/best \(step 10, ", output)
+  config = test_tiny.get_config()
+  best, step = weights.load_variables(config, str(workdir / "best"))
+  final, _ = weights.load_variables(config, str(workdir))
+  assert step == 10 and jax.tree.all(jax.tree.map(np.array_equal, best, final))
   # The profile of steps 2-3, where TensorBoard's profile tab looks for it.
   assert glob.glob(str(workdir / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
   assert "profiled steps 2-3" in output

@@ -12,7 +12,7 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -22,10 +22,18 @@ import numpy as np
 from conddetr_jax import cli, data, models, progress, storage
 from conddetr_jax import sharding as sharding_lib  # `sharding` names a Sharding below
 from conddetr_jax.checkpoints import weights
-from conddetr_jax.data import coco
+from conddetr_jax.data import coco, inspect_batches
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.training import batch as batch_lib  # `batch` names a data batch below
-from conddetr_jax.training import checkpoint, distributed, metrics, optimizer, parallel, telemetry
+from conddetr_jax.training import (
+  best_checkpoint,
+  checkpoint,
+  distributed,
+  metrics,
+  optimizer,
+  parallel,
+  telemetry,
+)
 from conddetr_jax.training import state as state_lib
 from conddetr_jax.training import step as step_lib
 
@@ -44,6 +52,8 @@ class TrainResult:
     train_metrics: the last logged training scalars.
     eval_metrics: the last evaluation's metrics (empty if none ran in this call).
     prediction_images: the PNGs drawn at the end (``config.evaluation.prediction_images``).
+    best: ``{"step", "metric", "value", "path"}`` of the weights ``config.keep_best`` kept (None if
+      it keeps none, or before the first evaluation).
   """
 
   step: int
@@ -52,6 +62,7 @@ class TrainResult:
   train_metrics: dict[str, float]
   eval_metrics: dict[str, float]
   prediction_images: list[str] = dataclasses.field(default_factory=list)
+  best: dict[str, Any] | None = None
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -84,6 +95,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[field] < 1:
       raise ValueError(f"config.{field}={config[field]}: must be >= 1")
+  if config.tensorboard_train_images < 0:
+    raise ValueError(
+      f"config.tensorboard_train_images={config.tensorboard_train_images}: must be >= 0"
+    )
 
 
 class _PreemptionWatch:
@@ -190,6 +205,22 @@ def _eval_due(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int
   return config.eval_every_steps == 0 and step % steps_per_epoch == 0
 
 
+def _drawn_first(
+  batches: Iterator[dict[str, np.ndarray]],
+  writer: metrics.MetricWriter,
+  step: int,
+  names: dict[int, str],
+  count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+  """``batches`` unchanged, once the first ``count`` images of the first are in TensorBoard as the
+  model is fed them (augmented, padded, with their boxes and class names), at ``step``."""
+  first = next(batches)
+  shown = {key: value[:count] for key, value in first.items()}
+  writer.write_image(step, "train/batch", inspect_batches.render_batch(shown, names))
+  yield first
+  yield from batches
+
+
 def build_train_step(
   config: ml_collections.ConfigDict, steps_per_epoch: int, mesh: jax.sharding.Mesh
 ) -> tuple[Any, Any, Callable[[Any], state_lib.TrainState], Any]:
@@ -250,6 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   batch_size = plan.global_batch
   data.prepare_dataset(config)
   data.check_num_classes(config)
+  if config.keep_best:
+    best_checkpoint.check_metric(config.keep_best, coco.load_split(config, "val").categories)
   steps_per_epoch = data.train_steps_per_epoch(config, batch_size)
   total_steps = (
     config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
@@ -307,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     enabled=config.profile_all_processes or jax.process_index() == 0,
   )
   preemption = _PreemptionWatch(checkpointer)
+  best = best_checkpoint.BestCheckpoint(workdir, config.keep_best) if config.keep_best else None
   last_saved = latest
 
   def host_scalar(x: jax.Array) -> int:
@@ -348,6 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       },
     )
     writer.flush()  # not left to the next upload: an evaluation is rare and costly to redo
+    if best is not None:
+      best.offer(step, variables, results)
     of_average = (
       " of the weights' moving average"
       if config.ema_decay > 0 and config.evaluation.use_ema
@@ -364,13 +400,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   train_scalars, eval_scalars = {}, {}
   preempted = False
-  batches = data.prefetch_to_device(
-    map(
-      par.host_batch,
-      data.train_iterator(config, global_batch_size=batch_size, start_step=start_step),
-    ),
-    par.batch_sharding,
-  )
+  host_batches = data.train_iterator(config, global_batch_size=batch_size, start_step=start_step)
+  if config.tensorboard_train_images > 0 and jax.process_index() == 0:
+    host_batches = _drawn_first(
+      host_batches,
+      writer,
+      start_step + 1,
+      coco.category_names(config),
+      config.tensorboard_train_images,
+    )
+  batches = data.prefetch_to_device(map(par.host_batch, host_batches), par.batch_sharding)
   # Every process compiles each batch shape's step, then waits for the others before its first run:
   # the steps' collectives must start together. One announcer per train(), so each name is new.
   train_step = progress.CompileAnnouncer(
@@ -449,6 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     profiler.close(state)
     preemption.close()
+    if best is not None:
+      best.close()
     checkpointer.close()
     writer.close()
   return TrainResult(
@@ -458,4 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_metrics=train_scalars,
     eval_metrics=eval_scalars,
     prediction_images=prediction_paths,
+    best=None
+    if best is None or best.best is None
+    else dict(best.best, path=storage.join(workdir, best_checkpoint.BEST_DIR)),
   )

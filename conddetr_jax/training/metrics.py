@@ -8,6 +8,7 @@ in a bucket loses only the records of steps after its last checkpoint, which the
 logs again.
 """
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from typing import Mapping
 
 from absl import logging
+from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -74,6 +76,18 @@ class MetricWriter:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
+
+  def write_image(self, step: int, tag: str, image: Image.Image) -> None:
+    """Records ``image`` (RGB) for TensorBoard's Images tab; metrics.jsonl gets nothing."""
+    if not self._enabled:
+      return
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    encoded = summary_pb2.Summary.Image(
+      height=image.height, width=image.width, colorspace=3, encoded_image_string=png.getvalue()
+    )
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=encoded)])
+    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
   def _upload(self) -> None:
     """Remote workdir: writes metrics.jsonl and the TensorBoard event file whole to the bucket."""
