@@ -53,10 +53,15 @@ def main(argv: list[str]) -> None:
         "checkpoints": storage.join(workdir, weights.CHECKPOINT_DIR),
         "metrics": storage.join(workdir, metrics.METRICS_FILE),
         "TensorBoard": storage.join(workdir, metrics.TENSORBOARD_DIR),
-        f"best {result.best['metric']}": f"{result.best['path']} (step {result.best['step']}, "
-        f"{result.best['value']:.4f})"
-        if result.best
-        else None,
+        # The key names the metric, so it is only built when weights were kept.
+        **(
+          {
+            f"best {result.best['metric']}": f"{result.best['path']} (step "
+            f"{result.best['step']}, {result.best['value']:.4f})"
+          }
+          if result.best
+          else {}
+        ),
         "predictions": f"{predictions}/*.png ({len(result.prediction_images)} files)"
         if result.prediction_images
         else None,
