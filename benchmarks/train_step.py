@@ -81,7 +81,7 @@ def _timed(fn, steps: int, warmup: int) -> float:
 
 def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, Any]:
   """The train step of ``config`` compiled for ``batch`` on all devices: (``run()``, which takes one
-  step and blocks, compile seconds, the compiled step's memory analysis or None)."""
+  step and blocks, compile seconds, the compiled step: its memory and cost analyses)."""
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.PRNGKey(0))
   tx = optimizer.build_optimizer(
@@ -96,14 +96,14 @@ def compile_jax_step(config, batch: dict[str, np.ndarray]) -> tuple[Any, float, 
   }
   device_batch = jax.device_put(batch, par.batch_sharding)
   t0 = time.perf_counter()
-  memory = par.lower(holder["state"], device_batch).compile().memory_analysis()
+  compiled = par.lower(holder["state"], device_batch).compile()
   compile_s = time.perf_counter() - t0
 
   def run():
     holder["state"], metrics = par.step(holder["state"], device_batch)
     metrics["loss"].block_until_ready()
 
-  return run, compile_s, memory
+  return run, compile_s, compiled
 
 
 def time_jax_step(
@@ -112,11 +112,12 @@ def time_jax_step(
   """Median step time, compile time and the compiled step's buffer sizes, on all devices; with
   ``other_step`` (a blocking ``run()``, e.g. ``build_hf_step``'s), also its median seconds, the two
   alternating step by step (else None)."""
-  run, compile_s, memory = compile_jax_step(config, batch)
+  run, compile_s, compiled = compile_jax_step(config, batch)
+  memory = compiled.memory_analysis()
   if other_step is None:
     step_s, other_s = _timed(run, steps, warmup), None
   else:
-    step_s, other_s = _timed_alternating([run, other_step], steps, warmup)
+    step_s, other_s = timed_alternating([run, other_step], steps, warmup)
   out = {"step_s": step_s, "compile_s": compile_s}
   if memory is not None:
     out["temp_bytes"] = memory.temp_size_in_bytes
@@ -127,7 +128,7 @@ def time_jax_step(
   return out, other_s
 
 
-def _timed_alternating(fns: list, steps: int, warmup: int) -> list[float]:
+def timed_alternating(fns: list, steps: int, warmup: int) -> list[float]:
   """Median seconds of each of ``fns`` (which must block), called in turn: ``warmup`` untimed
   rounds, then ``steps`` timed ones."""
   times = [[] for _ in fns]

@@ -140,9 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_drop_epoch = 40
   config.total_steps = -1  # > 0 overrides num_epochs
   # The global batch (images per update) is fixed: 16, the original's (2 per GPU x 8 GPUs), which
-  # its learning rates were set for. On any device count the run keeps it, each device taking
-  # micro-batches of at most per_device_batch_size images and accumulating the rest (1 device: 2 x 8
-  # accumulation steps; 8 devices: 2 x 1), or stops naming the numbers to set (training/batch.py).
+  # its learning rates were set for (the DC5 configs: 8, its 1 per GPU x 8). On any device count
+  # the run keeps it, each device taking micro-batches of at most per_device_batch_size images and
+  # accumulating the rest (1 device: 2 x 8 accumulation steps; 8 devices: 2 x 1), or stops naming
+  # the numbers to set (training/batch.py).
   config.global_batch_size = (
     16  # 0: per_device_batch_size x devices x grad_accum_steps (grows with devices)
   )

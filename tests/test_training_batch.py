@@ -1,13 +1,15 @@
-"""The recipes' global batch (16, the original's) is kept on any device count, or the run stops
-naming the numbers to set; a run whose batch is not 16 says so. Accumulation steps set explicitly
-are taken as set, and every plan is per device x devices x steps = the global batch."""
+"""The recipes' global batch (the original's: 16, and 8 for DC5) is kept on any device count, or the
+run stops naming the numbers to set; a run whose batch is not its recipe's says so. Accumulation
+steps set explicitly are taken as set, and every plan is per device x devices x steps = the global
+batch."""
 
 import pytest
 
 from conddetr_jax.training import batch as batch_lib
 from configs import r50, r50_dc5, r101, r101_dc5, test_tiny
 
-RECIPES = (r50, r50_dc5, r101, r101_dc5)
+RECIPES = (r50, r101)
+DC5_RECIPES = (r50_dc5, r101_dc5)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda m: m.__name__.split(".")[-1])
@@ -26,6 +28,44 @@ def test_a_recipe_keeps_the_global_batch_of_16_on_any_device_count(
     == f"global batch 16 = {per_device} per device x {devices} devices x {accum} accumulation steps"
   )
   assert batch_lib.departure_from_recipe(recipe.get_config(), plan) is None
+
+
+@pytest.mark.parametrize("recipe", DC5_RECIPES, ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("devices, per_device, accum", [(1, 2, 4), (2, 2, 2), (4, 2, 1), (8, 1, 1)])
+def test_a_dc5_recipe_keeps_the_original_s_global_batch_of_8_on_any_device_count(
+  recipe, devices, per_device, accum
+):
+  config = recipe.get_config()
+  plan = batch_lib.plan_batch(config, devices)
+  assert plan == batch_lib.BatchPlan(
+    global_batch=8, per_device=per_device, devices=devices, accum_steps=accum
+  )
+  assert plan.describe().startswith(f"global batch 8 = {per_device} per device x {devices} devices")
+  assert batch_lib.departure_from_recipe(config, plan) is None
+
+
+@pytest.mark.parametrize("recipe", DC5_RECIPES, ids=lambda m: m.__name__.split(".")[-1])
+def test_a_dc5_recipe_trains_each_image_as_if_alone_with_the_r50_recipe_s_rates_and_schedule(
+  recipe,
+):
+  """The original's DC5 scripts change only the batch (1 per GPU: no padding) and the backbone."""
+  config, r50_config = recipe.get_config(), r50.get_config()
+  assert config.model.mask_padding == "always"  # masked in training too
+  assert config.model.dilation
+  for field in ("num_epochs", "lr_drop_epoch", "total_steps"):
+    assert config[field] == r50_config[field], field
+  assert config.optimizer.to_dict() == r50_config.optimizer.to_dict()
+  assert r50_config.model.mask_padding == "eval"  # R50 keeps the original's visible padding
+
+
+def test_a_dc5_run_at_the_r50_batch_says_it_departs_from_the_dc5_recipe():
+  config = r50_dc5.get_config()
+  config.global_batch_size = 16
+  line = batch_lib.departure_from_recipe(config, batch_lib.plan_batch(config, 8))
+  assert line == (
+    "global batch 16 (config.global_batch_size), not the original DC5 recipe's 8: learning rates "
+    "and schedule are used as configured, not scaled"
+  )
 
 
 def test_the_resolved_config_carries_the_derived_accumulation_to_the_step():

@@ -86,11 +86,11 @@ def eval_buckets(config: ml_collections.ConfigDict, split: coco.Split) -> np.nda
 
   ``config.dataset.eval_num_buckets`` = 0: the shared set (``buckets``), chosen for the train
   augmentation's sizes. > 0: that many shapes (at most; each one compiled program) derived from the
-  evaluated split's own eval sizes, so that images are padded less. Padding changes detections
-  (the backbone's convolutions see the zeros near an image's border; the mask hides them only from
-  attention), and the original pads only to the largest image of each batch of 2 (1 for DC5);
-  enough buckets for every distinct size pad each image only up to a multiple of
-  ``size_divisibility``. See docs/input_parity.md for measured effects and compile times.
+  evaluated split's own eval sizes, so that images are padded less (less compute). With the
+  backbone's masking (``model.mask_padding``, the default in evaluation) padding does not change
+  the detections; without it (``never``, the original's forward) it does, and enough buckets for
+  every distinct size pad each image only up to a multiple of ``size_divisibility``. See
+  docs/input_parity.md for measured effects and compile times.
 
   Returns:
     (Nb, 2) int64, sorted by area.

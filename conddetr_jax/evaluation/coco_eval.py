@@ -352,9 +352,10 @@ def detect_image(
 ) -> dict[str, np.ndarray]:
   """The detections of one prepared image (``image_files``), padded only to ``size_divisibility``.
 
-  predict.py, the Python API and the drawings after training all detect through here, so that one
-  image gets one answer: batched evaluation pads it to its size bucket instead, which can move
-  scores slightly (GroupNorm backbones normalise over the padding too).
+  predict.py, the Python API and the drawings after training all detect through here. Batched
+  evaluation pads an image to its size bucket instead, which gives the same detections when the
+  backbone masks the padding (``model.mask_padding``: by default in evaluation) and can move them
+  otherwise.
 
   Returns:
     ``scores`` (k,) decreasing, ``labels`` (k,), ``boxes`` (k, 4) xyxy in the image's own pixels.

@@ -1,9 +1,10 @@
 """How a run's global batch splits over the devices and gradient-accumulation steps.
 
 The recipes fix the global batch (images per optimiser update; the original's is 16 = 2 per GPU x
-8 GPUs), because their learning rates were set for it. On any other device count the run keeps it
-by accumulating gradients over micro-batches of at most ``per_device_batch_size`` images per device,
-or stops with the numbers to set. Nothing else (learning rate, schedule) is ever rescaled.
+8 GPUs, and 8 = 1 per GPU x 8 GPUs for DC5), because their learning rates were set for it. On any
+other device count the run keeps it by accumulating gradients over micro-batches of at most
+``per_device_batch_size`` images per device, or stops with the numbers to set. Nothing else
+(learning rate, schedule) is ever rescaled.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import dataclasses
 import ml_collections
 
 ORIGINAL_GLOBAL_BATCH = 16  # the original's: 2 images per GPU x 8 GPUs
+ORIGINAL_DC5_GLOBAL_BATCH = 8  # its DC5 scripts': 1 image per GPU x 8 GPUs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +101,25 @@ def resolved(config: ml_collections.ConfigDict, plan: BatchPlan) -> ml_collectio
   return config
 
 
+def original_global_batch(config: ml_collections.ConfigDict) -> int:
+  """The global batch the original trains this model with: 8 for DC5 (``model.dilation``), else
+  16."""
+  return ORIGINAL_DC5_GLOBAL_BATCH if config.model.dilation else ORIGINAL_GLOBAL_BATCH
+
+
 def departure_from_recipe(config: ml_collections.ConfigDict, plan: BatchPlan) -> str | None:
-  """The one line a run prints when its global batch is not the original's 16, else None."""
-  if plan.global_batch == ORIGINAL_GLOBAL_BATCH:
+  """The one line a run prints when its global batch is not the original's for this model (16, or
+  8 for DC5), else None."""
+  original = original_global_batch(config)
+  if plan.global_batch == original:
     return None
   source = (
     "config.global_batch_size"
     if config.global_batch_size > 0
     else "config.global_batch_size=0: per_device_batch_size x devices x grad_accum_steps"
   )
+  recipe = "DC5 recipe" if config.model.dilation else "recipe"
   return (
-    f"global batch {plan.global_batch} ({source}), not the original recipe's "
-    f"{ORIGINAL_GLOBAL_BATCH}: learning rates and schedule are used as configured, not scaled"
+    f"global batch {plan.global_batch} ({source}), not the original {recipe}'s {original}: "
+    "learning rates and schedule are used as configured, not scaled"
   )
