@@ -2,7 +2,8 @@
 any machine.
 
   python -m conddetr_jax.aot --config=configs/r50.py --topology=v5e:2x2 [--size=800x1216 ...]
-      [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval] [--nostages]
+      [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval]
+      [--nostages]
   python -m conddetr_jax.aot --config=configs/r50.py --topology=h100:8  # or h200, a100-80g,
       # a100-40g, v100-16g, v100-32g; gpu:N (N H100s); h100:2x8 (2 hosts of 8)
 
