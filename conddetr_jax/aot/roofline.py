@@ -49,7 +49,7 @@ def stage_rows(
   )
   rows = [
     head,
-    f"      {'stage':<28}{'GFLOP':>10}{'GB':>9}{'FLOP/B':>8}{'roofline ms':>13}  "
+    f"      {'stage':<28}{'GFLOP':>10}{'GB':>10}{'FLOP/B':>8}{'roofline ms':>13}  "
     f"{'bound':<8}{'bytes % of step':>15}",
   ]
   named = [(name, cost) for name, cost in table.stages.items()]
@@ -67,7 +67,7 @@ def stage_rows(
       else "n/a"
     )
     rows.append(
-      f"      {label:<28}{cost.flops / 1e9:>10.1f}{cost.bytes_accessed / 1e9:>9.2f}"
+      f"      {label:<28}{cost.flops / 1e9:>10.1f}{cost.bytes_accessed / 1e9:>10.3f}"
       f"{cost.flops_per_byte:>8.1f}{ms:>13}  {bound:<8}{share:>15}"
     )
   return rows
