@@ -16,8 +16,8 @@ cost_analysis, per device; a multiply-add is 2) / step time / the device's dense
 MFU); beside it the roofline of the same compiled step on that device (images/s if it ran at
 max(FLOPs / bf16 peak, bytes accessed / HBM bandwidth), XLA's counts per device: a bound, not a
 time; none where the backend's cost analysis counts no bytes or the chip is unknown, said once) and
-the measured share of it. Then, per size and dtype, the evaluation program (forward + post-processing) at the largest
-batch that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
+the measured share of it. Then, per size and dtype, the evaluation program (forward +
+post-processing) at the largest batch that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
 layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
 share of the step. With ``--hf`` (default: on a GPU), per size and dtype, Hugging Face transformers'
 PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same sizes, trainable
