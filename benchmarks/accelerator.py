@@ -17,17 +17,17 @@ MFU); beside it the roofline of the same compiled step on that device (images/s 
 max(FLOPs / bf16 peak, bytes accessed / HBM bandwidth), XLA's counts per device: a bound, not a
 time; none where the backend's cost analysis counts no bytes or the chip is unknown, said once) and
 the measured share of it. Then, per size and dtype, the evaluation program (forward +
-post-processing) at the largest batch that ran; and per batch the Hungarian matching alone
-under jit on the step's shapes (decoder layers x batch x queries x classes, ``max_boxes`` slots
-with 7 boxes each), for both solvers, as a share of the step. With ``--hf`` (default: on a
-GPU), per size and dtype, Hugging Face transformers' PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same sizes, trainable
-set and optimizer; HF's own ResNet, no DC5) on one device at ``--hf_batch`` images, bfloat16 as
-``torch.autocast`` and float32 with TF32 allowed (as XLA's default precision allows it on a GPU),
-and the ratio of JAX's images/s per device to PyTorch's. New configurations are not started once
-``--budget_s`` has passed (the default leaves the 8-minute window of a lent device room for
-start-up). Writes one JSON file and prints a table; the last line is
-``accelerator best_images_per_s=<x> best_mfu_pct=<y> roofline_images_per_s_at_best=<z> ...``
-(with ``jax_over_hf=<ratio per dtype>`` when timed).
+post-processing) at the largest batch that ran; and per batch the Hungarian matching alone under jit
+on the step's shapes (decoder layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes
+each), for both solvers, as a share of the step. With ``--hf`` (default: on a GPU), per size and
+dtype, Hugging Face transformers' PyTorch Conditional DETR train step
+(``benchmarks/hf_step.build_hf_step``: the same sizes, trainable set and optimizer; HF's own ResNet,
+no DC5) on one device at ``--hf_batch`` images, bfloat16 as ``torch.autocast`` and float32 with TF32
+allowed (as XLA's default precision allows it on a GPU), and the ratio of JAX's images/s per device
+to PyTorch's. New configurations are not started once ``--budget_s`` has passed (the default leaves
+the 8-minute window of a lent device room for start-up). Writes one JSON file and prints a table;
+the last line is ``accelerator best_images_per_s=<x> best_mfu_pct=<y>
+roofline_images_per_s_at_best=<z> ...`` (with ``jax_over_hf=<ratio per dtype>`` when timed).
 """
 
 import dataclasses
