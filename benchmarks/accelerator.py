@@ -13,17 +13,21 @@ e.g. out of memory): the train step (training.loop.build_train_step, as train.py
 compiled, its median step time measured, and MFU = the compiled program's FLOPs (XLA's
 cost_analysis, per device; a multiply-add is 2) / step time / the device's dense bf16 peak (the
 ``hardware.chips`` table; float32 runs are held against the same bf16 peak; unknown devices: no
-MFU). Then, per size and dtype, the evaluation program (forward + post-processing) at the largest
-batch that ran; and per batch the Hungarian matching alone under jit on the step's shapes (decoder
-layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes each), for both solvers, as a
-share of the step. With ``--hf`` (default: on a GPU), per size and dtype, Hugging Face transformers'
-PyTorch Conditional DETR train step (``benchmarks/hf_step.build_hf_step``: the same sizes, trainable
-set and optimizer; HF's own ResNet, no DC5) on one device at ``--hf_batch`` images, bfloat16 as
-``torch.autocast`` and float32 with TF32 allowed (as XLA's default precision allows it on a GPU),
-and the ratio of JAX's images/s per device to PyTorch's. New configurations are not started once
-``--budget_s`` has passed (the default leaves the 8-minute window of a lent device room for
-start-up). Writes one JSON file and prints a table; the last line is
-``accelerator best_images_per_s=<x> ...`` (with ``jax_over_hf=<ratio per dtype>`` when timed).
+MFU); beside it the roofline of the same compiled step on that device (images/s if it ran at
+max(FLOPs / bf16 peak, bytes accessed / HBM bandwidth), XLA's counts per device: a bound, not a
+time; none where the backend's cost analysis counts no bytes or the chip is unknown, said once) and
+the measured share of it. Then, per size and dtype, the evaluation program (forward +
+post-processing) at the largest batch that ran; and per batch the Hungarian matching alone under jit
+on the step's shapes (decoder layers x batch x queries x classes, ``max_boxes`` slots with 7 boxes
+each), for both solvers, as a share of the step. With ``--hf`` (default: on a GPU), per size and
+dtype, Hugging Face transformers' PyTorch Conditional DETR train step
+(``benchmarks/hf_step.build_hf_step``: the same sizes, trainable set and optimizer; HF's own ResNet,
+no DC5) on one device at ``--hf_batch`` images, bfloat16 as ``torch.autocast`` and float32 with TF32
+allowed (as XLA's default precision allows it on a GPU), and the ratio of JAX's images/s per device
+to PyTorch's. New configurations are not started once ``--budget_s`` has passed (the default leaves
+the 8-minute window of a lent device room for start-up). Writes one JSON file and prints a table;
+the last line is ``accelerator best_images_per_s=<x> best_mfu_pct=<y>
+roofline_images_per_s_at_best=<z> ...`` (with ``jax_over_hf=<ratio per dtype>`` when timed).
 """
 
 import dataclasses
@@ -46,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.hf_step import build_hf_step
 from benchmarks.synthetic import synthetic_batch
 from conddetr_jax import models, sharding
-from conddetr_jax.aot import compiling
+from conddetr_jax.aot import compiling, stages
 from conddetr_jax.aot import report as aot_report
 from conddetr_jax.criterion import matching
 from conddetr_jax.evaluation import coco_eval
@@ -132,12 +136,19 @@ class Bench:
       return metrics["loss"]
 
     step_s = _median_seconds(step, self.steps, self.warmup)
+    cost = stages.cost_of(compiled.executable)
+    chip = chips.chip_of_kind(jax.devices()[0].device_kind)
+    # One device per chip (every chip of the table): the device's program at the chip's roofline.
+    roofline_s = cost.roofline_s(chip) if chip is not None and cost.bytes_accessed > 0 else None
     return {
       "per_device_batch": per_device,
       "compile_s": compiled.seconds,
       "step_s": step_s,
       "images_per_s": n / step_s,
       "flops_per_device": compiled.flops,
+      "bytes_accessed_per_device": cost.bytes_accessed or None,
+      "roofline_step_s": roofline_s,
+      "roofline_images_per_s": n / roofline_s if roofline_s else None,
       "compiled_peak_bytes": compiled.peak_bytes,
       "collectives": compiled.collectives,
       "device_peak_bytes_so_far": _device_peak_bytes(),
@@ -273,7 +284,24 @@ def main(argv: list[str]) -> None:
     flush=True,
   )
   print(
-    _row("size", "dtype", "batch/dev", "images/s", "step_s", "compile_s", "MFU%", "mem_GiB"),
+    _row(
+      "size",
+      "dtype",
+      "batch/dev",
+      "images/s",
+      "step_s",
+      "compile_s",
+      "MFU%",
+      "mem_GiB",
+      "roofline_i/s",
+      "%_roofline",
+    ),
+    flush=True,
+  )
+  print(
+    "  roofline_i/s: images/s at the roofline of the compiled step (per device: max(XLA's FLOPs / "
+    "bf16 peak, XLA's bytes accessed / HBM bandwidth), a bound, not a time), all devices; "
+    "%_roofline: measured over it",
     flush=True,
   )
 
@@ -311,6 +339,16 @@ def main(argv: list[str]) -> None:
           break
         largest = b
         r["mfu"] = r["flops_per_device"] / r["step_s"] / (peak * 1e12) if peak else None
+        r["share_of_roofline"] = (
+          r["images_per_s"] / r["roofline_images_per_s"] if r["roofline_images_per_s"] else None
+        )
+        if r["roofline_images_per_s"] is None and "roofline_note" not in report:
+          report["roofline_note"] = "no roofline: " + (
+            "no bytes accessed in this backend's cost analysis"
+            if r["bytes_accessed_per_device"] is None
+            else f"no peak or bandwidth known for {devices[0].device_kind!r}"
+          )
+          print(f"  {report['roofline_note']}", flush=True)
         report["train"].append({"size": size, "dtype": dtype, **r})
         mem = r["compiled_peak_bytes"]
         print(
@@ -323,6 +361,8 @@ def main(argv: list[str]) -> None:
             r["compile_s"],
             "n/a" if r["mfu"] is None else 100 * r["mfu"],
             "n/a" if mem is None else mem / 2**30,
+            "n/a" if r["roofline_images_per_s"] is None else r["roofline_images_per_s"],
+            "n/a" if r["share_of_roofline"] is None else 100 * r["share_of_roofline"],
           ),
           flush=True,
         )
@@ -398,9 +438,11 @@ def main(argv: list[str]) -> None:
   ratios = "".join(
     f" jax_over_hf_{h['dtype']}={h['jax_over_hf']:.2f}" for h in report["hf"] if "jax_over_hf" in h
   )
+  best_roofline = best and best.get("roofline_images_per_s")
   print(
     f"accelerator best_images_per_s={best['images_per_s'] if best else 0:.2f} "
     f"best_mfu_pct={100 * max(mfus) if mfus else float('nan'):.1f} "
+    f"roofline_images_per_s_at_best={best_roofline or float('nan'):.2f} "
     f"wall_s={report['wall_s']:.0f}{ratios}"
   )
 

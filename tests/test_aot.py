@@ -65,10 +65,15 @@ def test_shape_bytes_reads_arrays_tuples_and_scalars():
 
 
 def test_summary_line_fields():
-  line = report.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0)
+  line = report.summary_line("v5e:2x2", 4, True, 2.6789, 16, 550.04, 45.0, 23.951, 34.46)
   assert line == (
     "aot topology=v5e:2x2 devices=4 fits=yes hbm_gib=2.68 hbm_capacity_gib=16 "
-    "train_gflop_per_image=550.0 eval_gmac_per_image=45.0"
+    "train_gflop_per_image=550.0 eval_gmac_per_image=45.0 train_gb_per_image=23.95 "
+    "roofline_images_per_s_per_chip=34.5"
+  )
+  # A GPU target's compiler counts no bytes: no roofline.
+  assert report.summary_line("h100:8", 8, True, 2.5, 80, 547.5, None).endswith(
+    "eval_gmac_per_image=skipped train_gb_per_image=unknown roofline_images_per_s_per_chip=unknown"
   )
 
 
@@ -147,13 +152,22 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   fields = dict(kv.split("=", 1) for kv in last.split()[1:])
   assert last.startswith("aot ") and fields["topology"] == "v5e:2x2" and fields["devices"] == "4"
   assert fields["fits"] == "yes" and fields["hbm_capacity_gib"] == "16"
-  for key in ("hbm_gib", "train_gflop_per_image", "eval_gmac_per_image"):
+  for key in (
+    "hbm_gib",
+    "train_gflop_per_image",
+    "eval_gmac_per_image",
+    "train_gb_per_image",
+    "roofline_images_per_s_per_chip",
+  ):
     assert float(fields[key]) > 0, last
   # The replicated state's gradients are summed over the data axis: an all-reduce.
   assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), (
     proc.stdout
   )  # float32 gradients
   assert "ESTIMATE" in proc.stdout
+  # The per-stage table (on by default for a TPU target) and the matcher's loops, counted once.
+  assert "per-stage cost of one train step" in proc.stdout and "  whole step  " in proc.stdout
+  assert re.search(r"loops in the compiled step \(\d+ while loops.*matching\.py:", proc.stdout)
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "TPU_ACCELERATOR_TYPE" not in proc.stderr
   assert "oneDNN" not in proc.stderr  # the command quiets TensorFlow's load-time notice too
 

@@ -39,6 +39,9 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
     train["per_device_batch"] == 1 and train["images_per_s"] > 0 and train["flops_per_device"] > 0
   )
   assert train["mfu"] is None  # the CPU has no peak in the table: no made-up MFU
+  # The CPU's cost analysis counts bytes, but the CPU has no peak or bandwidth: no roofline, said.
+  assert train["bytes_accessed_per_device"] > 0 and train["roofline_images_per_s"] is None
+  assert report["roofline_note"].startswith("no roofline: no peak or bandwidth known for")
   assert {m["solver"] for m in report["matcher"]} == {"hungarian", "scipy"}
   assert all(m["seconds"] > 0 for m in report["matcher"])
   assert report["eval"][0]["images_per_s"] > 0
@@ -48,5 +51,6 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   last = proc.stdout.strip().splitlines()[-1]
   assert (
     last.startswith("accelerator best_images_per_s=")
+    and "roofline_images_per_s_at_best=nan" in last
     and f"jax_over_hf_float32={hf['jax_over_hf']:.2f}" in last
   )

@@ -14,7 +14,9 @@ compiled program, and an ESTIMATE of images/s per chip at 100% and 40% of the ch
 the project's counter (``flops.py``: 2 x the multiply-adds of convolutions and matrix products).
 
 Modules: ``devices`` (compile-only devices and chip figures; ``gpu_targets`` for NVIDIA GPUs),
-``compiling`` (compile a program, read its memory and FLOPs; ``hlo`` reads collectives, ``flops``
-counts multiply-adds), ``batch_search`` (the largest batch that fits), ``report`` (the printed table
-and summary line), ``__main__`` (the command line).
+``compiling`` (compile a program, read its memory and FLOPs; ``hlo`` reads collectives and while
+loops, ``flops`` counts multiply-adds), ``batch_search`` (the largest batch that fits), ``stages``
+(each stage of the train step compiled alone), ``roofline`` (the stage table and each chip's
+roofline from FLOPs and bytes accessed), ``report`` (the printed table and summary line),
+``__main__`` (the command line).
 """

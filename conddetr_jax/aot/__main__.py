@@ -3,6 +3,7 @@ any machine.
 
   python -m conddetr_jax.aot --config=configs/r50.py --topology=v5e:2x2 [--size=800x1216 ...]
       [--config.model.dtype=bfloat16] [--config.per_device_batch_size=N] [--max_batch] [--noeval]
+      [--nostages]
   python -m conddetr_jax.aot --config=configs/r50.py --topology=h100:8  # or h200, a100-80g,
       # a100-40g, v100-16g, v100-32g; gpu:N (N H100s); h100:2x8 (2 hosts of 8)
 
@@ -47,6 +48,13 @@ _MAX_BATCH = flags.DEFINE_bool(
   "the measured peaks predicts it, compiles confirm it; doubling and bisection where the peaks are "
   "not affine).",
 )
+_STAGES = flags.DEFINE_bool(
+  "stages",
+  None,
+  "Also compile each stage of the train step alone (backbone, input projection, encoder, decoder, "
+  "heads, criterion, matching, optimizer update) for a table of its GFLOP, GB accessed and "
+  "roofline time. Default: on where the compiler gives a cost analysis (TPUs), off for GPUs.",
+)
 _EVAL = flags.DEFINE_bool(
   "eval", True, "Also compile the evaluation program (forward + post-processing)."
 )
@@ -67,7 +75,14 @@ def main(argv: list[str]) -> None:
   sizes = (
     [report.parse_size(s) for s in _SIZE.value] if _SIZE.value else report.default_sizes(config)
   )
-  report.run(config, _TOPOLOGY.value, sizes, max_batch=_MAX_BATCH.value, with_eval=_EVAL.value)
+  report.run(
+    config,
+    _TOPOLOGY.value,
+    sizes,
+    max_batch=_MAX_BATCH.value,
+    with_eval=_EVAL.value,
+    with_stages=_STAGES.value,
+  )
 
 
 if __name__ == "__main__":

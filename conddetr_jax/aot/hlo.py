@@ -83,3 +83,66 @@ def collectives(hlo_text: str) -> dict[str, dict]:
       entry["bytes"] += b
       entry["bytes_by_dtype"][dtype] = entry["bytes_by_dtype"].get(dtype, 0) + b
   return found
+
+
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(\"[^\"]*\"|\S+)")
+_STACK_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _id_tables(hlo_text: str) -> dict[str, dict[str, str]]:
+  """The module's header tables (FileNames, FunctionNames, FileLocations, StackFrames): name ->
+  {id: the row's text}."""
+  tables: dict[str, dict[str, str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line.startswith(("HloModule", "%", "ENTRY")) or not line.strip():
+      current = None if line.startswith(("%", "ENTRY")) else current
+      continue
+    m = _TABLE_ROW.match(line)
+    if m is None:
+      current = tables.setdefault(line.strip(), {})
+    elif current is not None:
+      current[m[1]] = m[2]
+  return tables
+
+
+def _source_of(frame_id: str, tables: dict[str, dict[str, str]]) -> str:
+  """'file.py:line (function)' of a stack frame, or '?' where the tables lack it."""
+  frame = dict(_FIELD.findall(tables.get("StackFrames", {}).get(frame_id, "")))
+  where = dict(
+    _FIELD.findall(tables.get("FileLocations", {}).get(frame.get("file_location_id"), ""))
+  )
+  if not where:
+    return "?"
+  path = tables.get("FileNames", {}).get(where.get("file_name_id"), "?").strip('"')
+  function = tables.get("FunctionNames", {}).get(where.get("function_name_id"), "?").strip('"')
+  return f"{path.rsplit('/', 1)[-1]}:{where.get('line', '?')} ({function})"
+
+
+def while_loops(hlo_text: str) -> list[dict]:
+  """The while loops of a compiled program's text: where each comes from and its trip count.
+
+  XLA's ``cost_analysis`` counts a loop's body once, whatever its trip count, so these are the
+  places where its FLOPs and bytes fall short of what runs.
+
+  Returns:
+    One {"source": "file.py:line (function)", "trip_count": n or None (known only when XLA
+    proved it)} per ``while`` instruction, nested ones included.
+  """
+  tables = _id_tables(hlo_text)
+  loops = []
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m is None or m["op"] != "while":
+      continue
+    frame = _STACK_FRAME.search(line)
+    trips = _TRIP_COUNT.search(line)
+    loops.append(
+      {
+        "source": _source_of(frame[1], tables) if frame else "?",
+        "trip_count": int(trips[1]) if trips else None,
+      }
+    )
+  return loops

@@ -2,6 +2,7 @@
 the chip's, their FLOPs per image, and one summary line for scripts."""
 
 import re
+import time
 from typing import Callable, Sequence
 
 import ml_collections
@@ -9,6 +10,7 @@ import numpy as np
 
 from conddetr_jax import data
 from conddetr_jax.aot import devices as devices_lib
+from conddetr_jax.aot import hlo, roofline, stages
 from conddetr_jax.aot.compiling import (
   GIB,
   Compiled,
@@ -105,16 +107,59 @@ def summary_line(
   capacity_gib: float | None,
   train_gflop_per_image: float,
   eval_gmac_per_image: float | None,
+  train_gb_per_image: float | None = None,
+  roofline_images_per_s_per_chip: float | None = None,
 ) -> str:
   """``aot topology=... devices=... fits=... hbm_gib=... hbm_capacity_gib=...
-  train_gflop_per_image=... eval_gmac_per_image=...`` ('unknown' where a figure is)."""
-  cap = "unknown" if capacity_gib is None else f"{capacity_gib:g}"
+  train_gflop_per_image=... eval_gmac_per_image=... train_gb_per_image=...
+  roofline_images_per_s_per_chip=...`` ('unknown' where a figure is)."""
+  unknown_or = lambda v, fmt: "unknown" if v is None else format(v, fmt)
   ev = "skipped" if eval_gmac_per_image is None else f"{eval_gmac_per_image:.1f}"
   return (
     f"aot topology={topology} devices={devices} fits={'yes' if fits else 'no'} "
-    f"hbm_gib={peak_gib:.2f} hbm_capacity_gib={cap} "
-    f"train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev}"
+    f"hbm_gib={peak_gib:.2f} hbm_capacity_gib={unknown_or(capacity_gib, 'g')} "
+    f"train_gflop_per_image={train_gflop_per_image:.1f} eval_gmac_per_image={ev} "
+    f"train_gb_per_image={unknown_or(train_gb_per_image, '.2f')} "
+    f"roofline_images_per_s_per_chip={unknown_or(roofline_images_per_s_per_chip, '.1f')}"
   )
+
+
+def _step_cost(
+  train: Compiled,
+  compiler: SliceCompiler,
+  batch: int,
+  hw: tuple[int, int],
+  chip: chips.Chip | None,
+  per_chip: int,
+  with_stages: bool | None,
+  out: Callable[[str], None],
+) -> stages.StageCost | None:
+  """Prints the step's bytes, its roofline on each chip, its loops and (``with_stages``) the
+  per-stage table; returns the step's cost, None where the compiler counts no bytes (a GPU)."""
+  step = stages.cost_of(train.executable)
+  if step.bytes_accessed <= 0:
+    out(
+      "    bytes accessed, roofline, stages: not available: this target's compiler gives no cost "
+      "analysis"
+    )
+    return None
+  out(
+    f"    train: {step.bytes_accessed / batch / 1e9:.2f} GB accessed per image per step "
+    f"(XLA's count, after fusion), {step.flops_per_byte:.1f} FLOP per byte"
+  )
+  out("\n".join(roofline.chip_rows(step, batch, None if chip is None else chip.name)))
+  out("\n".join(roofline.loop_rows(hlo.while_loops(train.executable.as_text()))))
+  if with_stages is False:
+    return step
+  t0 = time.perf_counter()
+  table = stages.stage_table(compiler, batch, hw, step)
+  out("\n".join(roofline.stage_rows(table, chip, per_chip, batch)))
+  out(
+    f"    stages: {len(table.stages)} programs compiled in {time.perf_counter() - t0:.0f} s; "
+    "'rest' = the whole step minus the stages (matching excluded: it runs inside the criterion); "
+    "what it holds: docs/accelerators.md"
+  )
+  return step
 
 
 def run(
@@ -124,10 +169,14 @@ def run(
   *,
   max_batch: bool = False,
   with_eval: bool = True,
+  with_stages: bool | None = None,
   out: Callable[[str], None] = print,
 ) -> str:
   """Compiles and reports for each size; returns the summary line (of the first size), also printed
   last.
+
+  ``with_stages``: also compile each stage of the train step alone for its cost table
+  (``aot.stages``); None: where the compiler counts bytes (TPUs, not GPUs).
 
   Raises:
     CompilerMissingError, ValueError: no TPU or GPU compiler, an unknown topology, or a bad config.
@@ -200,6 +249,7 @@ def run(
         ) from e
       raise
     gflop = float("nan")
+    step_cost = None
     if train is not None:
       out("\n".join(describe(train, capacity, f"train step ({batch}/device)")))
       flops_per_image = (
@@ -216,6 +266,7 @@ def run(
           f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"
         )
       )
+      step_cost = _step_cost(train, compiler, batch, hw, chip, per_chip, with_stages, out)
     gmac = None
     if with_eval:
       ev = compiler.eval(config.eval_per_device_batch_size, hw)
@@ -240,7 +291,15 @@ def run(
       fits_train = train is not None and capacity is not None and train.peak_bytes <= capacity * GIB
       peak_bytes = train.peak_bytes if train is not None else (refusal.needed_bytes or float("nan"))
       summary = summary_line(
-        topology, len(devices), fits_train, peak_bytes / GIB, capacity, gflop, gmac
+        topology,
+        len(devices),
+        fits_train,
+        peak_bytes / GIB,
+        capacity,
+        gflop,
+        gmac,
+        None if step_cost is None else step_cost.bytes_accessed / batch / 1e9,
+        None if step_cost is None else roofline.images_per_s_per_chip(step_cost, chip, batch),
       )
   out(summary)
   return summary

@@ -219,9 +219,12 @@ def _placed(tree: Any, batch_size: int, batch_sharding: Any, replicated: Any) ->
   return jax.tree.map(place, tree)
 
 
-def stage_table(compiler: Any, per_device_batch: int, hw: tuple[int, int]) -> StageTable:
+def stage_table(
+  compiler: Any, per_device_batch: int, hw: tuple[int, int], step: StageCost
+) -> StageTable:
   """Compiles every stage of ``compiler``'s train step (a ``compiling.SliceCompiler``) for
-  ``per_device_batch`` images of ``hw`` per device, and the whole step, for the table."""
+  ``per_device_batch`` images of ``hw`` per device; ``step`` is the whole step's cost (the caller
+  has compiled it already: a second compile of minutes would give the same figures)."""
   state, batch = compiler.train_args(per_device_batch, hw)
   batch_size = per_device_batch * compiler.devices
   programs = stage_programs(compiler.config, compiler.model, compiler.variables, batch, state)
@@ -229,5 +232,4 @@ def stage_table(compiler: Any, per_device_batch: int, hw: tuple[int, int]) -> St
   for name, (fn, args) in programs.items():
     args = _placed(args, batch_size, compiler.par.batch_sharding, compiler.replicated)
     costs[name] = cost_of(compiler.compile(lambda f=fn, a=args: jax.jit(f).lower(*a)).executable)
-  step = cost_of(compiler.compile(lambda: compiler.par.lower(state, batch)).executable)
   return StageTable(costs, step)

@@ -50,3 +50,13 @@ def chip_of_kind(device_kind: str) -> Chip | None:
   if gpu is not None:
     return Chip(gpu.name, gpu.memory_gib, gpu.bf16_tflops, gpu.memory_bandwidth_gbs)
   return TPUS.get(device_kind) or _OTHER_GPUS.get(device_kind)
+
+
+def known_chips() -> list[Chip]:
+  """Every chip of the tables once, TPUs first, then NVIDIA's GPUs."""
+  gpus = [
+    Chip(g.name, g.memory_gib, g.bf16_tflops, g.memory_bandwidth_gbs)
+    for g in gpu_targets.GPUS.values()
+  ]
+  unique = {c.name: c for c in [*TPUS.values(), *gpus, *_OTHER_GPUS.values()]}
+  return list(unique.values())
