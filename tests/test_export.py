@@ -166,7 +166,9 @@ def detect(batch, signature="serving_default", **kwargs):
 out = {{"batch": detect(images, score_threshold=tf.constant(0.5)),
         "single": detect(images[:1], score_threshold=tf.constant(0.5)),
         "default": detect(images[:1], "detect")}}
-for name, batch in (("not_an_image", [b"not an image"]), ("empty", [])):
+# Resized by the original's rule to 1x100: wider than the test model's largest bucket (96).
+thin = tf.io.encode_png(tf.zeros([4, 400, 3], tf.uint8)).numpy()
+for name, batch in (("not_an_image", [b"not an image"]), ("empty", []), ("too_thin", [thin])):
   try:
     detect(batch, score_threshold=tf.constant(0.5))
     out[name] = "no error"
@@ -178,8 +180,40 @@ print(json.dumps(out))
 """
 
 
+@pytest.fixture(name="saved_model_dir", scope="module")
+def fixture_saved_model_dir(config, variables, tmp_path_factory) -> str:
+  """The test model written as a SavedModel (once for the module)."""
+  folder = str(tmp_path_factory.mktemp("saved_model") / "model")
+  saved_model.write(config, variables, folder)
+  return folder
+
+
+SAVED_MODEL_PROGRAM_SCRIPT = f"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+inputs, folder = np.load(sys.argv[1]), sys.argv[2]
+model = tf.saved_model.load(folder)
+out = {{}}
+for name in inputs.files:
+  if name.startswith("image_"):
+    key = name[len("image_"):]
+    got = model.signatures["model_" + key.split("_")[0]](
+        image=tf.constant(inputs[name]), pad_mask=tf.constant(inputs["mask_" + key]))
+    out[key] = [got["logits"].numpy().tolist(), got["boxes"].numpy().tolist()]
+out["loaded"] = {FORBIDDEN}
+print(json.dumps(out))
+"""
+
+
+def test_saved_model_s_model_signatures_give_the_model_s_outputs_at_two_batch_sizes(
+  config, variables, saved_model_dir, tmp_path
+):
+  check_programs(config, variables, saved_model_dir, SAVED_MODEL_PROGRAM_SCRIPT, tmp_path)
+
+
 @pytest.fixture(name="served", scope="module")
-def fixture_served(config, variables, tmp_path_factory):
+def fixture_served(config, variables, saved_model_dir, tmp_path_factory):
   """The SavedModel's answers (fresh process) to photos as JPEG (and one PNG), and predict.py's."""
   root = tmp_path_factory.mktemp("saved_model")
   paths = []
@@ -187,8 +221,7 @@ def fixture_served(config, variables, tmp_path_factory):
     for i, crop in enumerate(CROPS):
       paths.append(str(root / f"crop{i}.{'png' if i == 3 else 'jpg'}"))
       photo.crop(crop).save(paths[-1], quality=85)
-  saved_model.write(config, variables, str(root / "model"))
-  served = run_fresh(SAVED_MODEL_SCRIPT, *paths, str(root / "model"))
+  served = run_fresh(SAVED_MODEL_SCRIPT, *paths, saved_model_dir)
   records = prediction.predict_files(
     config, models.build_model(config), variables, paths, str(root / "predict"), threshold=0.5
   )
@@ -230,6 +263,7 @@ def test_saved_model_refuses_a_bad_request_clearly_and_keeps_serving(served):
   out, records = served
   assert "Unknown image file format" in out["not_an_image"]
   assert "expected at least one encoded image" in out["empty"]
+  assert "larger than the largest bucket (96, 96)" in out["too_thin"]
   assert_same_detections(out["after_errors"], 0, records[0])
 
 

@@ -63,6 +63,13 @@ FLOORS = (
 )
 
 
+# The only modules that may import TensorFlow (a name covers everything inside it): the input
+# pipeline, and the SavedModel export, which is TensorFlow by definition. Everything else (models,
+# training, evaluation, the other exports) must run without loading it. cli.load_tensorflow loads
+# it by name, on request of the commands that read data.
+TENSORFLOW_USERS = ("conddetr_jax.data", "conddetr_jax.export.saved_model")
+
+
 def module_files(repo: str = REPO) -> dict[str, str]:
   """Dotted module name -> file, for the package's modules and the entry-point scripts."""
   files = {name: os.path.join(repo, f"{name}.py") for name in ENTRY_POINTS}
@@ -116,6 +123,20 @@ def import_graph(repo: str = REPO) -> dict[str, set[str]]:
     with open(path, encoding="utf-8") as f:
       graph[module] = imported_modules(f.read(), module, path.endswith("__init__.py"), known)
   return graph
+
+
+def imports_tensorflow(source: str) -> bool:
+  """Whether ``source`` imports ``tensorflow`` or a module inside it, at any depth."""
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+      names = [node.module or ""]
+    else:
+      continue
+    if any(n == "tensorflow" or n.startswith("tensorflow.") for n in names):
+      return True
+  return False
 
 
 def floor_of(module: str) -> int | None:
@@ -232,6 +253,24 @@ def test_no_import_circle(graph):
 def test_no_import_runs_up_a_floor(graph):
   upward = upward_imports(graph)
   assert not upward, "imports from a lower floor to a higher one:\n  " + "\n  ".join(upward)
+
+
+def test_the_tensorflow_reader_sees_plain_from_and_function_level_imports():
+  assert imports_tensorflow("import tensorflow as tf\n")
+  assert imports_tensorflow("def f():\n  from tensorflow.python import ops\n")
+  assert not imports_tensorflow("import tensorflow_datasets\nfrom . import tensorflow\n")
+
+
+def test_only_the_data_pipeline_and_the_saved_model_import_tensorflow():
+  files = module_files()
+  users = []
+  for module, path in sorted(files.items()):
+    with open(path, encoding="utf-8") as f:
+      if imports_tensorflow(f.read()):
+        users.append(module)
+  allowed = lambda m: any(m == n or m.startswith(n + ".") for n in TENSORFLOW_USERS)
+  assert "conddetr_jax.export.saved_model" in users
+  assert [m for m in users if not allowed(m)] == [], f"only {TENSORFLOW_USERS} may import it"
 
 
 @pytest.mark.parametrize("floor", range(len(FLOORS)))

@@ -7,7 +7,8 @@ The model's padded height and width cannot be symbolic (the mask's downsampling 
 scale from them in numpy), so each format is written once per bucket; the batch is symbolic.
 The buckets are the original's evaluation envelope: the shorter side ``eval_size`` and the longer
 ``eval_max_size``, rounded up to ``size_divisibility``, landscape and portrait. Every evaluation
-image fits one of them, and padding does not change what the model says (DESIGN.md section 2).
+image fits one of them, and padding does not change what the model says (docs/evaluation.md,
+"Padding does not change the detections").
 """
 
 from typing import Any, Callable, Sequence

@@ -5,14 +5,19 @@ Its ``serving_default`` signature takes ``images`` (B,) string (JPEG, PNG, BMP, 
 (``evaluation.score_threshold``, also saved as ``default_score_threshold``). Both return
 ``boxes`` (B, K, 4) float32 xyxy in each image's own pixels, ``scores`` (B, K), ``labels`` (B, K)
 int32 and ``num_detections`` (B,) int32: the first ``num_detections`` entries score at least the
-threshold, best first; the others are zeros. K is ``evaluation.top_k``.
+threshold, best first; the others are zeros. K is ``evaluation.top_k``. One more signature per
+bucket, ``model_<H>x<W>``, is the bare model as the other formats hold it: ``image`` (B, H, W, 3)
+float32 normalised, ``pad_mask`` (B, H, W) bool -> ``logits`` (B, Q, C), ``boxes`` (B, Q, 4) cxcywh
+in [0, 1] (for clients that prepare their own batches; the tests compare it with the JAX model).
 
 Everything runs in the graph, so TF Serving serves it as is: decoding (libjpeg's accurate IDCT, as
 PIL), the original's evaluation resize (PIL-exact bilinear), normalisation, padding each image to
 its bucket (``forward.buckets``), the model (``jax2tf``: the StableHLO of ``forward.detect_fn``, for
 CPU, CUDA and TPU, batch symbolic; weights as variables) and the original's post-processing (in TF
 ops: TF's XlaCallModule reads StableHLO up to v1.13, where JAX's ``top_k`` is newer). A request that
-is not images fails with InvalidArgumentError naming the problem; the server keeps serving.
+is not images, an empty batch or an image whose resized size exceeds the largest bucket (the
+original's resize can overshoot ``eval_max_size`` on thin images) fails with InvalidArgumentError
+naming the problem; the server keeps serving.
 """
 
 from typing import Any
@@ -77,15 +82,35 @@ class Server(tf.Module):
       (config.model.num_queries, 4),
     )
     run = forward.forward_fn(config, treedef)
-    self._programs = [
-      jax2tf.convert(
-        run,
-        polymorphic_shapes=[None, f"(b, {h}, {w}, 3)", f"(b, {h}, {w})"],
-        native_serialization_platforms=stablehlo.PLATFORMS,
-        with_gradient=False,
-      )
-      for h, w in self._sizes
-    ]
+    # One tf.function per bucket, called by serve and detect too: each program is lowered once.
+    self._models = [self._model_function(run, size) for size in self._sizes]
+
+  def _model_function(self, run: forward.Forward, size: tuple[int, int]) -> Any:
+    """The bucket ``size``'s program as a tf.function of (image, pad_mask) -> logits, boxes."""
+    h, w = size
+    program = jax2tf.convert(
+      run,
+      polymorphic_shapes=[None, f"(b, {h}, {w}, 3)", f"(b, {h}, {w})"],
+      native_serialization_platforms=stablehlo.PLATFORMS,
+      with_gradient=False,
+    )
+
+    @tf.function(
+      input_signature=[
+        tf.TensorSpec([None, h, w, 3], tf.float32, name="image"),
+        tf.TensorSpec([None, h, w], tf.bool, name="pad_mask"),
+      ]
+    )
+    def model(image: tf.Tensor, pad_mask: tf.Tensor) -> dict[str, tf.Tensor]:
+      logits, boxes = program(self.weights, image, pad_mask)
+      return {"logits": logits, "boxes": boxes}
+
+    return model
+
+  def signatures(self) -> dict[str, Any]:
+    """The SavedModel's signatures by name (module docstring)."""
+    models = {f"model_{h}x{w}": m for (h, w), m in zip(self._sizes, self._models)}
+    return {"serving_default": self.serve, "detect": self.detect, **models}
 
   def _prepare(self, contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """One image's bytes -> (envelope H, W, 3) normalised and zero-padded, (2,) resized (h, w),
@@ -93,6 +118,14 @@ class Server(tf.Module):
     pixels = transforms.decode_image(contents, pil_cmyk=False)
     orig = tf.shape(pixels)[:2]
     hw = transforms.eval_resized_size(orig, self._eval_size, self._eval_max_size)
+    fits = tf.debugging.assert_less_equal(
+      hw,
+      tf.constant(self._envelope),
+      message=f"an image resized for the model is larger than the largest bucket {self._envelope}"
+      " (height, width): an image this thin cannot be served by this export",
+    )
+    with tf.control_dependencies([fits]):
+      hw = tf.identity(hw)
     image = transforms.normalize_image(transforms.resize_image(pixels, hw))
     padding = [[0, self._envelope[0] - hw[0]], [0, self._envelope[1] - hw[1]], [0, 0]]
     return tf.pad(image, padding), hw, orig
@@ -105,7 +138,8 @@ class Server(tf.Module):
     pad_mask = (tf.range(h)[None, :, None] >= hw[:, 0, None, None]) | (
       tf.range(w)[None, None, :] >= hw[:, 1, None, None]
     )
-    return tuple(self._programs[index](self.weights, image, pad_mask))
+    out = self._models[index](image, pad_mask)
+    return out["logits"], out["boxes"]
 
   def _detect(self, images: tf.Tensor, score_threshold: tf.Tensor) -> dict[str, tf.Tensor]:
     check = tf.debugging.assert_positive(
@@ -162,9 +196,7 @@ class Server(tf.Module):
 def write(config: ml_collections.ConfigDict, variables: Any, out_dir: str) -> list[str]:
   """Writes the SavedModel into ``out_dir``; returns ``[out_dir]``."""
   server = Server(config, variables)
-  tf.saved_model.save(
-    server, out_dir, signatures={"serving_default": server.serve, "detect": server.detect}
-  )
+  tf.saved_model.save(server, out_dir, signatures=server.signatures())
   return [out_dir]
 
 
