@@ -1,0 +1,204 @@
+"""Where the train step's memory traffic goes: XLA's FLOPs and bytes accessed of the TPU program,
+and the instructions and model parts that move the most bytes. No TPU needed (libtpu compiles).
+
+Usage:
+  PYTHONPATH=$CONDDETR_LIBTPU_PATH python benchmarks/step_bytes.py --config=configs/r50.py \
+      --config.model.dtype=bfloat16 --config.per_device_batch_size=2 [--size=800x1216]
+      [--topology=v5e:2x2] [--top=25] [--depth=3] [--hlo=step.hlo.txt]
+
+Compiles the train step exactly as ``python -m conddetr_jax.aot`` does (``aot.compiling``'s
+``SliceCompiler``: the run's step, state replicated, batch split over the slice) and prints the
+program's ``cost_analysis()`` per chip: GFLOP, GB accessed, and both per image.
+
+Then an attribution, from the optimized HLO text (``compiled.as_text()``): every instruction of a
+computation that is not a fusion's body (so each fusion counts once, as a kernel) is charged the
+bytes of its operands plus its result. That is an estimate of what XLA's cost analysis counts (it
+counts only the parts of an operand a fusion reads, and in-place updates less), printed with its
+total so the two can be compared. Loop bodies count once, as in the cost analysis. Printed: the
+``--top`` instructions, then the totals per model part: the instruction's JAX ``op_name`` cut to
+``--depth`` module names, split by whether it runs in the forward or the backward pass.
+"""
+
+import collections
+import os
+import re
+import sys
+from typing import Iterator
+
+from absl import app, flags
+import jax
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top
+from conddetr_jax import cli
+from conddetr_jax.aot import compiling, hlo, report, stages
+from conddetr_jax.aot import devices as devices_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/r50.py", "Model config.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU slice to compile for.")
+_SIZE = flags.DEFINE_string("size", "800x1216", "HxW of the padded batch.")
+_TOP = flags.DEFINE_integer("top", 25, "Instructions to list, largest traffic first.")
+_DEPTH = flags.DEFINE_integer("depth", 3, "Module names kept of an op_name in the per-part table.")
+_HLO = flags.DEFINE_string("hlo", "", "Also write the optimized HLO text to this file.")
+_READ_HLO = flags.DEFINE_string(
+  "read_hlo", "", "Attribute the traffic of this saved HLO text (--hlo) instead of compiling."
+)
+
+# Instructions that move no data of their own (views, tuples, control flow around bodies that are
+# counted themselves).
+_FREE_OPS = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "while",
+  "call",
+  "conditional",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_BODY_REFERENCE = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+_INSTRUCTION = re.compile(
+  r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\((?P<rest>.*)$"
+)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_NAME = re.compile(r"%([\w.\-]+)")
+# A JAX transformation's name wrapping a module path: jvp(...), transpose(...), remat(...), ...
+_TRANSFORM = re.compile(r"^(\w+)\((.*)\)$")
+
+
+def _computations(text: str) -> Iterator[tuple[str, list[str]]]:
+  """(name, instruction lines) of each computation of an HLO module's text."""
+  name, lines = None, []
+  for line in text.splitlines():
+    if name is None:
+      if m := _COMPUTATION.match(line):
+        name, lines = m[1], []
+    elif line.strip() == "}":
+      yield name, lines
+      name = None
+    else:
+      lines.append(line)
+
+
+def _operands(rest: str) -> list[str]:
+  """The names of an instruction's operands: the %names in ``rest`` up to the parenthesis closing
+  its op's."""
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      return _NAME.findall(rest[:i])
+  return _NAME.findall(rest)
+
+
+def instruction_traffic(text: str) -> list[dict]:
+  """Each kernel-level instruction of ``text`` with its estimated bytes (operands + result), its
+  op, result shape and JAX op_name (a fusion without one: the first op_name of its body), largest
+  first."""
+  computations = dict(_computations(text))
+  parsed = {
+    comp: [(m, line) for line in lines if (m := _INSTRUCTION.match(line))]
+    for comp, lines in computations.items()
+  }
+  shapes = {m["name"]: m["shape"] for rows in parsed.values() for m, _ in rows}
+  bodies, first_op_name = set(), {}
+  for comp, rows in parsed.items():
+    for m, line in rows:
+      bodies.update(_BODY_REFERENCE.findall(line))
+      if comp not in first_op_name and (name := _OP_NAME.search(line)):
+        first_op_name[comp] = name[1]
+  rows = []
+  for comp, instructions in parsed.items():
+    if comp in bodies:
+      continue
+    for m, line in instructions:
+      if m["op"] in _FREE_OPS:
+        continue
+      name = _OP_NAME.search(line)
+      body = _BODY_REFERENCE.search(line)
+      op_name = name[1] if name else first_op_name.get(body[1], "") if body else ""
+      operand_bytes = sum(hlo.shape_bytes(shapes.get(o, "")) for o in _operands(m["rest"]))
+      rows.append(
+        {
+          "bytes": hlo.shape_bytes(m["shape"]) + operand_bytes,
+          "op": m["op"],
+          "shape": re.sub(r"\{[^}]*\}", "", m["shape"]),
+          "name": m["name"],
+          "op_name": op_name,
+        }
+      )
+  return sorted(rows, key=lambda r: -r["bytes"])
+
+
+def model_part(op_name: str, depth: int) -> tuple[str, str]:
+  """(module path cut to ``depth`` names, 'bwd' or 'fwd') of a JAX op_name such as
+  ``jit(step)/transpose(jvp(ConditionalDETR))/backbone/layer2_0/conv1/dot_general``."""
+  parts = op_name.split("/")[1:]  # drop jit(...)
+  backward = False
+  path = []
+  for part in parts:
+    while m := _TRANSFORM.match(part):
+      backward |= m[1] == "transpose"
+      part = m[2]
+    path.append(part)
+  return "/".join(path[: depth + 1]) or "(no op_name)", "bwd" if backward else "fwd"
+
+
+def print_traffic(text: str, top: int, depth: int) -> float:
+  """Prints the ``top`` instructions and model parts of ``instruction_traffic(text)``; returns the
+  estimated total bytes."""
+  rows = instruction_traffic(text)
+  print(f"top {top} instructions by estimated traffic (operands + result):")
+  for r in rows[:top]:
+    print(
+      f"  {r['bytes'] / 1e9:7.3f} GB  {r['op']:<14} {r['shape'][:60]:<60} {r['op_name'][-110:]}"
+    )
+  parts: dict[tuple[str, str], float] = collections.defaultdict(float)
+  for r in rows:
+    parts[model_part(r["op_name"], depth)] += r["bytes"]
+  print(f"estimated traffic per model part (op_name to depth {depth}), largest first:")
+  for (part, direction), b in sorted(parts.items(), key=lambda kv: -kv[1])[: 3 * top]:
+    print(f"  {b / 1e9:7.3f} GB  {direction}  {part}")
+  return sum(r["bytes"] for r in rows)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if _READ_HLO.value:
+    with open(_READ_HLO.value, encoding="utf-8") as f:
+      estimated = print_traffic(f.read(), _TOP.value, _DEPTH.value)
+    print(f"step_bytes estimated_gb={estimated / 1e9:.2f}")
+    return
+  jax.config.update("jax_platforms", "cpu")
+  config = _CONFIG.value.copy_and_resolve_references()
+  config.global_batch_size, config.grad_accum_steps = 0, 1
+  hw = report.parse_size(_SIZE.value)
+  batch = config.per_device_batch_size
+  compiler = compiling.SliceCompiler(config, devices_lib.devices_of(_TOPOLOGY.value))
+  compiled = compiler.train(batch, hw)
+  cost = stages.cost_of(compiled.executable)
+  text = compiled.executable.as_text()
+  if _HLO.value:
+    with open(_HLO.value, "w", encoding="utf-8") as f:
+      f.write(text)
+  estimated = print_traffic(text, _TOP.value, _DEPTH.value)
+  m = config.model
+  print(
+    f"step_bytes model={m.backbone}{'_dc5' if m.dilation else ''} dtype={m.dtype} "
+    f"topology={_TOPOLOGY.value} size={hw[0]}x{hw[1]} per_chip_batch={batch} "
+    f"gflop_per_chip={cost.flops / 1e9:.1f} gb_per_chip={cost.bytes_accessed / 1e9:.2f} "
+    f"gflop_per_image={cost.flops / batch / 1e9:.1f} "
+    f"gb_per_image={cost.bytes_accessed / batch / 1e9:.2f} "
+    f"flop_per_byte={cost.flops_per_byte:.1f} estimated_gb_per_chip={estimated / 1e9:.2f} "
+    f"temp_gib={compiled.temp_bytes / 2**30:.2f}"
+  )
+
+
+if __name__ == "__main__":
+  cli.run(main)
