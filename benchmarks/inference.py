@@ -131,7 +131,8 @@ def main(argv: list[str]) -> None:
   weights, treedef = forward.flat_weights(variables)
   jitted = jax.jit(forward.forward_fn(config, treedef))
   with tempfile.TemporaryDirectory() as out_dir:
-    runs = {"jax": lambda i, m: jitted(weights, i, m)}
+    on_device = jax.device_put(weights)  # the JAX model keeps its weights on the device
+    runs = {"jax": lambda i, m: jitted(on_device, i, m)}
     for name, module in (
       ("stablehlo", stablehlo),
       ("saved_model", saved_model),
