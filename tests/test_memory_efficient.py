@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conddetr_jax import models
-from conddetr_jax.models.attention import block_keep_mask, blockwise_attention
+from conddetr_jax.models.attention import block_keep_mask, blockwise_attention, masked_softmax
 from configs import r50, test_tiny
 
 
@@ -184,3 +184,20 @@ def test_r50_is_the_same_with_remat_and_with_blockwise_attention():
   )
   _assert_same(attention_train, dense_train)
   _assert_same(blockwise_eval, dense_eval)
+
+
+def test_masked_softmax_in_bfloat16_has_float32_softmax_gradients_and_float32_is_jax_s():
+  logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 7))
+  mask = jnp.zeros((2, 7), bool).at[0, 5:].set(True)
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+  masked = jnp.where(mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+  want, want_vjp = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), masked)
+  got, got_vjp = jax.vjp(lambda x: masked_softmax(x, mask), logits)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cotangent)[0], want_vjp(cotangent)[0])
+  half, half_vjp = jax.vjp(lambda x: masked_softmax(x, mask, jnp.bfloat16), logits)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), want, atol=4e-3)
+  grad = half_vjp(cotangent.astype(jnp.bfloat16))[0]
+  scale = float(jnp.abs(want_vjp(cotangent)[0]).max())
+  np.testing.assert_allclose(grad, want_vjp(cotangent)[0], atol=2e-2 * scale)

@@ -2,8 +2,9 @@
 
 Conditional DETR projects queries, keys and values outside the attention (content and position
 separately), and its cross-attention has query/key width 2*d but value width d. This module is
-the remaining part: split heads, scaled dot product, key padding mask, softmax in float32,
-attention dropout, merge heads, output projection.
+the remaining part: split heads, scaled dot product, key padding mask, softmax in float32 (its
+output, and what the backward pass keeps of it, in the compute dtype), attention dropout,
+merge heads, output projection.
 
 Two implementations of the scaled dot product (``MultiHeadAttention.implementation``):
 - ``dense``: the original's, materialising the (B, heads, Lq, Lk) logits, weights and dropout mask
@@ -15,6 +16,7 @@ Both handle query/key and value widths that differ (the decoder's cross-attentio
 head), so every attention of the model can use either.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -125,12 +127,41 @@ def head_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
 
 
-def masked_softmax(logits: jax.Array, key_padding_mask: jax.Array | None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_as(logits: jax.Array, dtype: Any) -> jax.Array:
+  """``jax.nn.softmax`` over the last axis of float32 ``logits``, returned in ``dtype``; the
+  backward pass keeps only that output, so under bf16 compute the (B, heads, Lq, Lk) weights are
+  stored for it in bf16 rather than float32 (half the memory traffic of the largest tensors of the
+  transformer). The gradient is softmax's, y * (g - sum(y * g)), computed in float32 from the kept
+  y (``masked_softmax`` uses ``jax.nn.softmax`` itself in float32)."""
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_as_fwd(logits: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  weights = softmax_as(logits, dtype)
+  return weights, weights
+
+
+def _softmax_as_bwd(dtype: Any, weights: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
+  del dtype
+  y, g = weights.astype(jnp.float32), grad.astype(jnp.float32)
+  return (y * (g - (y * g).sum(axis=-1, keepdims=True)),)
+
+
+softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
+
+
+def masked_softmax(
+  logits: jax.Array, key_padding_mask: jax.Array | None, dtype: Any = jnp.float32
+) -> jax.Array:
   """Softmax over the last axis of (B, heads, Lq, Lk) float32 logits with the padded keys
-  (``key_padding_mask`` (B, Lk) True on padding) at finfo.min, so that they get weight 0."""
+  (``key_padding_mask`` (B, Lk) True on padding) at finfo.min, so that they get weight 0; computed
+  in float32, returned (and kept for the backward pass) in ``dtype`` (``softmax_as``)."""
   if key_padding_mask is not None:
     logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
-  return jax.nn.softmax(logits, axis=-1)
+  if jnp.dtype(dtype) == jnp.float32:  # float32 results stay jax.nn.softmax's, bit for bit
+    return jax.nn.softmax(logits, axis=-1)
+  return softmax_as(logits, dtype)
 
 
 class MultiHeadAttention(nn.Module):
@@ -200,7 +231,8 @@ class MultiHeadAttention(nn.Module):
       )
     else:
       logits = head_logits(q, k)
-      weights = masked_softmax(logits, key_padding_mask)
+      # The weights in the compute dtype from here on (dropout included); float32 where sown.
+      weights = masked_softmax(logits, key_padding_mask, jnp.float32 if self.record else self.dtype)
       if self.record:
         self.sow("intermediates", "logits", logits)
         self.sow("intermediates", "weights", weights)
