@@ -14,6 +14,19 @@ from transformers import ConditionalDetrForObjectDetection
 from tests import hf_reference
 
 SMALL = dict(encoder_layers=2, decoder_layers=3, num_queries=20)
+# A conditional decoder layer's Linear projections, named alike in the original and in HF.
+DECODER_PROJECTIONS = (
+  "sa_qcontent_proj",
+  "sa_qpos_proj",
+  "sa_kcontent_proj",
+  "sa_kpos_proj",
+  "sa_v_proj",
+  "ca_qcontent_proj",
+  "ca_kcontent_proj",
+  "ca_kpos_proj",
+  "ca_v_proj",
+  "ca_qpos_sine_proj",
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,20 +256,7 @@ def _original_transformer_shapes(config):
       shapes[p + norm + ".weight"], shapes[p + norm + ".bias"] = (d,), (d,)
   for i in range(config.decoder_layers):
     p = f"transformer.decoder.layers.{i}."
-    projections = [
-      "sa_qcontent_proj",
-      "sa_qpos_proj",
-      "sa_kcontent_proj",
-      "sa_kpos_proj",
-      "sa_v_proj",
-      "ca_qcontent_proj",
-      "ca_kcontent_proj",
-      "ca_kpos_proj",
-      "ca_v_proj",
-      "ca_qpos_sine_proj",
-      "self_attn.out_proj",
-      "cross_attn.out_proj",
-    ]
+    projections = [*DECODER_PROJECTIONS, "self_attn.out_proj", "cross_attn.out_proj"]
     if i == 0:  # Set to None in the later layers, so absent from their state dicts.
       projections.append("ca_qpos_proj")
     for name in projections:
@@ -356,21 +356,7 @@ def _conversion_script(original, config):
         ("norm3", "final_layer_norm"),
       ]
     ]
-    pairs += [
-      (src + p, dst + p)
-      for p in [
-        "sa_qcontent_proj",
-        "sa_kcontent_proj",
-        "sa_qpos_proj",
-        "sa_kpos_proj",
-        "sa_v_proj",
-        "ca_qcontent_proj",
-        "ca_kcontent_proj",
-        "ca_kpos_proj",
-        "ca_v_proj",
-        "ca_qpos_sine_proj",
-      ]
-    ]
+    pairs += [(src + p, dst + p) for p in DECODER_PROJECTIONS]
   d = config.d_model
   converted = {}
   for key, value in original.items():
