@@ -330,33 +330,28 @@ def _conversion_script(original, config):
     ("transformer.decoder.query_scale", "decoder.query_scale"),
     ("transformer.decoder.layers.0.ca_qpos_proj", "decoder.layers.0.ca_qpos_proj"),
   ]
-  for i in range(config.encoder_layers):
-    src, dst = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
-    pairs += [
-      (src + a, dst + b)
-      for a, b in [
-        ("self_attn.out_proj", "self_attn.out_proj"),
-        ("linear1", "fc1"),
-        ("linear2", "fc2"),
-        ("norm1", "self_attn_layer_norm"),
-        ("norm2", "final_layer_norm"),
-      ]
-    ]
-  for i in range(config.decoder_layers):
-    src, dst = f"transformer.decoder.layers.{i}.", f"decoder.layers.{i}."
-    pairs += [
-      (src + a, dst + b)
-      for a, b in [
-        ("self_attn.out_proj", "self_attn.out_proj"),
-        ("cross_attn.out_proj", "encoder_attn.out_proj"),
-        ("linear1", "fc1"),
-        ("linear2", "fc2"),
-        ("norm1", "self_attn_layer_norm"),
-        ("norm2", "encoder_attn_layer_norm"),
-        ("norm3", "final_layer_norm"),
-      ]
-    ]
-    pairs += [(src + p, dst + p) for p in DECODER_PROJECTIONS]
+  # Each layer's renames: those of both stacks, then the encoder's and the decoder's own.
+  both = [
+    ("self_attn.out_proj", "self_attn.out_proj"),
+    ("linear1", "fc1"),
+    ("linear2", "fc2"),
+    ("norm1", "self_attn_layer_norm"),
+  ]
+  encoder = [*both, ("norm2", "final_layer_norm")]
+  decoder = [
+    *both,
+    ("cross_attn.out_proj", "encoder_attn.out_proj"),
+    ("norm2", "encoder_attn_layer_norm"),
+    ("norm3", "final_layer_norm"),
+    *((name, name) for name in DECODER_PROJECTIONS),
+  ]
+  for stack, num_layers, renames in (
+    ("encoder", config.encoder_layers, encoder),
+    ("decoder", config.decoder_layers, decoder),
+  ):
+    for i in range(num_layers):
+      src, dst = f"transformer.{stack}.layers.{i}.", f"{stack}.layers.{i}."
+      pairs += [(src + a, dst + b) for a, b in renames]
   d = config.d_model
   converted = {}
   for key, value in original.items():
