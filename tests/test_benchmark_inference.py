@@ -1,36 +1,25 @@
 """benchmarks/inference.py runs end to end on the CPU on the test model: every runtime timed at two
 batch sizes, the exports agreeing with the JAX model, and the summary line."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import benchmark_runs
+
 RUNTIMES = ("jax", "stablehlo", "saved_model", "onnx", "original")
 
 
 @pytest.mark.slow
 def test_inference_benchmark_runs_tiny_on_cpu():
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "benchmarks/inference.py",
-      "--config=configs/test_tiny.py",
-      "--config.model.backbone_num_stages=4",  # the original's backbone has all 4 stages
-      "--config.dataset.eval_max_size=96",
-      "--batches=1,2",
-      "--iters=1",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  proc = benchmark_runs.run_benchmark(
+    "inference.py",
+    "--config=configs/test_tiny.py",
+    "--config.model.backbone_num_stages=4",  # the original's backbone has all 4 stages
+    "--config.dataset.eval_max_size=96",
+    "--batches=1,2",
+    "--iters=1",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   rows = [re.match(r"batch (\d+) (\w+) .* max\|diff\| vs jax (\S+)$", l) for l in lines]
   rows = [r.groups() for r in rows if r]
