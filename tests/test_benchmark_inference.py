@@ -16,7 +16,6 @@ def test_inference_benchmark_runs_tiny_on_cpu():
     "inference.py",
     "--config=configs/test_tiny.py",
     "--config.model.backbone_num_stages=4",  # the original's backbone has all 4 stages
-    "--config.dataset.eval_max_size=96",
     "--batches=1,2",
     "--iters=1",
   )
