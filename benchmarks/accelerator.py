@@ -197,10 +197,8 @@ def matcher_seconds(config: Any, global_batch: int, solver: str, steps: int) -> 
   matcher_config = config.matcher.copy_and_resolve_references()
   matcher_config.solver = solver
   fn = jax.jit(lambda *a: matching.match(*a, matcher_config).target_index)
-  args = [
-    jnp.asarray(x)
-    for x in (logits, boxes, host["boxes"], host["labels"] % m.num_classes, host["box_valid"])
-  ]
+  targets = matching.Targets(host["boxes"], host["labels"] % m.num_classes, host["box_valid"])
+  args = jax.tree.map(jnp.asarray, (logits, boxes, targets))
   return _median_seconds(lambda: fn(*args), steps, 1)
 
 

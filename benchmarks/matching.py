@@ -77,20 +77,20 @@ def main():
   def run_match(solver):
     cfg = config.copy_and_resolve_references()
     cfg.solver = solver
-    return jax.jit(lambda lg, bx, tb, tl, tv: matching.match(lg, bx, tb, tl, tv, cfg))
+    return jax.jit(lambda lg, bx, targets: matching.match(lg, bx, targets, cfg))
 
   device_match, scipy_match = run_match("hungarian"), run_match("scipy")
 
   @jax.jit
-  def optax_match(lg, bx, tb, tl, tv):
-    cost = matching.cost_matrix(lg, bx, tb, tl, tv, config)
+  def optax_match(lg, bx, targets):
+    cost = matching.cost_matrix(lg, bx, targets, config)
     flat = cost.reshape((-1,) + cost.shape[-2:])
     return jax.vmap(optax.assignment.hungarian_algorithm)(flat)
 
   for kind in ("coco-like", "7 each", "all slots"):
     counts = _counts(kind, args.images, args.slots, rng)
     valid = jnp.asarray(np.arange(args.slots)[None] < counts[:, None])
-    inputs = (logits, boxes, tgt_boxes, tgt_labels, valid)
+    inputs = (logits, boxes, matching.Targets(tgt_boxes, tgt_labels, valid))
     figures = [
       _timeit(fn, *inputs, repeats=args.repeats) for fn in (device_match, scipy_match, optax_match)
     ]

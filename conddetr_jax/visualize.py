@@ -115,15 +115,14 @@ def caption_origin(
 def save_detections_png(
   path: str,
   image: np.ndarray,
-  boxes: np.ndarray,
-  scores: np.ndarray,
-  labels: np.ndarray,
+  detections: Mapping[str, np.ndarray],
   class_names: Mapping[int, str],
-  threshold: float = 0.5,
-  scale: int | None = None,
+  threshold: float,
 ) -> None:
-  """Writes ``draw_detections(...)`` to ``path`` (local or a URL) as PNG, creating its folder
-  (arguments as there; ``scale`` defaults to ``enlargement`` of the image's size)."""
-  scale = enlargement(*image.shape[:2]) if scale is None else scale
+  """Writes ``draw_detections`` of an image's ``detections`` ("boxes", "scores" and "labels",
+  as there) to ``path`` (local or a URL) as PNG, creating its folder; the image is enlarged by
+  ``enlargement`` of its size."""
+  boxes, scores, labels = (detections[key] for key in ("boxes", "scores", "labels"))
+  scale = enlargement(*image.shape[:2])
   drawing = draw_detections(image, boxes, scores, labels, class_names, threshold, scale)
   storage.save_figure(path, lambda buffer: drawing.save(buffer, format="PNG"))

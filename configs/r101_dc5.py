@@ -1,10 +1,7 @@
 r"""Conditional DETR-DC5-R101, 50 epochs (the original's 45.0 AP on COCO val2017).
 
-The original's recipe (its scripts/conddetr_r101dc5_epoch50.sh): 1 image per GPU on 8 GPUs,
-a global batch of 8 with every image unpadded; the R50 recipe's learning rates, 50 epochs and the
-drop at epoch 40 (so twice the R50 recipe's updates). Here the global batch is 8 on any device
-count, and training masks the padding (``mask_padding="always"``): each image is trained as if
-alone, as there, whatever the images per device.
+The original's recipe (its scripts/conddetr_r101dc5_epoch50.sh) is its DC5-R50 recipe with the
+ResNet-101 backbone: configs/r50_dc5.py says what that recipe is and how it runs here.
 
 Command (from torchvision's ImageNet weights, as the original; a plain download, no torchvision
 needed):
@@ -15,14 +12,11 @@ needed):
 
 import ml_collections
 
-from conddetr_jax.configs import default
+from conddetr_jax.configs import r50_dc5
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """DC5-R101: the defaults with another backbone/dilation, the original's DC5 batch, masked."""
-  config = default.get_config()
+  """DC5-R101: the DC5-R50 recipe with the ResNet-101 backbone."""
+  config = r50_dc5.get_config()
   config.model.backbone = "resnet101"
-  config.model.dilation = True
-  config.model.mask_padding = "always"
-  config.global_batch_size = 8
   return config

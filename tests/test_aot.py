@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -13,8 +12,7 @@ import pytest
 from conddetr_jax.aot import compiling, hlo, report
 from conddetr_jax.aot import devices as aot_devices
 from conddetr_jax.hardware import flops
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 # Shapes and op spellings as XLA's TPU compiler prints them: a synchronous all-reduce of a tuple,
 # an asynchronous all-gather pair, a collective inside a loop body, and look-alikes that are not
@@ -132,22 +130,15 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
       f"libtpu is not installed ({aot_devices.install_command()}, or see "
       "requirements-tpu-compiler.txt)"
     )
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.aot",
-      "--config=configs/test_tiny.py",
-      "--topology=v5e:2x2",
-      "--size=64x64",
-    ],
-    cwd=REPO,
+  proc = processes.run_python_ok(
+    "-m",
+    "conddetr_jax.aot",
+    "--config=configs/test_tiny.py",
+    "--topology=v5e:2x2",
+    "--size=64x64",
     env=env,
-    capture_output=True,
-    text=True,
     timeout=900,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
   fields = dict(kv.split("=", 1) for kv in last.split()[1:])
   assert last.startswith("aot ") and fields["topology"] == "v5e:2x2" and fields["devices"] == "4"

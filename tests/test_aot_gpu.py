@@ -2,7 +2,6 @@
 GPU."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,8 +9,7 @@ import pytest
 from conddetr_jax.aot import compiling
 from conddetr_jax.aot import devices as aot_devices
 from conddetr_jax.hardware import gpu_targets
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 
 def test_gpu_topology_names_give_the_gpu_the_hosts_and_the_gpus_per_host():
@@ -115,23 +113,16 @@ def test_aot_compiles_the_tiny_train_step_for_a_v100_node():
       )
     pytest.skip(f"the GPU compiler is not installed ({aot_devices.gpu_install_command()})")
   # The V100 (compute capability 7.0): the GPU that CUDA 13's compiler no longer serves.
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.aot",
-      "--config=configs/test_tiny.py",
-      "--topology=v100-16g:8",
-      "--size=64x64",
-      "--noeval",
-    ],
-    cwd=REPO,
+  proc = processes.run_python_ok(
+    "-m",
+    "conddetr_jax.aot",
+    "--config=configs/test_tiny.py",
+    "--topology=v100-16g:8",
+    "--size=64x64",
+    "--noeval",
     env=env,
-    capture_output=True,
-    text=True,
     timeout=900,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
   fields = dict(kv.split("=", 1) for kv in last.split()[1:])
   assert last.startswith("aot ") and fields["topology"] == "v100-16g:8" and fields["devices"] == "8"

@@ -9,8 +9,6 @@ keys; nothing of it is in the train and eval programs; predict.py --attention an
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -26,9 +24,8 @@ from conddetr_jax.inference import attention_maps
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.transformer import Encoder
 from configs import default, test_tiny
-from tests import hf_reference
+from tests import hf_reference, processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(encoder_layers=2, decoder_layers=3, num_queries=20)
 
 
@@ -219,26 +216,17 @@ def test_detector_attention_gives_each_detection_s_maps_over_the_image(checkpoin
 def test_predict_attention_writes_a_png_and_the_raw_maps_per_detection(checkpoint, tmp_path):
   path, photo = checkpoint
   out = tmp_path / "out"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "predict.py",
-      "--config=configs/test_tiny.py",
-      "--config.evaluation.top_k=2",
-      f"--checkpoint={path}",
-      f"--out={out}",
-      "--threshold=0.0",
-      "--attention",
-      photo,
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  processes.run_python_ok(
+    "predict.py",
+    "--config=configs/test_tiny.py",
+    "--config.evaluation.top_k=2",
+    f"--checkpoint={path}",
+    f"--out={out}",
+    "--threshold=0.0",
+    "--attention",
+    photo,
+    env=processes.cpu_env(),
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   [record] = json.loads((out / "detections.json").read_text())
   assert [os.path.basename(a["png"]) for a in record["attention"]] == [
     "photo_attention_0.png",

@@ -3,6 +3,7 @@ stem max-pool with its own backward (both for XLA:CPU speed, docs/cpu-step.md)."
 
 import flax.linen as nn
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,6 +75,25 @@ def test_pointwise_path_is_taken_only_for_plain_1x1_convs():
     )
     pointwise = kernel_size == (1, 1) and padding == ((0, 0), (0, 0))
     assert ("convolution" in hlo) != pointwise, (kernel_size, padding)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+def test_only_programs_for_the_cpu_compute_1x1_convs_as_matrix_products(platform):
+  """On TPU the flattened activation cost DC5-R50 5.7 GiB more per chip (docs/accelerators.md);
+  the choice must follow the compile target, as when the aot tool compiles for TPU on a CPU."""
+  conv = nn.Conv(
+    8,
+    (1, 1),
+    padding=((0, 0), (0, 0)),
+    use_bias=False,
+    conv_general_dilated=convolution.conv_general_dilated,
+  )
+  x = jnp.ones((2, 6, 6, 4))
+  variables = conv.init(jax.random.PRNGKey(0), x)
+  train_step = jax.jit(jax.grad(lambda v, x_: conv.apply(v, x_).sum()))
+  program = export.export(train_step, platforms=(platform,))(variables, x).mlir_module()
+  ops = {op for op in ("stablehlo.convolution", "stablehlo.dot_general") if op in program}
+  assert ops == {"stablehlo.dot_general" if platform == "cpu" else "stablehlo.convolution"}
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 16, 8), (1, 7, 9, 4)])

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import matplotlib
@@ -22,16 +21,13 @@ from conddetr_jax.inference import prediction
 from conddetr_jax.training import checkpoint, optimizer
 from conddetr_jax.training import state as state_lib
 from configs import test_tiny
+from tests import processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 5
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run(
-    [sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-  )
+  return processes.run_python(script, *args, env=processes.cpu_env())
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +146,9 @@ def test_the_python_api_loads_a_training_workdir_with_nothing_on_the_console(set
   env = {
     k: v for k, v in os.environ.items() if not k.startswith("TF_")
   }  # as in a user's own program
-  proc = subprocess.run(
-    [sys.executable, "-c", _LOAD_DETECTOR, workdir, config.dataset.synthetic_dir],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  proc = processes.run_python_ok(
+    "-c", _LOAD_DETECTOR, workdir, config.dataset.synthetic_dir, env=env
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout == f"{config.evaluation.score_threshold}\n" and proc.stderr == ""
 
 

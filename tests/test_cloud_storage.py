@@ -24,9 +24,9 @@ from conddetr_jax.evaluation import checkpoint_eval
 from conddetr_jax.inference import prediction
 from conddetr_jax.training import checkpoint, loop, metrics, telemetry
 from configs import test_tiny
+from tests import processes, test_training_e2e
 from tests.test_training_checkpoint import _target, make_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "conddetr-test"
 TOTAL_STEPS = 12
 RUN_STEPS = 3  # the train_and_evaluate runs': stopped after step 2 (checkpoint 2), resumed to 3
@@ -46,7 +46,7 @@ def emulator():
   # gcp-storage-emulator with the generation headers TensorStore needs (tests/gcs_emulator.py).
   proc = subprocess.Popen(
     [sys.executable, "-m", "tests.gcs_emulator", f"--port={port}", f"--bucket={BUCKET}"],
-    cwd=REPO,
+    cwd=processes.REPO,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
@@ -75,12 +75,7 @@ def _tiny_config(synthetic_dir, root: str | None = None):
   config = test_tiny.get_config()
   config.dataset.synthetic_dir = str(synthetic_dir)
   config.update(
-    global_batch_size=4,
-    per_device_batch_size=4,
-    total_steps=TOTAL_STEPS,
-    checkpoint_every_steps=6,
-    keep_checkpoints=10,
-    log_every_steps=1,
+    dict(test_training_e2e.RUN_SETTINGS, total_steps=TOTAL_STEPS, checkpoint_every_steps=6)
   )
   if root:
     config.dataset.update(source="coco", root=root, synthetic_dir="")
@@ -182,16 +177,7 @@ def test_gs_goes_to_the_emulator_in_a_process_where_epath_handled_a_path_before_
 ):
   url = f"gs://{BUCKET}/epath-first/object.txt"
   env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}  # as in a fresh user's shell
-  done = subprocess.run(
-    [sys.executable, "-c", _EPATH_FIRST, str(tmp_path), url],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
-  assert done.returncode == 0, done.stderr[-2000:]
+  done = processes.run_python_ok("-c", _EPATH_FIRST, str(tmp_path), url, env=env, timeout=120)
   assert done.stdout == "written by storage"
   assert storage.read_bytes(url) == b"written by storage"  # it is in the emulated bucket
 

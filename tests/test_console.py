@@ -8,7 +8,6 @@ them.
 import logging as std_logging
 import os
 import subprocess
-import sys
 
 from absl import flags
 import ml_collections
@@ -21,8 +20,8 @@ from conddetr_jax.data import find_images
 from conddetr_jax.inference import prediction
 from conddetr_jax.training import loop
 from configs import test_tiny
+from tests import processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/test_tiny.py"
 
 
@@ -118,7 +117,7 @@ def _record(pathname: str, level: int, message: str) -> std_logging.LogRecord:
 
 def test_the_console_keeps_our_lines_and_other_libraries_warnings_but_not_their_chatter():
   keep = cli._ConsoleFilter().filter  # pylint: disable=protected-access
-  ours = os.path.join(REPO, "conddetr_jax", "training", "loop.py")
+  ours = os.path.join(processes.REPO, "conddetr_jax", "training", "loop.py")
   orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
   assert keep(_record(ours, std_logging.INFO, "step 1/10"))
   assert not keep(_record(orbax, std_logging.INFO, "Saving item to /tmp/x"))
@@ -269,9 +268,7 @@ def test_a_missing_init_from_is_named():
 def run(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the commands must quiet TensorFlow themselves
-  return subprocess.run(
-    [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-  )
+  return processes.run_python(*args, env=env)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, expected: str) -> None:

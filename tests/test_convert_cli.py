@@ -3,16 +3,16 @@ restores."""
 
 import argparse
 import subprocess
-import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
 
 from conddetr_jax.checkpoints import convert, weights
 from configs import default
-from tests import hf_reference
+from tests import hf_reference, processes
 
 SMALL = dict(
   num_queries=10,
@@ -22,19 +22,20 @@ SMALL = dict(
   encoder_ffn_dim=64,
   decoder_ffn_dim=64,
 )
-OVERRIDES = [
-  "--config.model.num_queries=10",
-  "--config.model.num_classes=7",
-  "--config.model.enc_layers=1",
-  "--config.model.dec_layers=2",
-  "--config.model.dim_feedforward=64",
-]
+MODEL = dict(num_queries=10, num_classes=7, enc_layers=1, dec_layers=2, dim_feedforward=64)
+OVERRIDES = [f"--config.model.{name}={value}" for name, value in MODEL.items()]
 
 
-def small_config():
+def small_config() -> ml_collections.ConfigDict:
+  """The R50 defaults with ``MODEL``'s small transformer."""
   config = default.get_config()
-  config.model.update(num_queries=10, num_classes=7, enc_layers=1, dec_layers=2, dim_feedforward=64)
+  config.model.update(MODEL)
   return config
+
+
+def convert_cli(*flags: str) -> subprocess.CompletedProcess:
+  """``python -m conddetr_jax.convert --config=configs/r50.py *flags``."""
+  return processes.run_python("-m", "conddetr_jax.convert", "--config=configs/r50.py", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +51,8 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, origi
     {"model": {k: torch.from_numpy(v) for k, v in state.items()}, "args": argparse.Namespace()}, pth
   )
   out = tmp_path / "converted"
-  result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.convert",
-      "--config=configs/r50.py",
-      *OVERRIDES,
-      f"--torch={pth}",
-      f"--out={out}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  flags = [*OVERRIDES, f"--torch={pth}", f"--out={out}"]
+  result = convert_cli(*flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval.py" in result.stdout
   restored, step = weights.load_variables(small_config(), str(out))
@@ -71,54 +60,17 @@ def test_cli_writes_a_checkpoint_that_inference_restores_exactly(tmp_path, origi
   expected = convert.from_torch(state, small_config())
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)
 
-  again = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.convert",
-      "--config=configs/r50.py",
-      *OVERRIDES,
-      f"--torch={pth}",
-      f"--out={out}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  again = convert_cli(*flags)  # the same command: its output folder now exists
   assert again.returncode != 0 and "exists" in again.stderr
 
 
 def test_cli_reports_a_missing_file_and_a_wrong_model(tmp_path, original_state):
-  missing = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.convert",
-      "--config=configs/r50.py",
-      f"--torch={tmp_path / 'nope.pth'}",
-      f"--out={tmp_path / 'o'}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  missing = convert_cli(f"--torch={tmp_path / 'nope.pth'}", f"--out={tmp_path / 'o'}")
   assert missing.returncode != 0 and "nope.pth" in missing.stderr
   state = original_state
   pth = tmp_path / "small.pth"
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pth)
-  wrong = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "conddetr_jax.convert",
-      "--config=configs/r50.py",
-      f"--torch={pth}",
-      f"--out={tmp_path / 'o'}",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  wrong = convert_cli(f"--torch={pth}", f"--out={tmp_path / 'o'}")
   assert wrong.returncode != 0
   assert "missing keys" in wrong.stderr and "skip_class_head" in wrong.stderr
 

@@ -4,8 +4,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -14,8 +12,7 @@ import pytest
 from conddetr_jax import data
 from conddetr_jax.data import coco, synthetic
 from configs import default
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 H, W = 48, 64
 _YY, _XX = np.mgrid[0:H, 0:W]
@@ -273,20 +270,12 @@ def test_training_stops_in_one_line_naming_a_category_id_beyond_num_classes(tmp_
   with open(train_json, "w") as f:
     json.dump(content, f)
   workdir = tmp_path / "run"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "train.py",
-      "--config=configs/test_tiny.py",
-      f"--workdir={workdir}",
-      "--config.dataset.source=coco",
-      f"--config.dataset.root={root}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
+  proc = processes.run_python(
+    "train.py",
+    "--config=configs/test_tiny.py",
+    f"--workdir={workdir}",
+    "--config.dataset.source=coco",
+    f"--config.dataset.root={root}",
   )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (

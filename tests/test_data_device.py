@@ -1,9 +1,6 @@
 """Host batches -> global sharded arrays: one process here, two processes (gloo) in a subprocess."""
 
-import os
 import socket
-import subprocess
-import sys
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -11,10 +8,8 @@ import numpy as np
 import pytest
 
 from conddetr_jax import data
-from tests import conftest
+from tests import conftest, processes
 from tests.test_data_pipeline import small_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sharding() -> NamedSharding:
@@ -79,24 +74,7 @@ def test_two_processes_assemble_the_same_global_batches_as_one(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=conftest.cpu_devices_xla_flags(4),
-    TF_CPP_MIN_LOG_LEVEL="3",
-    PYTHONPATH=REPO,
-  )
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(pid), root],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in range(2)
-  ]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for pid, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0 and f"ok {pid}" in out, out[-3000:]
+  env = processes.cpu_env(XLA_FLAGS=conftest.cpu_devices_xla_flags(4), PYTHONPATH=processes.REPO)
+  argvs = [["-c", _WORKER, f"127.0.0.1:{port}", str(pid), root] for pid in range(2)]
+  for pid, p in enumerate(processes.run_python_together(argvs, env, timeout=300)):
+    assert p.returncode == 0 and f"ok {pid}" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conddetr_jax.data import transforms
+from configs import default
 
 
 def original_size(h, w, size, max_size=None):
@@ -55,17 +56,12 @@ def test_resized_size_matches_the_original_on_random_sizes():
 
 
 def _dataset_config(**overrides) -> ml_collections.ConfigDict:
-  fields = dict(
-    train_scales=(480, 512, 800),
-    train_max_size=1333,
-    crop_resize_scales=(400, 500, 600),
-    crop_min_size=384,
-    crop_max_size=600,
-    eval_size=800,
-    eval_max_size=1333,
-  )
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+  """The original recipe's sizes (configs/default.py) with three of its train scales, then
+  ``overrides``."""
+  dataset = default.get_config().dataset
+  dataset.train_scales = (480, 512, 800)
+  dataset.update(overrides)
+  return dataset
 
 
 def test_train_geometry_follows_the_original_recipe():

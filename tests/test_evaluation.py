@@ -1,10 +1,9 @@
 """Evaluation: COCO numbers as pycocotools computes them, every image once, boxes in original
 pixels."""
 
+from collections.abc import Callable
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -21,9 +20,7 @@ from conddetr_jax import data, models, sharding, visualize
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.inference import prediction
 from configs import test_tiny
-from tests import conftest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import conftest, processes
 
 
 def tiny_config(root: str) -> ml_collections.ConfigDict:
@@ -87,52 +84,18 @@ def test_coco_results_are_xywh_with_one_entry_per_detection():
   assert all(type(r["image_id"]) is int and type(r["score"]) is float for r in results)
 
 
-def test_metric_names_follow_cocoeval_stats_order_on_nontrivial_detections(config):
-  """Jittered ground truth plus false positives: 12 distinct, non-trivial numbers."""
-  ann_path = data.annotation_path(config, "val")
-  with open(ann_path) as f:
-    content = json.load(f)
-  rng = np.random.default_rng(0)
-  results = []
-  for ann in content["annotations"]:
-    x, y, w, h = ann["bbox"]
-    jitter = rng.normal(0, 0.08, 4) * [w, h, w, h]
-    results.append(
-      {
-        "image_id": ann["image_id"],
-        "category_id": ann["category_id"],
-        "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
-        "score": float(rng.uniform(0.3, 1.0)),
-      }
-    )
-    results.append(
-      {
-        "image_id": ann["image_id"],
-        "category_id": ann["category_id"],
-        "bbox": [x + w / 2, y + h / 2, w, h],
-        "score": float(rng.uniform(0.0, 0.6)),
-      }
-    )
-  expected = coco_eval_stats(ann_path, [dict(r) for r in results])
-  metrics, summary = coco_eval.coco_metrics(ann_path, results, list(gt_images(config)))
-  assert [metrics[name] for name in coco_eval.METRIC_NAMES] == expected.tolist()
-  assert 0.2 < metrics["AP"] < metrics["AP50"] < 1.0
-  assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
+def _jittered_results(content: dict, seed: int, spread: Callable[[int], float]) -> list[dict]:
+  """Detections of every ground-truth box, each moved a little, plus one false positive per box.
 
-
-def _jittered_results(content: dict, seed: int) -> list[dict]:
-  """Detections of every ground-truth box, each moved a little, plus one false positive per box."""
+  ``spread(rank)`` is the jitter's standard deviation, a fraction of the box's size, for the
+  category of that rank (by id).
+  """
   rng = np.random.default_rng(seed)
   rank = {c["id"]: i for i, c in enumerate(sorted(content["categories"], key=lambda c: c["id"]))}
   results = []
   for ann in content["annotations"]:
     x, y, w, h = ann["bbox"]
-    jitter = rng.normal(0, 0.02 * (1 + rank[ann["category_id"]]), 4) * [
-      w,
-      h,
-      w,
-      h,
-    ]  # classes unequally found
+    jitter = rng.normal(0, spread(rank[ann["category_id"]]), 4) * [w, h, w, h]
     results.append(
       {
         "image_id": ann["image_id"],
@@ -152,11 +115,25 @@ def _jittered_results(content: dict, seed: int) -> list[dict]:
   return results
 
 
+def test_metric_names_follow_cocoeval_stats_order_on_nontrivial_detections(config):
+  """Jittered ground truth plus false positives: 12 distinct, non-trivial numbers."""
+  ann_path = data.annotation_path(config, "val")
+  with open(ann_path) as f:
+    content = json.load(f)
+  results = _jittered_results(content, seed=0, spread=lambda rank: 0.08)
+  expected = coco_eval_stats(ann_path, [dict(r) for r in results])
+  metrics, summary = coco_eval.coco_metrics(ann_path, results, list(gt_images(config)))
+  assert [metrics[name] for name in coco_eval.METRIC_NAMES] == expected.tolist()
+  assert 0.2 < metrics["AP"] < metrics["AP50"] < 1.0
+  assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
+
+
 def test_per_class_ap_is_pycocotools_ap_of_each_category_alone_named_from_the_json(config):
   ann_path = data.annotation_path(config, "val")
   with open(ann_path) as f:
     content = json.load(f)
-  results = _jittered_results(content, seed=1)
+  # Classes unequally found: each category's AP is its own.
+  results = _jittered_results(content, seed=1, spread=lambda rank: 0.02 * (1 + rank))
   metrics, summary = coco_eval.coco_metrics(
     ann_path, [dict(r) for r in results], list(gt_images(config))
   )
@@ -383,35 +360,18 @@ def test_two_processes_of_two_devices_give_the_single_device_numbers(
     config, model, variables, sharding.make_mesh(), detections_path=str(tmp_path / "single.json")
   )
   port = str(20000 + os.getpid() % 20000)
-  env = dict(
-    os.environ, XLA_FLAGS=conftest.cpu_devices_xla_flags(2), JAX_PLATFORMS="cpu", PYTHONPATH=REPO
-  )
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-c",
-        _WORKER,
-        port,
-        str(i),
-        config.dataset.synthetic_dir,
-        str(tmp_path / f"multi{i}.json"),
-      ],
-      env=env,
-      cwd=REPO,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
+  env = processes.cpu_env(XLA_FLAGS=conftest.cpu_devices_xla_flags(2), PYTHONPATH=processes.REPO)
+  argvs = [
+    ["-c", _WORKER, port, str(i), config.dataset.synthetic_dir, str(tmp_path / f"multi{i}.json")]
     for i in range(2)
   ]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  procs = processes.run_python_together(argvs, env, timeout=600)
+  for p in procs:
+    assert p.returncode == 0, p.stderr[-3000:]
   reports = [
     json.loads(line[len("METRICS") :])
-    for out, _ in outputs
-    for line in out.splitlines()
+    for p in procs
+    for line in p.stdout.splitlines()
     if line.startswith("METRICS")
   ]
   assert len(reports) == 2

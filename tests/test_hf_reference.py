@@ -14,6 +14,19 @@ from transformers import ConditionalDetrForObjectDetection
 from tests import hf_reference
 
 SMALL = dict(encoder_layers=2, decoder_layers=3, num_queries=20)
+# A conditional decoder layer's Linear projections, named alike in the original and in HF.
+DECODER_PROJECTIONS = (
+  "sa_qcontent_proj",
+  "sa_qpos_proj",
+  "sa_kcontent_proj",
+  "sa_kpos_proj",
+  "sa_v_proj",
+  "ca_qcontent_proj",
+  "ca_kcontent_proj",
+  "ca_kpos_proj",
+  "ca_v_proj",
+  "ca_qpos_sine_proj",
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,20 +256,7 @@ def _original_transformer_shapes(config):
       shapes[p + norm + ".weight"], shapes[p + norm + ".bias"] = (d,), (d,)
   for i in range(config.decoder_layers):
     p = f"transformer.decoder.layers.{i}."
-    projections = [
-      "sa_qcontent_proj",
-      "sa_qpos_proj",
-      "sa_kcontent_proj",
-      "sa_kpos_proj",
-      "sa_v_proj",
-      "ca_qcontent_proj",
-      "ca_kcontent_proj",
-      "ca_kpos_proj",
-      "ca_v_proj",
-      "ca_qpos_sine_proj",
-      "self_attn.out_proj",
-      "cross_attn.out_proj",
-    ]
+    projections = [*DECODER_PROJECTIONS, "self_attn.out_proj", "cross_attn.out_proj"]
     if i == 0:  # Set to None in the later layers, so absent from their state dicts.
       projections.append("ca_qpos_proj")
     for name in projections:
@@ -330,47 +330,28 @@ def _conversion_script(original, config):
     ("transformer.decoder.query_scale", "decoder.query_scale"),
     ("transformer.decoder.layers.0.ca_qpos_proj", "decoder.layers.0.ca_qpos_proj"),
   ]
-  for i in range(config.encoder_layers):
-    src, dst = f"transformer.encoder.layers.{i}.", f"encoder.layers.{i}."
-    pairs += [
-      (src + a, dst + b)
-      for a, b in [
-        ("self_attn.out_proj", "self_attn.out_proj"),
-        ("linear1", "fc1"),
-        ("linear2", "fc2"),
-        ("norm1", "self_attn_layer_norm"),
-        ("norm2", "final_layer_norm"),
-      ]
-    ]
-  for i in range(config.decoder_layers):
-    src, dst = f"transformer.decoder.layers.{i}.", f"decoder.layers.{i}."
-    pairs += [
-      (src + a, dst + b)
-      for a, b in [
-        ("self_attn.out_proj", "self_attn.out_proj"),
-        ("cross_attn.out_proj", "encoder_attn.out_proj"),
-        ("linear1", "fc1"),
-        ("linear2", "fc2"),
-        ("norm1", "self_attn_layer_norm"),
-        ("norm2", "encoder_attn_layer_norm"),
-        ("norm3", "final_layer_norm"),
-      ]
-    ]
-    pairs += [
-      (src + p, dst + p)
-      for p in [
-        "sa_qcontent_proj",
-        "sa_kcontent_proj",
-        "sa_qpos_proj",
-        "sa_kpos_proj",
-        "sa_v_proj",
-        "ca_qcontent_proj",
-        "ca_kcontent_proj",
-        "ca_kpos_proj",
-        "ca_v_proj",
-        "ca_qpos_sine_proj",
-      ]
-    ]
+  # Each layer's renames: those of both stacks, then the encoder's and the decoder's own.
+  both = [
+    ("self_attn.out_proj", "self_attn.out_proj"),
+    ("linear1", "fc1"),
+    ("linear2", "fc2"),
+    ("norm1", "self_attn_layer_norm"),
+  ]
+  encoder = [*both, ("norm2", "final_layer_norm")]
+  decoder = [
+    *both,
+    ("cross_attn.out_proj", "encoder_attn.out_proj"),
+    ("norm2", "encoder_attn_layer_norm"),
+    ("norm3", "final_layer_norm"),
+    *((name, name) for name in DECODER_PROJECTIONS),
+  ]
+  for stack, num_layers, renames in (
+    ("encoder", config.encoder_layers, encoder),
+    ("decoder", config.decoder_layers, decoder),
+  ):
+    for i in range(num_layers):
+      src, dst = f"transformer.{stack}.layers.{i}.", f"{stack}.layers.{i}."
+      pairs += [(src + a, dst + b) for a, b in renames]
   d = config.d_model
   converted = {}
   for key, value in original.items():

@@ -86,7 +86,9 @@ def test_cost_matrix_is_the_original_formula():
   tgt_labels = rng.integers(0, 3, (2, 4))
   valid = np.array([[True, True, False, True], [False] * 4])
   cost = np.asarray(
-    matching.cost_matrix(logits, boxes, tgt_boxes, tgt_labels, valid, _matcher_config())
+    matching.cost_matrix(
+      logits, boxes, matching.Targets(tgt_boxes, tgt_labels, valid), _matcher_config()
+    )
   )
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
   focal = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p**2 * -np.log(1 - p + 1e-8)
@@ -123,7 +125,8 @@ def test_all_layers_match_as_hugging_face_matches_each(solver):
   tgt_boxes[~valid] = 0.0  # Padding as the batcher writes it.
 
   match = jax.jit(lambda *a: matching.match(*a, _matcher_config(solver)))
-  target_index = np.asarray(match(logits, boxes, tgt_boxes, tgt_labels, valid).target_index)
+  targets = matching.Targets(tgt_boxes, tgt_labels, valid)
+  target_index = np.asarray(match(logits, boxes, targets).target_index)
 
   reference = hf.DeformableDetrHungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
   targets = [

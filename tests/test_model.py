@@ -3,6 +3,7 @@ config errors."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -13,24 +14,14 @@ from conddetr_jax import models
 from conddetr_jax.checkpoints import convert
 from conddetr_jax.models.backbone import ResNet
 from conddetr_jax.models.position import downsample_mask
-from configs import default
+from configs import default, test_tiny
 
 
-def tiny_config(**model_overrides):
-  config = default.get_config()
-  config.model.update(
-    dict(
-      backbone="resnet18",
-      hidden_dim=32,
-      nheads=4,
-      enc_layers=1,
-      dec_layers=2,
-      dim_feedforward=64,
-      num_queries=8,
-      num_classes=5,
-      dropout=0.0,
-    )
-  )
+def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
+  """configs/test_tiny.py's model with all four backbone stages, 8 queries, 5 classes and no
+  dropout, then ``model_overrides``."""
+  config = test_tiny.get_config()
+  config.model.update(backbone_num_stages=4, num_queries=8, num_classes=5, dropout=0.0)
   config.model.update(model_overrides)
   return config
 

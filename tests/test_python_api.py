@@ -3,8 +3,6 @@ whose boxes are predict.py's, in the images' own pixels."""
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,8 +14,7 @@ from conddetr_jax import data, models
 from conddetr_jax.checkpoints import convert
 from conddetr_jax.inference import api, prediction
 from configs import test_tiny
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 
 @pytest.fixture(scope="module", name="checkpoint")
@@ -68,7 +65,9 @@ def test_a_detector_answers_predict_py_s_detections_in_the_image_s_pixels(checkp
 
 def test_load_detector_takes_a_config_name_file_or_dict_and_names_unknown_ones(checkpoint):
   assert api.get_config("r50").model.backbone == "resnet50"
-  assert api.get_config(os.path.join(REPO, "configs", "demo.py")).model.backbone == "resnet18"
+  assert (
+    api.get_config(os.path.join(processes.REPO, "configs", "demo.py")).model.backbone == "resnet18"
+  )
   config = test_tiny.get_config()
   assert api.get_config(config) is config
   with pytest.raises(
@@ -90,13 +89,5 @@ def test_importing_the_package_loads_neither_jax_nor_tensorflow():
     "import sys, conddetr_jax; print([m for m in ('jax', 'tensorflow', 'flax') if m in "
     "sys.modules])"
   )
-  out = subprocess.run(
-    [sys.executable, "-c", code],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"),
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
+  out = processes.run_python_ok("-c", code, env=processes.cpu_env(), timeout=300)
   assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -58,16 +58,6 @@ def test_a_dc5_recipe_trains_each_image_as_if_alone_with_the_r50_recipe_s_rates_
   assert r50_config.model.mask_padding == "eval"  # R50 keeps the original's visible padding
 
 
-def test_a_dc5_run_at_the_r50_batch_says_it_departs_from_the_dc5_recipe():
-  config = r50_dc5.get_config()
-  config.global_batch_size = 16
-  line = batch_lib.departure_from_recipe(config, batch_lib.plan_batch(config, 8))
-  assert line == (
-    "global batch 16 (config.global_batch_size), not the original DC5 recipe's 8: learning rates "
-    "and schedule are used as configured, not scaled"
-  )
-
-
 def test_the_resolved_config_carries_the_derived_accumulation_to_the_step():
   config = r50.get_config()
   resolved = batch_lib.resolved(config, batch_lib.plan_batch(config, 2))
@@ -108,14 +98,31 @@ def test_a_global_batch_that_does_not_split_over_the_devices_stops_with_the_numb
     batch_lib.plan_batch(r50.get_config(), devices)
 
 
-def test_a_batch_that_is_not_the_recipe_s_says_so_in_one_line():
-  config = r50.get_config()
-  config.global_batch_size = 32
-  line = batch_lib.departure_from_recipe(config, batch_lib.plan_batch(config, 8))
-  assert line == (
-    "global batch 32 (config.global_batch_size), not the original recipe's 16: learning rates and "
-    "schedule are used as configured, not scaled"
-  )
+@pytest.mark.parametrize(
+  "recipe, global_batch, expected",
+  [
+    (
+      r50,
+      32,
+      "global batch 32 (config.global_batch_size), not the original recipe's 16: learning rates "
+      "and schedule are used as configured, not scaled",
+    ),
+    (  # a DC5 run at the R50 batch departs from the DC5 recipe
+      r50_dc5,
+      16,
+      "global batch 16 (config.global_batch_size), not the original DC5 recipe's 8: learning "
+      "rates and schedule are used as configured, not scaled",
+    ),
+  ],
+  ids=["r50", "r50_dc5"],
+)
+def test_a_batch_that_is_not_the_recipe_s_says_so_in_one_line(recipe, global_batch, expected):
+  config = recipe.get_config()
+  config.global_batch_size = global_batch
+  assert batch_lib.departure_from_recipe(config, batch_lib.plan_batch(config, 8)) == expected
+
+
+def test_a_batch_that_grows_with_the_devices_says_so_in_one_line_when_not_the_recipe_s():
   tiny = test_tiny.get_config()  # no global batch: it grows with the devices
   plan = batch_lib.plan_batch(tiny, 8)
   assert plan == batch_lib.BatchPlan(16, 2, 8, 1)

@@ -1,8 +1,6 @@
 """Checkpoints: a round trip of the whole train state, and a SIGKILL in the middle of a write."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,8 +10,8 @@ import pytest
 from conddetr_jax.training import checkpoint, optimizer
 from conddetr_jax.training import state as state_lib
 from configs import default
+from tests import processes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Writes step 1 completely, starts writing step 2, and dies at once (as `kill -9` would).
 KILLED_WRITER = """
 import os, signal, sys
@@ -66,13 +64,11 @@ def test_round_trip_restores_every_leaf_and_the_meta_record(tmp_path):
 
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint_usable(tmp_path):
   directory = tmp_path / "checkpoints"
-  result = subprocess.run(
-    [sys.executable, "-c", KILLED_WRITER.format(repo=REPO), str(directory)],
-    cwd=REPO,
-    env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=600,
+  result = processes.run_python(
+    "-c",
+    KILLED_WRITER.format(repo=processes.REPO),
+    str(directory),
+    env=processes.cpu_env(PYTHONPATH=processes.REPO),
   )
   assert result.returncode == -9, result.stderr[-3000:]
   assert any("tmp" in name for name in os.listdir(directory)), os.listdir(

@@ -32,6 +32,15 @@ from configs import test_tiny
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY_PROCESS_CACHES = os.path.join(REPO, "tests", "every_process_caches.py")
 TOTAL_STEPS = 10
+# The runs' settings on top of configs/test_tiny.py: train.py's flags and the runs in this process.
+RUN_SETTINGS = dict(
+  global_batch_size=4,
+  per_device_batch_size=4,
+  total_steps=TOTAL_STEPS,
+  checkpoint_every_steps=3,
+  keep_checkpoints=10,
+  log_every_steps=1,
+)
 # Poisons the images of one step, then runs train.py's main (argv as for train.py).
 POISON = """
 import sys
@@ -72,12 +81,7 @@ class Runs:
     self.flags = [
       "--config=configs/test_tiny.py",
       f"--config.dataset.synthetic_dir={root / 'synthetic'}",
-      "--config.global_batch_size=4",
-      "--config.per_device_batch_size=4",
-      f"--config.total_steps={TOTAL_STEPS}",
-      "--config.checkpoint_every_steps=3",
-      "--config.keep_checkpoints=10",
-      "--config.log_every_steps=1",
+      *(f"--config.{name}={value}" for name, value in RUN_SETTINGS.items()),
     ]
 
   def start(
@@ -248,14 +252,7 @@ def test_rerunning_a_finished_run_keeps_one_evaluation_record_per_step(runs, ref
   before = _records(workdir)
   config = test_tiny.get_config()  # the reference's flags
   config.dataset.synthetic_dir = str(runs.root / "synthetic")
-  config.update(
-    global_batch_size=4,
-    per_device_batch_size=4,
-    total_steps=TOTAL_STEPS,
-    checkpoint_every_steps=3,
-    keep_checkpoints=10,
-    log_every_steps=1,
-  )
+  config.update(RUN_SETTINGS)
   result = loop.train_and_evaluate(config, str(workdir))
   assert _records(workdir) == before  # nothing appended: no second AP record for the last step
   (recorded,) = [r for r in before if "AP" in r]

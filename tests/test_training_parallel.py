@@ -5,13 +5,12 @@ The device count must be set before JAX starts, so the steps run in a subprocess
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
+
 SCRIPT = """
 import sys
 import jax
@@ -80,23 +79,13 @@ np.savez(sys.argv[1], **out)
 def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_accumulating_2(
   tmp_path,
 ):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=REPO,
+  env = processes.cpu_env(
+    PYTHONPATH=processes.REPO,
     XLA_FLAGS=(
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip(),
   )
-  result = subprocess.run(
-    [sys.executable, "-c", SCRIPT, str(tmp_path / "out.npz")],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert result.returncode == 0, result.stderr[-5000:]
+  processes.run_python_ok("-c", SCRIPT, str(tmp_path / "out.npz"), env=env, timeout=900)
   out = dict(np.load(tmp_path / "out.npz"))
 
   assert [int(out[f"{n}_devices"]) for n in ("one", "jit", "pmap")] == [1, 8, 8]

@@ -185,9 +185,7 @@ def stage_programs(
       [o["pred_logits"] for o in out.get("aux_outputs", [])] + [out["pred_logits"]]
     )
     boxes = jnp.stack([o["pred_boxes"] for o in out.get("aux_outputs", [])] + [out["pred_boxes"]])
-    return matching.match(
-      logits, boxes, b["boxes"], b["labels"], b["box_valid"], config.matcher
-    ).target_index
+    return matching.match(logits, boxes, matching.Targets.of_batch(b), config.matcher).target_index
 
   programs["matching"] = (match, (outputs, targets))
 

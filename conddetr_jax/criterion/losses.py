@@ -122,9 +122,7 @@ def set_criterion(
   target_index = matching.match(
     jax.lax.stop_gradient(logits),
     jax.lax.stop_gradient(pred_boxes),
-    tgt_boxes,
-    tgt_labels,
-    valid,
+    matching.Targets(tgt_boxes, tgt_labels, valid),
     config.matcher,
   ).target_index
   matched = target_index >= 0  # (L, B, Q)

@@ -25,6 +25,7 @@ loops are purely local. The scipy solver always runs on the host with the whole
 cost matrix.
 """
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -60,12 +61,29 @@ class Matching(NamedTuple):
     return self.target_index >= 0
 
 
+class Targets(NamedTuple):
+  """Each image's target set, padded to M slots (the batch's boxes, labels and box_valid).
+
+  Attributes:
+    boxes: (..., M, 4) cxcywh boxes; may hold garbage where not valid.
+    labels: (..., M) int class ids; may hold garbage where not valid.
+    valid: (..., M) bool, False on padding slots.
+  """
+
+  boxes: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+
+  @classmethod
+  def of_batch(cls, batch: Mapping[str, jax.Array]) -> "Targets":
+    """The targets of a batch (``data.batch_spec``'s layout)."""
+    return cls(batch["boxes"], batch["labels"], batch["box_valid"])
+
+
 def cost_matrix(
   pred_logits: jax.Array,
   pred_boxes: jax.Array,
-  tgt_boxes: jax.Array,
-  tgt_labels: jax.Array,
-  tgt_valid: jax.Array,
+  targets: Targets,
   config: ml_collections.ConfigDict,
 ) -> jax.Array:
   """The original matcher's cost of assigning each query to each target slot.
@@ -73,9 +91,7 @@ def cost_matrix(
   Args:
     pred_logits: (..., Q, C) class logits.
     pred_boxes: (..., Q, 4) cxcywh boxes.
-    tgt_boxes: (..., M, 4) cxcywh boxes; may hold garbage where not valid.
-    tgt_labels: (..., M) int class ids; may hold garbage where not valid.
-    tgt_valid: (..., M) bool, False on padding slots.
+    targets: the target slots, with leading axes (...) as the predictions'.
     config: ``config.matcher`` (cost_class, cost_bbox, cost_giou).
 
   Returns:
@@ -83,10 +99,11 @@ def cost_matrix(
   """
   pred_logits = pred_logits.astype(jnp.float32)
   pred_boxes = pred_boxes.astype(jnp.float32)
+  tgt_valid = targets.valid
   # Padding slots get a harmless stand-in so garbage (even NaN) can't reach any
   # arithmetic.
-  tgt_boxes = jnp.where(tgt_valid[..., None], tgt_boxes.astype(jnp.float32), 0.5)
-  tgt_labels = jnp.where(tgt_valid, tgt_labels, 0)
+  tgt_boxes = jnp.where(tgt_valid[..., None], targets.boxes.astype(jnp.float32), 0.5)
+  tgt_labels = jnp.where(tgt_valid, targets.labels, 0)
 
   prob = jax.nn.sigmoid(pred_logits)
   pos = FOCAL_ALPHA * (1 - prob) ** FOCAL_GAMMA * -jnp.log(prob + 1e-8)
@@ -231,25 +248,18 @@ def solve(cost: jax.Array, valid: jax.Array, solver: str = "hungarian") -> jax.A
 
 
 def match(
-  pred_logits: jax.Array,
-  pred_boxes: jax.Array,
-  tgt_boxes: jax.Array,
-  tgt_labels: jax.Array,
-  tgt_valid: jax.Array,
-  config: ml_collections.ConfigDict,
+  pred_logits: jax.Array, pred_boxes: jax.Array, targets: Targets, config: ml_collections.ConfigDict
 ) -> Matching:
   """Matches every decoder layer's predictions to the targets in one batched call.
 
   Args:
     pred_logits: (L, B, Q, C) logits of L decoder layers.
     pred_boxes: (L, B, Q, 4) cxcywh boxes.
-    tgt_boxes: (B, M, 4) cxcywh boxes.
-    tgt_labels: (B, M) int class ids.
-    tgt_valid: (B, M) bool, False on padding slots.
+    targets: the B images' target slots (B, M, ...).
     config: ``config.matcher`` (cost_class, cost_bbox, cost_giou, solver).
 
   Returns:
     Matching with target_index (L, B, Q). No gradient flows through it.
   """
-  cost = cost_matrix(pred_logits, pred_boxes, tgt_boxes, tgt_labels, tgt_valid, config)
-  return Matching(solve(cost, tgt_valid, config.solver))
+  cost = cost_matrix(pred_logits, pred_boxes, targets, config)
+  return Matching(solve(cost, targets.valid, config.solver))

@@ -399,13 +399,7 @@ def write_prediction_images(
       storage.path(out_dir) / (os.path.splitext(os.path.basename(source))[0] + ".png")
     )
     visualize.save_detections_png(
-      path,
-      loaded.pixels,
-      dets["boxes"],
-      dets["scores"],
-      dets["labels"],
-      names,
-      config.evaluation.score_threshold,
+      path, loaded.pixels, dets, names, config.evaluation.score_threshold
     )
     paths.append(path)
   return paths

@@ -170,16 +170,7 @@ def predict_files(
     dets = coco_eval.detect_image(variables, loaded, model=model, k=coco_eval.top_k(config))
     scores, labels, boxes = dets["scores"], dets["labels"], dets["boxes"]
     png = os.fspath(out / f"{stem}.png")
-    visualize.save_detections_png(
-      png,
-      loaded.pixels,
-      boxes,
-      scores,
-      labels,
-      names,
-      threshold,
-      scale=visualize.enlargement(*loaded.pixels.shape[:2]),
-    )
+    visualize.save_detections_png(png, loaded.pixels, dets, names, threshold)
     keep = scores >= threshold
     record = {
       "file": storage.display(path),

@@ -1,4 +1,4 @@
-"""``lax.conv_general_dilated`` with 1x1 convolutions computed as matrix products.
+"""``lax.conv_general_dilated`` with 1x1 convolutions computed as matrix products on CPU.
 
 A 1x1 convolution is a matrix product over the channel axis, but XLA:CPU runs the backward of a
 1x1 *convolution* as two more convolutions: the weight gradient contracts over batch and space,
@@ -7,12 +7,14 @@ copies first. Profiled on the R50 train step (2 x 384x512, 2 cores), those trans
 convolutions behind them were about 40% of the step's thread time. As one 2-D matrix product the
 same contraction needs no such copy, and the R50 step runs 1.45x faster (docs/cpu-step.md). The
 result is the same sum in another order: equal to float32 rounding (tests/test_backbone_ops.py
-checks output and gradients against PyTorch's conv2d).
+checks output and gradients against PyTorch's conv2d). Only programs compiled for CPU take this
+path: on TPU it costs memory, on GPUs cuDNN runs the convolution.
 
 Pass ``conv_general_dilated`` to ``flax.linen.Conv``: parameters, names and initialisation stay
 those of ``nn.Conv``, so checkpoints do not change.
 """
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -54,33 +56,54 @@ def conv_general_dilated(
   precision: Any = None,
   **kwargs: Any,
 ) -> jax.Array:
-  """``lax.conv_general_dilated``, except that a 1x1 conv is a ``dot_general``.
+  """``lax.conv_general_dilated``, except that on CPU a 1x1 conv is a matrix product.
 
   inputs (B, H, W, Cin), kernel (1, 1, Cin, Cout) -> (B, ceil(H / sh), ceil(W / sw), Cout) for the
   1x1 case (a strided 1x1 conv reads every stride-th pixel, as the conv does); anything else goes
   to ``lax.conv_general_dilated`` unchanged. ``rhs_dilation`` does not matter for a 1x1 kernel.
   """
-  if (
-    _is_pointwise(kernel, padding, lhs_dilation, dimension_numbers, feature_group_count)
-    and not kwargs
+
+  def as_convolution(x: jax.Array, k: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(
+      x,
+      k,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      **kwargs,
+    )
+
+  if kwargs or not _is_pointwise(
+    kernel, padding, lhs_dilation, dimension_numbers, feature_group_count
   ):
-    sh, sw = window_strides
-    if (sh, sw) != (1, 1):
-      inputs = inputs[:, ::sh, ::sw, :]
-    # As one (B*H*W, Cin) @ (Cin, Cout) product: its weight gradient is then a plain 2-D product
-    # too, which XLA:CPU runs 1.3-2x faster than the same contraction over three 4-D axes.
-    batch_shape = inputs.shape[:3]
-    out = lax.dot(inputs.reshape(-1, inputs.shape[3]), kernel[0, 0], precision=precision)
-    return out.reshape(batch_shape + (kernel.shape[3],))
-  return lax.conv_general_dilated(
+    return as_convolution(inputs, kernel)
+  # Only XLA:CPU gains: on TPU the flattened (B*H*W, C) activation costs relayout copies (DC5-R50's
+  # bf16 train step needed 19.0 instead of 13.3 GiB of temporaries on a v5e chip,
+  # docs/accelerators.md), and GPUs have cuDNN. The choice follows the compile target, so an
+  # ahead-of-time compile for TPU on a CPU host gets the convolution.
+  return lax.platform_dependent(
     inputs,
     kernel,
-    window_strides,
-    padding,
-    lhs_dilation=lhs_dilation,
-    rhs_dilation=rhs_dilation,
-    dimension_numbers=dimension_numbers,
-    feature_group_count=feature_group_count,
-    precision=precision,
-    **kwargs,
+    cpu=functools.partial(_as_matrix_product, window_strides=window_strides, precision=precision),
+    default=as_convolution,
   )
+
+
+def _as_matrix_product(
+  inputs: jax.Array, kernel: jax.Array, window_strides: Sequence[int], precision: Any
+) -> jax.Array:
+  """A 1x1 conv as one (B*H*W, Cin) @ (Cin, Cout) product.
+
+  Its weight gradient is then a plain 2-D product too, which XLA:CPU runs 1.3-2x faster than the
+  same contraction over three 4-D axes. A strided 1x1 conv reads every stride-th pixel.
+  """
+  sh, sw = window_strides
+  if (sh, sw) != (1, 1):
+    inputs = inputs[:, ::sh, ::sw, :]
+  batch_shape = inputs.shape[:3]
+  out = lax.dot(inputs.reshape(-1, inputs.shape[3]), kernel[0, 0], precision=precision)
+  return out.reshape(batch_shape + (kernel.shape[3],))

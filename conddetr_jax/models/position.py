@@ -50,19 +50,16 @@ def _interleave_sin_cos(angles: jax.Array) -> jax.Array:
   return stacked.reshape(angles.shape)
 
 
-def sine_position_embedding(
-  mask: jax.Array,
-  num_pos_feats: int = 128,
-  temperature: float = 10000.0,
-  scale: float = 2 * math.pi,
-) -> jax.Array:
+def sine_position_embedding(mask: jax.Array, num_pos_feats: int = 128) -> jax.Array:
   """The original's PositionEmbeddingSine(normalize=True) of a feature-level padding mask.
 
   Coordinates are the cumulative count of valid pixels, normalised by the valid extent of each
-  row/column (so padding never shifts the embedding of real pixels), times ``scale``.
+  row/column (so padding never shifts the embedding of real pixels), embedded as points are
+  (``sine_embedding_of_points``).
 
   Args:
     mask: (B, h, w) bool, True on padding.
+    num_pos_feats: features per coordinate.
   Returns:
     (B, h, w, 2 * num_pos_feats) float32, y features first.
   """
@@ -70,12 +67,9 @@ def sine_position_embedding(
   y_embed = jnp.cumsum(not_mask, axis=1)
   x_embed = jnp.cumsum(not_mask, axis=2)
   eps = 1e-6
-  y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
-  x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
-  dim_t = _frequencies(num_pos_feats, temperature)
-  pos_x = _interleave_sin_cos(x_embed[..., None] / dim_t)
-  pos_y = _interleave_sin_cos(y_embed[..., None] / dim_t)
-  return jnp.concatenate([pos_y, pos_x], axis=-1)
+  y_embed = y_embed / (y_embed[:, -1:, :] + eps)
+  x_embed = x_embed / (x_embed[:, :, -1:] + eps)
+  return sine_embedding_of_points(jnp.stack([x_embed, y_embed], axis=-1), num_pos_feats)
 
 
 def sine_embedding_of_points(

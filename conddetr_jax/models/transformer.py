@@ -114,6 +114,14 @@ class TransformerConfig:
     """The layers' residual dropout (identity when ``deterministic``)."""
     return nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
 
+  def add_and_norm(self, x: jax.Array, update: jax.Array, norm: str) -> jax.Array:
+    """A post-norm residual: the LayerNorm ``norm`` of ``x`` plus the dropped-out ``update``."""
+    return layer_norm(norm)(x + self.drop(update))
+
+  def feed_forward_block(self, x: jax.Array, norm: str) -> jax.Array:
+    """A layer's last sublayer: ``x`` through ``FeedForward`` (``ffn``), added and normed."""
+    return self.add_and_norm(x, FeedForward(self, name="ffn")(x), norm)
+
 
 class FeedForward(nn.Module):
   """linear1 -> ReLU -> dropout -> linear2, as the original's layers."""
@@ -191,9 +199,7 @@ class EncoderLayer(nn.Module):
     c = self.config
     q = k = src + pos
     src2 = c.attend("self_attn", in_proj=True)(q, k, src, mask, train=not c.deterministic)
-    src = layer_norm("norm1")(src + c.drop(src2))
-    src2 = FeedForward(c, name="ffn")(src)
-    return layer_norm("norm2")(src + c.drop(src2))
+    return c.feed_forward_block(c.add_and_norm(src, src2, "norm1"), "norm2")
 
 
 class Encoder(nn.Module):
@@ -251,7 +257,7 @@ class ConditionalDecoderLayer(nn.Module):
     k = proj("sa_kcontent_proj")(tgt) + proj("sa_kpos_proj")(query_pos)
     v = proj("sa_v_proj")(tgt)
     tgt2 = attend_within_groups(c.attend("self_attn"), q, k, v, self.num_groups, train)
-    tgt = layer_norm("norm1")(tgt + c.drop(tgt2))
+    tgt = c.add_and_norm(tgt, tgt2, "norm1")
 
     q_content = proj("ca_qcontent_proj")(tgt)
     k_content = proj("ca_kcontent_proj")(memory)
@@ -276,9 +282,7 @@ class ConditionalDecoderLayer(nn.Module):
     if record:
       self._sow_content_and_spatial(q_content, k_content, q_sine, k_pos, memory_mask)
     tgt2 = c.attend("cross_attn", record=record)(q, k, v, memory_mask, train=train)
-    tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
-    tgt2 = FeedForward(c, name="ffn")(tgt)
-    return layer_norm("norm3")(tgt + c.drop(tgt2))
+    return c.feed_forward_block(c.add_and_norm(tgt, tgt2, "norm2"), "norm3")
 
   def _sow_content_and_spatial(
     self,
@@ -384,13 +388,11 @@ class DetrDecoderLayer(nn.Module):
     tgt2 = attend_within_groups(
       c.attend("self_attn", in_proj=True), q, k, tgt, self.num_groups, train
     )
-    tgt = layer_norm("norm1")(tgt + c.drop(tgt2))
+    tgt = c.add_and_norm(tgt, tgt2, "norm1")
     tgt2 = c.attend("multihead_attn", in_proj=True)(
       tgt + query_pos, memory + pos, memory, memory_mask, train=train
     )
-    tgt = layer_norm("norm2")(tgt + c.drop(tgt2))
-    tgt2 = FeedForward(c, name="ffn")(tgt)
-    return layer_norm("norm3")(tgt + c.drop(tgt2))
+    return c.feed_forward_block(c.add_and_norm(tgt, tgt2, "norm2"), "norm3")
 
 
 class DetrDecoder(nn.Module):
