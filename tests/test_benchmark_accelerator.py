@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from tests import benchmark_runs
+from tests import processes
 
 
 @pytest.mark.slow
 def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   out = tmp_path / "acc.json"
-  proc = benchmark_runs.run_benchmark(
-    "accelerator.py",
+  proc = processes.run_python_ok(
+    "benchmarks/accelerator.py",
     "--tiny",
     "--dtypes=float32",
     "--batches=1",
@@ -20,6 +20,8 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
     "--hf=yes",
     "--hf_batch=1",
     f"--out={out}",
+    env=processes.cpu_env(),
+    timeout=900,
   )
   report = json.loads(out.read_text())
   (train,) = report["train"]

@@ -5,21 +5,23 @@ import re
 
 import pytest
 
-from tests import benchmark_runs
+from tests import processes
 
 RUNTIMES = ("jax", "stablehlo", "saved_model", "onnx", "original")
 
 
 @pytest.mark.slow
 def test_inference_benchmark_runs_tiny_on_cpu():
-  proc = benchmark_runs.run_benchmark(
-    "inference.py",
+  proc = processes.run_python_ok(
+    "benchmarks/inference.py",
     "--config=configs/test_tiny.py",
     # The original's backbone has all 4 stages. test_tiny's one bucket (64x64): each export is
     # written once, as the benchmark times the first bucket only.
     "--config.model.backbone_num_stages=4",
     "--batches=1,2",
     "--iters=1",
+    env=processes.cpu_env(),
+    timeout=900,
   )
   lines = proc.stdout.strip().splitlines()
   rows = [re.match(r"batch (\d+) (\w+) .* max\|diff\| vs jax (\S+)$", l) for l in lines]
