@@ -17,7 +17,6 @@ from absl import (
   app,  # pylint: disable=g-import-not-at-top,wrong-import-position
   flags,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.evaluation import (
@@ -29,18 +28,13 @@ from conddetr_jax.training import (
   metrics,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/r50.py.", lock_config=True
-)
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file."
-)
+_CONFIG, _CHECKPOINT = cli.define_checkpoint_flags()
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Where detections.json and metrics.jsonl are written."
 )
 _SPLIT = flags.DEFINE_enum("split", "val", ["val", "train"], "The split to evaluate.")
 distributed.define_flags()
-flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+flags.mark_flag_as_required("workdir")
 
 
 def main(argv):

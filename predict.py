@@ -22,7 +22,6 @@ from absl import (
   flags,  # pylint: disable=g-import-not-at-top,wrong-import-position
   logging,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax import (
   models,  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,12 +32,7 @@ from conddetr_jax.data import image_files  # pylint: disable=g-import-not-at-top
 from conddetr_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.inference import prediction  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/r50.py.", lock_config=True
-)
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file."
-)
+_CONFIG, _CHECKPOINT = cli.define_checkpoint_flags()
 _OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs and detections.json.")
 _THRESHOLD = flags.DEFINE_float(
   "threshold",
@@ -53,7 +47,7 @@ _ATTENTION = flags.DEFINE_bool(
 _ATTENTION_LAYER = flags.DEFINE_integer(
   "attention_layer", -1, "The decoder layer of --attention (-1: the last)."
 )
-flags.mark_flags_as_required(["config", "checkpoint", "out"])
+flags.mark_flag_as_required("out")
 
 
 def main(argv):

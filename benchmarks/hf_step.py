@@ -35,6 +35,8 @@ def build_hf_step(
   # isort: split
   from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
 
+  from tests import hf_reference
+
   m = config.model
   if (
     m.backbone not in backbone_lib.RESNET_SPECS
@@ -68,13 +70,7 @@ def build_hf_step(
     backbone_config=resnet,
     num_labels=m.num_classes,
     num_queries=m.num_queries,
-    d_model=m.hidden_dim,
-    encoder_layers=m.enc_layers,
-    decoder_layers=m.dec_layers,
-    encoder_attention_heads=m.nheads,
-    decoder_attention_heads=m.nheads,
-    encoder_ffn_dim=m.dim_feedforward,
-    decoder_ffn_dim=m.dim_feedforward,
+    **hf_reference.transformer_sizes(m),
     dropout=m.dropout,
     auxiliary_loss=m.aux_loss,
   )

@@ -63,13 +63,7 @@ def reference_model(config, seed: int):
     num_classes=m.num_classes,
     num_queries=m.num_queries,
     seed=seed,
-    d_model=m.hidden_dim,
-    encoder_layers=m.enc_layers,
-    decoder_layers=m.dec_layers,
-    encoder_attention_heads=m.nheads,
-    decoder_attention_heads=m.nheads,
-    encoder_ffn_dim=m.dim_feedforward,
-    decoder_ffn_dim=m.dim_feedforward,
+    **hf_reference.transformer_sizes(m),
   )
   return ref, hf_reference.original_state_dict(ref)
 

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import app, flags, logging
+from ml_collections import config_flags  # loads no JAX
 
 from conddetr_jax import configs  # a list of names: loads no JAX
 
@@ -265,6 +266,24 @@ def resolve_config_name(argv: Sequence[str], flag_name: str = "config") -> list[
       name_file = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f"{value}.py")
       out[index] = f"--{flag_name}={name_file}" if index == i else name_file
   return out
+
+
+def define_checkpoint_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """Defines the two required flags of every command that loads a trained model (eval.py,
+  predict.py, ``python -m conddetr_jax.export``): ``--config`` (a config file, or a config name
+  through ``parse_flags``; locked) and ``--checkpoint``.
+
+  Returns:
+    Their holders (config, checkpoint).
+  """
+  config = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/r50.py.", lock_config=True
+  )
+  checkpoint = flags.DEFINE_string(
+    "checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file."
+  )
+  flags.mark_flags_as_required(["config", "checkpoint"])
+  return config, checkpoint
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:

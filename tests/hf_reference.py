@@ -50,6 +50,24 @@ class Reference:
   config: ConditionalDetrConfig
 
 
+# HF ConditionalDetrConfig's keyword for each transformer size of this project's config.model.
+_HF_SIZE_NAMES = (
+  ("d_model", "hidden_dim"),
+  ("encoder_layers", "enc_layers"),
+  ("decoder_layers", "dec_layers"),
+  ("encoder_attention_heads", "nheads"),
+  ("decoder_attention_heads", "nheads"),
+  ("encoder_ffn_dim", "dim_feedforward"),
+  ("decoder_ffn_dim", "dim_feedforward"),
+)
+
+
+def transformer_sizes(model_config) -> dict[str, int]:
+  """``config.model``'s transformer sizes (width, layers, heads, FFN width) as HF
+  ``ConditionalDetrConfig`` keywords, for a reference of the same shape as the JAX model."""
+  return {hf: model_config[ours] for hf, ours in _HF_SIZE_NAMES}
+
+
 def build_reference(
   backbone: str = "resnet50",
   dilation: bool = False,

@@ -2,37 +2,27 @@
 PyTorch (HF transformers) side by side included."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 
 @pytest.mark.slow
 def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   out = tmp_path / "acc.json"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "benchmarks/accelerator.py",
-      "--tiny",
-      "--dtypes=float32",
-      "--batches=1",
-      "--steps=1",
-      "--hf=yes",
-      "--hf_batch=1",
-      f"--out={out}",
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
+  proc = processes.run_python_ok(
+    "benchmarks/accelerator.py",
+    "--tiny",
+    "--dtypes=float32",
+    "--batches=1",
+    "--steps=1",
+    "--hf=yes",
+    "--hf_batch=1",
+    f"--out={out}",
+    env=processes.cpu_env(),
     timeout=900,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   (train,) = report["train"]
   assert (

@@ -1,17 +1,23 @@
 """Exports (conddetr_jax/export/): each artifact, loaded in a fresh process that imports neither
-conddetr_jax nor flax, answers what the JAX model answers, at two batch sizes.
+conddetr_jax nor flax, answers what the JAX model answers, at two batch sizes, on the test model
+and (slow) on R50 at a small size.
 
 The test model is configs/test_tiny.py with a landscape and a portrait bucket (64x96, 96x64) and
 its class bias zeroed, so that its scores spread around the 0.5 threshold (detections to compare).
 """
 
+import dataclasses
+import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import matplotlib
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -35,20 +41,73 @@ CROPS = ((0, 100, 512, 380), (100, 0, 330, 600), (0, 0, 512, 600), (200, 150, 26
 FORBIDDEN = "[m for m in ('conddetr_jax', 'flax') if m in sys.modules]"
 
 
-@pytest.fixture(name="config", scope="module")
-def fixture_config():
-  config = test_tiny.get_config()
-  config.dataset.update(eval_size=64, eval_max_size=96)
-  return config
+@dataclasses.dataclass
+class Model:
+  """A config, its random-init variables (class bias zeroed) and a folder for what is written of it
+  once for the module: the inputs of the program tests and the SavedModel."""
+
+  config: ml_collections.ConfigDict
+  variables: Any
+  root: pathlib.Path
+
+  @functools.cached_property
+  def program_inputs(self) -> tuple[str, dict]:
+    """Padded batches of 3 and of 1 image per bucket, saved for the fresh process (their path);
+    the JAX outputs of each (key ``<H>x<W>_<batch>``)."""
+    pixels = verify.sample_images(count=3)
+    weights, treedef = forward.flat_weights(self.variables)
+    run = jax.jit(forward.forward_fn(self.config, treedef))
+    inputs, expected = {}, {}
+    for h, w in forward.buckets(self.config):
+      image, pad_mask, _ = forward.padded_batch(
+        verify.fitting(pixels, self.config, (h, w)), self.config, (h, w)
+      )
+      for batch in (3, 1):
+        key = f"{h}x{w}_{batch}"
+        inputs[f"image_{key}"], inputs[f"mask_{key}"] = image[:batch], pad_mask[:batch]
+        expected[key] = [np.asarray(x) for x in run(weights, image[:batch], pad_mask[:batch])]
+    path = str(self.root / "inputs.npz")
+    np.savez(path, **inputs)
+    return path, expected
+
+  @functools.cached_property
+  def saved_model(self) -> str:
+    """The model written as a SavedModel."""
+    folder = str(self.root / "saved_model")
+    saved_model.write(self.config, self.variables, folder)
+    return folder
 
 
-@pytest.fixture(name="variables", scope="module")
-def fixture_variables(config):
+def random_model(config: ml_collections.ConfigDict, root: pathlib.Path) -> Model:
+  """``config``'s model with random-init variables (``convert.init_variables``), class bias 0."""
   variables = jax.tree_util.tree_map(np.asarray, convert.init_variables(config))
   variables["params"]["class_embed"]["bias"] = np.zeros_like(
     variables["params"]["class_embed"]["bias"]
   )
-  return variables
+  return Model(config, variables, root)
+
+
+@pytest.fixture(name="tiny", scope="module")
+def fixture_tiny(tmp_path_factory) -> Model:
+  """The test model (the module docstring)."""
+  config = test_tiny.get_config()
+  config.dataset.update(eval_size=64, eval_max_size=96)
+  return random_model(config, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(name="r50_small", scope="module")
+def fixture_r50_small(tmp_path_factory) -> Model:
+  """R50 at a small size: one 128x128 bucket, which the sample images (about 170x185) resized by
+  the original's rule (to 128 on the longer side) fit."""
+  config = r50.get_config()
+  config.dataset.update(eval_size=128, eval_max_size=128)
+  return random_model(config, tmp_path_factory.mktemp("r50_small"))
+
+
+@pytest.fixture(name="model", params=["tiny", pytest.param("r50_small", marks=pytest.mark.slow)])
+def fixture_model(request) -> Model:
+  """Each model the exports are checked on, in turn."""
+  return request.getfixturevalue(request.param)
 
 
 def run_fresh(script: str, *args: str) -> dict:
@@ -66,31 +125,9 @@ def run_fresh(script: str, *args: str) -> dict:
   return json.loads(out.stdout.splitlines()[-1])
 
 
-def program_inputs(config, folder) -> tuple[str, dict]:
-  """Padded batches of 3 and of 1 image per bucket, saved for the fresh process; the JAX outputs."""
-  pixels = verify.sample_images(count=3)
-  weights, treedef = forward.flat_weights(variables_of[0])
-  run = jax.jit(forward.forward_fn(config, treedef))
-  inputs, expected = {}, {}
-  for h, w in forward.buckets(config):
-    image, pad_mask, _ = forward.padded_batch(
-      verify.fitting(pixels, config, (h, w)), config, (h, w)
-    )
-    for batch in (3, 1):
-      key = f"{h}x{w}_{batch}"
-      inputs[f"image_{key}"], inputs[f"mask_{key}"] = image[:batch], pad_mask[:batch]
-      expected[key] = [np.asarray(x) for x in run(weights, image[:batch], pad_mask[:batch])]
-  path = os.path.join(folder, "inputs.npz")
-  np.savez(path, **inputs)
-  return path, expected
-
-
-variables_of = []  # the module's variables, for program_inputs
-
-
-def check_programs(config, variables, folder, script, tmp_path) -> None:
-  variables_of[:] = [variables]
-  path, expected = program_inputs(config, str(tmp_path))
+def check_programs(model: Model, folder: str, script: str) -> None:
+  """``script``, run fresh on the program inputs and ``folder``, gives the JAX outputs."""
+  path, expected = model.program_inputs
   got = run_fresh(script, path, folder)
   assert got.pop("loaded") == []
   assert sorted(got) == sorted(expected)
@@ -120,11 +157,11 @@ print(json.dumps(out))
 
 
 def test_stablehlo_loads_with_jax_alone_and_gives_the_model_s_outputs_at_two_batch_sizes(
-  config, variables, tmp_path
+  model, tmp_path
 ):
   folder = str(tmp_path / "stablehlo")
-  stablehlo.write(config, variables, folder)
-  check_programs(config, variables, folder, STABLEHLO_SCRIPT, tmp_path)
+  stablehlo.write(model.config, model.variables, folder)
+  check_programs(model, folder, STABLEHLO_SCRIPT)
 
 
 ONNX_SCRIPT = f"""
@@ -145,12 +182,10 @@ print(json.dumps(out))
 """
 
 
-def test_onnx_runs_in_onnxruntime_and_gives_the_model_s_outputs_at_two_batch_sizes(
-  config, variables, tmp_path
-):
+def test_onnx_runs_in_onnxruntime_and_gives_the_model_s_outputs_at_two_batch_sizes(model, tmp_path):
   folder = str(tmp_path / "onnx")
-  onnx_export.write(config, variables, folder)
-  check_programs(config, variables, folder, ONNX_SCRIPT, tmp_path)
+  onnx_export.write(model.config, model.variables, folder)
+  check_programs(model, folder, ONNX_SCRIPT)
 
 
 SAVED_MODEL_SCRIPT = f"""
@@ -180,14 +215,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(name="saved_model_dir", scope="module")
-def fixture_saved_model_dir(config, variables, tmp_path_factory) -> str:
-  """The test model written as a SavedModel (once for the module)."""
-  folder = str(tmp_path_factory.mktemp("saved_model") / "model")
-  saved_model.write(config, variables, folder)
-  return folder
-
-
 SAVED_MODEL_PROGRAM_SCRIPT = f"""
 import json, sys
 import numpy as np
@@ -206,14 +233,12 @@ print(json.dumps(out))
 """
 
 
-def test_saved_model_s_model_signatures_give_the_model_s_outputs_at_two_batch_sizes(
-  config, variables, saved_model_dir, tmp_path
-):
-  check_programs(config, variables, saved_model_dir, SAVED_MODEL_PROGRAM_SCRIPT, tmp_path)
+def test_saved_model_s_model_signatures_give_the_model_s_outputs_at_two_batch_sizes(model):
+  check_programs(model, model.saved_model, SAVED_MODEL_PROGRAM_SCRIPT)
 
 
 @pytest.fixture(name="served", scope="module")
-def fixture_served(config, variables, saved_model_dir, tmp_path_factory):
+def fixture_served(tiny, tmp_path_factory):
   """The SavedModel's answers (fresh process) to photos as JPEG (and one PNG), and predict.py's."""
   root = tmp_path_factory.mktemp("saved_model")
   paths = []
@@ -221,9 +246,14 @@ def fixture_served(config, variables, saved_model_dir, tmp_path_factory):
     for i, crop in enumerate(CROPS):
       paths.append(str(root / f"crop{i}.{'png' if i == 3 else 'jpg'}"))
       photo.crop(crop).save(paths[-1], quality=85)
-  served = run_fresh(SAVED_MODEL_SCRIPT, *paths, saved_model_dir)
+  served = run_fresh(SAVED_MODEL_SCRIPT, *paths, tiny.saved_model)
   records = prediction.predict_files(
-    config, models.build_model(config), variables, paths, str(root / "predict"), threshold=0.5
+    tiny.config,
+    models.build_model(tiny.config),
+    tiny.variables,
+    paths,
+    str(root / "predict"),
+    threshold=0.5,
   )
   return served, records
 
@@ -302,9 +332,7 @@ def test_the_buckets_hold_every_evaluation_image_landscape_and_portrait():
     forward.bucket_of((900, 900), [(832, 1344), (1344, 832)])
 
 
-def test_an_export_that_differs_from_the_model_is_an_error(
-  config, variables, tmp_path, monkeypatch
-):
+def test_an_export_that_differs_from_the_model_is_an_error(tiny, tmp_path, monkeypatch):
   loaded = stablehlo.load
   monkeypatch.setattr(
     stablehlo,
@@ -317,7 +345,12 @@ def test_an_export_that_differs_from_the_model_is_an_error(
     ValueError, match="export check failed, stablehlo 64x96 logits and boxes vs JAX"
   ):
     writer.export(
-      config, variables, str(tmp_path), ["stablehlo"], verify.sample_images(count=2), tolerance=1e-4
+      tiny.config,
+      tiny.variables,
+      str(tmp_path),
+      ["stablehlo"],
+      verify.sample_images(count=2),
+      tolerance=1e-4,
     )
   with pytest.raises(ValueError, match="unknown"):
-    writer.export(config, variables, str(tmp_path), ["tflite"], [], tolerance=1e-4)
+    writer.export(tiny.config, tiny.variables, str(tmp_path), ["tflite"], [], tolerance=1e-4)

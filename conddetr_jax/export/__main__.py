@@ -13,7 +13,6 @@ from conddetr_jax import cli
 cli.quiet_native_logs()  # before TensorFlow and JAX load
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conddetr_jax.checkpoints import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from conddetr_jax.export import (
@@ -21,12 +20,7 @@ from conddetr_jax.export import (
   writer,  # pylint: disable=g-import-not-at-top,wrong-import-position
 )
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file of the model, e.g. configs/r50.py.", lock_config=True
-)
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "Workdir, step folder, Orbax checkpoint or .pth file."
-)
+_CONFIG, _CHECKPOINT = cli.define_checkpoint_flags()
 _OUT = flags.DEFINE_string("out", None, "Output folder (one subfolder per format).")
 _FORMAT = flags.DEFINE_list(
   "format", list(writer.FORMATS), f"Formats to write: {', '.join(writer.FORMATS)}."
@@ -37,7 +31,7 @@ _IMAGES = flags.DEFINE_list(
 _TOLERANCE = flags.DEFINE_float(
   "tolerance", 1e-3, "Largest difference allowed in logits, boxes and scores."
 )
-flags.mark_flags_as_required(["config", "checkpoint", "out"])
+flags.mark_flag_as_required("out")
 
 
 def main(argv: list[str]) -> None:

@@ -99,7 +99,8 @@ class Server(tf.Module):
       input_signature=[
         tf.TensorSpec([None, h, w, 3], tf.float32, name="image"),
         tf.TensorSpec([None, h, w], tf.bool, name="pad_mask"),
-      ]
+      ],
+      autograph=False,  # see serve
     )
     def model(image: tf.Tensor, pad_mask: tf.Tensor) -> dict[str, tf.Tensor]:
       logits, boxes = program(self.weights, image, pad_mask)
@@ -181,13 +182,19 @@ class Server(tf.Module):
       "num_detections": count,
     }
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.float32)])
+  # No AutoGraph: the graph's control flow is explicit (tf.cond, tf.map_fn, Python loops over the
+  # buckets), and AutoGraph would rewrite every function it reaches, JAX's and Flax's tracing of
+  # the model included: that made writing even the test model's SavedModel take minutes.
+  @tf.function(
+    input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.float32)],
+    autograph=False,
+  )
   def serve(self, images: tf.Tensor, score_threshold: tf.Tensor) -> dict[str, tf.Tensor]:
     """The detections scoring at least ``score_threshold`` in each encoded image (module
     docstring)."""
     return self._detect(images, score_threshold)
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
   def detect(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
     """``serve`` at the config's threshold."""
     return self._detect(images, self.default_score_threshold)
