@@ -250,3 +250,44 @@ def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per
     "16.50 GiB of the compiler's 15.75: does not fit [compile 0 s]",
     "largest per-device train batch that fits 16 GiB: 19 (19 fits, 20 does not); 3 compiles",
   ]
+
+
+# A batch-sharded dropout compiled by the train step's jit (``parallel.JitParallel``) for a v5e
+# slice of 4 chips: prints the shapes of the rng-bit-generator results of the optimized HLO.
+_DROPOUT_STEP = """
+import jax, jax.numpy as jnp
+from conddetr_jax import sharding
+from conddetr_jax.aot import devices
+from conddetr_jax.models.dropout import Dropout
+from conddetr_jax.training import parallel
+
+mesh = sharding.make_mesh(devices.topology_devices("v5e:2x2"))
+
+def step(state, batch):
+  rng = jax.random.wrap_key_data(state["rng"], impl="rbg")
+  y = Dropout(0.1).apply({}, batch["x"], deterministic=False, rng=rng)
+  return state, {"sum": jnp.sum(y.astype(jnp.float32))}
+
+par = parallel.JitParallel(step, mesh)
+key = jax.random.key_data(jax.random.key(0, impl="rbg"))
+state = {"rng": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))}
+x = jax.ShapeDtypeStruct((8, 64, 256), jnp.bfloat16, sharding=par.batch_sharding)
+text = par.lower(state, {"x": x}).compile().as_text()
+for line in text.splitlines():
+  if "rng-bit-generator(" in line:
+    print("RNG", line.split("=", 1)[1].split("rng-bit-generator(")[0].strip())
+"""
+
+
+@pytest.mark.slow
+def test_the_tpu_train_step_generates_only_its_own_chips_dropout_bits():
+  # Without xla_tpu_spmd_rng_bit_generator_unsafe each chip would generate the bits of the global
+  # batch (8 images) and keep its 2: four times the dropout masks' traffic.
+  env = _libtpu_env()
+  if env is None:
+    pytest.skip(f"libtpu is not installed ({aot_devices.install_command()})")
+  proc = processes.run_python_ok("-c", _DROPOUT_STEP, env=env, timeout=600)
+  shapes = re.findall(r"^RNG .*?u16\[([\d,]+)\]", proc.stdout, re.MULTILINE)
+  assert shapes, proc.stdout
+  # The mask of one chip's part of the batch: (2, 64, 256), in whatever order XLA lays it out.
+  assert all(sorted(map(int, s.split(","))) == [2, 64, 256] for s in shapes), proc.stdout

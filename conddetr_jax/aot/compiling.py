@@ -16,7 +16,7 @@ from conddetr_jax.aot import devices as devices_lib
 from conddetr_jax.data import batch_spec
 from conddetr_jax.evaluation import coco_eval
 from conddetr_jax.hardware import flops
-from conddetr_jax.training import loop
+from conddetr_jax.training import loop, parallel
 
 GIB = 2**30
 
@@ -204,7 +204,11 @@ class SliceCompiler:
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
     self.variables = _replicated_shapes(abstract_variables, replicated)
     self.gpu = devices_lib.is_gpu(devices[0])
-    self._options = devices_lib.gpu_compiler_options() if self.gpu else None
+    # The stage programs (aot.stages) get the train step's TPU options too, so that their dropout
+    # masks cost what the step's do.
+    self._options = (
+      devices_lib.gpu_compiler_options() if self.gpu else parallel.compiler_options(self.mesh)
+    )
 
   @property
   def devices(self) -> int:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from conddetr_jax.models import dropout as dropout_lib
 from conddetr_jax.models import initializers
 
 IMPLEMENTATIONS = ("dense", "blockwise")
@@ -37,7 +38,7 @@ def block_keep_mask(
   redrawn identically in the backward pass) without the others. ``shape`` is (B, heads, Lq,
   block_size).
   """
-  return jax.random.bernoulli(jax.random.fold_in(rng, block), 1.0 - rate, shape)
+  return dropout_lib.keep_mask(jax.random.fold_in(rng, block), shape, rate)
 
 
 def blockwise_attention(
@@ -236,7 +237,9 @@ class MultiHeadAttention(nn.Module):
       if self.record:
         self.sow("intermediates", "logits", logits)
         self.sow("intermediates", "weights", weights)
-      weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(self.dtype)
+      weights = dropout_lib.Dropout(self.dropout)(weights, deterministic=not train).astype(
+        self.dtype
+      )
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = out.reshape(batch, len_q, d_v)
     # The original's out_proj: xavier weight (Transformer._reset_parameters), zero bias.

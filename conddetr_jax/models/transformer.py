@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from conddetr_jax.models import initializers
 from conddetr_jax.models.attention import MultiHeadAttention, head_logits, masked_softmax
+from conddetr_jax.models.dropout import Dropout
 from conddetr_jax.models.position import sine_embedding_of_points
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default (Flax's is 1e-6)
@@ -112,7 +113,7 @@ class TransformerConfig:
 
   def drop(self, x: jax.Array) -> jax.Array:
     """The layers' residual dropout (identity when ``deterministic``)."""
-    return nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+    return Dropout(self.dropout)(x, deterministic=self.deterministic)
 
   def add_and_norm(self, x: jax.Array, update: jax.Array, norm: str) -> jax.Array:
     """A post-norm residual: the LayerNorm ``norm`` of ``x`` plus the dropped-out ``update``."""
