@@ -1,5 +1,5 @@
-"""The backbone's rewritten ops against PyTorch's autograd: 1x1 convs as matrix products and the
-stem max-pool with its own backward (both for XLA:CPU speed, docs/cpu-step.md)."""
+"""The backbone's rewritten ops against PyTorch's autograd: 1x1 convs as products (for XLA:CPU
+speed and XLA:TPU traffic) and the stem max-pool with its own backward (docs/cpu-step.md)."""
 
 import flax.linen as nn
 import jax
@@ -23,21 +23,15 @@ def _torch_grads(fn, *arrays):
   return out.detach().numpy(), [t.grad.numpy() for t in tensors], weights.numpy()
 
 
+@pytest.mark.parametrize("flatten", [True, False], ids=["cpu_form", "tpu_form"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("height", [7, 8])
-def test_pointwise_conv_and_its_gradients_match_torch_conv2d(stride, height):
+def test_pointwise_conv_and_its_gradients_match_torch_conv2d(stride, height, flatten):
+  """Both product forms (the flattened matrix product CPU programs get, the 4-D contraction TPU
+  programs get) against PyTorch's conv2d, through the parameters ``nn.Conv`` would hold."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, height, 9, 16)).astype(np.float32)
   kernel = rng.normal(size=(1, 1, 16, 24)).astype(np.float32)
-  conv = nn.Conv(
-    24,
-    (1, 1),
-    strides=(stride, stride),
-    padding=((0, 0), (0, 0)),
-    use_bias=False,
-    conv_general_dilated=convolution.conv_general_dilated,
-  )
-  params = {"params": {"kernel": jnp.asarray(kernel)}}
 
   ref_out, (ref_dx, ref_dk), weights = _torch_grads(
     lambda x_, k_: F.conv2d(x_.permute(0, 3, 1, 2), k_.permute(3, 2, 0, 1), stride=stride).permute(
@@ -46,11 +40,38 @@ def test_pointwise_conv_and_its_gradients_match_torch_conv2d(stride, height):
     x,
     kernel,
   )
-  out, vjp = jax.vjp(lambda x_, p_: conv.apply(p_, x_), jnp.asarray(x), params)
-  dx, dparams = vjp(jnp.asarray(weights))
+  out, vjp = jax.vjp(
+    lambda x_, k_: convolution.pointwise_product(
+      x_, k_, (stride, stride), precision=None, flatten=flatten
+    ),
+    jnp.asarray(x),
+    jnp.asarray(kernel),
+  )
+  dx, dk = vjp(jnp.asarray(weights))
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dparams["params"]["kernel"], ref_dk, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=1e-4)
+
+
+def test_a_pointwise_nn_conv_matches_torch_conv2d_on_this_cpu():
+  """``conv_general_dilated`` as ``nn.Conv`` calls it: the platform dispatch and the parameter
+  layout, end to end (a strided conv, the downsample shortcut's case)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, 9, 16)).astype(np.float32)
+  kernel = rng.normal(size=(1, 1, 16, 24)).astype(np.float32)
+  conv = nn.Conv(
+    24,
+    (1, 1),
+    strides=(2, 2),
+    padding=((0, 0), (0, 0)),
+    use_bias=False,
+    conv_general_dilated=convolution.conv_general_dilated,
+  )
+  out = conv.apply({"params": {"kernel": jnp.asarray(kernel)}}, jnp.asarray(x))
+  ref = F.conv2d(
+    torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(kernel).permute(3, 2, 0, 1), stride=2
+  ).permute(0, 2, 3, 1)
+  np.testing.assert_allclose(out, ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_pointwise_path_is_taken_only_for_plain_1x1_convs():
@@ -78,9 +99,10 @@ def test_pointwise_path_is_taken_only_for_plain_1x1_convs():
 
 
 @pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
-def test_only_programs_for_the_cpu_compute_1x1_convs_as_matrix_products(platform):
-  """On TPU the flattened activation cost DC5-R50 5.7 GiB more per chip (docs/accelerators.md);
-  the choice must follow the compile target, as when the aot tool compiles for TPU on a CPU."""
+def test_1x1_convs_are_products_on_cpu_flattened_and_on_tpu_not_and_convolutions_on_gpu(platform):
+  """The form must follow the compile target, as when the aot tool compiles for TPU on a CPU:
+  flattening cost DC5-R50 5.7 GiB more per v5e chip, and the TPU convolution's layouts cost R50's
+  step a fifth of its bytes (docs/accelerators.md)."""
   conv = nn.Conv(
     8,
     (1, 1),
@@ -92,8 +114,13 @@ def test_only_programs_for_the_cpu_compute_1x1_convs_as_matrix_products(platform
   variables = conv.init(jax.random.PRNGKey(0), x)
   train_step = jax.jit(jax.grad(lambda v, x_: conv.apply(v, x_).sum()))
   program = export.export(train_step, platforms=(platform,))(variables, x).mlir_module()
-  ops = {op for op in ("stablehlo.convolution", "stablehlo.dot_general") if op in program}
-  assert ops == {"stablehlo.dot_general" if platform == "cpu" else "stablehlo.convolution"}
+  products = [line for line in program.splitlines() if "stablehlo.dot_general" in line]
+  flattened = [line for line in products if "tensor<72x4xf32>" in line]  # (2*6*6, 4)
+  if platform == "cuda":
+    assert "stablehlo.convolution" in program and not products
+  else:
+    assert "stablehlo.convolution" not in program and products
+    assert bool(flattened) == (platform == "cpu"), products
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 16, 8), (1, 7, 9, 4)])

@@ -1,14 +1,23 @@
-"""``lax.conv_general_dilated`` with 1x1 convolutions computed as matrix products on CPU.
+"""``lax.conv_general_dilated`` with 1x1 convolutions computed as products on CPU and TPU.
 
-A 1x1 convolution is a matrix product over the channel axis, but XLA:CPU runs the backward of a
-1x1 *convolution* as two more convolutions: the weight gradient contracts over batch and space,
-which it sets up by transposing both the activations and the output gradient to (C, H, W, B)
-copies first. Profiled on the R50 train step (2 x 384x512, 2 cores), those transposes and the
-convolutions behind them were about 40% of the step's thread time. As one 2-D matrix product the
-same contraction needs no such copy, and the R50 step runs 1.45x faster (docs/cpu-step.md). The
-result is the same sum in another order: equal to float32 rounding (tests/test_backbone_ops.py
-checks output and gradients against PyTorch's conv2d). Only programs compiled for CPU take this
-path: on TPU it costs memory, on GPUs cuDNN runs the convolution.
+A 1x1 convolution is a product over the channel axis. Computing it as one is cheaper on two of
+the three platforms, each for its own reason:
+
+- XLA:CPU runs the backward of a 1x1 *convolution* as two more convolutions: the weight gradient
+  contracts over batch and space, which it sets up by transposing the activations and the output
+  gradient to (C, H, W, B) copies first (about 40% of the R50 step's thread time at 2 x 384x512).
+  As one 2-D matrix product over the flattened (B*H*W, C) activation the step runs 1.45x faster
+  (docs/cpu-step.md).
+- XLA:TPU keeps a 1x1 convolution's operands and results in convolution layouts and copies
+  between those and the layouts of the elementwise code around it; a ``dot_general`` over the
+  channel axis of the 4-D activation fuses with its neighbours instead. Flattening is not free
+  there: the (B*H*W, C) reshape is a relayout copy (DC5-R50's bf16 train step needed 19.0 instead
+  of 13.3 GiB of temporaries on a v5e chip). Compiled for v5e, the R50 bf16 train step moves 20%
+  fewer bytes with the 4-D product than with the convolution (docs/accelerators.md).
+- GPUs keep the convolution: cuDNN runs it well.
+
+The result is the same sum in another order: equal to float32 rounding (tests/test_backbone_ops.py
+checks output and gradients against PyTorch's conv2d, and which form each platform compiles).
 
 Pass ``conv_general_dilated`` to ``flax.linen.Conv``: parameters, names and initialisation stay
 those of ``nn.Conv``, so checkpoints do not change.
@@ -56,7 +65,7 @@ def conv_general_dilated(
   precision: Any = None,
   **kwargs: Any,
 ) -> jax.Array:
-  """``lax.conv_general_dilated``, except that on CPU a 1x1 conv is a matrix product.
+  """``lax.conv_general_dilated``, except that on CPU and TPU a 1x1 conv is a product.
 
   inputs (B, H, W, Cin), kernel (1, 1, Cin, Cout) -> (B, ceil(H / sh), ceil(W / sw), Cout) for the
   1x1 case (a strided 1x1 conv reads every stride-th pixel, as the conv does); anything else goes
@@ -81,29 +90,38 @@ def conv_general_dilated(
     kernel, padding, lhs_dilation, dimension_numbers, feature_group_count
   ):
     return as_convolution(inputs, kernel)
-  # Only XLA:CPU gains: on TPU the flattened (B*H*W, C) activation costs relayout copies (DC5-R50's
-  # bf16 train step needed 19.0 instead of 13.3 GiB of temporaries on a v5e chip,
-  # docs/accelerators.md), and GPUs have cuDNN. The choice follows the compile target, so an
-  # ahead-of-time compile for TPU on a CPU host gets the convolution.
+  # The choice follows the compile target, so an ahead-of-time compile for TPU on a CPU host gets
+  # the TPU form (see the module docstring for why each platform gets its own).
+  product = functools.partial(pointwise_product, window_strides=window_strides, precision=precision)
   return lax.platform_dependent(
     inputs,
     kernel,
-    cpu=functools.partial(_as_matrix_product, window_strides=window_strides, precision=precision),
+    cpu=functools.partial(product, flatten=True),
+    tpu=functools.partial(product, flatten=False),
     default=as_convolution,
   )
 
 
-def _as_matrix_product(
-  inputs: jax.Array, kernel: jax.Array, window_strides: Sequence[int], precision: Any
+def pointwise_product(
+  inputs: jax.Array,
+  kernel: jax.Array,
+  window_strides: Sequence[int],
+  precision: Any,
+  flatten: bool,
 ) -> jax.Array:
-  """A 1x1 conv as one (B*H*W, Cin) @ (Cin, Cout) product.
+  """A 1x1 conv as a product over the channel axis: (B, H, W, Cin) x (1, 1, Cin, Cout).
 
-  Its weight gradient is then a plain 2-D product too, which XLA:CPU runs 1.3-2x faster than the
-  same contraction over three 4-D axes. A strided 1x1 conv reads every stride-th pixel.
+  ``flatten=True`` computes one (B*H*W, Cin) @ (Cin, Cout) matrix product, whose weight gradient
+  is a plain 2-D product too (what XLA:CPU runs fastest); ``flatten=False`` contracts the channel
+  axis of the 4-D activation directly (no reshape, which on TPU is a relayout copy). A strided
+  1x1 conv reads every stride-th pixel.
   """
   sh, sw = window_strides
   if (sh, sw) != (1, 1):
     inputs = inputs[:, ::sh, ::sw, :]
+  weights = kernel[0, 0]
+  if not flatten:
+    return lax.dot_general(inputs, weights, (((3,), (0,)), ((), ())), precision=precision)
   batch_shape = inputs.shape[:3]
-  out = lax.dot(inputs.reshape(-1, inputs.shape[3]), kernel[0, 0], precision=precision)
+  out = lax.dot(inputs.reshape(-1, inputs.shape[3]), weights, precision=precision)
   return out.reshape(batch_shape + (kernel.shape[3],))
