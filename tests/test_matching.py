@@ -113,6 +113,29 @@ def test_cost_matrix_is_the_original_formula():
   assert (cost[~np.broadcast_to(valid[:, None, :], cost.shape)] == 0).all()
 
 
+def test_class_cost_picks_each_target_s_class_over_leading_axes_without_a_gather():
+  """(layers, batch) leading axes and 91 classes: every column is its target's class's focal cost
+  (to float32 rounding, so the one-hot product must not lose precision), and the program has no
+  gather, whose TPU backward scatters into a (..., Q, C) buffer."""
+  rng = np.random.default_rng(7)
+  logits = rng.normal(0, 2, (3, 2, 6, 91)).astype(np.float32)
+  boxes = rng.uniform(0.2, 0.6, (3, 2, 6, 4)).astype(np.float32)
+  labels = rng.integers(0, 91, (3, 2, 5))
+  targets = matching.Targets(
+    rng.uniform(0.2, 0.6, (3, 2, 5, 4)).astype(np.float32), labels, np.ones((3, 2, 5), bool)
+  )
+  config = _matcher_config()
+  config.cost_bbox, config.cost_giou = 0.0, 0.0
+  cost = np.asarray(matching.cost_matrix(logits, boxes, targets, config))
+
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  focal = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p**2 * -np.log(1 - p + 1e-8)
+  picked = np.take_along_axis(focal, np.broadcast_to(labels[..., None, :], (3, 2, 6, 5)), -1)
+  np.testing.assert_allclose(cost, config.cost_class * picked, rtol=1e-5, atol=1e-6)
+  lowered = jax.jit(lambda *args: matching.cost_matrix(*args, config)).lower(logits, boxes, targets)
+  assert "gather" not in lowered.as_text()
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_all_layers_match_as_hugging_face_matches_each(solver):
   rng = np.random.default_rng(5)
