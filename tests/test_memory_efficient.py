@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from conddetr_jax import models
-from conddetr_jax.models.attention import block_keep_mask, blockwise_attention, masked_softmax
+from conddetr_jax.models.attention import (
+  MultiHeadAttention,
+  block_keep_mask,
+  blockwise_attention,
+  masked_softmax,
+)
 from configs import r50, test_tiny
 
 
@@ -201,3 +206,39 @@ def test_masked_softmax_in_bfloat16_has_float32_softmax_gradients_and_float32_is
   grad = half_vjp(cotangent.astype(jnp.bfloat16))[0]
   scale = float(jnp.abs(want_vjp(cotangent)[0]).max())
   np.testing.assert_allclose(grad, want_vjp(cotangent)[0], atol=2e-2 * scale)
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr in program order, those of nested jaxprs (pjit, custom_vjp) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _equations(inner)
+
+
+def test_bfloat16_logits_stay_bfloat16_until_the_softmax_reads_them_in_float32():
+  """Under bf16 the (B, heads, Lq, Lk) logits are computed and masked in bf16 and cast to float32
+  only for the softmax (no float32 copy of the largest tensor in memory, docs/accelerators.md),
+  and the weights equal those of float32 logits holding the same bf16 values, bit for bit."""
+  attention = MultiHeadAttention(num_heads=2, dtype=jnp.bfloat16)
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 8), jnp.bfloat16) for i in range(3))
+  mask = jnp.zeros((2, 5), bool).at[0, 3:].set(True)
+  variables = attention.init(jax.random.PRNGKey(0), q, k, v, mask)
+  jaxpr = jax.make_jaxpr(lambda x: attention.apply(variables, x, k, v, mask))(q).jaxpr
+  on_logits = [
+    (eqn.primitive.name, eqn.outvars[0].aval.dtype)
+    for eqn in _equations(jaxpr)
+    if eqn.outvars and getattr(eqn.outvars[0].aval, "shape", None) == (2, 2, 5, 5)
+  ]
+  first_float32 = next(i for i, (_, dtype) in enumerate(on_logits) if dtype == jnp.float32)
+  assert on_logits[first_float32][0] == "convert_element_type", on_logits
+  assert ("dot_general", jnp.bfloat16) in on_logits[:first_float32], on_logits
+  assert ("select_n", jnp.bfloat16) in on_logits[:first_float32], on_logits
+
+  logits = 3 * jax.random.normal(jax.random.PRNGKey(4), (2, 3, 5, 5), jnp.bfloat16)
+  np.testing.assert_array_equal(
+    masked_softmax(logits, mask, jnp.bfloat16),
+    masked_softmax(logits.astype(jnp.float32), mask, jnp.bfloat16),
+  )

@@ -124,8 +124,10 @@ def blockwise_attention(
 
 def head_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   """Per-head dot products: q (B, Lq, heads, D), already scaled; k (B, Lk, heads, D) ->
-  (B, heads, Lq, Lk) float32."""
-  return jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+  (B, heads, Lq, Lk) in their dtype. Under bf16 compute they stay bf16 until the softmax reads
+  them (``masked_softmax``): a float32 copy would be a second, twice as large (B, heads, Lq, Lk)
+  tensor in memory, for the same values (the product is rounded to bf16 either way)."""
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -155,11 +157,13 @@ softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 def masked_softmax(
   logits: jax.Array, key_padding_mask: jax.Array | None, dtype: Any = jnp.float32
 ) -> jax.Array:
-  """Softmax over the last axis of (B, heads, Lq, Lk) float32 logits with the padded keys
-  (``key_padding_mask`` (B, Lk) True on padding) at finfo.min, so that they get weight 0; computed
-  in float32, returned (and kept for the backward pass) in ``dtype`` (``softmax_as``)."""
+  """Softmax over the last axis of (B, heads, Lq, Lk) logits with the padded keys
+  (``key_padding_mask`` (B, Lk) True on padding) at their dtype's finfo.min, so that they get
+  weight 0; computed in float32 (the cast fuses into the softmax's reads), returned (and kept for
+  the backward pass) in ``dtype`` (``softmax_as``)."""
   if key_padding_mask is not None:
-    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
+  logits = logits.astype(jnp.float32)
   if jnp.dtype(dtype) == jnp.float32:  # float32 results stay jax.nn.softmax's, bit for bit
     return jax.nn.softmax(logits, axis=-1)
   return softmax_as(logits, dtype)
@@ -235,7 +239,7 @@ class MultiHeadAttention(nn.Module):
       # The weights in the compute dtype from here on (dropout included); float32 where sown.
       weights = masked_softmax(logits, key_padding_mask, jnp.float32 if self.record else self.dtype)
       if self.record:
-        self.sow("intermediates", "logits", logits)
+        self.sow("intermediates", "logits", logits.astype(jnp.float32))
         self.sow("intermediates", "weights", weights)
       weights = dropout_lib.Dropout(self.dropout)(weights, deterministic=not train).astype(
         self.dtype
