@@ -109,3 +109,19 @@ def test_a_target_without_cost_analysis_gets_no_roofline():
   assert roofline.images_per_s_per_chip(stages.StageCost(1e12, 1e9), V5E, 2) == pytest.approx(
     2 / max(1e12 / 197e12, 1e9 / 819e9)
   )
+
+
+@pytest.mark.parametrize("rng_impl", ["rbg", "threefry2x32"])
+def test_the_stages_draw_dropout_from_the_step_s_kind_of_key(rng_impl):
+  """RBG's bits cost other bytes and FLOPs than threefry's: a stage must draw its dropout as the
+  step does (``config.rng_impl``), or the table attributes the step's random bits wrongly."""
+  from configs import test_tiny  # pylint: disable=g-import-not-at-top
+
+  config = test_tiny.get_config()
+  config.rng_impl = rng_impl
+  compiler = compiling.SliceCompiler(config, jax.devices()[:1])
+  state, batch = compiler.train_args(BATCH, HW)
+  programs = stages.stage_programs(config, compiler.model, compiler.variables, batch, state)
+  fn, args = programs["encoder"]
+  text = jax.jit(fn).lower(*args).as_text()
+  assert ("rng_bit_generator" in text) == (rng_impl == "rbg")

@@ -91,16 +91,20 @@ def _module_calls(
 
 
 def _forward_backward(
-  module: nn.Module, name: str, differentiate_inputs: bool
+  module: nn.Module, name: str, differentiate_inputs: bool, rng_impl: str
 ) -> Callable[..., Any]:
-  """fn(variables, cotangent, *args): the module's forward and the vjp of its outputs."""
+  """fn(variables, cotangent, *args): the module's forward and the vjp of its outputs, its dropout
+  drawn from a key of ``rng_impl`` (the step's ``config.rng_impl``: RBG's bits cost other bytes and
+  FLOPs than threefry's, so a stage with the default key would not cost what it costs in the step)."""
 
   def run(variables, cotangent, *args):
     sub = {col: tree[name] for col, tree in variables.items() if name in tree}
     params = sub.pop("params", {})
 
     def apply(p, *inputs):
-      return module.apply({"params": p, **sub}, *inputs, rngs={"dropout": jax.random.PRNGKey(0)})
+      return module.apply(
+        {"params": p, **sub}, *inputs, rngs={"dropout": jax.random.key(0, impl=rng_impl)}
+      )
 
     if differentiate_inputs:
       out, vjp = jax.vjp(apply, params, *args)
@@ -156,7 +160,9 @@ def stage_programs(
       variables,
       *args,
     )
-    fn = _forward_backward(module, name, differentiate_inputs=name != "backbone")
+    fn = _forward_backward(
+      module, name, differentiate_inputs=name != "backbone", rng_impl=config.rng_impl
+    )
     if MODULE_STAGES[name] == "heads":
       heads.append((fn, (variables, as_cotangent(out), *args)))
       continue
