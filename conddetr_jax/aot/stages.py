@@ -93,9 +93,12 @@ def _module_calls(
 def _forward_backward(
   module: nn.Module, name: str, differentiate_inputs: bool, rng_impl: str
 ) -> Callable[..., Any]:
-  """fn(variables, cotangent, *args): the module's forward and the vjp of its outputs, its dropout
-  drawn from a key of ``rng_impl`` (the step's ``config.rng_impl``: RBG's bits cost other bytes and
-  FLOPs than threefry's, so a stage with the default key would not cost what it costs in the step)."""
+  """fn(variables, cotangent, *args): the module's forward and the vjp of its outputs.
+
+  Its dropout draws from a key of ``rng_impl``, the step's ``config.rng_impl``: RBG's bits cost
+  other bytes and FLOPs than threefry's, so with the default key a stage would not cost what it
+  costs in the step.
+  """
 
   def run(variables, cotangent, *args):
     sub = {col: tree[name] for col, tree in variables.items() if name in tree}
