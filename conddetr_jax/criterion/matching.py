@@ -109,9 +109,10 @@ def cost_matrix(
   pos = FOCAL_ALPHA * (1 - prob) ** FOCAL_GAMMA * -jnp.log(prob + 1e-8)
   neg = (1 - FOCAL_ALPHA) * prob**FOCAL_GAMMA * -jnp.log(1 - prob + 1e-8)
   # Each target's column picks its class's cost: a product with the one-hot labels rather than a
-  # gather, whose TPU backward scatters into a (..., Q, C) buffer (the matcher moved 2.3 of the
-  # R50 step's 42 GB per v5e chip before, 0.17 after; docs/accelerators.md). HIGHEST keeps the
-  # picked values exact: the one-hot factor is 0 or 1 and the sum has one nonzero term.
+  # gather, which the TPU program runs as far more traffic than a small matmul (the matching
+  # alone, compiled for v5e: 2.29 GB per chip for R50's 2 images before, 0.17 after;
+  # docs/accelerators.md). HIGHEST keeps the picked values exact: the one-hot factor is 0 or 1
+  # and the sum has one nonzero term.
   one_hot = jax.nn.one_hot(tgt_labels, pred_logits.shape[-1], dtype=jnp.float32)
   class_cost = jnp.einsum(
     "...qc,...mc->...qm", pos - neg, one_hot, precision=jax.lax.Precision.HIGHEST

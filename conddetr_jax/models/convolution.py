@@ -12,8 +12,9 @@ the three platforms, each for its own reason:
   between those and the layouts of the elementwise code around it; a ``dot_general`` over the
   channel axis of the 4-D activation fuses with its neighbours instead. Flattening is not free
   there: the (B*H*W, C) reshape is a relayout copy (DC5-R50's bf16 train step needed 19.0 instead
-  of 13.3 GiB of temporaries on a v5e chip). Compiled for v5e, the R50 bf16 train step moves 20%
-  fewer bytes with the 4-D product than with the convolution (docs/accelerators.md).
+  of 13.3 GiB of temporaries on a v5e chip). Compiled for v5e, the R50 bf16 backbone's forward and
+  backward move 22% fewer bytes with the 4-D product than with the convolution (17.6 -> 13.8 GB
+  per chip for 2 images at 800x1216, docs/accelerators.md).
 - GPUs keep the convolution: cuDNN runs it well.
 
 The result is the same sum in another order: equal to float32 rounding (tests/test_backbone_ops.py
