@@ -1,5 +1,6 @@
 """The backbone's rewritten ops against PyTorch's autograd: 1x1 convs as products (for XLA:CPU
-speed and XLA:TPU traffic) and the stem max-pool with its own backward (docs/cpu-step.md)."""
+speed and XLA:TPU traffic) and the stem max-pool, with its own backward on CPU (docs/cpu-step.md)
+and XLA's reduce-window elsewhere (docs/accelerators.md)."""
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conddetr_jax.models import convolution
-from conddetr_jax.models.pooling import max_pool_3x3_stride2
+from conddetr_jax.models import convolution, pooling
 
 
 def _torch_grads(fn, *arrays):
@@ -123,8 +123,11 @@ def test_1x1_convs_are_products_on_cpu_flattened_and_on_tpu_not_and_convolutions
     assert bool(flattened) == (platform == "cpu"), products
 
 
+@pytest.mark.parametrize(
+  "pool", [pooling.tap_max_pool, pooling.window_max_pool], ids=["cpu_form", "tpu_gpu_form"]
+)
 @pytest.mark.parametrize("shape", [(2, 12, 16, 8), (1, 7, 9, 4)])
-def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
+def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape, pool):
   rng = np.random.default_rng(0)
   x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # ReLU'd: many tied zeros
   x[:, :4, :4, :] = 1.5  # tied positive values, as a padded image region gives
@@ -133,7 +136,19 @@ def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
   ref_out, (ref_dx,), weights = _torch_grads(
     lambda x_: F.max_pool2d(x_.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1), x
   )
-  out, vjp = jax.vjp(max_pool_3x3_stride2, jnp.asarray(x))
+  out, vjp = jax.vjp(pool, jnp.asarray(x))
   (dx,) = vjp(jnp.asarray(weights))
   np.testing.assert_array_equal(out, ref_out)
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+def test_stem_max_pool_is_nine_taps_on_cpu_and_one_reduce_window_on_tpu_and_gpu(platform):
+  """The form follows the compile target: on TPU the nine strided taps cost a tenth of the R50
+  backbone's bytes (docs/accelerators.md), on CPU the reduce-window's backward is slow."""
+  x = jnp.ones((2, 9, 11, 4))
+  train_step = jax.jit(jax.value_and_grad(lambda x_: pooling.max_pool_3x3_stride2(x_).sum()))
+  program = export.export(train_step, platforms=(platform,))(x).mlir_module()
+  windows = program.count("stablehlo.reduce_window")
+  scatters = program.count("stablehlo.select_and_scatter")
+  assert (windows, scatters) == ((0, 0) if platform == "cpu" else (1, 1)), program

@@ -1,17 +1,21 @@
-"""The ResNet stem's 3x3 stride-2 max-pool, with a backward that XLA:CPU runs cheaply.
+"""The ResNet stem's 3x3 stride-2 max-pool: XLA's reduce-window, except on CPU.
 
-``flax.linen.max_pool``'s gradient is XLA's select-and-scatter, which XLA:CPU rewrites into a
-variadic reduce-window that carries four int32 index tensors (one iota per input axis) next to the
-values, then a scatter: on the demo's train step (ResNet-18 trained whole, 4 x 160x192) that was
-about a tenth of the step (docs/cpu-step.md). Here the pool is the maximum of its nine strided
-window taps, and the backward hands each output's gradient to the tap that won, found again from an
-int32 tap index saved in the forward. Ties go to the first maximum in row-major window order, as
-PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradients are those of
-``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties
-included).
+On CPU, ``flax.linen.max_pool``'s gradient is XLA's select-and-scatter, which XLA:CPU rewrites
+into a variadic reduce-window that carries four int32 index tensors (one iota per input axis) next
+to the values, then a scatter: on the demo's train step (ResNet-18 trained whole, 4 x 160x192) that
+was about a tenth of the step (docs/cpu-step.md). There the pool is the maximum of its nine
+strided window taps, and the backward hands each output's gradient to the tap that won, found again
+from an int32 tap index saved in the forward.
+
+Programs compiled for TPUs and GPUs keep the reduce-window (``lax.platform_dependent`` follows the
+compile target, as ``convolution`` does): on TPU the nine taps are nine strided copies of the
+padded stem output, a tenth of the R50 backbone stage's bytes (compiled for v5e, 2 x 800x1216 in
+bf16: docs/accelerators.md), where the reduce-window reads it once.
+
+Either way ties go to the first maximum in row-major window order, as PyTorch's max_pool2d and
+XLA's select-and-scatter both do, so values and gradients are PyTorch's (tests/test_backbone_ops.py
+checks both forms against PyTorch, ties included, and which form each platform compiles).
 """
-
-import functools
 
 import jax
 from jax import lax
@@ -48,10 +52,23 @@ def _forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return best, index
 
 
-@jax.custom_vjp
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C): torchvision's stem
-  max-pool (kernel 3, stride 2, padding 1; the padding never wins)."""
+  max-pool (kernel 3, stride 2, padding 1; the padding never wins). The taps on CPU, XLA's
+  reduce-window elsewhere (module docstring)."""
+  return lax.platform_dependent(x, cpu=tap_max_pool, default=window_max_pool)
+
+
+def window_max_pool(x: jax.Array) -> jax.Array:
+  """``max_pool_3x3_stride2`` as one reduce-window (its gradient: XLA's select-and-scatter)."""
+  pad = ((0, 0), (_PAD, _PAD), (_PAD, _PAD), (0, 0))
+  window, strides = (1, _WINDOW, _WINDOW, 1), (1, _STRIDE, _STRIDE, 1)
+  return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pad)
+
+
+@jax.custom_vjp
+def tap_max_pool(x: jax.Array) -> jax.Array:
+  """``max_pool_3x3_stride2`` as the maximum of its nine taps, with the tap-index backward."""
   return _forward(x)[0]
 
 
@@ -83,4 +100,4 @@ def _max_pool_bwd(residuals: tuple[jax.Array, tuple[int, ...]], g: jax.Array) ->
   return (grad[:, _PAD : _PAD + h, _PAD : _PAD + w, :],)
 
 
-max_pool_3x3_stride2.defvjp(_max_pool_fwd, _max_pool_bwd)
+tap_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
