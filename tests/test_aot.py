@@ -1,6 +1,7 @@
 """The ahead-of-time TPU compile tool (conddetr_jax.aot) and the papers' multiply-add counter."""
 
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -253,7 +254,8 @@ def test_max_batch_confirms_the_predicted_batch_and_prints_one_readable_line_per
 
 
 # A batch-sharded dropout compiled by the train step's jit (``parallel.JitParallel``) for a v5e
-# slice of 4 chips: prints the shapes of the rng-bit-generator results of the optimized HLO.
+# slice of 4 chips: prints the optimized HLO's rng-bit-generator results and whether its mask is
+# still the hash of the element index (an iota), fused into the masked product.
 _DROPOUT_STEP = """
 import jax, jax.numpy as jnp
 from conddetr_jax import sharding
@@ -276,18 +278,19 @@ text = par.lower(state, {"x": x}).compile().as_text()
 for line in text.splitlines():
   if "rng-bit-generator(" in line:
     print("RNG", line.split("=", 1)[1].split("rng-bit-generator(")[0].strip())
+print("IOTA", " iota(" in text)
 """
 
 
 @pytest.mark.slow
-def test_the_tpu_train_step_generates_only_its_own_chips_dropout_bits():
-  # Without xla_tpu_spmd_rng_bit_generator_unsafe each chip would generate the bits of the global
-  # batch (8 images) and keep its 2: four times the dropout masks' traffic.
+def test_the_tpu_train_step_keeps_no_dropout_bits_in_memory():
+  # The masks are a hash of the element index (models/dropout.py): the step's only random bits
+  # are each mask's two 32-bit seeds, however large the mask, and the iota it hashes is there.
   env = _libtpu_env()
   if env is None:
     pytest.skip(f"libtpu is not installed ({aot_devices.install_command()})")
   proc = processes.run_python_ok("-c", _DROPOUT_STEP, env=env, timeout=600)
-  shapes = re.findall(r"^RNG .*?u16\[([\d,]+)\]", proc.stdout, re.MULTILINE)
+  shapes = re.findall(r"^RNG .*?\[([\d,]*)\]", proc.stdout, re.MULTILINE)
   assert shapes, proc.stdout
-  # The mask of one chip's part of the batch: (2, 64, 256), in whatever order XLA lays it out.
-  assert all(sorted(map(int, s.split(","))) == [2, 64, 256] for s in shapes), proc.stdout
+  assert all(math.prod(int(n) for n in s.split(",") if n) <= 4 for s in shapes), proc.stdout
+  assert "IOTA True" in proc.stdout, proc.stdout

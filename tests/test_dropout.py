@@ -1,5 +1,5 @@
-"""models.dropout: masks from 16-bit bits, with nn.Dropout's behaviour, in every transformer
-dropout."""
+"""models.dropout: masks hashed from each element's position, with nn.Dropout's behaviour, in every
+transformer dropout."""
 
 import re
 
@@ -17,8 +17,8 @@ from configs import test_tiny
 def test_keep_rate_is_one_minus_rate_on_a_large_draw(rate):
   n = 1 << 22
   kept = float(jnp.mean(dropout.keep_mask(jax.random.key(3), (n,), rate)))
-  # 5 standard deviations of the mean plus the 16-bit threshold's rounding (<= 1/131072).
-  tolerance = 5 * np.sqrt(rate * (1 - rate) / n) + 1 / 131072
+  # 5 standard deviations of the mean plus the 32-bit threshold's rounding (<= 2**-33).
+  tolerance = 5 * np.sqrt(rate * (1 - rate) / n) + 2.0**-33
   assert abs(kept - (1 - rate)) < tolerance, (rate, kept)
 
 
@@ -51,9 +51,19 @@ def test_masks_differ_across_keys_and_repeat_for_the_same_key():
   assert bool(jnp.any(a != b))
 
 
-def test_the_training_forward_draws_every_dropout_mask_from_16_bit_bits():
-  # The tiny model's training forward (both attention implementations): every random draw is one
-  # of 16 bits, so no dropout is left on flax's 32-bit bernoulli.
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_neighbouring_elements_are_uncorrelated_along_every_axis(axis):
+  # The hash of an affine map of the flat index: neighbours along the last axis differ by the
+  # multiplier, along the others by a multiple of it; none may leave a pattern in the mask.
+  mask = np.asarray(dropout.keep_mask(jax.random.key(5), (64, 64, 64), 0.5), np.float64)
+  a, b = np.moveaxis(mask, axis, 0)[:-1].ravel(), np.moveaxis(mask, axis, 0)[1:].ravel()
+  assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
+
+
+def test_the_training_forward_draws_only_two_32_bit_numbers_per_mask():
+  # The tiny model's training forward (both attention implementations): every random draw is the
+  # (2,) uint32 seed of a hashed mask, so no mask's worth of random bits is drawn into memory and
+  # no dropout is left on flax's bernoulli.
   config = test_tiny.get_config()
   x = jnp.zeros((1, 64, 64, 3))
   mask = jnp.zeros((1, 64, 64), bool)
@@ -67,5 +77,5 @@ def test_the_training_forward_draws_every_dropout_mask_from_16_bit_bits():
         lambda v: model.apply(v, x, mask, train=True, rngs={"dropout": jax.random.key(1)})
       )(variables)
     )
-    widths = re.findall(r"random_bits\[\s*bit_width=(\d+)", jaxpr)
-    assert widths and set(widths) == {"16"}, (attention, sorted(set(widths)))
+    draws = re.findall(r"random_bits\[\s*bit_width=(\d+)\s+shape=\(([^)]*)\)", jaxpr)
+    assert draws and set(draws) == {("32", "2,")}, (attention, sorted(set(draws)))

@@ -204,11 +204,7 @@ class SliceCompiler:
     self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
     self.variables = _replicated_shapes(abstract_variables, replicated)
     self.gpu = devices_lib.is_gpu(devices[0])
-    # The stage programs (aot.stages) get the train step's TPU options too, so that their dropout
-    # masks cost what the step's do.
-    self._options = (
-      devices_lib.gpu_compiler_options() if self.gpu else parallel.compiler_options(self.mesh)
-    )
+    self._options = devices_lib.gpu_compiler_options() if self.gpu else None
 
   @property
   def devices(self) -> int:

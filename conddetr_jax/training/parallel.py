@@ -28,19 +28,6 @@ PARALLEL_MODES = ("jit", "pmap")
 
 StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
-# XLA options for the train step on TPU. The TPU compiler does not partition rng-bit-generator by
-# default: every chip would generate the random bits (the dropout masks) of the global batch and
-# keep its own part, moving batch-times-chips bytes. With this option each chip generates only its
-# part; the masks then depend on the partitioning, which dropout does not mind. GPU and CPU
-# compilers refuse options they do not know, hence TPU only.
-TPU_COMPILER_OPTIONS = {"xla_tpu_spmd_rng_bit_generator_unsafe": True}
-
-
-def compiler_options(mesh: Mesh) -> dict[str, Any] | None:
-  """The train step's XLA options for ``mesh``'s devices (real or compile-only):
-  ``TPU_COMPILER_OPTIONS`` on TPUs, None elsewhere."""
-  return dict(TPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "tpu" else None
-
 
 class _Parallel:
   """What both strategies share: ``self._step``, the step jitted or pmapped for their layout."""
@@ -79,8 +66,6 @@ class JitParallel(_Parallel):
       in_shardings=(self._replicated, self.batch_sharding),
       out_shardings=(self._replicated, self._replicated),
       donate_argnums=0,
-      # Carried into ``lower(...).compile()`` too: the aot tool's TPU compile gets them.
-      compiler_options=compiler_options(mesh),
     )
 
   def device_state(self, host_state: TrainState) -> TrainState:
