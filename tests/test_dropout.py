@@ -79,3 +79,12 @@ def test_the_training_forward_draws_only_two_32_bit_numbers_per_mask():
     )
     draws = re.findall(r"random_bits\[\s*bit_width=(\d+)\s+shape=\(([^)]*)\)", jaxpr)
     assert draws and set(draws) == {("32", "2,")}, (attention, sorted(set(draws)))
+
+
+def test_a_mask_depends_only_on_each_element_s_flat_position():
+  # What makes the masks independent of how a batch is split over devices: an element's bits are
+  # those of its row-major position, whatever the array's shape.
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(
+    dropout.keep_mask(key, (2, 3, 4, 5), 0.3).ravel(), dropout.keep_mask(key, (120,), 0.3)
+  )

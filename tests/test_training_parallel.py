@@ -23,7 +23,7 @@ from conddetr_jax.training import optimizer, parallel, step as step_lib, state a
 
 assert jax.device_count() == 8
 config = test_tiny.get_config()
-config.model.dropout = 0.0  # dropout masks depend on how the batch is split; the rest must not
+config.model.dropout = 0.0  # pmap draws dropout masks per device (jit's do not depend on the split)
 model = models.build_model(config)
 variables = models.init_variables(model, jax.random.PRNGKey(0))
 tx = optimizer.build_optimizer(
