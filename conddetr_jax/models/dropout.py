@@ -19,8 +19,6 @@ affine permutation of positions (never a shift, unless both multipliers are equa
 global batch over 37 images at 800x1216) repeat after 2**32 elements, across different images.
 """
 
-import math
-
 import flax.linen as nn
 import jax
 from jax import lax
@@ -40,14 +38,17 @@ def _mix(x: jax.Array) -> jax.Array:
   return x * jnp.uint32(0xC2B2AE35)
 
 
-def _affine_index(rows: int, cols: int, multiplier: jax.Array, offset: jax.Array) -> jax.Array:
-  """(rows, cols) uint32: ``i * multiplier + offset`` (modulo 2**32) for each element's row-major
-  position i = row * cols + col, as one multiply-add per axis (the row's coefficient is one
-  scalar)."""
-  row = lax.broadcasted_iota(jnp.uint32, (rows, cols), 0)
-  col = lax.broadcasted_iota(jnp.uint32, (rows, cols), 1)
-  row_coefficient = multiplier * jnp.uint32(cols % _LEVELS)
-  return row * row_coefficient + (col * multiplier + offset)
+def _affine_index(shape: tuple[int, ...], multiplier: jax.Array, offset: jax.Array) -> jax.Array:
+  """uint32 array of ``shape``: ``i * multiplier + offset`` (modulo 2**32) for each element's
+  row-major position i, summed axis by axis (each axis's stride times the multiplier is one scalar,
+  so an element costs one multiply and one add per axis)."""
+  out = jnp.broadcast_to(offset, shape)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    coefficient = multiplier * jnp.uint32(stride % _LEVELS)
+    out = out + lax.broadcasted_iota(jnp.uint32, shape, axis) * coefficient
+    stride *= shape[axis]
+  return out
 
 
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
@@ -64,11 +65,8 @@ def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   if threshold >= _LEVELS:  # 1 - rate rounds to 1: uint32 bits cannot all be below 2**32
     return jnp.ones(shape, bool)
   multiplier, offset = jax.random.bits(rng, (2,), jnp.uint32)
-  # Hashed as a (rows, last axis) matrix: the same row-major positions in two index terms instead
-  # of one per axis (fewer integer operations per element; the reshape is free).
-  cols = shape[-1] if shape else 1
-  index = _affine_index(math.prod(shape) // max(cols, 1), cols, multiplier | jnp.uint32(1), offset)
-  return (_mix(index) < jnp.uint32(threshold)).reshape(shape)
+  bits = _mix(_affine_index(shape, multiplier | jnp.uint32(1), offset))
+  return bits < jnp.uint32(threshold)
 
 
 class Dropout(nn.Module):
