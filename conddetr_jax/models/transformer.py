@@ -306,7 +306,7 @@ class ConditionalDecoderLayer(nn.Module):
       2 * self.config.d_model // h
     ) ** -0.5  # the concatenated head's width, as the attention's
     for part, (q, k) in (("content", (q_content, k_content)), ("spatial", (q_spatial, k_pos))):
-      logits = head_logits(heads(q) * scale, heads(k)).astype(jnp.float32)
+      logits = head_logits(heads(q) * scale, heads(k))
       self.sow("intermediates", f"{part}_logits", logits)
       self.sow("intermediates", f"{part}_weights", masked_softmax(logits, memory_mask))
 
