@@ -1,6 +1,5 @@
 """The backbone's rewritten ops against PyTorch's autograd: 1x1 convs as products (for XLA:CPU
-speed and XLA:TPU traffic) and the stem max-pool, with its own backward on CPU (docs/cpu-step.md)
-and XLA's reduce-window elsewhere (docs/accelerators.md)."""
+speed and XLA:TPU traffic) and the stem max-pool with its own backward (docs/cpu-step.md)."""
 
 import flax.linen as nn
 import jax
@@ -11,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conddetr_jax.models import convolution, pooling
+from conddetr_jax.models import convolution
+from conddetr_jax.models.pooling import max_pool_3x3_stride2
 
 
 def _torch_grads(fn, *arrays):
@@ -123,13 +123,8 @@ def test_1x1_convs_are_products_on_cpu_flattened_and_on_tpu_not_and_convolutions
     assert bool(flattened) == (platform == "cpu"), products
 
 
-@pytest.mark.parametrize(
-  "pool",
-  [pooling.max_pool_3x3_stride2, pooling.window_max_pool],
-  ids=["cpu_taps_backward", "tpu_gpu_select_and_scatter"],
-)
 @pytest.mark.parametrize("shape", [(2, 12, 16, 8), (1, 7, 9, 4)])
-def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape, pool):
+def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
   rng = np.random.default_rng(0)
   x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)  # ReLU'd: many tied zeros
   x[:, :4, :4, :] = 1.5  # tied positive values, as a padded image region gives
@@ -138,26 +133,7 @@ def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape, pool):
   ref_out, (ref_dx,), weights = _torch_grads(
     lambda x_: F.max_pool2d(x_.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1), x
   )
-  out, vjp = jax.vjp(pool, jnp.asarray(x))
+  out, vjp = jax.vjp(max_pool_3x3_stride2, jnp.asarray(x))
   (dx,) = vjp(jnp.asarray(weights))
   np.testing.assert_array_equal(out, ref_out)
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
-def test_stem_max_pool_backward_is_the_taps_on_cpu_and_select_and_scatter_on_tpu_and_gpu(platform):
-  """The backward follows the compile target (XLA:CPU runs select-and-scatter slowly); the forward
-  is one reduce-window everywhere (the nine taps cost TPU a tenth of the R50 backbone's bytes,
-  docs/accelerators.md)."""
-  x = jnp.ones((2, 9, 11, 4))
-  train_step = jax.jit(jax.value_and_grad(lambda x_: pooling.max_pool_3x3_stride2(x_).sum()))
-  program = export.export(train_step, platforms=(platform,))(x).mlir_module()
-  assert "stablehlo.reduce_window" in program
-  scatters = program.count("stablehlo.select_and_scatter")
-  assert scatters == (0 if platform == "cpu" else 1), program
-
-
-def test_stem_max_pool_forward_holds_no_platform_switch():
-  # What inference and the exports run: ONNX (jax2onnx) has no platform switch to convert.
-  jaxpr = str(jax.make_jaxpr(pooling.max_pool_3x3_stride2)(jnp.ones((1, 9, 11, 4))))
-  assert "platform_index" not in jaxpr and "reduce_window" in jaxpr, jaxpr
