@@ -16,6 +16,8 @@ README_MAX_BYTES = (
   15_000  # as `wc -c` counts: a manual read in five minutes; measurements belong in docs/
 )
 
+DOC_MAX_BYTES = 150_000  # twice the longest document (docs/accelerators.md's tables and history)
+
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.M)
 _ANCHOR = re.compile(r'<a id="([^"]+)">')
@@ -38,6 +40,14 @@ def test_readme_is_a_short_manual():
     text = f.read()
   size = len(text.encode("utf-8"))
   assert size <= README_MAX_BYTES, f"README.md has {size} bytes (at most {README_MAX_BYTES})"
+
+
+@pytest.mark.parametrize("document", DOCS)
+def test_no_document_has_grown_past_a_reader(document):
+  # 472c5fe wrote a paragraph between every character of docs/accelerators.md (54 MB): an edit
+  # script's str.replace with an empty pattern. Nothing else checks a document's size.
+  size = os.path.getsize(os.path.join(REPO, document))
+  assert size <= DOC_MAX_BYTES, f"{document} has {size} bytes (at most {DOC_MAX_BYTES})"
 
 
 @pytest.mark.parametrize("document", ["README.md"] + DOCS)
