@@ -137,3 +137,13 @@ def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
   (dx,) = vjp(jnp.asarray(weights))
   np.testing.assert_array_equal(out, ref_out)
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
+
+
+def test_stem_max_pool_is_a_reduce_window_when_differentiated_and_the_taps_otherwise():
+  """The train step's pool is XLA's reduce-window (the TPU materialises the nine taps); serving
+  keeps the taps, which jax2onnx converts (tests/test_export.py runs that conversion)."""
+  x = jnp.ones((1, 6, 6, 2))
+  primal = str(jax.make_jaxpr(max_pool_3x3_stride2)(x))
+  differentiated = str(jax.make_jaxpr(lambda x_: jax.vjp(max_pool_3x3_stride2, x_))(x))
+  assert "reduce_window_max" not in primal and primal.count("max ") == 8, primal
+  assert "reduce_window_max" in differentiated, differentiated
