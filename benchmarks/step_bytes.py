@@ -17,6 +17,12 @@ counts only the parts of an operand a fusion reads, and in-place updates less), 
 total so the two can be compared. Loop bodies count once, as in the cost analysis. Printed: the
 ``--top`` instructions, then the totals per model part: the instruction's JAX ``op_name`` cut to
 ``--depth`` module names, split by whether it runs in the forward or the backward pass.
+
+Last, an estimate of the HBM traffic alone: the same operands and results, but only those whose
+layout puts them in HBM (no memory space ``S(n)``: ``S(1)`` is the TPU's on-chip VMEM), and each
+asynchronous copy between the two (``copy-start``/``copy-done``, ``slice-start``/``slice-done``)
+once, at its HBM end. XLA's bytes accessed counts every instruction's operands and results in
+whichever memory they live, plus those copies (docs/accelerators.md, "What the counts leave out").
 """
 
 import collections
@@ -67,6 +73,11 @@ _INSTRUCTION = re.compile(
   r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\((?P<rest>.*)$"
 )
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+# An array of an HLO shape with its layout, e.g. ``bf16[2,8]{1,0:T(8,128)(2,1)S(1)}``.
+_LAID_OUT_ARRAY = re.compile(r"[a-z]+\d*\[[\d,]*\](?:\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\(\d+\)")  # a memory space other than HBM's (the default, unnamed)
+_ASYNC_MOVE_START = {"copy-start", "slice-start"}
+_ASYNC_MOVE_DONE = {"copy-done", "slice-done"}
 _NAME = re.compile(r"%([\w.\-]+)")
 # A JAX transformation's name wrapping a module path: jvp(...), transpose(...), remat(...), ...
 _TRANSFORM = re.compile(r"^(\w+)\((.*)\)$")
@@ -86,6 +97,13 @@ def _computations(text: str) -> Iterator[tuple[str, list[str]]]:
       lines.append(line)
 
 
+def hbm_bytes(shape: str) -> int:
+  """Bytes of the arrays of an HLO shape (an array or a tuple) whose layout puts them in HBM."""
+  return sum(
+    hlo.shape_bytes(array) for array in _LAID_OUT_ARRAY.findall(shape) if not _ON_CHIP.search(array)
+  )
+
+
 def _operands(rest: str) -> list[str]:
   """The names of an instruction's operands: the %names in ``rest`` up to the parenthesis closing
   its op's."""
@@ -98,9 +116,10 @@ def _operands(rest: str) -> list[str]:
 
 
 def instruction_traffic(text: str) -> list[dict]:
-  """Each kernel-level instruction of ``text`` with its estimated bytes (operands + result), its
-  op, result shape and JAX op_name (a fusion without one: the first op_name of its body), largest
-  first."""
+  """Each kernel-level instruction of ``text`` with its estimated bytes (operands + result), the
+  part of them in HBM (``hbm_bytes``; an asynchronous copy's start counts its HBM source, its done
+  its HBM destination), its op, result shape and JAX op_name (a fusion without one: the first
+  op_name of its body), largest first."""
   computations = dict(_computations(text))
   parsed = {
     comp: [(m, line) for line in lines if (m := _INSTRUCTION.match(line))]
@@ -123,10 +142,18 @@ def instruction_traffic(text: str) -> list[dict]:
       name = _OP_NAME.search(line)
       body = _BODY_REFERENCE.search(line)
       op_name = name[1] if name else first_op_name.get(body[1], "") if body else ""
-      operand_bytes = sum(hlo.shape_bytes(shapes.get(o, "")) for o in _operands(m["rest"]))
+      operand_shapes = [shapes.get(o, "") for o in _operands(m["rest"])]
+      operand_bytes = sum(hlo.shape_bytes(shape) for shape in operand_shapes)
+      if m["op"] in _ASYNC_MOVE_START:
+        in_hbm = sum(hbm_bytes(shape) for shape in operand_shapes)
+      elif m["op"] in _ASYNC_MOVE_DONE:
+        in_hbm = hbm_bytes(m["shape"])
+      else:
+        in_hbm = hbm_bytes(m["shape"]) + sum(hbm_bytes(shape) for shape in operand_shapes)
       rows.append(
         {
           "bytes": hlo.shape_bytes(m["shape"]) + operand_bytes,
+          "hbm_bytes": in_hbm,
           "op": m["op"],
           "shape": re.sub(r"\{[^}]*\}", "", m["shape"]),
           "name": m["name"],
@@ -150,9 +177,9 @@ def model_part(op_name: str, depth: int) -> tuple[str, str]:
   return "/".join(path[: depth + 1]) or "(no op_name)", "bwd" if backward else "fwd"
 
 
-def print_traffic(text: str, top: int, depth: int) -> float:
-  """Prints the ``top`` instructions and model parts of ``instruction_traffic(text)``; returns the
-  estimated total bytes."""
+def print_traffic(text: str, top: int, depth: int) -> tuple[float, float]:
+  """Prints the ``top`` instructions and model parts of ``instruction_traffic(text)``, then the HBM
+  estimate; returns (estimated total bytes, estimated HBM bytes)."""
   rows = instruction_traffic(text)
   print(f"top {top} instructions by estimated traffic (operands + result):")
   for r in rows[:top]:
@@ -165,15 +192,21 @@ def print_traffic(text: str, top: int, depth: int) -> float:
   print(f"estimated traffic per model part (op_name to depth {depth}), largest first:")
   for (part, direction), b in sorted(parts.items(), key=lambda kv: -kv[1])[: 3 * top]:
     print(f"  {b / 1e9:7.3f} GB  {direction}  {part}")
-  return sum(r["bytes"] for r in rows)
+  moves = [r for r in rows if r["op"] in _ASYNC_MOVE_START | _ASYNC_MOVE_DONE]
+  hbm = sum(r["hbm_bytes"] for r in rows)
+  print(
+    f"estimated HBM traffic: {hbm / 1e9:.2f} GB ({sum(r['hbm_bytes'] for r in moves) / 1e9:.2f} "
+    f"of it by {len(moves) // 2} asynchronous copies between HBM and on-chip memory)"
+  )
+  return sum(r["bytes"] for r in rows), hbm
 
 
 def main(argv: list[str]) -> None:
   del argv
   if _READ_HLO.value:
     with open(_READ_HLO.value, encoding="utf-8") as f:
-      estimated = print_traffic(f.read(), _TOP.value, _DEPTH.value)
-    print(f"step_bytes estimated_gb={estimated / 1e9:.2f}")
+      estimated, hbm = print_traffic(f.read(), _TOP.value, _DEPTH.value)
+    print(f"step_bytes estimated_gb={estimated / 1e9:.2f} estimated_hbm_gb={hbm / 1e9:.2f}")
     return
   jax.config.update("jax_platforms", "cpu")
   config = _CONFIG.value.copy_and_resolve_references()
@@ -187,7 +220,7 @@ def main(argv: list[str]) -> None:
   if _HLO.value:
     with open(_HLO.value, "w", encoding="utf-8") as f:
       f.write(text)
-  estimated = print_traffic(text, _TOP.value, _DEPTH.value)
+  estimated, hbm = print_traffic(text, _TOP.value, _DEPTH.value)
   m = config.model
   print(
     f"step_bytes model={m.backbone}{'_dc5' if m.dilation else ''} dtype={m.dtype} "
@@ -196,6 +229,7 @@ def main(argv: list[str]) -> None:
     f"gflop_per_image={cost.flops / batch / 1e9:.1f} "
     f"gb_per_image={cost.bytes_accessed / batch / 1e9:.2f} "
     f"flop_per_byte={cost.flops_per_byte:.1f} estimated_gb_per_chip={estimated / 1e9:.2f} "
+    f"estimated_hbm_gb_per_chip={hbm / 1e9:.2f} "
     f"temp_gib={compiled.temp_bytes / 2**30:.2f}"
   )
 

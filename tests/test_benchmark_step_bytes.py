@@ -1,0 +1,40 @@
+"""benchmarks/step_bytes.py's reading of an optimized HLO text, on a hand-written module: what each
+instruction counts, and the HBM estimate (arrays laid out in HBM; an asynchronous copy once, at
+its HBM end)."""
+
+from benchmarks import step_bytes
+
+# A bf16[4,4] is 32 bytes. Prefetch ``a`` into on-chip memory (S(1)), negate it there (a fusion
+# whose body is not counted again), write the result back to HBM.
+_MODULE = """HloModule m
+
+%fused_negate (p: bf16[4,4]) -> bf16[4,4] {
+  %p = bf16[4,4]{1,0:S(1)} parameter(0)
+  ROOT %n = bf16[4,4]{1,0:S(1)} negate(%p), metadata={op_name="jit(f)/neg"}
+}
+
+ENTRY %main (a: bf16[4,4]) -> bf16[4,4] {
+  %a = bf16[4,4]{1,0} parameter(0)
+  %cs = (bf16[4,4]{1,0}, bf16[4,4]{1,0:T(8,128)(2,1)S(1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = bf16[4,4]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  %f = bf16[4,4]{1,0:S(1)} fusion(%cd), kind=kLoop, calls=%fused_negate
+  %es = (bf16[4,4]{1,0:S(1)}, bf16[4,4]{1,0}, u32[]{:S(2)}) copy-start(%f)
+  ROOT %ed = bf16[4,4]{1,0} copy-done(%es)
+}
+"""
+
+
+def test_each_kernel_counts_its_operands_and_result_and_only_hbm_arrays_count_as_hbm():
+  rows = {r["name"]: r for r in step_bytes.instruction_traffic(_MODULE)}
+  assert set(rows) == {"cs", "cd", "f", "es", "ed"}  # the fusion's body is inside ``f``
+  assert rows["f"]["bytes"] == 64 and rows["f"]["hbm_bytes"] == 0  # on-chip in, on-chip out
+  assert rows["f"]["op_name"] == "jit(f)/neg"  # from its body
+  # The prefetch reads ``a`` from HBM (counted at its start), the write-back writes HBM (at its
+  # done): each copy once.
+  assert [rows[n]["hbm_bytes"] for n in ("cs", "cd", "es", "ed")] == [32, 0, 0, 32]
+
+
+def test_hbm_bytes_reads_each_arrays_memory_space_from_its_layout():
+  assert step_bytes.hbm_bytes("f32[2,3]{1,0:T(8,128)}") == 24
+  assert step_bytes.hbm_bytes("f32[2,3]{1,0:T(8,128)S(1)}") == 0
+  assert step_bytes.hbm_bytes("(f32[2,3]{1,0}, bf16[8]{0:S(1)}, u32[]{:S(2)})") == 24
