@@ -2,8 +2,11 @@
 known chip, and the loops whose bodies XLA's cost analysis counts once.
 
 The roofline time of a program is the larger of its FLOPs at the chip's dense bf16 peak and its
-bytes accessed (XLA's count after fusion: the HBM traffic) at the chip's HBM bandwidth: a lower
-bound on its run time, not an estimate of it. A chip runs ``per_chip`` devices' programs, so a
+bytes accessed at the chip's HBM bandwidth. XLA's bytes accessed (after fusion) also counts
+operands in on-chip memory and the copies between it and HBM, so it exceeds the HBM traffic (R50
+on v5e: about 4x by ``benchmarks/step_bytes.py``'s HBM estimate; docs/accelerators.md): the
+roofline of the program as counted, neither an estimate of its run time nor a bound on it. A
+chip runs ``per_chip`` devices' programs, so a
 device's roofline is ``per_chip`` times the chip's; per image and chip the factor cancels.
 """
 
@@ -41,7 +44,7 @@ def stage_rows(
     "cost_analysis per device, each stage compiled alone for this target"
     + (
       f"; roofline on {chip.name}: max(FLOPs / {chip.bf16_tflops:g} TFLOP/s, bytes / "
-      f"{chip.hbm_gbs:g} GB/s), a lower bound, not a time"
+      f"{chip.hbm_gbs:g} GB/s) as XLA counts bytes (on-chip included), not a time"
       if with_roofline
       else "; no roofline: the chip's peak is unknown"
     )
