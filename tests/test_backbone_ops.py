@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conddetr_jax.models import convolution
+from conddetr_jax.models import convolution, pooling
 from conddetr_jax.models.pooling import max_pool_3x3_stride2
 
 
@@ -139,11 +139,30 @@ def test_stem_max_pool_and_its_gradient_match_torch_including_ties(shape):
   np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
 
 
-def test_stem_max_pool_is_a_reduce_window_when_differentiated_and_the_taps_otherwise():
-  """The train step's pool is XLA's reduce-window (the TPU materialises the nine taps); serving
-  keeps the taps, which jax2onnx converts (tests/test_export.py runs that conversion)."""
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_stem_max_pool_is_a_reduce_window_only_differentiated_on_tpu(platform):
+  """The TPU train step's pool is XLA's reduce-window (XLA:TPU materialises the nine taps);
+  XLA:CPU keeps the taps (its reduce-window is slower), and so does every undifferentiated
+  program, on every platform: serving exports, which jax2onnx converts (tests/test_export.py)."""
   x = jnp.ones((1, 6, 6, 2))
-  primal = str(jax.make_jaxpr(max_pool_3x3_stride2)(x))
-  differentiated = str(jax.make_jaxpr(lambda x_: jax.vjp(max_pool_3x3_stride2, x_))(x))
-  assert "reduce_window_max" not in primal and primal.count("max ") == 8, primal
-  assert "reduce_window_max" in differentiated, differentiated
+
+  def program(fn):
+    return export.export(jax.jit(fn), platforms=(platform,))(x).mlir_module()
+
+  train = program(jax.grad(lambda x_: max_pool_3x3_stride2(x_).sum()))
+  serve = program(max_pool_3x3_stride2)
+  assert ("stablehlo.reduce_window" in train) == (platform == "tpu")
+  assert "stablehlo.reduce_window" not in serve and "platform_index" not in serve
+
+
+def test_stem_max_pool_reduce_window_form_finds_the_taps_maximum_and_first_winner():
+  """The TPU form (reduce-window, then the first tap equal to it) against the taps' own (checked
+  against PyTorch above), ties and a negative border included."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.normal(size=(2, 9, 11, 3)), 0).astype(np.float32)  # many tied zeros
+  x[:, :4, :4, :] = 1.5
+  x[0, -1, :, 0] = -2.0
+  taps_best, taps_index = pooling._taps_max_and_index(jnp.asarray(x))
+  window_best, window_index = pooling._reduce_window_max_and_index(jnp.asarray(x))
+  np.testing.assert_array_equal(window_best, taps_best)
+  np.testing.assert_array_equal(window_index, taps_index)

@@ -10,11 +10,13 @@ PyTorch's max_pool2d and XLA's select-and-scatter both do, so values and gradien
 ``nn.max_pool`` and PyTorch's (tests/test_backbone_ops.py checks both against PyTorch, ties
 included).
 
-Differentiated, the forward is XLA's reduce-window and the tap index is found by comparing the taps
-with its result: in the train step the stem is frozen, nothing reads the index, XLA drops it, and
-the pool is one reduce-window (on TPU the nine strided taps are materialised: R50 bf16 on v5e,
-0.31 GB per image; docs/accelerators.md). Undifferentiated (evaluation, serving), the pool stays
-the taps' maximum: jax2onnx turns a reduce-window into an NHWC MaxPool that onnxruntime rejects.
+Differentiated and compiled for TPU, the forward is XLA's reduce-window and the tap index is found
+by comparing the taps with its result: in the train step the stem is frozen, nothing reads the
+index, XLA drops it, and the pool is one reduce-window (XLA:TPU materialises the nine strided taps:
+R50 bf16 on v5e, 0.31 GB per image; docs/accelerators.md). XLA:CPU keeps the taps (its
+reduce-window made the demo-sized pool's forward and backward 4x slower). Undifferentiated
+(evaluation, serving), the pool is the taps' maximum on every platform: jax2onnx turns a
+reduce-window into an NHWC MaxPool that onnxruntime rejects, and cannot convert a platform switch.
 """
 
 import functools
@@ -44,19 +46,19 @@ def _taps(x: jax.Array) -> tuple[list[jax.Array], tuple[int, int]]:
   return taps, (out_h, out_w)
 
 
-@jax.custom_vjp
-def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C): torchvision's stem
-  max-pool (kernel 3, stride 2, padding 1; the padding never wins)."""
+def _taps_max_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, index of the first tap holding it), from the taps alone."""
   taps, _ = _taps(x)
-  best = taps[0]
-  for tap in taps[1:]:
-    best = jnp.maximum(best, tap)
-  return best
+  best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int32)
+  for k, tap in enumerate(taps[1:], start=1):
+    better = tap > best
+    best, index = jnp.where(better, tap, best), jnp.where(better, k, index)
+  return best, index
 
 
-def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple[int, ...]]]:
-  """The reduce-window's maximum, and the index of the first tap holding it (for the backward)."""
+def _reduce_window_max_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, index of the first tap holding it): XLA's reduce-window, then the taps compared with
+  its result (XLA drops that comparison when nothing reads the index)."""
   best = lax.reduce_window(
     x,
     -jnp.inf,
@@ -69,6 +71,20 @@ def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple[int, 
   index = jnp.zeros(best.shape, jnp.int32)
   for k in reversed(range(len(taps))):  # the lowest k holding the maximum is written last
     index = jnp.where(taps[k] == best, k, index)
+  return best, index
+
+
+@jax.custom_vjp
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, floor((H - 1) / 2) + 1, floor((W - 1) / 2) + 1, C): torchvision's stem
+  max-pool (kernel 3, stride 2, padding 1; the padding never wins)."""
+  return _taps_max_and_index(x)[0]  # XLA drops the unread index
+
+
+def _max_pool_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, tuple[int, ...]]]:
+  best, index = lax.platform_dependent(
+    x, tpu=_reduce_window_max_and_index, default=_taps_max_and_index
+  )
   return best, (index, x.shape)
 
 
