@@ -88,3 +88,54 @@ def test_a_mask_depends_only_on_each_element_s_flat_position():
   np.testing.assert_array_equal(
     dropout.keep_mask(key, (2, 3, 4, 5), 0.3).ravel(), dropout.keep_mask(key, (120,), 0.3)
   )
+
+
+def _residual_arrays(vjp_fn):
+  """The arrays a ``jax.vjp`` function keeps for the backward pass, as (shape, dtype) pairs."""
+  return [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp_fn)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_dropout_equals_autodiff_of_relu_then_dropout_and_keeps_only_its_output(dtype):
+  x = jax.random.normal(jax.random.key(0), (64, 96), dtype).at[0, :8].set(0)
+  rate = 0.25
+  cotangent = jax.random.normal(jax.random.key(2), x.shape, dtype)
+
+  def autodiff(x):  # the mask drawn inside, as in the model, so that it is a residual there too
+    return dropout.Dropout(rate).apply(
+      {}, jax.nn.relu(x), deterministic=False, rng=jax.random.key(1)
+    )
+
+  def fused(x):
+    return dropout.relu_dropout(x, dropout.keep_mask(jax.random.key(1), x.shape, rate), rate)
+
+  # Compiled, as in the model (eagerly, XLA:CPU divides by 1 - rate in one op and not the other).
+  want, want_vjp = jax.vjp(jax.jit(autodiff), x)
+  got, got_vjp = jax.vjp(jax.jit(fused), x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cotangent)[0], want_vjp(cotangent)[0])
+  assert (x.shape, jnp.dtype(jnp.bool_)) in _residual_arrays(want_vjp)
+  # No mask and no input kept: the backward pass reads the output alone and draws nothing.
+  assert _residual_arrays(got_vjp) == [(x.shape, jnp.dtype(dtype))]
+
+
+def test_after_relu_is_relu_then_the_module_s_own_dropout():
+  x = jax.random.normal(jax.random.key(0), (32, 48))
+  rngs = {"dropout": jax.random.key(4)}
+  module = dropout.Dropout(0.3)
+  for deterministic in (False, True):
+    np.testing.assert_array_equal(
+      module.apply({}, x, deterministic, method="after_relu", rngs=rngs),
+      module.apply({}, jax.nn.relu(x), deterministic, rngs=rngs),
+    )
+
+
+def test_bfloat16_kept_values_are_scaled_by_the_float32_one_over_keep_probability():
+  # bf16 arithmetic would divide by bf16's 0.9 (0.8984375), which rounds a third of these values
+  # one step higher (0.1875 -> 0.208984375 instead of 0.2080078125).
+  x = (jnp.arange(1, 256) / 64).astype(jnp.bfloat16)
+  y = dropout.Dropout(0.1).apply({}, x, deterministic=False, rng=jax.random.key(0))
+  kept = y != 0
+  assert 0 < int(kept.sum()) < x.size
+  want = (x.astype(jnp.float32) / 0.9).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(y[kept], want[kept])

@@ -18,6 +18,7 @@ from conddetr_jax.models.attention import (
   blockwise_attention,
   masked_softmax,
 )
+from conddetr_jax.models.dropout import Dropout, keep_mask
 from configs import r50, test_tiny
 
 
@@ -206,6 +207,64 @@ def test_masked_softmax_in_bfloat16_has_float32_softmax_gradients_and_float32_is
   grad = half_vjp(cotangent.astype(jnp.bfloat16))[0]
   scale = float(jnp.abs(want_vjp(cotangent)[0]).max())
   np.testing.assert_allclose(grad, want_vjp(cotangent)[0], atol=2e-2 * scale)
+
+
+def test_attention_dropout_in_bfloat16_is_dropout_of_the_softmax_with_one_tensor_kept():
+  """``masked_softmax`` with a dropout: the values and gradients of ``Dropout`` after the softmax
+  (padded keys included, whose weights are 0; gradients to rounding), keeping for the backward
+  pass only the signed weights, no keep mask (XLA evaluated the hashed mask again for it)."""
+  logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 7))
+  mask = jnp.zeros((2, 7), bool).at[0, 5:].set(True)
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), logits.shape, jnp.bfloat16)
+  rate = 0.4
+
+  def autodiff(x):
+    weights = masked_softmax(x, mask, jnp.bfloat16)
+    return Dropout(rate).apply({}, weights, deterministic=False, rng=jax.random.PRNGKey(2))
+
+  def fused(x):
+    keep = keep_mask(jax.random.PRNGKey(2), x.shape, rate)
+    return masked_softmax(x, mask, jnp.bfloat16, (keep, rate))
+
+  # Compiled, as in the model (eagerly, op by op, XLA:CPU rounds the softmax differently).
+  want, want_vjp = jax.vjp(jax.jit(autodiff), logits)
+  got, got_vjp = jax.vjp(jax.jit(fused), logits)
+  assert got.dtype == jnp.bfloat16 and 0 < int((got == 0).sum()) < got.size
+  np.testing.assert_array_equal(got, want)
+  # Autodiff rounds the dropout's scaled cotangent to bf16 before the softmax's backward pass.
+  want_grad, got_grad = want_vjp(cotangent)[0], got_vjp(cotangent)[0]
+  np.testing.assert_allclose(got_grad, want_grad, atol=1e-2 * float(jnp.abs(want_grad).max()))
+  # Kept: what the softmax without dropout keeps (the padding mask's residuals and the weights);
+  # autodiff also keeps the dropout's mask.
+  _, undropped_vjp = jax.vjp(lambda x: masked_softmax(x, mask, jnp.bfloat16), logits)
+  residuals = {}
+  for name, vjp_fn in (("fused", got_vjp), ("undropped", undropped_vjp), ("autodiff", want_vjp)):
+    residuals[name] = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(vjp_fn))
+  assert residuals["fused"] == residuals["undropped"], residuals
+  assert len(residuals["autodiff"]) > len(residuals["fused"]), residuals
+
+
+def test_a_training_attention_in_bfloat16_keeps_no_dropout_mask_and_draws_float32_s_masks():
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 5, 8)) for i in range(3))
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  masks = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    attention = MultiHeadAttention(num_heads=2, dropout=0.5, dtype=dtype)
+    variables = attention.init(jax.random.PRNGKey(0), q, k, v)
+    apply = lambda x: attention.apply(
+      variables, x, k, v, train=True, rngs=rngs, capture_intermediates=lambda *_: True
+    )
+    (_, state), vjp_fn = jax.vjp(apply, q.astype(dtype))
+    kept = [leaf.shape for leaf in jax.tree.leaves(vjp_fn) if leaf.dtype == jnp.bool_]
+    captured = state["intermediates"]["Dropout_0"]
+    if dtype == jnp.float32:  # autodiff of the dropout: its mask is kept
+      assert (2, 2, 5, 5) in kept, kept
+      masks[dtype] = captured["__call__"][0] != 0
+    else:
+      assert (2, 2, 5, 5) not in kept, kept
+      masks[dtype] = captured["keep"][0]
+  assert 0 < int(masks[jnp.float32].sum()) < masks[jnp.float32].size
+  np.testing.assert_array_equal(masks[jnp.bfloat16], masks[jnp.float32])
 
 
 def _equations(jaxpr):

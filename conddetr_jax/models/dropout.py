@@ -10,7 +10,14 @@ flat index, as SplitMix's counter): integer arithmetic on iotas, which XLA fuses
 consumer, so no mask exists in memory and the backward pass computes it again where it needs it
 (R50 bf16 on v5e: the encoder's bytes 8.91 -> 5.29 GB per chip, FLOPs +2%; docs/accelerators.md).
 Elements are kept when their 32 bits fall below ``round((1 - rate) * 2**32)``, a keep probability
-of ``1 - rate`` to within 2**-32; kept values are scaled by ``1 / (1 - rate)``, as flax does.
+of ``1 - rate`` to within 2**-32; kept values are scaled by ``1 / (1 - rate)``, as flax does
+(``scale_kept``).
+
+Computing a mask costs integer work each time (XLA counted a third of it as the R50 step's excess
+FLOPs over the RBG masks'), and XLA computed each mask three times: in the forward pass, for the
+next product's weight gradient and for the dropped tensor's own. Where the dropped tensor is a
+ReLU's output (``relu_dropout``) or a softmax's (``attention.dropped_softmax_as``), the backward
+pass needs no mask: it reads it from the one tensor it keeps, so each mask is computed once.
 
 The index is the element's position in the whole array, so a batch split over devices draws the
 masks it draws on one device (XLA partitions the iota). Two keys' masks relate only through an
@@ -18,6 +25,8 @@ affine permutation of positions (never a shift, unless both multipliers are equa
 2**-31). Positions are taken modulo 2**32: masks of more elements (DC5's encoder attention for a
 global batch over 37 images at 800x1216) repeat after 2**32 elements, across different images.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -40,15 +49,20 @@ def _mix(x: jax.Array) -> jax.Array:
 
 def _affine_index(shape: tuple[int, ...], multiplier: jax.Array, offset: jax.Array) -> jax.Array:
   """uint32 array of ``shape``: ``i * multiplier + offset`` (modulo 2**32) for each element's
-  row-major position i, summed axis by axis (each axis's stride times the multiplier is one scalar,
-  so an element costs one multiply and one add per axis)."""
-  out = jnp.broadcast_to(offset, shape)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    coefficient = multiplier * jnp.uint32(stride % _LEVELS)
-    out = out + lax.broadcasted_iota(jnp.uint32, shape, axis) * coefficient
-    stride *= shape[axis]
-  return out
+  row-major position i.
+
+  Built axis by axis from the front: the index of the leading axes, computed on their own
+  smaller shape with the multiplier times the last axis's length, plus the last axis's
+  ``iota * multiplier``, each broadcast. Only that one add runs over the full shape: an element
+  costs one operation for its position, not a multiply and an add per axis (XLA counts each as a
+  FLOP).
+  """
+  if not shape:
+    return offset
+  last = shape[-1]
+  leading = _affine_index(shape[:-1], multiplier * jnp.uint32(last % _LEVELS), offset)
+  column = lax.broadcasted_iota(jnp.uint32, (last,), 0) * multiplier
+  return leading[..., None] + column
 
 
 def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
@@ -69,6 +83,45 @@ def keep_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   return bits < jnp.uint32(threshold)
 
 
+def scale_kept(x: jax.Array, rate: float) -> jax.Array:
+  """``x / (1 - rate)``, the kept values' scale. A float32 x is divided as flax divides; a
+  lower-precision x in float32, rounded once: in bf16 arithmetic the divisor would be bf16's
+  rounding of 1 - rate (0.9 -> 0.8984375: kept values 0.2% too large), and on TPUs without bf16
+  vector arithmetic XLA converts that constant for every element (a FLOP each, by its count)."""
+  if jnp.finfo(x.dtype).bits >= 32:
+    return x / (1.0 - rate)
+  return (x.astype(jnp.float32) / (1.0 - rate)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def relu_dropout(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+  """``where(keep, relu(x) / (1 - rate), 0)``, the feed-forward's ReLU and dropout, whose backward
+  pass keeps only the output y and draws no mask: ``y > 0`` is exactly "x > 0 and kept" (a
+  positive x over 1 - rate stays positive), so the gradient is ``where(y > 0, g / (1 - rate), 0)``
+  (``scale_kept``), what autodiff gives. Autodiff of the two ops keeps x (or the ReLU), and XLA
+  evaluated the hashed mask twice more in the backward pass: once for the next layer's weight
+  gradient (which reads y) and once for x's gradient.
+
+  Args:
+    x: the pre-activation.
+    keep: the keep mask (``keep_mask``), x's shape.
+    rate: the drop probability, in (0, 1).
+  """
+  return jnp.where(keep, scale_kept(nn.relu(x), rate), jnp.zeros_like(x))
+
+
+def _relu_dropout_fwd(x: jax.Array, keep: jax.Array, rate: float) -> tuple[jax.Array, jax.Array]:
+  y = relu_dropout(x, keep, rate)
+  return y, y
+
+
+def _relu_dropout_bwd(rate: float, y: jax.Array, g: jax.Array) -> tuple[jax.Array, None]:
+  return jnp.where(y > 0, scale_kept(g, rate), jnp.zeros_like(g)), None
+
+
+relu_dropout.defvjp(_relu_dropout_fwd, _relu_dropout_bwd)
+
+
 class Dropout(nn.Module):
   """``nn.Dropout``'s interface (``rate``, ``deterministic``, ``rng_collection``) with masks from
   ``keep_mask``.
@@ -80,6 +133,12 @@ class Dropout(nn.Module):
   rate: float
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+
+  def keep(self, shape: tuple[int, ...]) -> jax.Array:
+    """This module's keep mask for an input of ``shape`` (``keep_mask`` of a key from
+    ``rng_collection``), for a caller that applies it fused with its neighbour's backward pass
+    (``relu_dropout``, the attention's ``dropped_softmax_as``)."""
+    return keep_mask(self.make_rng(self.rng_collection), shape, self.rate)
 
   @nn.compact
   def __call__(
@@ -98,7 +157,14 @@ class Dropout(nn.Module):
       return inputs
     if self.rate == 1.0:  # as flax: no 1 / 0 scale
       return jnp.zeros_like(inputs)
-    if rng is None:
-      rng = self.make_rng(self.rng_collection)
-    keep = keep_mask(rng, inputs.shape, self.rate)
-    return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros_like(inputs))
+    keep = self.keep(inputs.shape) if rng is None else keep_mask(rng, inputs.shape, self.rate)
+    return jnp.where(keep, scale_kept(inputs, self.rate), jnp.zeros_like(inputs))
+
+  def after_relu(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+    """``self(relu(x))``, computed by ``relu_dropout`` when it drops (rate strictly between 0 and
+    1): the same values and gradients, one tensor kept for the backward pass and no mask drawn
+    there."""
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or not 0.0 < self.rate < 1.0:
+      return self(nn.relu(x), deterministic=deterministic)
+    return relu_dropout(x, self.keep(x.shape), self.rate)

@@ -132,8 +132,9 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    y = nn.relu(linear(c.dim_feedforward, c.d_model, "linear1", c.dtype)(x))
-    return linear(c.d_model, c.dim_feedforward, "linear2", c.dtype)(c.drop(y))
+    y = linear(c.dim_feedforward, c.d_model, "linear1", c.dtype)(x)
+    y = Dropout(c.dropout).after_relu(y, deterministic=c.deterministic)
+    return linear(c.d_model, c.dim_feedforward, "linear2", c.dtype)(y)
 
 
 def attend_within_groups(
