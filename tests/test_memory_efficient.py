@@ -16,6 +16,7 @@ from conddetr_jax.models.attention import (
   MultiHeadAttention,
   block_keep_mask,
   blockwise_attention,
+  dropped_attention,
   masked_softmax,
 )
 from conddetr_jax.models.dropout import Dropout, keep_mask
@@ -209,39 +210,47 @@ def test_masked_softmax_in_bfloat16_has_float32_softmax_gradients_and_float32_is
   np.testing.assert_allclose(grad, want_vjp(cotangent)[0], atol=2e-2 * scale)
 
 
-def test_attention_dropout_in_bfloat16_is_dropout_of_the_softmax_with_one_tensor_kept():
-  """``masked_softmax`` with a dropout: the values and gradients of ``Dropout`` after the softmax
-  (padded keys included, whose weights are 0; gradients to rounding), keeping for the backward
-  pass only the signed weights, no keep mask (XLA evaluated the hashed mask again for it)."""
-  logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 7))
+def test_dropped_attention_is_dropout_of_the_softmax_times_v_with_one_weights_tensor_kept():
+  """``dropped_attention``: the values and gradients (to rounding) of ``Dropout`` after
+  ``masked_softmax`` and the product with v (padded keys included, whose weights are 0), keeping
+  one (B, heads, Lq, Lk) tensor for the backward pass, the signed weights, and no keep mask."""
+  shape = (2, 3, 5, 7)  # (B, heads, Lq, Lk)
+  logits = 3 * jax.random.normal(jax.random.PRNGKey(0), shape)
+  v = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 3, 4), jnp.bfloat16)
   mask = jnp.zeros((2, 7), bool).at[0, 5:].set(True)
-  cotangent = jax.random.normal(jax.random.PRNGKey(1), logits.shape, jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3, 4), jnp.bfloat16)
   rate = 0.4
+  keep = keep_mask(jax.random.PRNGKey(2), shape, rate)
 
-  def autodiff(x):
+  def autodiff(x, v):
     weights = masked_softmax(x, mask, jnp.bfloat16)
-    return Dropout(rate).apply({}, weights, deterministic=False, rng=jax.random.PRNGKey(2))
-
-  def fused(x):
-    keep = keep_mask(jax.random.PRNGKey(2), x.shape, rate)
-    return masked_softmax(x, mask, jnp.bfloat16, (keep, rate))
+    weights = Dropout(rate).apply({}, weights, deterministic=False, rng=jax.random.PRNGKey(2))
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
   # Compiled, as in the model (eagerly, op by op, XLA:CPU rounds the softmax differently).
-  want, want_vjp = jax.vjp(jax.jit(autodiff), logits)
-  got, got_vjp = jax.vjp(jax.jit(fused), logits)
-  assert got.dtype == jnp.bfloat16 and 0 < int((got == 0).sum()) < got.size
-  np.testing.assert_array_equal(got, want)
-  # Autodiff rounds the dropout's scaled cotangent to bf16 before the softmax's backward pass.
-  want_grad, got_grad = want_vjp(cotangent)[0], got_vjp(cotangent)[0]
-  np.testing.assert_allclose(got_grad, want_grad, atol=1e-2 * float(jnp.abs(want_grad).max()))
-  # Kept: what the softmax without dropout keeps (the padding mask's residuals and the weights);
-  # autodiff also keeps the dropout's mask.
-  _, undropped_vjp = jax.vjp(lambda x: masked_softmax(x, mask, jnp.bfloat16), logits)
-  residuals = {}
-  for name, vjp_fn in (("fused", got_vjp), ("undropped", undropped_vjp), ("autodiff", want_vjp)):
-    residuals[name] = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(vjp_fn))
-  assert residuals["fused"] == residuals["undropped"], residuals
-  assert len(residuals["autodiff"]) > len(residuals["fused"]), residuals
+  want, want_vjp = jax.vjp(jax.jit(autodiff), logits, v)
+  got, got_vjp = jax.vjp(jax.jit(lambda x, v: dropped_attention(x, mask, keep, v, rate)), logits, v)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2)
+  for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+    scale = float(jnp.abs(want_grad.astype(jnp.float32)).max())
+    np.testing.assert_allclose(
+      got_grad.astype(np.float32), want_grad.astype(np.float32), atol=2e-2 * scale
+    )
+  # Of the logits' shape: what the attention without dropout keeps (the padding mask's residuals
+  # and the weights); autodiff of the dropout also keeps its mask.
+  undropped = lambda x, v: jnp.einsum("bhqk,bkhd->bqhd", masked_softmax(x, mask, jnp.bfloat16), v)
+  kept = {}
+  for name, f in (("fused", got_vjp), ("undropped", jax.vjp(undropped, logits, v)[1])):
+    kept[name] = sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(f))
+    kept[name] = [pair for pair in kept[name] if pair[0] == shape]
+  assert kept["fused"] == kept["undropped"], kept
+  assert (shape, jnp.dtype(jnp.bool_)) in [
+    (leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(want_vjp)
+  ]
+  assert len([leaf for leaf in jax.tree.leaves(want_vjp) if leaf.shape == shape]) > len(
+    kept["fused"]
+  )
 
 
 def test_a_training_attention_in_bfloat16_keeps_no_dropout_mask_and_draws_float32_s_masks():

@@ -160,73 +160,103 @@ def _softmax_as_bwd(dtype: Any, weights: jax.Array, grad: jax.Array) -> tuple[ja
 softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dropped_softmax_as(logits: jax.Array, keep: jax.Array, rate: float, dtype: Any) -> jax.Array:
-  """Attention dropout of ``softmax_as``'s weights, ``where(keep, weights / (1 - rate), 0)``, whose
-  backward pass keeps one tensor and draws no mask: the weights with the dropped ones negated
-  (weights are never negative, so the sign bit holds the mask; a weight of 0 loses it, but a weight
-  of 0 has no gradient either way). Autodiff of the two keeps the weights and evaluates the hashed
-  mask twice more in the backward pass (for the values' gradient, which reads the dropped weights,
-  and for the weights' own); on v5e those evaluations were most of the integer work the hashed
-  masks added to the train step (docs/accelerators.md). The same values as ``Dropout`` after
-  ``softmax_as``; the gradient differs from autodiff's by rounding alone: it stays in float32
-  from the incoming cotangent on, where autodiff rounds the dropout's scaled cotangent to
-  ``dtype`` before the softmax's backward pass.
-
-  Args:
-    logits: float32 (..., Lk).
-    keep: the keep mask (``dropout.keep_mask``), logits' shape.
-    rate: the drop probability, in (0, 1).
-    dtype: of the weights, returned and kept.
-  """
-  weights = softmax_as(logits, dtype)
-  return jnp.where(keep, dropout_lib.scale_kept(weights, rate), jnp.zeros_like(weights))
-
-
-def _dropped_softmax_as_fwd(
-  logits: jax.Array, keep: jax.Array, rate: float, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-  weights = jax.nn.softmax(logits, axis=-1)
-  # Signed in float32 and rounded once (rounding is symmetric: the rounded weights, signed). The
-  # barrier makes XLA write them once: left to itself, it recomputes them, and the mask's hash,
-  # inside every fusion that reads them, forward and backward.
-  signed = jax.lax.optimization_barrier(jnp.where(keep, weights, -weights).astype(dtype))
-  kept = dropout_lib.scale_kept(jnp.maximum(signed.astype(jnp.float32), 0.0), rate)
-  return kept.astype(dtype), signed
-
-
-def _dropped_softmax_as_bwd(
-  rate: float, dtype: Any, signed_weights: jax.Array, grad: jax.Array
-) -> tuple[jax.Array, None]:
-  del dtype
-  signed = signed_weights.astype(jnp.float32)
-  grad = dropout_lib.scale_kept(grad.astype(jnp.float32), rate)
-  return _softmax_grad(jnp.abs(signed), jnp.where(signed > 0, grad, 0.0)), None
-
-
-dropped_softmax_as.defvjp(_dropped_softmax_as_fwd, _dropped_softmax_as_bwd)
+def _padding_masked(logits: jax.Array, key_padding_mask: jax.Array | None) -> jax.Array:
+  """Float32 logits with the padded keys (``key_padding_mask`` (B, Lk) True on padding) at their
+  dtype's finfo.min, so that the softmax gives them weight 0."""
+  if key_padding_mask is not None:
+    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
+  return logits.astype(jnp.float32)
 
 
 def masked_softmax(
-  logits: jax.Array,
-  key_padding_mask: jax.Array | None,
-  dtype: Any = jnp.float32,
-  dropout: tuple[jax.Array, float] | None = None,
+  logits: jax.Array, key_padding_mask: jax.Array | None, dtype: Any = jnp.float32
 ) -> jax.Array:
   """Softmax over the last axis of (B, heads, Lq, Lk) logits with the padded keys
   (``key_padding_mask`` (B, Lk) True on padding) at their dtype's finfo.min, so that they get
   weight 0; computed in float32 (the cast fuses into the softmax's reads), returned (and kept for
-  the backward pass) in ``dtype`` (``softmax_as``). ``dropout``, (keep mask, rate) with the rate
-  strictly between 0 and 1, for a ``dtype`` other than float32: the weights dropped by
-  ``dropped_softmax_as``."""
-  if key_padding_mask is not None:
-    logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
-  logits = logits.astype(jnp.float32)
-  if dropout is not None:
-    return dropped_softmax_as(logits, *dropout, dtype)
+  the backward pass) in ``dtype`` (``softmax_as``)."""
+  logits = _padding_masked(logits, key_padding_mask)
   if jnp.dtype(dtype) == jnp.float32:  # float32 results stay jax.nn.softmax's, bit for bit
     return jax.nn.softmax(logits, axis=-1)
   return softmax_as(logits, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dropped_attention(logits: jax.Array, keep: jax.Array, v: jax.Array, rate: float) -> jax.Array:
+  """``dropped_attention`` of padding-masked float32 logits; the weights in v's dtype."""
+  weights = softmax_as(logits, v.dtype)
+  dropped = jnp.where(keep, dropout_lib.scale_kept(weights, rate), jnp.zeros_like(weights))
+  return jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
+
+
+def _dropped_weights(signed: jax.Array, rate: float) -> jax.Array:
+  """The dropped, scaled weights from the signed ones (kept >= 0, dropped < 0)."""
+  kept = dropout_lib.scale_kept(jnp.maximum(signed.astype(jnp.float32), 0.0), rate)
+  return kept.astype(signed.dtype)
+
+
+def _dropped_attention_fwd(
+  logits: jax.Array, keep: jax.Array, v: jax.Array, rate: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  weights = jax.nn.softmax(logits, axis=-1)
+  # Signed in float32 and rounded once (rounding is symmetric: the rounded weights, signed). The
+  # barrier makes XLA write them once: left to itself, it recomputes them, and the mask's hash,
+  # inside every fusion that reads them, forward and backward.
+  signed = jax.lax.optimization_barrier(jnp.where(keep, weights, -weights).astype(v.dtype))
+  out = jnp.einsum(
+    "bhqk,bkhd->bqhd", _dropped_weights(signed, rate), v, preferred_element_type=jnp.float32
+  )
+  return out.astype(v.dtype), (signed, v, out)
+
+
+def _dropped_attention_bwd(
+  rate: float, residuals: tuple[jax.Array, jax.Array, jax.Array], grad: jax.Array
+) -> tuple[jax.Array, None, jax.Array]:
+  signed, v, out = residuals
+  v_grad = jnp.einsum("bhqk,bqhd->bkhd", _dropped_weights(signed, rate), grad)
+  dropped_grad = jnp.einsum("bqhd,bkhd->bhqk", grad, v)
+  # The softmax's sum(y * g) over the keys is the output times its cotangent (FlashAttention's
+  # D): (B, Lq, heads) numbers from (B, Lq, heads, Dv) ones, not a pass over (B, heads, Lq, Lk).
+  row = jnp.einsum("bqhd,bqhd->bhq", grad.astype(jnp.float32), out)[..., None]
+  signed = signed.astype(jnp.float32)
+  weights_grad = dropout_lib.scale_kept(dropped_grad.astype(jnp.float32), rate)
+  logits_grad = jnp.abs(signed) * (jnp.where(signed > 0, weights_grad, 0.0) - row)
+  return logits_grad, None, v_grad
+
+
+_dropped_attention.defvjp(_dropped_attention_fwd, _dropped_attention_bwd)
+
+
+def dropped_attention(
+  logits: jax.Array,
+  key_padding_mask: jax.Array | None,
+  keep: jax.Array,
+  v: jax.Array,
+  rate: float,
+) -> jax.Array:
+  """softmax(logits) with attention dropout, times v: the dense attention's last part under a
+  low-precision compute dtype, with a backward rule that keeps one (B, heads, Lq, Lk) tensor and
+  computes no mask.
+
+  The kept tensor is the weights (rounded to v's dtype) with the dropped ones negated: weights are
+  never negative, so the sign bit holds the mask (a weight of 0 loses it, but a weight of 0 has no
+  gradient either way). Autodiff of softmax, dropout and product keeps the weights, and XLA
+  evaluated the hashed mask twice more in the backward pass (for v's gradient and the weights');
+  and it reduced over (B, heads, Lq, Lk) for the softmax's sum(y * g), which the output and its
+  cotangent give here. Values: those of ``Dropout`` after ``masked_softmax`` and the product;
+  gradients: autodiff's up to rounding (float32 from the incoming cotangent on).
+
+  Args:
+    logits: (B, heads, Lq, Lk), float32 or v's dtype.
+    key_padding_mask: (B, Lk) True on padding, or None.
+    keep: the keep mask (``dropout.keep_mask``), logits' shape.
+    v: (B, Lk, heads, Dv).
+    rate: the drop probability, in (0, 1).
+
+  Returns:
+    (B, Lq, heads, Dv) in v's dtype.
+  """
+  return _dropped_attention(_padding_masked(logits, key_padding_mask), keep, v, rate)
 
 
 class MultiHeadAttention(nn.Module):
@@ -298,10 +328,10 @@ class MultiHeadAttention(nn.Module):
       logits = head_logits(q, k)
       dropout = dropout_lib.Dropout(self.dropout)
       if train and 0.0 < self.dropout < 1.0 and not self.record and self.dtype != jnp.float32:
-        # Dropout inside the softmax's backward rule (``dropped_softmax_as``); float32 keeps
-        # jax.nn.softmax's autodiff, bit for bit.
+        # Softmax, dropout and product with one backward rule (``dropped_attention``); float32
+        # keeps jax.nn.softmax's autodiff, bit for bit.
         keep = dropout.keep(logits.shape)
-        weights = masked_softmax(logits, key_padding_mask, self.dtype, (keep, self.dropout))
+        out = dropped_attention(logits, key_padding_mask, keep, v.astype(self.dtype), self.dropout)
       else:
         # The weights in the compute dtype from here on (dropout included); float32 where sown.
         dtype = jnp.float32 if self.record else self.dtype
@@ -310,7 +340,7 @@ class MultiHeadAttention(nn.Module):
           self.sow("intermediates", "logits", logits)
           self.sow("intermediates", "weights", weights)
         weights = dropout(weights, deterministic=not train).astype(self.dtype)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = out.reshape(batch, len_q, d_v)
     # The original's out_proj: xavier weight (Transformer._reset_parameters), zero bias.
     return nn.Dense(

@@ -16,7 +16,7 @@ of ``1 - rate`` to within 2**-32; kept values are scaled by ``1 / (1 - rate)``, 
 Computing a mask costs integer work each time (XLA counted a third of it as the R50 step's excess
 FLOPs over the RBG masks'), and XLA computed each mask three times: in the forward pass, for the
 next product's weight gradient and for the dropped tensor's own. Where the dropped tensor is a
-ReLU's output (``relu_dropout``) or a softmax's (``attention.dropped_softmax_as``), the backward
+ReLU's output (``relu_dropout``) or a softmax's (``attention.dropped_attention``), the backward
 pass needs no mask: it reads it from the one tensor it keeps, so each mask is computed once.
 
 The index is the element's position in the whole array, so a batch split over devices draws the
@@ -137,7 +137,7 @@ class Dropout(nn.Module):
   def keep(self, shape: tuple[int, ...]) -> jax.Array:
     """This module's keep mask for an input of ``shape`` (``keep_mask`` of a key from
     ``rng_collection``), for a caller that applies it fused with its neighbour's backward pass
-    (``relu_dropout``, the attention's ``dropped_softmax_as``)."""
+    (``relu_dropout``, the attention's ``dropped_attention``)."""
     return keep_mask(self.make_rng(self.rng_collection), shape, self.rate)
 
   @nn.compact
