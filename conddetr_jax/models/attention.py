@@ -189,10 +189,9 @@ def _dropped_attention(logits: jax.Array, keep: jax.Array, v: jax.Array, rate: f
   return jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
 
 
-def _dropped_weights(signed: jax.Array, rate: float) -> jax.Array:
-  """The dropped, scaled weights from the signed ones (kept >= 0, dropped < 0)."""
-  kept = dropout_lib.scale_kept(jnp.maximum(signed.astype(jnp.float32), 0.0), rate)
-  return kept.astype(signed.dtype)
+def _kept_weights(signed: jax.Array) -> jax.Array:
+  """The kept weights, unscaled, from the signed ones (kept >= 0, dropped < 0): exact."""
+  return jnp.maximum(signed.astype(jnp.float32), 0.0).astype(signed.dtype)
 
 
 def _dropped_attention_fwd(
@@ -203,9 +202,9 @@ def _dropped_attention_fwd(
   # barrier makes XLA write them once: left to itself, it recomputes them, and the mask's hash,
   # inside every fusion that reads them, forward and backward.
   signed = jax.lax.optimization_barrier(jnp.where(keep, weights, -weights).astype(v.dtype))
-  out = jnp.einsum(
-    "bhqk,bkhd->bqhd", _dropped_weights(signed, rate), v, preferred_element_type=jnp.float32
-  )
+  # 1 / (1 - rate) on the (B, Lq, heads, Dv) product rather than on each of the Lk weights.
+  out = jnp.einsum("bhqk,bkhd->bqhd", _kept_weights(signed), v, preferred_element_type=jnp.float32)
+  out = dropout_lib.scale_kept(out, rate)
   return out.astype(v.dtype), (signed, v, out)
 
 
@@ -213,14 +212,16 @@ def _dropped_attention_bwd(
   rate: float, residuals: tuple[jax.Array, jax.Array, jax.Array], grad: jax.Array
 ) -> tuple[jax.Array, None, jax.Array]:
   signed, v, out = residuals
-  v_grad = jnp.einsum("bhqk,bqhd->bkhd", _dropped_weights(signed, rate), grad)
-  dropped_grad = jnp.einsum("bqhd,bkhd->bhqk", grad, v)
+  scaled_grad = dropout_lib.scale_kept(grad, rate)  # the dropout's scale, on the small side
+  v_grad = jnp.einsum("bhqk,bqhd->bkhd", _kept_weights(signed), scaled_grad)
+  weights_grad = jnp.einsum("bqhd,bkhd->bhqk", scaled_grad, v).astype(jnp.float32)
   # The softmax's sum(y * g) over the keys is the output times its cotangent (FlashAttention's
   # D): (B, Lq, heads) numbers from (B, Lq, heads, Dv) ones, not a pass over (B, heads, Lq, Lk).
   row = jnp.einsum("bqhd,bqhd->bhq", grad.astype(jnp.float32), out)[..., None]
+  # softmax's y * (g - row), g the dropout's cotangent (0 where dropped): with y = |signed|,
+  # signed * (g - row) where kept and signed * row where dropped (signed = -y there).
   signed = signed.astype(jnp.float32)
-  weights_grad = dropout_lib.scale_kept(dropped_grad.astype(jnp.float32), rate)
-  logits_grad = jnp.abs(signed) * (jnp.where(signed > 0, weights_grad, 0.0) - row)
+  logits_grad = signed * jnp.where(signed > 0, weights_grad - row, row)
   return logits_grad, None, v_grad
 
 
