@@ -225,7 +225,7 @@ def main(argv: list[str]) -> None:
   print(
     f"step_bytes model={m.backbone}{'_dc5' if m.dilation else ''} dtype={m.dtype} "
     f"topology={_TOPOLOGY.value} size={hw[0]}x{hw[1]} per_chip_batch={batch} "
-    f"gflop_per_chip={cost.flops / 1e9:.1f} gb_per_chip={cost.bytes_accessed / 1e9:.2f} "
+    f"gflop_per_chip={cost.flops / 1e9:.3f} gb_per_chip={cost.bytes_accessed / 1e9:.2f} "
     f"gflop_per_image={cost.flops / batch / 1e9:.1f} "
     f"gb_per_image={cost.bytes_accessed / batch / 1e9:.2f} "
     f"flop_per_byte={cost.flops_per_byte:.1f} estimated_gb_per_chip={estimated / 1e9:.2f} "

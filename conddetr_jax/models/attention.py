@@ -244,8 +244,9 @@ def dropped_attention(
   gradient either way). Autodiff of softmax, dropout and product keeps the weights, and XLA
   evaluated the hashed mask twice more in the backward pass (for v's gradient and the weights');
   and it reduced over (B, heads, Lq, Lk) for the softmax's sum(y * g), which the output and its
-  cotangent give here. Values: those of ``Dropout`` after ``masked_softmax`` and the product;
-  gradients: autodiff's up to rounding (float32 from the incoming cotangent on).
+  cotangent give here. The dropout's 1 / (1 - rate) scales the product and the incoming cotangent
+  (Dv values per head) rather than the Lk weights. Values and gradients: those of ``Dropout``
+  after ``masked_softmax`` and the product, up to rounding (docs/accelerators.md, fifth round).
 
   Args:
     logits: (B, heads, Lq, Lk), float32 or v's dtype.
