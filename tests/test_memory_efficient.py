@@ -229,8 +229,10 @@ def test_dropped_attention_is_dropout_of_the_softmax_times_v_with_one_weights_te
 
   # Compiled, as in the model (eagerly, op by op, XLA:CPU rounds the softmax differently).
   want, want_vjp = jax.vjp(jax.jit(autodiff), logits, v)
-  got, got_vjp = jax.vjp(jax.jit(lambda x, v: dropped_attention(x, mask, keep, v, rate)), logits, v)
+  fused = jax.jit(lambda x, v: dropped_attention(x, mask, keep, v, rate))
+  got, got_vjp = jax.vjp(fused, logits, v)
   assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(fused(logits, v), got)  # undifferentiated: the same values
   np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2)
   for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
     scale = float(jnp.abs(want_grad.astype(jnp.float32)).max())

@@ -183,10 +183,9 @@ def masked_softmax(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dropped_attention(logits: jax.Array, keep: jax.Array, v: jax.Array, rate: float) -> jax.Array:
-  """``dropped_attention`` of padding-masked float32 logits; the weights in v's dtype."""
-  weights = softmax_as(logits, v.dtype)
-  dropped = jnp.where(keep, dropout_lib.scale_kept(weights, rate), jnp.zeros_like(weights))
-  return jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
+  """``dropped_attention`` of padding-masked float32 logits; the weights in v's dtype. The forward
+  rule's values, differentiated or not."""
+  return _dropped_attention_fwd(logits, keep, v, rate)[0]
 
 
 def _kept_weights(signed: jax.Array) -> jax.Array:
