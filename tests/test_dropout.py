@@ -2,14 +2,16 @@
 transformer dropout."""
 
 import re
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conddetr_jax import models
-from conddetr_jax.models import dropout
+from conddetr_jax.models import dropout, transformer
 from configs import test_tiny
 
 
@@ -107,7 +109,7 @@ def test_relu_dropout_equals_autodiff_of_relu_then_dropout_and_keeps_only_its_ou
     )
 
   def fused(x):
-    return dropout.relu_dropout(x, dropout.keep_mask(jax.random.key(1), x.shape, rate), rate)
+    return dropout.relu_dropout(x, dropout.keep_mask(jax.random.key(1), x.shape, rate), rate, True)
 
   # Compiled, as in the model (eagerly, XLA:CPU divides by 1 - rate in one op and not the other).
   want, want_vjp = jax.vjp(jax.jit(autodiff), x)
@@ -119,15 +121,42 @@ def test_relu_dropout_equals_autodiff_of_relu_then_dropout_and_keeps_only_its_ou
   assert _residual_arrays(got_vjp) == [(x.shape, jnp.dtype(dtype))]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unscaled_relu_dropout_equals_autodiff_of_relu_then_mask_and_keeps_only_its_output(dtype):
+  x = jax.random.normal(jax.random.key(0), (64, 96), dtype).at[0, :8].set(0)
+  keep = dropout.keep_mask(jax.random.key(1), x.shape, 0.25)
+  cotangent = jax.random.normal(jax.random.key(2), x.shape, dtype)
+  autodiff = lambda x: jnp.where(keep, jax.nn.relu(x), jnp.zeros_like(x))
+  want, want_vjp = jax.vjp(jax.jit(autodiff), x)
+  got, got_vjp = jax.vjp(jax.jit(lambda x: dropout.relu_dropout(x, keep, 0.25, False)), x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cotangent)[0], want_vjp(cotangent)[0])
+  assert _residual_arrays(got_vjp) == [(x.shape, jnp.dtype(dtype))]
+
+
 def test_after_relu_is_relu_then_the_module_s_own_dropout():
   x = jax.random.normal(jax.random.key(0), (32, 48))
   rngs = {"dropout": jax.random.key(4)}
   module = dropout.Dropout(0.3)
   for deterministic in (False, True):
-    np.testing.assert_array_equal(
-      module.apply({}, x, deterministic, method="after_relu", rngs=rngs),
-      module.apply({}, jax.nn.relu(x), deterministic, rngs=rngs),
-    )
+    y, scale = module.apply({}, x, deterministic, method="after_relu", rngs=rngs)
+    np.testing.assert_array_equal(y, module.apply({}, jax.nn.relu(x), deterministic, rngs=rngs))
+    assert scale == 1.0
+
+
+def test_after_relu_with_a_deferred_scale_leaves_the_kept_values_unscaled():
+  x = jax.random.normal(jax.random.key(0), (32, 48))
+  rngs = {"dropout": jax.random.key(4)}
+  module = dropout.Dropout(0.3)
+  want = module.apply({}, jax.nn.relu(x), False, rngs=rngs)
+  y, scale = module.apply({}, x, False, True, method="after_relu", rngs=rngs)
+  assert scale == pytest.approx(1 / 0.7)
+  np.testing.assert_allclose(y * scale, want, rtol=1e-6)
+  assert bool(((y == 0) == (want == 0)).all())  # the same elements dropped
+  # Nothing dropped, nothing deferred: the scale is 1 and the values flax's.
+  y, scale = module.apply({}, x, True, True, method="after_relu", rngs=rngs)
+  assert scale == 1.0
+  np.testing.assert_array_equal(y, jax.nn.relu(x))
 
 
 def test_bfloat16_kept_values_are_scaled_by_the_float32_one_over_keep_probability():
@@ -139,3 +168,57 @@ def test_bfloat16_kept_values_are_scaled_by_the_float32_one_over_keep_probabilit
   assert 0 < int(kept.sum()) < x.size
   want = (x.astype(jnp.float32) / 0.9).astype(jnp.bfloat16)
   np.testing.assert_array_equal(y[kept], want[kept])
+
+
+class _FlaxFeedForward(nn.Module):
+  """The feed-forward layer written out as flax's ops (Dense, relu, Dropout, Dense), under the
+  same module names, so that it has FeedForward's parameters and dropout keys."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    y = transformer.linear(64, 16, "linear1", self.dtype)(x)
+    y = dropout.Dropout(0.1)(jax.nn.relu(y), deterministic=False)
+    return transformer.linear(16, 64, "linear2", self.dtype)(y)
+
+
+def _feed_forward_and_reference(dtype):
+  """The transformer's FeedForward in training and ``_FlaxFeedForward``, with the same parameters
+  and dropout key."""
+  config = transformer.TransformerConfig(
+    d_model=16, nhead=2, dim_feedforward=64, dropout=0.1, dtype=dtype,
+    attention="dense", attention_block_size=64, remat="none", deterministic=False,
+  )  # fmt: skip
+  x = jax.random.normal(jax.random.key(0), (2, 24, 16), dtype)
+  rngs = {"dropout": jax.random.key(3)}
+  layer = transformer.FeedForward(config)
+  params = layer.init(rngs | {"params": jax.random.key(1)}, x)["params"]
+  ours = lambda params, x: layer.apply({"params": params}, x, rngs=rngs)
+  reference = lambda params, x: _FlaxFeedForward(dtype).apply({"params": params}, x, rngs=rngs)
+  return ours, reference, params, x
+
+
+# An elementwise scale of the (2, 24, 64) hidden layer in a jaxpr.
+_HIDDEN_SCALED = re.compile(r"(bf16|f32)\[2,24,64\] = (div|mul) ")
+
+
+def test_float32_feed_forward_is_flax_s_ops_bit_for_bit():
+  ours, reference, params, x = _feed_forward_and_reference(jnp.float32)
+  np.testing.assert_array_equal(jax.jit(ours)(params, x), jax.jit(reference)(params, x))
+  assert _HIDDEN_SCALED.search(str(jax.make_jaxpr(ours)(params, x)))
+
+
+def test_bfloat16_feed_forward_scales_the_product_and_matches_flax_s_ops_to_rounding():
+  ours, reference, params, x = _feed_forward_and_reference(jnp.bfloat16)
+  got, got_vjp = jax.vjp(jax.jit(ours), params, x)
+  want, want_vjp = jax.vjp(jax.jit(reference), params, x)
+  f32 = lambda t: np.asarray(t, np.float32)
+  np.testing.assert_allclose(f32(got), f32(want), rtol=0.02, atol=0.02)
+  cotangent = jax.random.normal(jax.random.key(5), got.shape, jnp.bfloat16)
+  for g, w in zip(jax.tree.leaves(got_vjp(cotangent)), jax.tree.leaves(want_vjp(cotangent))):
+    np.testing.assert_allclose(f32(g), f32(w), rtol=0.03, atol=0.03 * float(np.abs(f32(w)).max()))
+  # The dropout's scale is deferred to linear2's (2, 24, 16) product: the hidden layer is not
+  # scaled, forward or backward.
+  step = lambda params, x: jax.vjp(ours, params, x)[1](cotangent)
+  assert not _HIDDEN_SCALED.search(str(jax.make_jaxpr(step)(params, x)))
