@@ -22,7 +22,9 @@ Last, an estimate of the HBM traffic alone: the same operands and results, but o
 layout puts them in HBM (no memory space ``S(n)``: ``S(1)`` is the TPU's on-chip VMEM), and each
 asynchronous copy between the two (``copy-start``/``copy-done``, ``slice-start``/``slice-done``)
 once, at its HBM end. XLA's bytes accessed counts every instruction's operands and results in
-whichever memory they live, plus those copies (docs/accelerators.md, "What the counts leave out").
+whichever memory they live, plus those copies (docs/accelerators.md, "What the counts leave out"):
+each copy four times what it delivers (``async_moved_gb_per_chip`` in the summary line is what
+they deliver). ``--calibrate`` measures that factor on one small program for ``--topology``.
 """
 
 import collections
@@ -33,7 +35,9 @@ from typing import Iterator
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
@@ -47,6 +51,12 @@ _SIZE = flags.DEFINE_string("size", "800x1216", "HxW of the padded batch.")
 _TOP = flags.DEFINE_integer("top", 25, "Instructions to list, largest traffic first.")
 _DEPTH = flags.DEFINE_integer("depth", 3, "Module names kept of an op_name in the per-part table.")
 _HLO = flags.DEFINE_string("hlo", "", "Also write the optimized HLO text to this file.")
+_CALIBRATE = flags.DEFINE_bool(
+  "calibrate",
+  False,
+  "Instead of the step: compile one weight-gradient product whose operand the TPU compiler "
+  "prefetches into on-chip memory, and print what XLA's bytes accessed counts for the copy.",
+)
 _READ_HLO = flags.DEFINE_string(
   "read_hlo", "", "Attribute the traffic of this saved HLO text (--hlo) instead of compiling."
 )
@@ -177,9 +187,16 @@ def model_part(op_name: str, depth: int) -> tuple[str, str]:
   return "/".join(path[: depth + 1]) or "(no op_name)", "bwd" if backward else "fwd"
 
 
-def print_traffic(text: str, top: int, depth: int) -> tuple[float, float]:
+def moved_bytes(rows: list[dict]) -> int:
+  """Bytes delivered by the asynchronous copies between HBM and on-chip memory among
+  ``instruction_traffic``'s rows (each pair once, by its done's result). XLA's bytes accessed
+  counts each of them four times (``--calibrate``; docs/accelerators.md)."""
+  return sum(hlo.shape_bytes(r["shape"]) for r in rows if r["op"] in _ASYNC_MOVE_DONE)
+
+
+def print_traffic(text: str, top: int, depth: int) -> tuple[float, float, float]:
   """Prints the ``top`` instructions and model parts of ``instruction_traffic(text)``, then the HBM
-  estimate; returns (estimated total bytes, estimated HBM bytes)."""
+  estimate; returns (estimated total bytes, estimated HBM bytes, ``moved_bytes``)."""
   rows = instruction_traffic(text)
   print(f"top {top} instructions by estimated traffic (operands + result):")
   for r in rows[:top]:
@@ -194,21 +211,56 @@ def print_traffic(text: str, top: int, depth: int) -> tuple[float, float]:
     print(f"  {b / 1e9:7.3f} GB  {direction}  {part}")
   moves = [r for r in rows if r["op"] in _ASYNC_MOVE_START | _ASYNC_MOVE_DONE]
   hbm = sum(r["hbm_bytes"] for r in rows)
+  moved = moved_bytes(rows)
   print(
     f"estimated HBM traffic: {hbm / 1e9:.2f} GB ({sum(r['hbm_bytes'] for r in moves) / 1e9:.2f} "
-    f"of it by {len(moves) // 2} asynchronous copies between HBM and on-chip memory)"
+    f"of it by {len(moves) // 2} asynchronous copies between HBM and on-chip memory, which move "
+    f"{moved / 1e9:.2f} GB: XLA's bytes accessed counts those {4 * moved / 1e9:.2f} GB)"
   )
-  return sum(r["bytes"] for r in rows), hbm
+  return sum(r["bytes"] for r in rows), hbm, moved
+
+
+def calibrate(topology: str) -> None:
+  """Compiles ``einsum('bhwc,bhwd->cd')`` (a 1x1 convolution's weight gradient: R50 layer2's
+  first, bf16, 2 images of 800x1216 per chip) for ``topology`` and prints XLA's bytes accessed
+  beside the program's kernels: the product's fusion, and the copy that prefetches its
+  activation into on-chip memory."""
+  devices = devices_lib.devices_of(topology)
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  abstract = lambda channels: jax.ShapeDtypeStruct(
+    (2 * len(devices), 200, 304, channels), jnp.bfloat16, sharding=split
+  )
+  product = lambda x, g: jnp.einsum("bhwc,bhwd->cd", x, g, preferred_element_type=jnp.float32)
+  compiled = jax.jit(product).lower(abstract(256), abstract(128)).compile()
+  counted = stages.cost_of(compiled).bytes_accessed
+  rows = instruction_traffic(compiled.as_text())
+  kernels = sum(r["bytes"] for r in rows if r["op"] not in _ASYNC_MOVE_START | _ASYNC_MOVE_DONE)
+  moved = moved_bytes(rows)
+  if not moved:
+    print(f"step_bytes calibrate topology={topology}: the compiler placed no asynchronous copy")
+    return
+  print(
+    f"step_bytes calibrate topology={topology} xla_bytes_accessed_mb={counted / 1e6:.1f} "
+    f"kernels_mb={kernels / 1e6:.1f} moved_mb={moved / 1e6:.1f} "
+    f"counted_per_moved_byte={(counted - kernels) / moved:.2f}"
+  )
 
 
 def main(argv: list[str]) -> None:
   del argv
   if _READ_HLO.value:
     with open(_READ_HLO.value, encoding="utf-8") as f:
-      estimated, hbm = print_traffic(f.read(), _TOP.value, _DEPTH.value)
-    print(f"step_bytes estimated_gb={estimated / 1e9:.2f} estimated_hbm_gb={hbm / 1e9:.2f}")
+      estimated, hbm, moved = print_traffic(f.read(), _TOP.value, _DEPTH.value)
+    print(
+      f"step_bytes estimated_gb={estimated / 1e9:.2f} estimated_hbm_gb={hbm / 1e9:.2f} "
+      f"async_moved_gb={moved / 1e9:.2f}"
+    )
     return
   jax.config.update("jax_platforms", "cpu")
+  if _CALIBRATE.value:
+    calibrate(_TOPOLOGY.value)
+    return
   config = _CONFIG.value.copy_and_resolve_references()
   config.global_batch_size, config.grad_accum_steps = 0, 1
   hw = report.parse_size(_SIZE.value)
@@ -220,7 +272,7 @@ def main(argv: list[str]) -> None:
   if _HLO.value:
     with open(_HLO.value, "w", encoding="utf-8") as f:
       f.write(text)
-  estimated, hbm = print_traffic(text, _TOP.value, _DEPTH.value)
+  estimated, hbm, moved = print_traffic(text, _TOP.value, _DEPTH.value)
   m = config.model
   print(
     f"step_bytes model={m.backbone}{'_dc5' if m.dilation else ''} dtype={m.dtype} "
@@ -229,7 +281,7 @@ def main(argv: list[str]) -> None:
     f"gflop_per_image={cost.flops / batch / 1e9:.1f} "
     f"gb_per_image={cost.bytes_accessed / batch / 1e9:.2f} "
     f"flop_per_byte={cost.flops_per_byte:.1f} estimated_gb_per_chip={estimated / 1e9:.2f} "
-    f"estimated_hbm_gb_per_chip={hbm / 1e9:.2f} "
+    f"estimated_hbm_gb_per_chip={hbm / 1e9:.2f} async_moved_gb_per_chip={moved / 1e9:.2f} "
     f"temp_gib={compiled.temp_bytes / 2**30:.2f}"
   )
 

@@ -1,6 +1,7 @@
 """The commands and scripts a test starts in a process of its own: how they are started, once."""
 
 from collections.abc import Mapping, Sequence
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +12,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cpu_env(**extra: str) -> dict[str, str]:
   """This process's environment with JAX on the CPU and TensorFlow's logs off, plus ``extra``."""
   return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+def libtpu_env() -> dict[str, str] | None:
+  """The environment of a process that finds libtpu: this one's if it is installed here, else with
+  ``$CONDDETR_LIBTPU_PATH`` (where .ci/run installs it) on PYTHONPATH; None if neither has it."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return dict(os.environ)
+  folder = os.environ.get("CONDDETR_LIBTPU_PATH")
+  if folder and os.path.isdir(os.path.join(folder, "libtpu")):
+    return dict(
+      os.environ, PYTHONPATH=os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
+    )
+  return None
 
 
 def run_python(

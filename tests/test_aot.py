@@ -108,22 +108,9 @@ def test_macs_count_convolutions_and_matrix_products_only():
   assert r["total"] == r["conv"] + r["dot"]
 
 
-def _libtpu_env() -> dict[str, str] | None:
-  """The environment of a process that finds libtpu: this one's if it is installed here, else with
-  ``$CONDDETR_LIBTPU_PATH`` (where .ci/run installs it) on PYTHONPATH; None if neither has it."""
-  if importlib.util.find_spec("libtpu") is not None:
-    return dict(os.environ)
-  folder = os.environ.get("CONDDETR_LIBTPU_PATH")
-  if folder and os.path.isdir(os.path.join(folder, "libtpu")):
-    return dict(
-      os.environ, PYTHONPATH=os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
-    )
-  return None
-
-
 @pytest.mark.slow
 def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
-  env = _libtpu_env()
+  env = processes.libtpu_env()
   if env is None:
     if os.environ.get("CI"):
       pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
@@ -286,7 +273,7 @@ print("IOTA", " iota(" in text)
 def test_the_tpu_train_step_keeps_no_dropout_bits_in_memory():
   # The masks are a hash of the element index (models/dropout.py): the step's only random bits
   # are each mask's two 32-bit seeds, however large the mask, and the iota it hashes is there.
-  env = _libtpu_env()
+  env = processes.libtpu_env()
   if env is None:
     pytest.skip(f"libtpu is not installed ({aot_devices.install_command()})")
   proc = processes.run_python_ok("-c", _DROPOUT_STEP, env=env, timeout=600)

@@ -2,7 +2,14 @@
 instruction counts, and the HBM estimate (arrays laid out in HBM; an asynchronous copy once, at
 its HBM end)."""
 
+import os
+import re
+
+import pytest
+
 from benchmarks import step_bytes
+from conddetr_jax.aot import devices as aot_devices
+from tests import processes
 
 # A bf16[4,4] is 32 bytes. Prefetch ``a`` into on-chip memory (S(1)), negate it there (a fusion
 # whose body is not counted again), write the result back to HBM.
@@ -38,3 +45,22 @@ def test_hbm_bytes_reads_each_arrays_memory_space_from_its_layout():
   assert step_bytes.hbm_bytes("f32[2,3]{1,0:T(8,128)}") == 24
   assert step_bytes.hbm_bytes("f32[2,3]{1,0:T(8,128)S(1)}") == 0
   assert step_bytes.hbm_bytes("(f32[2,3]{1,0}, bf16[8]{0:S(1)}, u32[]{:S(2)})") == 24
+
+
+def test_moved_bytes_counts_each_asynchronous_copy_once_by_what_it_delivers():
+  # The prefetch and the write-back each deliver a bf16[4,4].
+  assert step_bytes.moved_bytes(step_bytes.instruction_traffic(_MODULE)) == 2 * 32
+
+
+def test_xla_counts_a_prefetch_into_on_chip_memory_four_times_its_bytes():
+  # What docs/accelerators.md's reading of the TPU step's bytes rests on, asked of libtpu itself.
+  env = processes.libtpu_env()
+  if env is None:
+    if os.environ.get("CI"):
+      pytest.fail("libtpu is missing: .ci/run installs it into $CONDDETR_LIBTPU_PATH")
+    pytest.skip(f"libtpu is not installed ({aot_devices.install_command()})")
+  proc = processes.run_python_ok("benchmarks/step_bytes.py", "--calibrate", env=env, timeout=300)
+  (line,) = [l for l in proc.stdout.splitlines() if l.startswith("step_bytes calibrate")]
+  fields = dict(re.findall(r"(\w+)=([\d.]+)", line))
+  assert float(fields["moved_mb"]) > 0, line
+  assert fields["counted_per_moved_byte"] == "4.00", line
