@@ -128,8 +128,8 @@ def _operands(rest: str) -> list[str]:
 def instruction_traffic(text: str) -> list[dict]:
   """Each kernel-level instruction of ``text`` with its estimated bytes (operands + result), the
   part of them in HBM (``hbm_bytes``; an asynchronous copy's start counts its HBM source, its done
-  its HBM destination), its op, result shape and JAX op_name (a fusion without one: the first
-  op_name of its body), largest first."""
+  its HBM destination, each what the copy delivers), its op, result shape and JAX op_name (a
+  fusion without one: the first op_name of its body), largest first."""
   computations = dict(_computations(text))
   parsed = {
     comp: [(m, line) for line in lines if (m := _INSTRUCTION.match(line))]
@@ -155,7 +155,10 @@ def instruction_traffic(text: str) -> list[dict]:
       operand_shapes = [shapes.get(o, "") for o in _operands(m["rest"])]
       operand_bytes = sum(hlo.shape_bytes(shape) for shape in operand_shapes)
       if m["op"] in _ASYNC_MOVE_START:
-        in_hbm = sum(hbm_bytes(shape) for shape in operand_shapes)
+        # What it reads from HBM is what it delivers (its tuple's second array: a copy's source,
+        # a slice's result), not the whole operand a slice is cut from.
+        from_hbm = any(hbm_bytes(shape) for shape in operand_shapes)
+        in_hbm = hlo.shape_bytes(_LAID_OUT_ARRAY.findall(m["shape"])[1]) if from_hbm else 0
       elif m["op"] in _ASYNC_MOVE_DONE:
         in_hbm = hbm_bytes(m["shape"])
       else:

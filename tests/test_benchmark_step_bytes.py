@@ -12,7 +12,8 @@ from conddetr_jax.aot import devices as aot_devices
 from tests import processes
 
 # A bf16[4,4] is 32 bytes. Prefetch ``a`` into on-chip memory (S(1)), negate it there (a fusion
-# whose body is not counted again), write the result back to HBM.
+# whose body is not counted again), write the result back to HBM; prefetch the first half of ``a``
+# (16 bytes) as a slice.
 _MODULE = """HloModule m
 
 %fused_negate (p: bf16[4,4]) -> bf16[4,4] {
@@ -26,19 +27,23 @@ ENTRY %main (a: bf16[4,4]) -> bf16[4,4] {
   %cd = bf16[4,4]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
   %f = bf16[4,4]{1,0:S(1)} fusion(%cd), kind=kLoop, calls=%fused_negate
   %es = (bf16[4,4]{1,0:S(1)}, bf16[4,4]{1,0}, u32[]{:S(2)}) copy-start(%f)
-  ROOT %ed = bf16[4,4]{1,0} copy-done(%es)
+  %ed = bf16[4,4]{1,0} copy-done(%es)
+  %ss = ((bf16[4,4]{1,0}), bf16[2,4]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%a), slice={[0:2], [0:4]}
+  %sd = bf16[2,4]{1,0:S(1)} slice-done(%ss)
+  ROOT %t = (bf16[4,4]{1,0}, bf16[2,4]{1,0:S(1)}) tuple(%ed, %sd)
 }
 """
 
 
 def test_each_kernel_counts_its_operands_and_result_and_only_hbm_arrays_count_as_hbm():
   rows = {r["name"]: r for r in step_bytes.instruction_traffic(_MODULE)}
-  assert set(rows) == {"cs", "cd", "f", "es", "ed"}  # the fusion's body is inside ``f``
+  assert set(rows) == {"cs", "cd", "f", "es", "ed", "ss", "sd"}  # ``f``'s body is inside it
   assert rows["f"]["bytes"] == 64 and rows["f"]["hbm_bytes"] == 0  # on-chip in, on-chip out
   assert rows["f"]["op_name"] == "jit(f)/neg"  # from its body
   # The prefetch reads ``a`` from HBM (counted at its start), the write-back writes HBM (at its
-  # done): each copy once.
+  # done): each copy once. The slice reads its half of ``a``, not all of it.
   assert [rows[n]["hbm_bytes"] for n in ("cs", "cd", "es", "ed")] == [32, 0, 0, 32]
+  assert [rows[n]["hbm_bytes"] for n in ("ss", "sd")] == [16, 0]
 
 
 def test_hbm_bytes_reads_each_arrays_memory_space_from_its_layout():
@@ -48,8 +53,8 @@ def test_hbm_bytes_reads_each_arrays_memory_space_from_its_layout():
 
 
 def test_moved_bytes_counts_each_asynchronous_copy_once_by_what_it_delivers():
-  # The prefetch and the write-back each deliver a bf16[4,4].
-  assert step_bytes.moved_bytes(step_bytes.instruction_traffic(_MODULE)) == 2 * 32
+  # The prefetch and the write-back each deliver a bf16[4,4], the slice half of one.
+  assert step_bytes.moved_bytes(step_bytes.instruction_traffic(_MODULE)) == 2 * 32 + 16
 
 
 def test_xla_counts_a_prefetch_into_on_chip_memory_four_times_its_bytes():
