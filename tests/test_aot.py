@@ -16,10 +16,30 @@ from conddetr_jax.hardware import flops
 from tests import processes
 
 # Shapes and op spellings as XLA's TPU compiler prints them: a synchronous all-reduce of a tuple,
-# an asynchronous all-gather pair, a collective inside a loop body, and look-alikes that are not
-# collectives (a fusion whose name mentions all-reduce, a metadata string).
+# an asynchronous all-gather pair, a collective inside a loop body, one all-gather of the TPU
+# compiler's asynchronous collective fusions (chain 7: a copy of it in the start's, the done's and
+# a continuation's computation), and look-alikes that are not collectives (a fusion whose name
+# mentions all-reduce, a metadata string).
 _HLO = """\
 HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
+
+%fused_computation.1 (param_0.1: bf16[2,64]) -> bf16[8,64] {
+  %param_0.1 = bf16[2,64]{1,0} parameter(0)
+  ROOT %all-gather.10 = bf16[8,64]{1,0} all-gather(%param_0.1), channel_id=9, dimensions={0}, \
+frontend_attributes={chain_id="7"}
+}
+
+%async_collective_fusion.2 (param_0.2: bf16[2,64]) -> bf16[8,64] {
+  %param_0.2 = bf16[2,64]{1,0} parameter(0)
+  ROOT %all-gather.11 = bf16[8,64]{1,0} all-gather(%param_0.2), channel_id=9, dimensions={0}, \
+frontend_attributes={chain_id="7"}
+}
+
+%fused_computation.3 (param_0.3: bf16[2,64]) -> bf16[8,64] {
+  %param_0.3 = bf16[2,64]{1,0} parameter(0)
+  ROOT %all-gather.12 = bf16[8,64]{1,0} all-gather(%param_0.3), channel_id=9, dimensions={0}, \
+frontend_attributes={chain_id="7"}
+}
 
 %body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
   %p = (s32[], f32[16]{0}) parameter(0)
@@ -51,8 +71,12 @@ def test_collectives_are_counted_once_each_with_their_result_bytes():
       "bytes": 4 * 8 * 4 + 1024 * 2,
       "bytes_by_dtype": {"f32": 4 * 8 * 4, "bf16": 1024 * 2},
     },
-    # the -done's result, not the start's tuple
-    "all-gather": {"count": 1, "bytes": 1024 * 2, "bytes_by_dtype": {"bf16": 1024 * 2}},
+    # the -done's result, not the start's tuple; chain 7's three copies once
+    "all-gather": {
+      "count": 2,
+      "bytes": 1024 * 2 + 8 * 64 * 2,
+      "bytes_by_dtype": {"bf16": 1024 * 2 + 8 * 64 * 2},
+    },
     "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
   }
 

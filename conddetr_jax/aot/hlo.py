@@ -35,6 +35,7 @@ _BYTES_PER_ELEMENT = {
 _INSTRUCTION = re.compile(
   r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\("
 )
+_CHAIN_ID = re.compile(r'chain_id="(\d+)"')
 _ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
 
 
@@ -59,7 +60,10 @@ def collectives(hlo_text: str) -> dict[str, dict]:
 
   A synchronous collective counts by its result; an asynchronous pair (``all-reduce-start`` /
   ``all-reduce-done``) counts once, by the ``-done``'s result (the data it delivers). Each
-  instruction counts once, even inside a loop body (a static count).
+  instruction counts once, even inside a loop body (a static count). The TPU compiler's
+  asynchronous collective fusions hold a copy of their collective in each of their computations
+  (the start's, the done's, the continuations'), all marked with the chain's
+  ``frontend_attributes={chain_id="N"}``: a chain counts once.
 
   Returns:
     {op: {"count": n, "bytes": b, "bytes_by_dtype": {dtype: b}}} for each collective present, e.g.
@@ -67,6 +71,7 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     gradients are summed in bf16 or f32).
   """
   found: dict[str, dict] = {}
+  chains_seen = set()
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if m is None:
@@ -77,6 +82,10 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     base = op[: -len("-done")] if op.endswith("-done") else op
     if base not in COLLECTIVE_OPS:
       continue
+    if chain := _CHAIN_ID.search(line):
+      if (base, chain[1]) in chains_seen:
+        continue
+      chains_seen.add((base, chain[1]))
     entry = found.setdefault(base, {"count": 0, "bytes": 0, "bytes_by_dtype": {}})
     entry["count"] += 1
     for dtype, b in shape_bytes_by_dtype(m["shape"]).items():
