@@ -156,6 +156,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 0
   config.eval_per_device_batch_size = 2
   config.parallel = "jit"  # jit (Mesh + shardings) | pmap
+  # jit: split the weights, the AdamW moments and their moving average over the devices (each
+  # updates its slice; XLA gathers the weights where they are used: fully sharded data parallel).
+  # False keeps a full copy of them on every device. pmap always keeps a copy per device.
+  config.shard_state = True
 
   config.log_every_steps = 50  # also the window of the speed figures (images/s, step time, MFU)
   # > 0: a jax.profiler trace of this many steps after the first (compiling) one, written to

@@ -1,5 +1,6 @@
-"""One step on 8 CPU devices, jit-sharded, and pmap with 2 accumulated micro-batches, equals the
-same global batch on one device; a step compiled ahead (``compile``) is not compiled again when run.
+"""One step on 8 CPU devices, jit-sharded (with the state replicated and split over the devices),
+and pmap with 2 accumulated micro-batches, equals the same global batch on one device; a step
+compiled ahead (``compile``) is not compiled again when run.
 
 The device count must be set before JAX starts, so the steps run in a subprocess.
 """
@@ -54,10 +55,18 @@ monitoring.register_event_duration_secs_listener(
 out = {}
 # pmap: 2 images per device, as 2 micro-batches of 1 (their box counts, 16 and 8, summed over
 # devices).
-for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.devices()[:1], 1),
-                                        ("jit", parallel.JitParallel, jax.devices(), 1),
-                                        ("pmap", parallel.PmapParallel, jax.devices(), 2)):
-  par = cls(step_fns[accum_steps], sharding.make_mesh(devices))
+mesh = sharding.make_mesh()
+split = parallel.train_state_sharding(initial, mesh, shard=True)
+# The rule: the longest axis 8 divides (the first on a tie), else a copy per device.
+for shape in ((3, 3, 64, 128), (256, 256), (4, 1, 512), (91,), (4,), ()):
+  spec = sharding.split_over_data(jax.ShapeDtypeStruct(shape, np.float32), mesh).spec
+  out["spec" + str(shape)] = str(tuple(spec))
+for name, make, devices, accum_steps in (
+    ("one", parallel.JitParallel, jax.devices()[:1], 1),
+    ("jit", parallel.JitParallel, jax.devices(), 1),
+    ("jit_split", lambda f, m: parallel.JitParallel(f, m, split), jax.devices(), 1),
+    ("pmap", parallel.PmapParallel, jax.devices(), 2)):
+  par = make(step_fns[accum_steps], sharding.make_mesh(devices))
   device_batch = jax.device_put(par.host_batch(batch), par.batch_sharding)
   state = par.device_state(initial)
   par.compile(state, device_batch)
@@ -66,6 +75,10 @@ for name, cls, devices, accum_steps in (("one", parallel.JitParallel, jax.device
   out[name + "_compiles_in_first_step"] = len(compiles) - compiled
   out[name + "_devices"] = len(device_batch["image"].sharding.device_set)
   out[name + "_loss"] = jax.device_get(par.local(metrics))["loss"]
+  # Arrays of the state after the step that each device holds a slice of, not a copy.
+  for field in ("params", "opt_state", "batch_stats"):
+    arrays = jax.tree.leaves(getattr(par.host_state(state), field))
+    out[f"{name}_split_{field}"] = sum(not x.sharding.is_fully_replicated for x in arrays)
   for path, leaf in jax.tree_util.tree_leaves_with_path(
       jax.device_get(par.host_state(state).params)):
     out[name + jax.tree_util.keystr(path)] = leaf
@@ -88,15 +101,33 @@ def test_one_step_is_the_same_on_one_device_jit_sharded_over_8_and_pmap_over_8_a
   processes.run_python_ok("-c", SCRIPT, str(tmp_path / "out.npz"), env=env, timeout=900)
   out = dict(np.load(tmp_path / "out.npz"))
 
-  assert [int(out[f"{n}_devices"]) for n in ("one", "jit", "pmap")] == [1, 8, 8]
-  assert [int(out[f"{n}_compiles_in_first_step"]) for n in ("one", "jit", "pmap")] == [0, 0, 0]
-  np.testing.assert_allclose(out["jit_loss"], out["one_loss"], rtol=1e-5)
-  np.testing.assert_allclose(out["pmap_loss"], out["one_loss"], rtol=1e-5)
+  names = ("one", "jit", "jit_split", "pmap")
+  assert [int(out[f"{n}_devices"]) for n in names] == [1, 8, 8, 8]
+  assert [int(out[f"{n}_compiles_in_first_step"]) for n in names] == [0, 0, 0, 0]
+  split = {
+    n: [int(out[f"{n}_split_{f}"]) for f in ("params", "opt_state", "batch_stats")] for n in names
+  }
+  assert split["one"] == split["jit"] == split["pmap"] == [0, 0, 0]
+  # Split: each weight with an axis 8 divides, and both AdamW moments of the trained ones.
   param_keys = [k[len("one") :] for k in out if k.startswith("one[")]
-  assert param_keys
+  divisible = sum(any(n % 8 == 0 for n in out["one" + k].shape) for k in param_keys)
+  params, opt_state, batch_stats = split["jit_split"]
+  assert params == divisible > 0
+  assert opt_state % 2 == 0 and params < opt_state <= 2 * params
+  assert batch_stats == 0
+  assert {k[len("spec") :]: str(out[k]) for k in out if k.startswith("spec")} == {
+    "(3, 3, 64, 128)": "(None, None, None, 'data')",
+    "(256, 256)": "('data',)",
+    "(4, 1, 512)": "(None, None, 'data')",
+    "(91,)": "()",
+    "(4,)": "()",
+    "()": "()",
+  }
+  for name in ("jit", "jit_split", "pmap"):
+    np.testing.assert_allclose(out[name + "_loss"], out["one_loss"], rtol=1e-5)
   moved = 0
   for key in param_keys:
-    for name in ("jit", "pmap"):
+    for name in ("jit", "jit_split", "pmap"):
       np.testing.assert_allclose(
         out[name + key], out["one" + key], atol=1e-5, rtol=0, err_msg=name + key
       )

@@ -201,7 +201,7 @@ class SliceCompiler:
     )
     replicated = sharding.replicated(self.mesh)
     self.replicated = replicated
-    self._state = _replicated_shapes(jax.eval_shape(create, abstract_variables), replicated)
+    self._state = self.par.abstract_state(jax.eval_shape(create, abstract_variables))
     self.variables = _replicated_shapes(abstract_variables, replicated)
     self.gpu = devices_lib.is_gpu(devices[0])
     self._options = devices_lib.gpu_compiler_options() if self.gpu else None

@@ -239,7 +239,7 @@ def gather_detections(
     RuntimeError: an image came back more than once (the data sharding is broken).
   """
   batch_sharding = sharding.batch_sharding(mesh)
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  variables = sharding.replicate(variables, mesh)
   global_batch_size = config.eval_per_device_batch_size * mesh.size
   k = top_k(config)
   pending = []

@@ -178,9 +178,10 @@ def _initial_state(
   model: Any,
   create: Any,
   rng: jax.Array,
-  sharding: jax.sharding.Sharding,
+  sharding: Any,
 ) -> state_lib.TrainState:
-  """A step-0 state, replicated: fresh init, or ``config.init_from``'s weights."""
+  """A step-0 state laid out as ``sharding`` (one, or a state of them): fresh init, or
+  ``config.init_from``'s weights."""
   logging.info("initialising the model (compiling its init function)...")
   variables = models.init_variables(model, rng)
   if config.init_from:
@@ -244,7 +245,11 @@ def build_train_step(
     keep_ema=config.ema_decay > 0,
   )
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
-  return model, abstract_variables, create, parallel.make_parallel(config.parallel, step_fn, mesh)
+  state_sharding = parallel.train_state_sharding(
+    jax.eval_shape(create, abstract_variables), mesh, config.shard_state
+  )
+  par = parallel.make_parallel(config.parallel, step_fn, mesh, state_sharding)
+  return model, abstract_variables, create, par
 
 
 def _profile_dir(workdir: str) -> str:
@@ -301,7 +306,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   check_initial_weights(config)
   init_rng = jax.random.PRNGKey(config.seed)
   mesh = sharding_lib.make_mesh()
-  replicated = sharding_lib.replicated(mesh)
   model, abstract_variables, create, par = build_train_step(config, steps_per_epoch, mesh)
 
   checkpointer = checkpoint.Checkpointer(
@@ -309,12 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
   latest = checkpointer.latest_step()
   if latest is None:
-    host_state = _initial_state(config, model, create, init_rng, replicated)
+    host_state = _initial_state(config, model, create, init_rng, par.state_sharding)
   else:
-    target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(create, abstract_variables),
-    )
+    target = par.abstract_state(jax.eval_shape(create, abstract_variables))
     host_state, meta = checkpointer.restore(latest, target)
     if meta.get("global_batch_size") != batch_size:
       logging.warning(
