@@ -1,11 +1,12 @@
 """benchmarks/accelerator.py runs end to end on the CPU with tiny shapes and writes its JSON, the
-PyTorch (HF transformers) side by side included."""
+PyTorch (HF transformers) side by side included; on 2 devices, as on a GPU node, so that the
+train state is split over them as the step takes it."""
 
 import json
 
 import pytest
 
-from tests import processes
+from tests import conftest, processes
 
 
 @pytest.mark.slow
@@ -20,7 +21,7 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
     "--hf=yes",
     "--hf_batch=1",
     f"--out={out}",
-    env=processes.cpu_env(),
+    env=processes.cpu_env(XLA_FLAGS=conftest.cpu_devices_xla_flags(2)),
     timeout=900,
   )
   report = json.loads(out.read_text())
@@ -37,7 +38,9 @@ def test_accelerator_benchmark_runs_tiny_on_cpu(tmp_path):
   assert report["eval"][0]["images_per_s"] > 0
   (hf,) = report["hf"]  # PyTorch's step at the same batch, on the CPU here (on a GPU there)
   assert hf["device"] == "cpu" and hf["batch"] == 1 and hf["images_per_s"] > 0
-  assert hf["jax_over_hf"] == pytest.approx(train["images_per_s"] / hf["images_per_s"])
+  # One device against PyTorch's one: JAX's images/s per device.
+  assert report["devices"] == 2
+  assert hf["jax_over_hf"] == pytest.approx(train["images_per_s"] / 2 / hf["images_per_s"])
   last = proc.stdout.strip().splitlines()[-1]
   assert (
     last.startswith("accelerator best_images_per_s=")
