@@ -4,8 +4,9 @@
 Needs the TPU compiler (``pip install "jax[tpu]==<installed jax version>"``) or the GPU compiler
 (requirements-gpu-compiler.txt, installed into a folder of its own named by
 ``$CONDDETR_GPU_COMPILER_PATH``), no TPU or GPU. The train step is the one ``train.py`` runs
-(``training.loop.build_train_step``: the ``jit`` strategy, the state replicated and the batch split
-over a ``data`` mesh axis of all the slice's devices); evaluation is ``coco_eval.predict_batch``
+(``training.loop.build_train_step``: the ``jit`` strategy, the batch and, unless
+``config.shard_state`` is False, the weights and optimizer state split over a ``data`` mesh axis
+of all the slice's devices); evaluation is ``coco_eval.predict_batch``
 (forward + post-processing) at ``eval_per_device_batch_size``. For each size the tool prints the
 compiler's own figures: compile seconds, per-device memory against the chip's HBM, FLOPs per image
 (XLA's convention: a multiply-add is 2 FLOPs; elementwise ops count too), the collectives of the
