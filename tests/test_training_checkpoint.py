@@ -1,4 +1,5 @@
-"""Checkpoints: a round trip of the whole train state, and a SIGKILL in the middle of a write."""
+"""Checkpoints: a round trip of the whole train state, split and replicated layouts, and a SIGKILL in
+the middle of a write."""
 
 import os
 
@@ -25,6 +26,50 @@ ckpt.wait()
 ckpt.save(2, make_state(2), {{"step": 2}})
 os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+# On 4 devices: a state written split over them (the jit strategy's default) restores replicated
+# (as evaluation and runs with config.shard_state=False read it) and the other way round (a run
+# resumed from a checkpoint written before the state was split). Prints the leaves that differ
+# from what was saved and the split leaves of each restored state.
+RELAYOUT = """
+import os, sys
+sys.path.insert(0, os.path.join({repo!r}, "tests"))
+import jax
+import numpy as np
+from test_training_checkpoint import make_state
+from conddetr_jax import sharding
+from conddetr_jax.training import checkpoint, parallel
+
+assert jax.device_count() == 4
+mesh = sharding.make_mesh()
+state = make_state(5, size=4096, keep_ema=True)
+layouts = {{split: parallel.train_state_sharding(state, mesh, shard=split) for split in (1, 0)}}
+for written, read in ((1, 0), (0, 1)):
+  ckpt = checkpoint.Checkpointer(os.path.join(sys.argv[1], str(written)), keep=1)
+  ckpt.save(1, jax.device_put(state, layouts[written]), {{"step": 1}})
+  ckpt.wait()
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        state, layouts[read])
+  restored, _ = ckpt.restore(1, target)
+  ckpt.close()
+  saved = jax.tree_util.tree_leaves_with_path(state)
+  differ = [jax.tree_util.keystr(k) for (k, a), b in zip(saved, jax.device_get(
+      jax.tree.leaves(restored))) if not np.array_equal(a, b)]
+  split = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(restored))
+  print(f"written_split={{written}} read_split={{read}} differ={{differ}} split_leaves={{split}}")
+"""
+
+
+def test_a_split_checkpoint_restores_replicated_and_a_replicated_one_split(tmp_path):
+  env = processes.cpu_env(
+    PYTHONPATH=processes.REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"
+  )
+  script = RELAYOUT.format(repo=processes.REPO)
+  out = processes.run_python_ok("-c", script, str(tmp_path), env=env, timeout=600).stdout
+  # The weights, both AdamW moments and the average: 4 split leaves of 4096 values.
+  assert "written_split=1 read_split=0 differ=[] split_leaves=0" in out, out
+  assert "written_split=0 read_split=1 differ=[] split_leaves=4" in out, out
 
 
 def make_state(seed: int, size: int = 1 << 24, keep_ema: bool = False) -> state_lib.TrainState:
