@@ -88,7 +88,7 @@ class BestCheckpoint:
 
     Args:
       step: the training step the variables are from.
-      variables: the evaluated ``{'params', 'batch_stats'}`` (replicated global arrays).
+      variables: the evaluated ``{'params', 'batch_stats'}`` (global arrays, split or replicated).
       metrics: the evaluation's results, holding ``self.metric``.
 
     Returns:

@@ -48,7 +48,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
-    """Starts writing ``state`` (replicated global arrays) and ``meta`` (JSON) as ``step``.
+    """Starts writing ``state`` (global arrays, split or not) and ``meta`` (JSON) as ``step``.
 
     ``meta`` gains ``"ema"``: whether the state keeps a moving average of the weights.
     Returns once the arrays are copied off the devices; call ``wait`` to block until written.
