@@ -1,5 +1,5 @@
-"""Checkpoints: a round trip of the whole train state, split and replicated layouts, and a SIGKILL in
-the middle of a write."""
+"""Checkpoints: a round trip of the whole train state, split and replicated layouts, and a SIGKILL
+in the middle of a write."""
 
 import os
 
