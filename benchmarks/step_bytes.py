@@ -7,7 +7,7 @@ Usage:
       [--topology=v5e:2x2] [--top=25] [--depth=3] [--hlo=step.hlo.txt]
 
 Compiles the train step exactly as ``python -m conddetr_jax.aot`` does (``aot.compiling``'s
-``SliceCompiler``: the run's step, state replicated, batch split over the slice) and prints the
+``SliceCompiler``: the run's step and state layout, batch split over the slice) and prints the
 program's ``cost_analysis()`` per chip: GFLOP, GB accessed, and both per image.
 
 Then an attribution, from the optimized HLO text (``compiled.as_text()``): every instruction of a

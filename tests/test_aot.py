@@ -18,10 +18,24 @@ from tests import processes
 # Shapes and op spellings as XLA's TPU compiler prints them: a synchronous all-reduce of a tuple,
 # an asynchronous all-gather pair, a collective inside a loop body, one all-gather of the TPU
 # compiler's asynchronous collective fusions (chain 7: a copy of it in the start's, the done's and
-# a continuation's computation), and look-alikes that are not collectives (a fusion whose name
-# mentions all-reduce, a metadata string).
+# a continuation's computation), an all-reduce-scatter fusion (an all-reduce of which each device
+# keeps a slice), and look-alikes that are not collectives (a fusion whose name mentions
+# all-reduce, a metadata string).
 _HLO = """\
 HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[4,8]{1,0}}
+
+%all-reduce-scatter.4 (input_0: f32[8,128], input_1: f32[64]) -> (f32[2,128], f32[16]) {
+  %input_0 = f32[8,128]{1,0:T(8,128)S(1)} parameter(0)
+  %input_1 = f32[64]{0:T(128)S(1)} parameter(1)
+  %all-reduce.3 = (f32[8,128]{1,0:T(8,128)}, f32[64]{0:T(128)}) all-reduce(%input_0, %input_1), \
+channel_id=4, replica_groups={{0,1,2,3}}, to_apply=%add.3
+  %get-tuple-element.1 = f32[8,128]{1,0:T(8,128)} get-tuple-element(%all-reduce.3), index=0
+  %dynamic-slice.1 = f32[2,128]{1,0:T(8,128)S(1)} dynamic-slice(%get-tuple-element.1, %i, %z)
+  %get-tuple-element.2 = f32[64]{0:T(128)} get-tuple-element(%all-reduce.3), index=1
+  %dynamic-slice.2 = f32[16]{0:T(128)S(1)} dynamic-slice(%get-tuple-element.2, %i)
+  ROOT %tuple.1 = (f32[2,128]{1,0:T(8,128)S(1)}, f32[16]{0:T(128)S(1)}) \
+tuple(%dynamic-slice.1, %dynamic-slice.2)
+}
 
 %fused_computation.1 (param_0.1: bf16[2,64]) -> bf16[8,64] {
   %param_0.1 = bf16[2,64]{1,0} parameter(0)
@@ -78,6 +92,12 @@ def test_collectives_are_counted_once_each_with_their_result_bytes():
       "bytes_by_dtype": {"bf16": 1024 * 2 + 8 * 64 * 2},
     },
     "collective-permute": {"count": 1, "bytes": 16 * 4, "bytes_by_dtype": {"f32": 16 * 4}},
+    # the fused all-reduce by the slices it delivers
+    "reduce-scatter": {
+      "count": 1,
+      "bytes": (2 * 128 + 16) * 4,
+      "bytes_by_dtype": {"f32": (2 * 128 + 16) * 4},
+    },
   }
 
 
@@ -163,10 +183,11 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
     "roofline_images_per_s_per_chip",
   ):
     assert float(fields[key]) > 0, last
-  # The replicated state's gradients are summed over the data axis: an all-reduce.
-  assert re.search(r"all-reduce x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), (
-    proc.stdout
-  )  # float32 gradients
+  # The state is split (config.shard_state): the weights are gathered, and the float32 gradients
+  # summed over the data axis, each device keeping its slice.
+  assert "state split over 'data'" in proc.stdout
+  assert re.search(r"all-gather x\d+ [\d.]+ MiB", proc.stdout), proc.stdout
+  assert re.search(r"reduce-scatter x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), proc.stdout
   assert "ESTIMATE" in proc.stdout
   # The per-stage table (on by default for a TPU target) and the matcher's loops, counted once.
   assert "per-stage cost of one train step" in proc.stdout and "  whole step  " in proc.stdout

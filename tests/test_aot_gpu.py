@@ -2,6 +2,7 @@
 GPU."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -129,6 +130,9 @@ def test_aot_compiles_the_tiny_train_step_for_a_v100_node():
   assert fields["fits"] == "yes" and fields["hbm_capacity_gib"] == "16"
   assert 0 < float(fields["hbm_gib"]) < 1 and float(fields["train_gflop_per_image"]) > 0
   assert "Tesla V100-SXM2-16GB" in proc.stdout
-  # The replicated state's float32 gradients are summed over the 8 GPUs.
-  assert "all-reduce x" in proc.stdout and "(f32 " in proc.stdout
+  # The split state (config.shard_state): float32 weights gathered over the 8 GPUs, gradients
+  # summed with each GPU receiving its slice.
+  assert "state split over 'data'" in proc.stdout
+  assert re.search(r"all-gather x\d+ [\d.]+ MiB \(f32 ", proc.stdout), proc.stdout
+  assert re.search(r"reduce-scatter x\d+ [\d.]+ MiB \(f32 ", proc.stdout), proc.stdout
   assert "ESTIMATE" not in proc.stdout  # a V100 has no bfloat16 peak to estimate from

@@ -36,6 +36,10 @@ _INSTRUCTION = re.compile(
   r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\("
 )
 _CHAIN_ID = re.compile(r'chain_id="(\d+)"')
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+) \(.*\) -> (?P<result>.*) \{$")
+# The TPU compiler's fusion of an all-reduce with the dynamic slices that keep each device's part
+# of the sum: a reduce-scatter, in the compiler's spelling.
+_ALL_REDUCE_SCATTER = "all-reduce-scatter"
 _ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*)\[(?P<dims>[\d,]*)\]")
 
 
@@ -63,7 +67,9 @@ def collectives(hlo_text: str) -> dict[str, dict]:
   instruction counts once, even inside a loop body (a static count). The TPU compiler's
   asynchronous collective fusions hold a copy of their collective in each of their computations
   (the start's, the done's, the continuations'), all marked with the chain's
-  ``frontend_attributes={chain_id="N"}``: a chain counts once.
+  ``frontend_attributes={chain_id="N"}``: a chain counts once. An all-reduce inside the TPU
+  compiler's ``all-reduce-scatter`` fusion (the sum of which each device keeps one slice) counts
+  as a ``reduce-scatter``, by the fusion's result: the slices.
 
   Returns:
     {op: {"count": n, "bytes": b, "bytes_by_dtype": {dtype: b}}} for each collective present, e.g.
@@ -72,7 +78,11 @@ def collectives(hlo_text: str) -> dict[str, dict]:
   """
   found: dict[str, dict] = {}
   chains_seen = set()
+  computation = None
   for line in hlo_text.splitlines():
+    if header := _COMPUTATION.match(line):
+      computation = header
+      continue
     m = _INSTRUCTION.match(line)
     if m is None:
       continue
@@ -82,13 +92,16 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     base = op[: -len("-done")] if op.endswith("-done") else op
     if base not in COLLECTIVE_OPS:
       continue
+    shape = m["shape"]
+    if base == "all-reduce" and computation and computation["name"].startswith(_ALL_REDUCE_SCATTER):
+      base, shape = "reduce-scatter", computation["result"]
     if chain := _CHAIN_ID.search(line):
       if (base, chain[1]) in chains_seen:
         continue
       chains_seen.add((base, chain[1]))
     entry = found.setdefault(base, {"count": 0, "bytes": 0, "bytes_by_dtype": {}})
     entry["count"] += 1
-    for dtype, b in shape_bytes_by_dtype(m["shape"]).items():
+    for dtype, b in shape_bytes_by_dtype(shape).items():
       entry["bytes"] += b
       entry["bytes_by_dtype"][dtype] = entry["bytes_by_dtype"].get(dtype, 0) + b
   return found

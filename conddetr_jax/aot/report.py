@@ -21,7 +21,7 @@ from conddetr_jax.aot.compiling import (
 )
 from conddetr_jax.data import batching
 from conddetr_jax.hardware import chips
-from conddetr_jax.training import loop
+from conddetr_jax.training import loop, parallel
 
 # The original's largest training input (shorter side 800, longer side at most 1333: 800x1216 for
 # the common 3:2 images before rounding up to the bucket multiple).
@@ -208,9 +208,10 @@ def run(
       )
     )
   )
+  state_layout = "split over 'data'" if parallel.splits_state(config) else "replicated"
   out(
     f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per "
-    f"device (global {batch * len(devices)}), state replicated, batch split over 'data'; eval: "
+    f"device (global {batch * len(devices)}), state {state_layout}, batch split over 'data'; eval: "
     f"{config.eval_per_device_batch_size} images per device"
   )
   compiler = SliceCompiler(config, devices)

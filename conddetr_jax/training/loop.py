@@ -246,7 +246,7 @@ def build_train_step(
   )
   step_fn = functools.partial(step_lib.train_step, model=model, tx=tx, config=config)
   state_sharding = parallel.train_state_sharding(
-    jax.eval_shape(create, abstract_variables), mesh, config.shard_state
+    jax.eval_shape(create, abstract_variables), mesh, parallel.splits_state(config)
   )
   par = parallel.make_parallel(config.parallel, step_fn, mesh, state_sharding)
   return model, abstract_variables, create, par

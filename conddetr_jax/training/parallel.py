@@ -24,6 +24,7 @@ from typing import Any, Callable
 import flax.jax_utils
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
 import numpy as np
 
 from conddetr_jax.hardware import flops
@@ -69,6 +70,12 @@ class _Parallel:
     """
     counted = flops.cost_analysis(self._step.lower(state, batch).compile()).get("flops")
     return float(counted) if counted and counted > 0 else None
+
+
+def splits_state(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run keeps its train state split over the devices: ``config.shard_state`` under the
+  jit strategy (pmap keeps a whole copy on each device)."""
+  return config.shard_state and config.parallel == "jit"
 
 
 def train_state_sharding(abstract_state: TrainState, mesh: Mesh, shard: bool) -> TrainState:
