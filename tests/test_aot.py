@@ -188,6 +188,11 @@ def test_aot_compiles_the_tiny_train_step_for_a_tpu_slice():
   assert "state split over 'data'" in proc.stdout
   assert re.search(r"all-gather x\d+ [\d.]+ MiB", proc.stdout), proc.stdout
   assert re.search(r"reduce-scatter x\d+ [\d.]+ MiB \(f32 [\d.]+", proc.stdout), proc.stdout
+  assert re.search(
+    r"interconnect, ESTIMATE .* receives [\d.]+ MiB .* at v5e's 400 GB/s .* [\d.]+ ms per chip, "
+    r"against [\d.]+ ms of the step's FLOPs",
+    proc.stdout,
+  ), proc.stdout
   assert "ESTIMATE" in proc.stdout
   # The per-stage table (on by default for a TPU target) and the matcher's loops, counted once.
   assert "per-stage cost of one train step" in proc.stdout and "  whole step  " in proc.stdout

@@ -10,7 +10,7 @@ import numpy as np
 
 from conddetr_jax import data
 from conddetr_jax.aot import devices as devices_lib
-from conddetr_jax.aot import hlo, roofline, stages
+from conddetr_jax.aot import hlo, interconnect, roofline, stages
 from conddetr_jax.aot.compiling import (
   GIB,
   Compiled,
@@ -265,6 +265,17 @@ def run(
           if est[0] is None
           else f"; ESTIMATE (not a measurement) {est[0]:.1f} images/s per "
           f"chip at 100% of bf16 peak, {est[1]:.1f} at 40%"
+        )
+      )
+      out(
+        interconnect.estimate_row(
+          train.collectives,
+          len(devices),
+          per_chip,
+          chip,
+          flops_per_image * batch,
+          processes,
+          compiler.gpu,
         )
       )
       step_cost = _step_cost(train, compiler, batch, hw, chip, per_chip, with_stages, out)

@@ -11,13 +11,16 @@ Every figure is data in this file, each with its source. Sources:
   [CC]   NVIDIA CUDA C++ Programming Guide, "Compute Capabilities", table "Technical
          Specifications per Compute Capability" (columns 7.0, 8.0, 9.0).
   [V100] NVIDIA Tesla V100 GPU Architecture whitepaper (2017) and the Tesla V100 datasheet
-         (SXM2: 16 or 32 GB HBM2, 900 GB/s, 125 TFLOPS tensor (FP16, no bfloat16)).
+         (SXM2: 16 or 32 GB HBM2, 900 GB/s, 125 TFLOPS tensor (FP16, no bfloat16), NVLink 300
+         GB/s).
   [A100] NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020) and the A100 datasheet
-         (SXM4 40 GB HBM2 1,555 GB/s; 80 GB HBM2e 2,039 GB/s; BF16 tensor 312 TFLOPS dense).
+         (SXM4 40 GB HBM2 1,555 GB/s; 80 GB HBM2e 2,039 GB/s; BF16 tensor 312 TFLOPS dense;
+         NVLink 600 GB/s).
   [H100] NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022) and the H100 datasheet
-         (SXM5 80 GB HBM3, 3.35 TB/s, BF16 tensor 989 TFLOPS dense (1,979 with sparsity)).
-  [H200] NVIDIA H200 datasheet (SXM: 141 GB HBM3e, 4.8 TB/s, BF16 989 TFLOPS dense; the same
-         GH100 GPU as the H100 SXM5, so the same SM count, L2 and clocks).
+         (SXM5 80 GB HBM3, 3.35 TB/s, BF16 tensor 989 TFLOPS dense (1,979 with sparsity), NVLink
+         900 GB/s).
+  [H200] NVIDIA H200 datasheet (SXM: 141 GB HBM3e, 4.8 TB/s, BF16 989 TFLOPS dense, NVLink 900
+         GB/s; the same GH100 GPU as the H100 SXM5, so the same SM count, L2 and clocks).
   [SMI]  The product name the NVIDIA driver reports (``nvidia-smi``, ``cudaDeviceProp::name``),
          which JAX shows as ``device_kind``.
 """
@@ -61,6 +64,7 @@ class GpuTarget:
     compute_capability: (major, minor).
     sm_count, fp32_cores_per_sm, memory_bandwidth_gbs, l2_cache_kib, boost_clock_ghz: the
       architecture whitepaper's and datasheet's figures (module docstring).
+    nvlink_gbs: the datasheet's NVLink bandwidth per GPU (both directions together).
   """
 
   name: str
@@ -73,6 +77,7 @@ class GpuTarget:
   memory_bandwidth_gbs: float
   l2_cache_kib: int
   boost_clock_ghz: float
+  nvlink_gbs: float
 
   def target_config(self) -> str:
     """The ``GpuTargetConfig`` text proto that ``topologies.get_topology_desc`` takes."""
@@ -120,6 +125,7 @@ def _v100(memory_gib: int) -> GpuTarget:
     900,
     6144,
     1.53,
+    300,
   )
 
 
@@ -136,6 +142,7 @@ def _a100(memory_gib: int, bandwidth_gbs: float) -> GpuTarget:
     bandwidth_gbs,
     40 * 1024,
     1.41,
+    600,
   )
 
 
@@ -145,8 +152,10 @@ def _a100(memory_gib: int, bandwidth_gbs: float) -> GpuTarget:
 GPUS = {
   t.name: t
   for t in (
-    GpuTarget("h100", "NVIDIA H100 80GB HBM3", 80, 989, (9, 0), 132, 128, 3350, 50 * 1024, 1.98),
-    GpuTarget("h200", "NVIDIA H200", 141, 989, (9, 0), 132, 128, 4800, 50 * 1024, 1.98),
+    GpuTarget(
+      "h100", "NVIDIA H100 80GB HBM3", 80, 989, (9, 0), 132, 128, 3350, 50 * 1024, 1.98, 900
+    ),
+    GpuTarget("h200", "NVIDIA H200", 141, 989, (9, 0), 132, 128, 4800, 50 * 1024, 1.98, 900),
     _a100(80, 2039),
     _a100(40, 1555),
     _v100(16),
