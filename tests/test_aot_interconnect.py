@@ -4,7 +4,7 @@ The report's line on real TPU and GPU compiles: tests/test_aot.py and tests/test
 
 import pytest
 
-from conddetr_jax.aot import interconnect
+from conddetr_jax.aot import hlo, interconnect
 from conddetr_jax.hardware import chips
 
 MIB = 2**20
@@ -24,7 +24,9 @@ def _collective(mib: float) -> dict:
     ("all-to-all", 3 / 4),
     ("reduce-scatter", 3),
     ("all-reduce", 2 * 3 / 4),
+    ("ragged-all-to-all", 3 / 4),
     ("collective-permute", 1),
+    ("collective-broadcast", 1),
   ],
 )
 def test_each_collective_receives_what_its_ring_algorithm_moves(op, per_result_byte):
@@ -70,3 +72,12 @@ def test_without_a_link_bandwidth_or_across_gpu_hosts_the_row_gives_no_time():
   )
   # A TPU slice over several hosts is one ICI network.
   assert "ms per chip" in interconnect.estimate_row(found, 16, 1, V5E, 1e12, 4, False)
+
+
+def test_every_collective_the_hlo_reader_knows_has_a_ring_cost():
+  assert interconnect.received_bytes({op: _collective(1) for op in hlo.COLLECTIVE_OPS}, 4) > 0
+
+
+def test_one_device_has_no_traffic_between_chips():
+  row = interconnect.estimate_row({}, 1, 1, V5E, 1e12, 1, False)
+  assert row == "    interconnect: one device, no traffic between chips"

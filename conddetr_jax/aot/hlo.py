@@ -83,6 +83,9 @@ def collectives(hlo_text: str) -> dict[str, dict]:
     if header := _COMPUTATION.match(line):
       computation = header
       continue
+    if line.startswith("}"):
+      computation = None
+      continue
     m = _INSTRUCTION.match(line)
     if m is None:
       continue

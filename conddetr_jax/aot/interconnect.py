@@ -52,6 +52,8 @@ def estimate_row(
 ) -> str:
   """The aot report's line: MiB received per device and step, and the time at the chip's link
   bandwidth beside the time of the step's FLOPs at its bf16 peak."""
+  if devices < 2:
+    return "    interconnect: one device, no traffic between chips"
   received = received_bytes(collectives, devices)
   head = (
     f"    interconnect, ESTIMATE (not a measurement): a device receives {received / 2**20:.1f} MiB "

@@ -208,13 +208,13 @@ def run(
       )
     )
   )
-  state_layout = "split over 'data'" if parallel.splits_state(config) else "replicated"
+  compiler = SliceCompiler(config, devices)  # the jit strategy, whatever config.parallel says
+  state_layout = "split over 'data'" if parallel.splits_state(compiler.config) else "replicated"
   out(
     f"model {m.backbone}{' DC5' if m.dilation else ''} dtype={m.dtype}; train: {batch} images per "
     f"device (global {batch * len(devices)}), state {state_layout}, batch split over 'data'; eval: "
     f"{config.eval_per_device_batch_size} images per device"
   )
-  compiler = SliceCompiler(config, devices)
   if compiler.gpu:
     out(
       "FLOPs are the project's counter (conddetr_jax/hardware/flops.py: 2 x the multiply-adds of "
